@@ -1,0 +1,194 @@
+"""Every table this system reads or writes, declared once.
+
+Readers pass `TABLE.arrow_schema()` (pyarrow, DuckDB) or `TABLE.spark_schema()` (Spark) and never
+infer. A transform that produces a table ends on `TABLE.names` (a select that is the contract).
+"""
+
+from __future__ import annotations
+
+from schemas.table import Column, Table
+
+NODE_MAP = "map<string,string>"
+PROBABILITY_MAP = "map<string,float64>"
+
+CATALOG = Table(
+    name="catalog",
+    doc="One row per product.",
+    key=("product_id",),
+    columns=(
+        Column("product_id", "string", doc="Stable product identifier."),
+        Column("title", "string", doc="Product title as shown in search results."),
+        Column("description", "string", nullable=True, doc="Free-text description; may be missing."),
+        Column("product_type", "string", doc="The product's class (its subject), e.g. 'sofa'."),
+        Column("category_path", "string", nullable=True, doc="'/'-joined category hierarchy."),
+        Column("brand", "string", nullable=True, doc="Brand name, when known."),
+        Column("attributes", NODE_MAP, doc="Typed facets (color, material, size, ...) as key -> value."),
+        Column("price", "float64", nullable=True, min_value=0.0, doc="List price in the shop's currency."),
+        Column("source", "string", allowed=("synthetic", "wands", "esci", "own"), doc="Where the row came from."),
+    ),
+)
+
+QUERIES = Table(
+    name="queries",
+    doc="One row per distinct query.",
+    key=("query_id",),
+    columns=(
+        Column("query_id", "string"),
+        Column("query", "string", doc="The customer's search string."),
+        Column("query_class", "string", nullable=True, doc="Product class the query asks for, when known."),
+        Column("segment", "string", nullable=True, allowed=("head", "torso", "tail"), doc="Traffic segment."),
+        Column("frequency", "float64", nullable=True, min_value=0.0, doc="Share of search traffic."),
+        Column("locale", "string", nullable=True, doc="Marketplace locale (ESCI: us, es, jp)."),
+        Column("source", "string", allowed=("synthetic", "wands", "esci", "own")),
+    ),
+)
+
+SEARCH_IMPRESSIONS = Table(
+    name="search_impressions",
+    doc="One row per product shown in one search request, with what the user did with it.",
+    key=("request_id", "position"),
+    partition_by=("ds",),
+    columns=(
+        Column("request_id", "string"),
+        Column("user_id", "string"),
+        Column("query_id", "string"),
+        Column("query", "string", doc="The search string as typed."),
+        Column("product_id", "string"),
+        Column("position", "int32", min_value=1, doc="1-based rank on the result page."),
+        Column("clicked", "bool"),
+        Column("added_to_cart", "bool"),
+        Column("ordered", "bool"),
+        Column("quantity", "int32", min_value=0, doc="Units ordered (0 unless ordered)."),
+        Column("price", "float64", min_value=0.0, doc="Unit price at impression time."),
+        Column("ts", "timestamp"),
+        Column("ds", "date", doc="Partition: the day of `ts` (UTC)."),
+    ),
+)
+
+JUDGMENTS = Table(
+    name="judgments",
+    doc="Relevance labels for (query, product) pairs: human, gold or weak (engagement-derived).",
+    key=("query_id", "product_id", "annotator"),
+    columns=(
+        Column("query_id", "string"),
+        Column("product_id", "string"),
+        Column("label", "string", doc="A label of `label_set`."),
+        Column("label_set", "string", allowed=("wands", "esci"), doc="Which label set `label` belongs to."),
+        Column("annotator", "string", doc="Who labelled: 'gold', a human id, 'weak:<rule>', ..."),
+        Column("is_weak", "bool", doc="True for labels derived from engagement, not judged."),
+    ),
+)
+
+GOLD_NODES = Table(
+    name="gold_nodes",
+    doc="Known values of reasoning-graph nodes per pair (all nodes on the synthetic world, some on WANDS).",
+    key=("query_id", "product_id"),
+    columns=(
+        Column("query_id", "string"),
+        Column("product_id", "string"),
+        Column("nodes", NODE_MAP, doc="node name -> gold value in the graph's text format."),
+    ),
+)
+
+EXPERIMENT_ASSIGNMENT = Table(
+    name="experiment_assignment",
+    doc="Which variant each user of an experiment was hashed into.",
+    key=("experiment_id", "user_id"),
+    columns=(
+        Column("experiment_id", "string"),
+        Column("user_id", "string"),
+        Column("variant", "string"),
+        Column("first_exposure_ts", "timestamp", doc="The user's first request in the experiment."),
+        Column("user_type", "string", allowed=("new", "returning"), doc="New: no pre-period activity."),
+    ),
+)
+
+EXPERIMENT_EVENTS = Table(
+    name="experiment_events",
+    doc="One row per search request: the engagement it produced (pre-period and experiment period).",
+    key=("request_id",),
+    partition_by=("ds",),
+    columns=(
+        Column("request_id", "string"),
+        Column("user_id", "string"),
+        Column("query_id", "string"),
+        Column("query_segment", "string", allowed=("head", "torso", "tail")),
+        Column("impressions", "int32", min_value=0),
+        Column("clicks", "int32", min_value=0),
+        Column("add_to_carts", "int32", min_value=0),
+        Column("orders", "int32", min_value=0),
+        Column("gmv", "float64", min_value=0.0),
+        Column("ts", "timestamp"),
+        Column("ds", "date"),
+    ),
+)
+
+QUARANTINE = Table(
+    name="quarantine",
+    doc="Rows rejected by a reader or a validation, with why; nothing is dropped silently.",
+    columns=(
+        Column("source_table", "string", doc="The table the row was meant for."),
+        Column("source_file", "string", nullable=True, doc="File the row was read from, when known."),
+        Column("row_number", "int64", nullable=True, doc="1-based data row in that file (header excluded)."),
+        Column("field", "string", nullable=True, doc="The offending field; null for whole-row problems."),
+        Column("reason", "string"),
+        Column("record", "string", doc="The rejected row as JSON."),
+        Column("quarantined_at", "timestamp"),
+    ),
+)
+
+RELEVANCE = Table(
+    name="relevance",
+    doc="The table search teams import: one row per scored (query, product) pair.",
+    key=("query", "product_id", "model_version"),
+    partition_by=("ds",),
+    columns=(
+        Column("query", "string"),
+        Column("query_id", "string", nullable=True),
+        Column("product_id", "string"),
+        Column("label", "string"),
+        Column("label_set", "string", allowed=("wands", "esci")),
+        Column("label_probs", PROBABILITY_MAP, doc="label -> probability; sums to 1."),
+        Column("expected_gain", "float64", min_value=0.0, doc="sum over labels of probability x gain."),
+        Column("node_decisions", NODE_MAP, doc="node name -> decided value (ms, ma, ...)."),
+        Column("reasoning", "string", nullable=True, doc="The generated reasoning text, when asked for."),
+        Column("product_content_hash", "string", nullable=True, doc="Hash of the product text scored."),
+        Column("model_name", "string"),
+        Column("model_version", "string"),
+        Column("scored_at", "timestamp"),
+        Column("ds", "date"),
+    ),
+)
+
+ALL_TABLES: dict[str, Table] = {
+    table.name: table
+    for table in (
+        CATALOG,
+        QUERIES,
+        SEARCH_IMPRESSIONS,
+        JUDGMENTS,
+        GOLD_NODES,
+        EXPERIMENT_ASSIGNMENT,
+        EXPERIMENT_EVENTS,
+        QUARANTINE,
+        RELEVANCE,
+    )
+}
+
+# Tables that arrive from outside and are validated before use (GE suites exist for each).
+INPUT_TABLES: tuple[str, ...] = (
+    "catalog",
+    "queries",
+    "search_impressions",
+    "judgments",
+    "gold_nodes",
+    "experiment_assignment",
+    "experiment_events",
+)
+
+
+def table(name: str) -> Table:
+    try:
+        return ALL_TABLES[name]
+    except KeyError:
+        raise KeyError(f"unknown table {name!r}; known tables: {sorted(ALL_TABLES)}") from None
