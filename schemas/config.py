@@ -132,9 +132,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from an optional YAML file and `key=value` overrides (overrides win)."""
-    values: dict[str, Any] = {}
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> T:
+    """Build `cls` from a YAML file, then `key=value` overrides, then already-typed `values` (last wins)."""
+    loaded_values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -142,9 +147,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of keys to values")
-        values = loaded
-    values = _merge(values, parse_overrides(overrides or []))
-    return _build(cls, values, "")
+        loaded_values = loaded
+    merged = _merge(_merge(loaded_values, parse_overrides(overrides or [])), values or {})
+    return _build(cls, merged, "")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -132,13 +132,37 @@ class Table:
         )
 
     def spark_schema(self, without: Iterable[str] = ()):
-        """The Spark `StructType` (pyspark imported here, lazily)."""
-        from pyspark.sql.types import StructType
+        """The Spark `StructType`, built without a JVM (pyspark imported here, lazily)."""
+        from pyspark.sql import types as T
 
-        return StructType.fromDDL(self.spark_ddl(without))
+        scalars = {
+            "STRING": T.StringType(), "INT": T.IntegerType(), "BIGINT": T.LongType(),
+            "DOUBLE": T.DoubleType(), "BOOLEAN": T.BooleanType(), "DATE": T.DateType(),
+            "TIMESTAMP": T.TimestampType(),
+        }
+
+        def spark_type(ddl: str):
+            if ddl.startswith("ARRAY<"):
+                return T.ArrayType(spark_type(ddl[6:-1]))
+            if ddl.startswith("MAP<STRING, "):
+                return T.MapType(T.StringType(), spark_type(ddl[len("MAP<STRING, ") : -1]))
+            return scalars[ddl]
+
+        skip = set(without)
+        return T.StructType(
+            [
+                T.StructField(column.name, spark_type(column.spark_ddl_type), nullable=column.nullable)
+                for column in self.columns
+                if column.name not in skip
+            ]
+        )
 
     def empty_arrow(self) -> pa.Table:
         return self.arrow_schema().empty_table()
+
+    def from_pandas(self, frame) -> pa.Table:
+        """A pandas frame -> Arrow with this table's schema (dict columns become maps, never structs)."""
+        return pa.Table.from_pandas(frame[self.names], schema=self.arrow_schema(), preserve_index=False)
 
     def conform(self, data: pa.Table) -> pa.Table:
         """Select exactly this table's columns, in order, cast to its types.

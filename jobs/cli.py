@@ -1,0 +1,97 @@
+"""`relevance`: one CLI, a thin command per job.
+
+Every command body is the same three lines: load its typed config (YAML `--config` plus `--set
+key=value` overrides plus the command's own options), call the job's `run(config)`. Heavy modules
+(pyspark, torch, great_expectations) are imported inside the commands so `relevance --help` is
+instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="relevance",
+    help="LLM relevance labeling for e-commerce search: data, Graph-GRPO training, scoring, A/B analysis.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML file with this command's config.")
+SetOption = typer.Option(
+    None, "--set", "-s", help="Override a config key: --set key=value (dotted keys for sections); repeatable."
+)
+
+
+def _load(config_class, config_path: Optional[Path], sets: Optional[list[str]], **options):
+    """The command's config: YAML file, then --set overrides, then options given on the command line."""
+    from schemas.config import ConfigError, load_config
+
+    given = {key: str(value) if isinstance(value, Path) else value for key, value in options.items() if value is not None}
+    try:
+        return load_config(config_class, config_path, sets or [], given)
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+@app.command()
+def generate(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the world's tables."),
+    preset: Optional[str] = typer.Option(None, help="Size preset: tests, demo or benchmark."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same tables)."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Generate the synthetic e-commerce world: catalog, queries, judgments, gold nodes, logs, A/B experiment."""
+    from jobs.world.run import GenerateConfig, run
+
+    run(_load(GenerateConfig, config, sets, out=out, preset=preset, seed=seed))
+
+
+@app.command()
+def ingest(
+    source: Optional[Path] = typer.Option(None, "--source", help="Dataset folder (WANDS or ESCI files)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="wands or esci."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output data root."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Read a public dataset (WANDS, ESCI) into our tables; bad rows go to quarantine."""
+    from jobs.ingest.run import IngestConfig, run
+
+    run(_load(IngestConfig, config, sets, source=source, format=format, out=out))
+
+
+@app.command()
+def validate(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root to validate."),
+    engine: Optional[str] = typer.Option(None, help="pandas or spark."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where quarantine and validation.json go."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Validate input tables with their great-expectations suites; quarantine bad rows with a reason."""
+    from jobs.validate import ValidateConfig, run
+
+    run(_load(ValidateConfig, config, sets, data=data, engine=engine, out=out))
+
+
+@app.command()
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for every output of the demo."),
+    preset: Optional[str] = typer.Option(None, help="World size preset (default: demo)."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Run the whole pipeline on the embedded synthetic world and print where the outputs are."""
+    from jobs.demo import DemoConfig, run
+
+    run(_load(DemoConfig, config, sets, out=out, preset=preset))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,89 @@
+"""The one place a SparkSession is built.
+
+Master and Spark conf come from the caller (a job config) and from the environment, so the same job
+runs in `local[*]`, in tests with `local[2]`, and under `spark-submit` on a cluster (where
+`spark-submit` has already chosen the master and this builder adds nothing that overrides it).
+
+Environment: `RELEVANCE_SPARK_MASTER` (default `local[*]` outside spark-submit) and
+`RELEVANCE_SPARK_CONF` (comma-separated `key=value` pairs) extend what the config gives.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+LOG4J2_FILE = Path(__file__).parent / "conf" / "log4j2.properties"
+
+# Settings every job relies on, local or cluster: UTC days, parquet that pyarrow and DuckDB read with
+# the declared types, and overwrites that replace only the partitions written.
+JOB_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    "spark.sql.sources.partitionOverwriteMode": "dynamic",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}
+
+# Local-mode settings that make a laptop or CI run start fast and print little; on a cluster the
+# cluster's spark-defaults decide these.
+LOCAL_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "4",
+    "spark.default.parallelism": "4",
+    "spark.driver.extraJavaOptions": (
+        f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE} -XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+    ),
+}
+
+
+def _conf_from_env() -> dict[str, str]:
+    raw = os.environ.get("RELEVANCE_SPARK_CONF", "")
+    pairs = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"RELEVANCE_SPARK_CONF item {item!r} must look like key=value")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def under_spark_submit() -> bool:
+    return "SPARK_SUBMIT_OPTS" in os.environ or os.environ.get("SPARK_ENV_LOADED") == "1"
+
+
+def get_spark(app_name: str = "relevance", master: str | None = None, conf: dict[str, str] | None = None):
+    """Build (or reuse) the SparkSession.
+
+    `master=None` keeps spark-submit's choice on a cluster and means `local[*]` otherwise.
+    """
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    master = master or os.environ.get("RELEVANCE_SPARK_MASTER")
+    if master is None and not under_spark_submit():
+        master = "local[*]"
+    if master is not None:
+        builder = builder.master(master)
+    if master is not None and master.startswith("local"):
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        for key, value in LOCAL_CONF.items():
+            builder = builder.config(key, value)
+    for key, value in {**JOB_CONF, **(conf or {}), **_conf_from_env()}.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+def stop_spark(spark) -> None:
+    """Stop the session and shut the py4j gateway down (spark.stop() alone leaves the JVM running)."""
+    from pyspark import SparkContext
+
+    spark.stop()
+    gateway = SparkContext._gateway
+    if gateway is not None:
+        gateway.shutdown()
+        SparkContext._gateway = None
+        SparkContext._jvm = None

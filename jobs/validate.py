@@ -1,0 +1,327 @@
+"""Split a table into accepted rows and quarantined rows, on pandas or Spark, then certify with GE.
+
+The row rules come from the table's declaration (`schemas.table.Column`); every rejected row keeps
+its file, row number, offending field, a reason and the whole record as JSON, so nothing is lost and
+`rows_in == accepted + quarantined` always holds. After the split, the great-expectations suite of
+the table runs on the accepted rows: a failure there means the split and the suite disagree, which
+is a bug, and is raised.
+
+Duplicate keys are quarantined too (every occurrence after the first in file order), not dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tqdm import tqdm
+
+from schemas.config import ConfigError, help_field
+from schemas.expectations import SuiteResult, validate_with_gx
+from schemas.storage import read_table, table_path, write_table
+from schemas.table import Column, Table
+from schemas.tables import INPUT_TABLES, QUARANTINE, table
+
+# Columns a Spark reader attaches so quarantined rows can name their file and row.
+SOURCE_FILE_COL = "_source_file"
+ROW_INDEX_COL = "_row_index"
+
+
+class SchemaMismatchError(ValueError):
+    """The input's columns are not the table's: a whole-file problem, not a row problem."""
+
+
+@dataclass(frozen=True)
+class ValidationCounts:
+    table: str
+    rows_in: int
+    accepted: int
+    quarantined: int
+
+    def __post_init__(self) -> None:
+        if self.rows_in != self.accepted + self.quarantined:
+            raise AssertionError(f"{self.table}: {self.rows_in} in != {self.accepted} + {self.quarantined}")
+
+    def line(self) -> str:
+        return f"{self.table}: {self.rows_in} in = {self.accepted} accepted + {self.quarantined} quarantined"
+
+
+@dataclass(frozen=True)
+class Validated:
+    """Accepted rows (same engine as the input), quarantine rows (QUARANTINE schema), counts, GE result."""
+
+    accepted: Any
+    quarantine: Any
+    counts: ValidationCounts
+    suite: SuiteResult | None
+
+
+def _rule_messages(column: Column) -> list[tuple[str, str]]:
+    """(rule kind, human reason) pairs in the order they are checked."""
+    rules = []
+    if not column.nullable:
+        rules.append(("not_null", "null in a non-nullable column"))
+    if column.allowed is not None:
+        rules.append(("allowed", f"value not in {list(column.allowed)}"))
+    if column.min_value is not None:
+        rules.append(("min", f"value below the minimum {column.min_value:g}"))
+    if column.max_value is not None:
+        rules.append(("max", f"value above the maximum {column.max_value:g}"))
+    if column.pattern is not None:
+        rules.append(("pattern", f"value does not match /{column.pattern}/"))
+    return rules
+
+
+def check_columns(table: Table, columns: list[str], source: str) -> None:
+    """Raise naming the source and the missing or unexpected columns."""
+    data_columns = [c for c in columns if c not in (SOURCE_FILE_COL, ROW_INDEX_COL)]
+    missing = [name for name in table.names if name not in data_columns]
+    extra = [name for name in data_columns if name not in table.names]
+    if missing or extra:
+        raise SchemaMismatchError(
+            f"{source}: columns do not match table {table.name!r}: missing {missing}, unexpected {extra}; "
+            f"expected {table.names}"
+        )
+
+
+# --- pandas ---------------------------------------------------------------------------------------
+
+
+def _pandas_violation(column: Column, kind: str, values: pd.Series) -> np.ndarray:
+    present = values.notna().to_numpy()
+    if kind == "not_null":
+        return ~present
+    if kind == "allowed":
+        return present & ~values.isin(list(column.allowed)).to_numpy()
+    if kind == "pattern":
+        matched = values.astype("string").str.fullmatch(column.pattern).fillna(False).to_numpy(dtype=bool)
+        return present & ~matched
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+    if kind == "min":
+        return present & (numeric < column.min_value)
+    return present & (numeric > column.max_value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.date, dt.datetime, pd.Timestamp)):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _record_json(row: dict[str, Any]) -> str:
+    clean = {k: (None if (not isinstance(v, (list, dict, np.ndarray)) and pd.isna(v)) else v) for k, v in row.items()}
+    return json.dumps(clean, default=_json_default, sort_keys=False)
+
+
+def split_pandas(table: Table, frame: pd.DataFrame, source_file: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(accepted rows, quarantine rows) of a pandas frame; row numbers are 1-based positions."""
+    check_columns(table, list(frame.columns), source_file or table.name)
+    frame = frame.reset_index(drop=True)
+    reason = np.full(len(frame), None, dtype=object)
+    field = np.full(len(frame), None, dtype=object)
+    for column in table.columns:
+        for kind, message in _rule_messages(column):
+            bad = _pandas_violation(column, kind, frame[column.name]) & (reason == None)  # noqa: E711
+            reason[bad] = message
+            field[bad] = column.name
+    if table.key:
+        clean = reason == None  # noqa: E711
+        duplicate = np.zeros(len(frame), dtype=bool)
+        duplicate[clean] = frame.loc[clean, list(table.key)].duplicated(keep="first").to_numpy()
+        reason[duplicate] = f"duplicate key {list(table.key)}"
+        field[duplicate] = ",".join(table.key)
+    rejected = reason != None  # noqa: E711
+    now = pd.Timestamp.now(tz="UTC")
+    records = frame.loc[rejected, table.names].to_dict(orient="records")
+    quarantine = pd.DataFrame(
+        {
+            "source_table": table.name,
+            "source_file": source_file,
+            "row_number": np.flatnonzero(rejected) + 1,
+            "field": field[rejected],
+            "reason": reason[rejected],
+            "record": [_record_json(r) for r in records],
+            "quarantined_at": now,
+        },
+        columns=QUARANTINE.names,
+    )
+    accepted = frame.loc[~rejected, table.names].reset_index(drop=True)
+    return accepted, quarantine
+
+
+def validate_pandas(
+    table: Table, frame: pd.DataFrame, source_file: str | None = None, run_suite: bool = True
+) -> Validated:
+    """Split then certify the accepted rows with the table's GE suite (pandas engine)."""
+    accepted, quarantine = split_pandas(table, frame, source_file)
+    counts = ValidationCounts(table.name, len(frame), len(accepted), len(quarantine))
+    suite = validate_with_gx(table, accepted, "pandas") if run_suite else None
+    if suite is not None and not suite.success:
+        raise AssertionError(f"accepted rows fail the suite (split and suite disagree):\n{suite.summary()}")
+    return Validated(accepted, quarantine, counts, suite)
+
+
+# --- Spark ----------------------------------------------------------------------------------------
+
+
+def _spark_violation(column: Column, kind: str):
+    from pyspark.sql import functions as F
+
+    value = F.col(column.name)
+    if kind == "not_null":
+        return value.isNull()
+    if kind == "allowed":
+        return value.isNotNull() & ~value.isin(list(column.allowed))
+    if kind == "pattern":
+        return value.isNotNull() & ~value.rlike(f"^(?:{column.pattern})$")
+    if kind == "min":
+        return value.isNotNull() & (value < F.lit(column.min_value))
+    return value.isNotNull() & (value > F.lit(column.max_value))
+
+
+def split_spark(table: Table, frame, quarantined_at: dt.datetime | None = None):
+    """(accepted, quarantine) Spark DataFrames.
+
+    If the frame carries `_source_file` / `_row_index` (see `read_with_provenance`), quarantine rows
+    name the file and the 1-based row; otherwise those fields are null.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    check_columns(table, frame.columns, table.name)
+    reason = F.lit(None).cast("string")
+    field = F.lit(None).cast("string")
+    # Build a CASE chain in reverse so the first declared rule wins, as in the pandas split.
+    for column in reversed(table.columns):
+        for kind, message in reversed(_rule_messages(column)):
+            violated = _spark_violation(column, kind)
+            reason = F.when(violated, F.lit(message)).otherwise(reason)
+            field = F.when(violated, F.lit(column.name)).otherwise(field)
+    has_provenance = SOURCE_FILE_COL in frame.columns and ROW_INDEX_COL in frame.columns
+    source_file = F.col(SOURCE_FILE_COL) if has_provenance else F.lit(None).cast("string")
+    row_number = (F.col(ROW_INDEX_COL) + 1) if has_provenance else F.lit(None).cast("bigint")
+    checked = frame.withColumn("_reason", reason).withColumn("_field", field)
+    if table.key:
+        order = [F.col(SOURCE_FILE_COL), F.col(ROW_INDEX_COL)] if has_provenance else [F.lit(1)]
+        first_in_key = Window.partitionBy(*table.key, F.col("_reason").isNull()).orderBy(*order).rowsBetween(
+            Window.unboundedPreceding, Window.currentRow
+        )
+        is_duplicate = F.col("_reason").isNull() & (F.count(F.lit(1)).over(first_in_key) > 1)
+        checked = checked.withColumn(
+            "_field", F.when(is_duplicate, F.lit(",".join(table.key))).otherwise(F.col("_field"))
+        ).withColumn("_reason", F.when(is_duplicate, F.lit(f"duplicate key {list(table.key)}")).otherwise(F.col("_reason")))
+    accepted = checked.where(F.col("_reason").isNull()).select(*table.names)
+    stamp = F.lit(quarantined_at or dt.datetime.now(dt.timezone.utc)).cast("timestamp")
+    quarantine = checked.where(F.col("_reason").isNotNull()).select(
+        F.lit(table.name).alias("source_table"),
+        source_file.alias("source_file"),
+        row_number.cast("bigint").alias("row_number"),
+        F.col("_field").alias("field"),
+        F.col("_reason").alias("reason"),
+        F.to_json(F.struct(*table.names), {"ignoreNullFields": "false"}).alias("record"),
+        stamp.alias("quarantined_at"),
+    )
+    return accepted, quarantine
+
+
+def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
+    """Split then certify the accepted rows with the table's GE suite (Spark engine)."""
+    frame = frame.persist()
+    accepted, quarantine = split_spark(table, frame)
+    quarantine = quarantine.persist()
+    counts = ValidationCounts(table.name, frame.count(), accepted.count(), quarantine.count())
+    suite = validate_with_gx(table, accepted, "spark") if run_suite else None
+    if suite is not None and not suite.success:
+        raise AssertionError(f"accepted rows fail the suite (split and suite disagree):\n{suite.summary()}")
+    return Validated(accepted, quarantine, counts, suite)
+
+
+def read_with_provenance(spark, table: Table, path: str):
+    """Read a parquet table with its declared schema plus the file and row index of every row."""
+    from pyspark.sql import functions as F
+
+    frame = spark.read.schema(table.spark_schema()).parquet(path)
+    return frame.select(
+        *table.names,
+        F.col("_metadata.file_path").alias(SOURCE_FILE_COL),
+        F.col("_metadata.row_index").alias(ROW_INDEX_COL),
+    )
+
+
+# --- the `relevance validate` command -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    data: str = help_field("Data root holding tables in the schemas/ layout (e.g. the output of generate).")
+    out: str = help_field("Folder for the quarantine table and validation.json; default: <data>/_validation.", "")
+    tables: list[str] = help_field("Tables to validate; default: every input table present under data.", [])
+    engine: str = help_field("pandas (one machine, small data) or spark (any size; local or cluster).", "pandas")
+    spark_master: str | None = help_field("Spark master for engine=spark; default local[*] or spark-submit's.", None)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("pandas", "spark"):
+            raise ConfigError(f"engine must be 'pandas' or 'spark', got {self.engine!r}")
+        unknown = [name for name in self.tables if name not in INPUT_TABLES]
+        if unknown:
+            raise ConfigError(f"tables {unknown} are not input tables; choose from {list(INPUT_TABLES)}")
+
+
+def run(config: ValidateConfig) -> list[ValidationCounts]:
+    """Validate every chosen table under `config.data`; write quarantine rows and a JSON summary."""
+    data_root = Path(config.data)
+    out = Path(config.out) if config.out else data_root / "_validation"
+    names = config.tables or [name for name in INPUT_TABLES if table_path(data_root, table(name)).is_dir()]
+    if not names:
+        raise FileNotFoundError(f"{data_root}: no input tables found (expected folders named {list(INPUT_TABLES)})")
+    spark = None
+    if config.engine == "spark":
+        from jobs.spark import get_spark
+
+        spark = get_spark("relevance-validate", master=config.spark_master)
+    results, quarantines = [], []
+    for name in tqdm(names, desc=f"validate ({config.engine})", unit="table"):
+        declared = table(name)
+        if spark is None:
+            frame = read_table(declared, data_root).to_pandas(maps_as_pydicts="strict")
+            validated = validate_pandas(declared, frame, source_file=str(table_path(data_root, declared)))
+        else:
+            frame = read_with_provenance(spark, declared, str(table_path(data_root, declared)))
+            validated = validate_spark(declared, frame)
+        results.append(validated)
+        quarantines.append(validated.quarantine)
+        print(validated.counts.line())
+    if spark is None:
+        write_table(QUARANTINE, pa.concat_tables([QUARANTINE.from_pandas(q) for q in quarantines]), out)
+    else:
+        union = quarantines[0]
+        for other in quarantines[1:]:
+            union = union.unionByName(other)
+        union.coalesce(1).write.mode("overwrite").parquet(str(table_path(out, QUARANTINE)))
+    summary = {
+        "engine": config.engine,
+        "tables": {
+            r.counts.table: {
+                "rows_in": r.counts.rows_in,
+                "accepted": r.counts.accepted,
+                "quarantined": r.counts.quarantined,
+                "expectations_met": sum(o.success for o in r.suite.outcomes),
+                "expectations": len(r.suite.outcomes),
+            }
+            for r in results
+        },
+    }
+    (out / "validation.json").write_text(json.dumps(summary, indent=2))
+    print(f"quarantine and validation.json written to {out}")
+    return [r.counts for r in results]

@@ -1,0 +1,14 @@
+"""Shared fixtures: one local[2] Spark session for the whole run, shut down with its JVM."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from jobs.spark import get_spark, stop_spark
+
+    session = get_spark("relevance-tests", master="local[2]", conf={"spark.sql.shuffle.partitions": "2"})
+    yield session
+    stop_spark(session)

@@ -1,0 +1,98 @@
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from jobs.validate import SchemaMismatchError, read_with_provenance, split_pandas, validate_pandas, validate_spark
+from schemas.expectations import validate_with_gx
+from schemas.storage import read_table, write_table
+from schemas.tables import CATALOG, JUDGMENTS
+
+
+def _judgments() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "query_id": ["q1", "q1", "q2", None, "q3", "q1"],
+            "product_id": ["p1", "p2", "p2", "p3", "p4", "p1"],
+            "label": ["Exact", "Partial", "Exact", "Exact", "Irrelevant", "Irrelevant"],
+            "label_set": ["wands", "wands", "bogus", "wands", "wands", "wands"],
+            "annotator": ["a", "a", "a", "a", "a", "a"],
+            "is_weak": [False] * 6,
+        }
+    )
+
+
+EXPECTED_QUARANTINE = [
+    (3, "label_set", "value not in ['wands', 'esci']"),
+    (4, "query_id", "null in a non-nullable column"),
+    (6, "query_id,product_id,annotator", "duplicate key ['query_id', 'product_id', 'annotator']"),
+]
+
+
+def test_pandas_split_names_row_field_reason_and_reconciles():
+    validated = validate_pandas(JUDGMENTS, _judgments(), source_file="judgments.parquet")
+    assert (validated.counts.rows_in, validated.counts.accepted, validated.counts.quarantined) == (6, 3, 3)
+    quarantine = validated.quarantine
+    assert list(zip(quarantine.row_number, quarantine.field, quarantine.reason)) == EXPECTED_QUARANTINE
+    assert set(quarantine.source_file) == {"judgments.parquet"}
+    assert json.loads(quarantine.record.iloc[1]) == {
+        "query_id": None, "product_id": "p3", "label": "Exact", "label_set": "wands", "annotator": "a", "is_weak": False,
+    }
+    assert validated.suite.success
+    assert list(validated.accepted.product_id) == ["p1", "p2", "p4"]
+
+
+def test_the_ge_suite_itself_fails_on_bad_rows():
+    result = validate_with_gx(JUDGMENTS, _judgments(), "pandas")
+    assert not result.success
+    failed = {(f.expectation, f.column) for f in result.failures}
+    assert ("expect_column_values_to_not_be_null", "query_id") in failed
+    assert ("expect_column_values_to_be_in_set", "label_set") in failed
+    assert ("expect_compound_columns_to_be_unique", None) in failed
+
+
+def test_missing_and_unexpected_columns_name_the_source():
+    frame = _judgments().drop(columns=["label"]).assign(extra=1)
+    with pytest.raises(SchemaMismatchError, match=r"j.csv: .*missing \['label'\], unexpected \['extra'\]"):
+        split_pandas(JUDGMENTS, frame, "j.csv")
+
+
+def test_spark_split_agrees_with_pandas_and_names_file_and_row(spark, tmp_path):
+    frame = _judgments()
+    # Storage conforms to the schema, which rejects nulls in non-nullable fields: write the raw file
+    # the way an outside producer would, with every field nullable.
+    raw_schema = pa.schema([f.with_nullable(True) for f in JUDGMENTS.arrow_schema()])
+    folder = tmp_path / "judgments"
+    folder.mkdir()
+    pa.parquet.write_table(pa.Table.from_pandas(frame, schema=raw_schema, preserve_index=False), folder / "part-0.parquet")
+    validated = validate_spark(JUDGMENTS, read_with_provenance(spark, JUDGMENTS, str(folder)))
+    assert (validated.counts.rows_in, validated.counts.accepted, validated.counts.quarantined) == (6, 3, 3)
+    rows = sorted(validated.quarantine.collect(), key=lambda r: r.row_number)
+    assert [(r.row_number, r.field, r.reason) for r in rows] == EXPECTED_QUARANTINE
+    assert all(r.source_file.endswith("judgments/part-0.parquet") for r in rows)
+    pandas_accepted = validate_pandas(JUDGMENTS, frame, run_suite=False).accepted
+    spark_accepted = validated.accepted.toPandas().sort_values("product_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(spark_accepted, pandas_accepted.sort_values("product_id").reset_index(drop=True))
+    assert validated.suite.success and validated.suite.engine == "spark"
+
+
+def test_bounds_on_numbers_and_maps_survive(tmp_path):
+    catalog = pd.DataFrame(
+        {
+            "product_id": ["p1", "p2"],
+            "title": ["oak table", "red sofa"],
+            "description": [None, "soft"],
+            "product_type": ["table", "sofa"],
+            "category_path": ["furniture/table", "furniture/sofa"],
+            "brand": [None, "acme"],
+            "attributes": [{"material": "oak"}, {"color": "red"}],
+            "price": [-1.0, 10.0],
+            "source": ["synthetic", "synthetic"],
+        }
+    )
+    validated = validate_pandas(CATALOG, catalog)
+    assert list(validated.quarantine.reason) == ["value below the minimum 0"]
+    assert json.loads(validated.quarantine.record.iloc[0])["attributes"] == {"material": "oak"}
+    write_table(CATALOG, CATALOG.from_pandas(validated.accepted), tmp_path)
+    assert read_table(CATALOG, tmp_path).to_pylist()[0]["attributes"] == [("color", "red")]

@@ -1,0 +1,135 @@
+import networkx as nx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from schemas.graph import LabelSet, ReasoningGraph, format_facets, parse_facets
+
+
+def test_default_graph_is_the_design_graph():
+    graph = ReasoningGraph.load()
+    assert graph.node_names == ["qs", "qa", "ps", "pa", "ms", "ma", "y"]
+    digraph = graph.digraph()
+    assert isinstance(digraph, nx.DiGraph)
+    assert set(digraph.edges) == {("qs", "ms"), ("ps", "ms"), ("qa", "ma"), ("pa", "ma"), ("ms", "y"), ("ma", "y")}
+    assert graph.order("label_first") == ("y", "ms", "ma", "qs", "qa", "ps", "pa")
+    assert graph.order("reasoning_first") == ("qs", "qa", "ps", "pa", "ms", "ma", "y")
+    assert graph.credit_order[0] == "y"
+    position = {node: i for i, node in enumerate(graph.credit_order)}
+    assert all(position[target] < position[source] for source, target in digraph.edges)
+    assert graph.node("ma").values == ("match", "partial", "mismatch", "none")
+    assert graph.decision_nodes == ["ms", "ma"]
+
+
+def test_user_declared_graph_loads_from_a_file(tmp_path):
+    path = tmp_path / "brand.yaml"
+    path.write_text(
+        """
+name: with_brand
+label_node: y
+nodes:
+  - {name: qs, kind: text}
+  - {name: ps, kind: text}
+  - {name: qb, kind: text}
+  - {name: pb, kind: text}
+  - {name: ms, kind: choice, values: [match, mismatch]}
+  - {name: mb, kind: choice, values: [match, mismatch, none]}
+  - {name: y, kind: label}
+edges: [[qs, ms], [ps, ms], [qb, mb], [pb, mb], [ms, y], [mb, y]]
+orders:
+  reasoning_first: [qs, ps, qb, pb, ms, mb, y]
+"""
+    )
+    graph = ReasoningGraph.load(path)
+    assert graph.decision_nodes == ["ms", "mb"]
+    assert graph.digraph().number_of_edges() == 6
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("[ms, y], [mb, y]", "[ms, y], [mb, y], [y, qs]"), "cycle|no outgoing"),
+        (lambda t: t.replace("[pb, mb]", "[zz, mb]"), "unknown node 'zz'"),
+        (lambda t: t.replace("kind: choice, values: [match, mismatch]}", "kind: choice}"), "needs a `values` list"),
+        (lambda t: t.replace("reasoning_first: [qs, ps,", "reasoning_first: [ps,"), "must list every node once"),
+    ],
+)
+def test_bad_graph_files_say_what_is_wrong(tmp_path, edit, message):
+    text = """
+name: g
+label_node: y
+nodes:
+  - {name: qs, kind: text}
+  - {name: ps, kind: text}
+  - {name: qb, kind: text}
+  - {name: pb, kind: text}
+  - {name: ms, kind: choice, values: [match, mismatch]}
+  - {name: mb, kind: choice, values: [match, mismatch, none]}
+  - {name: y, kind: label}
+edges: [[qs, ms], [ps, ms], [qb, mb], [pb, mb], [ms, y], [mb, y]]
+orders:
+  reasoning_first: [qs, ps, qb, pb, ms, mb, y]
+"""
+    path = tmp_path / "g.yaml"
+    path.write_text(edit(text))
+    with pytest.raises(ValueError, match=message):
+        ReasoningGraph.load(path)
+
+
+def test_unknown_graph_name_lists_the_bundled_ones():
+    with pytest.raises(ValueError, match=r"relevance7"):
+        ReasoningGraph.load("nope")
+
+
+@pytest.mark.parametrize(
+    "ms, ma, wands, esci",
+    [
+        ("match", "match", "Exact", "E"),
+        ("match", "none", "Exact", "E"),
+        ("match", "partial", "Partial", "S"),
+        ("match", "mismatch", "Partial", "S"),
+        ("related", "match", "Partial", "C"),
+        ("related", "mismatch", "Irrelevant", "I"),
+        ("mismatch", "match", "Irrelevant", "I"),
+    ],
+)
+def test_label_rule(ms, ma, wands, esci):
+    assert LabelSet.load("wands").label_from_nodes({"ms": ms, "ma": ma}) == wands
+    assert LabelSet.load("esci").label_from_nodes({"ms": ms, "ma": ma}) == esci
+
+
+def test_label_sets_have_gains_in_label_order():
+    wands = LabelSet.load("wands")
+    assert wands.names == ["Exact", "Partial", "Irrelevant"]
+    assert wands.gains == {"Exact": 1.0, "Partial": 0.5, "Irrelevant": 0.0}
+    esci = LabelSet.load("esci")
+    assert esci.names == ["E", "S", "C", "I"] and esci.gains["C"] == 0.01
+    assert esci.relevant == ("E", "S")
+    with pytest.raises(ValueError, match="not a label of 'wands'"):
+        wands.index("E")
+
+
+def test_every_decision_combination_has_a_label():
+    graph = ReasoningGraph.load()
+    for name in ("wands", "esci"):
+        labels = LabelSet.load(name)
+        for ms in graph.node("ms").values:
+            for ma in graph.node("ma").values:
+                assert labels.label_from_nodes({"ms": ms, "ma": ma}) in labels.names
+
+
+facet_text = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789 -'", min_size=1, max_size=12).map(str.strip).filter(
+    lambda s: bool(s) and s != "none"
+)
+
+
+@given(st.dictionaries(facet_text, facet_text, max_size=5))
+def test_facets_round_trip(facets):
+    assert parse_facets(format_facets(facets)) == facets
+
+
+def test_facets_text_format():
+    assert format_facets({}) == "none"
+    assert format_facets({"material": "oak", "color": "red"}) == "color=red; material=oak"
+    assert parse_facets("color=red; color=blue") is None
+    assert parse_facets("color red") is None
