@@ -57,13 +57,17 @@ def ingest(
     source: Optional[Path] = typer.Option(None, "--source", help="Dataset folder (WANDS or ESCI files)."),
     format: Optional[str] = typer.Option(None, "--format", "-f", help="wands or esci."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output data root."),
+    files: Optional[str] = typer.Option(None, help="Comma-separated files to read (default: all present)."),
+    locale: Optional[str] = typer.Option(None, help="ESCI only: keep one product_locale (us, es, jp)."),
+    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Stop at the first bad row."),
     config: Optional[Path] = ConfigOption,
     sets: Optional[list[str]] = SetOption,
 ) -> None:
     """Read a public dataset (WANDS, ESCI) into our tables; bad rows go to quarantine."""
     from jobs.ingest.run import IngestConfig, run
 
-    run(_load(IngestConfig, config, sets, source=source, format=format, out=out))
+    run(_load(IngestConfig, config, sets, source=source, format=format, out=out, files=files, locale=locale,
+              strict=strict))
 
 
 @app.command()
