@@ -1,0 +1,1 @@
+"""The synthetic e-commerce world (`relevance generate`): config, vocabulary, generator, writer."""
