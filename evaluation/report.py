@@ -1,0 +1,388 @@
+"""Reports of an `EvaluationResult`: Markdown, self-contained HTML, and JSON for machines.
+
+The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered
+twice: Markdown links the figures as PNG files under `plots/`, HTML embeds the same PNGs inline
+(base64), so report.html can be mailed on its own. Figures: a confusion matrix per model, per-label
+F1 bars with intervals, the reliability diagram, and the forest plot of model-vs-baseline
+differences.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from evaluation.bootstrap import Interval  # noqa: E402
+from evaluation.evaluate import DIFFERENCES, METRICS, Comparison, EvaluationResult, ModelEvaluation  # noqa: E402
+from evaluation.metrics import ECE_BINS, MCNEMAR_EXACT_BELOW  # noqa: E402
+
+SUMMARY = (
+    "coverage", "accuracy", "coverage_adjusted_accuracy", "macro_f1", "binary_f1", "roc_auc", "pr_auc", "ndcg", "ece",
+)
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def to_jsonable(value):
+    """Dataclasses, numpy arrays and scalars as plain JSON values (NaN as null)."""
+    if is_dataclass(value):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def plot_confusion(model: ModelEvaluation) -> bytes:
+    """Confusion matrix, colour = share of the gold row, text = counts."""
+    counts = model.confusion
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 1.2 + 0.9 * len(model.labels)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for row in range(len(model.labels)):
+        for column in range(len(model.labels)):
+            axes.text(column, row, f"{counts[row, column]:d}", ha="center", va="center",
+                      color="white" if shares[row, column] > 0.6 else "black")
+    axes.set_xticks(range(len(model.labels)), model.labels, rotation=30, ha="right")
+    axes.set_yticks(range(len(model.labels)), model.labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("gold")
+    axes.set_title(f"{model.name}: confusion matrix")
+    figure.colorbar(image, ax=axes, label="share of gold row")
+    return _png(figure)
+
+
+def plot_class_f1(models: tuple[ModelEvaluation, ...]) -> bytes:
+    """Per-label F1 bars of every model with their bootstrap intervals."""
+    labels = models[0].labels
+    width = 0.8 / len(models)
+    figure, axes = plt.subplots(figsize=(1.5 + 1.4 * len(labels) + 0.3 * len(models), 3.6))
+    for i, model in enumerate(models):
+        f1 = model.metrics["f1"]
+        x = np.arange(len(labels)) - 0.4 + width * (i + 0.5)
+        errors = np.vstack([f1.estimate - f1.low, f1.high - f1.estimate])
+        axes.bar(x, f1.estimate, width, yerr=np.nan_to_num(errors), capsize=3, label=model.name)
+    axes.set_xticks(range(len(labels)), labels)
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("F1")
+    axes.set_title(f"per-label F1 ({models[0].metrics['f1'].level:.0%} query-bootstrap intervals)")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    return _png(figure)
+
+
+def plot_reliability(models: tuple[ModelEvaluation, ...]) -> bytes:
+    """Accuracy against mean confidence per bin (top-label), one line per model; bar = pair share."""
+    figure, (axes, counts) = plt.subplots(
+        2, 1, figsize=(5.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    for model in models:
+        curve = model.reliability
+        ece = model.metrics["ece"].estimate
+        axes.plot(curve.mean_confidence, curve.accuracy, marker="o", label=f"{model.name} (ECE {ece:.3f})")
+        shares = np.array(curve.count) / max(sum(curve.count), 1)
+        counts.step(curve.upper, shares, where="pre", label=model.name)
+    axes.set_ylabel("accuracy")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_title(f"reliability diagram ({ECE_BINS} equal-width bins)")
+    axes.legend(fontsize="small")
+    counts.set_xlabel("confidence of the predicted label")
+    counts.set_ylabel("share of pairs")
+    return _png(figure)
+
+
+def plot_forest(comparisons: tuple[Comparison, ...], k: int) -> bytes:
+    """Differences (other - baseline) with their intervals; one row per comparison and metric."""
+    rows = [
+        (f"{c.other} - {c.baseline}: {_metric_name(metric, k)}", c.metrics[f"{metric}_difference"])
+        for c in comparisons
+        for metric in DIFFERENCES
+    ]
+    figure, axes = plt.subplots(figsize=(7, 0.9 + 0.35 * len(rows)))
+    for y, (_, interval) in enumerate(rows):
+        axes.errorbar(interval.estimate, y, xerr=[[interval.estimate - interval.low], [interval.high - interval.estimate]],
+                      fmt="o", capsize=4, color="tab:blue")
+    axes.axvline(0, color="grey", linestyle=":")
+    axes.set_yticks(range(len(rows)), [name for name, _ in rows])
+    axes.invert_yaxis()
+    axes.set_xlabel(f"difference ({comparisons[0].metrics['macro_f1_difference'].level:.0%} paired query-bootstrap interval)")
+    axes.set_title("model vs baseline")
+    return _png(figure)
+
+
+def figures(result: EvaluationResult) -> dict[str, bytes]:
+    """Every figure of the report as PNG bytes, by file stem."""
+    images = {f"confusion_{i}": plot_confusion(model) for i, model in enumerate(result.models)}
+    images["class_f1"] = plot_class_f1(result.models)
+    images["reliability"] = plot_reliability(result.models)
+    if result.comparisons:
+        images["forest"] = plot_forest(result.comparisons, result.k)
+    return images
+
+
+# ---------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class Block:
+    """One piece of the report: kind 'h2'/'h3' (text), 'p' (text), 'ul' (rows of one item),
+    'table' (header + rows), 'figure' (text = image stem, header = (caption,))."""
+
+    kind: str
+    text: str = ""
+    header: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+
+
+def fmt(interval: Interval, index: int | None = None, signed: bool = False) -> str:
+    """`0.812 [0.790, 0.833]`; per-label metrics take `index`."""
+    pick = (lambda v: v) if index is None else (lambda v: v[index])
+    estimate, low, high = pick(interval.estimate), pick(interval.low), pick(interval.high)
+    if math.isnan(estimate):
+        return "n/a"
+    head = f"{estimate:+.3f}" if signed else f"{estimate:.3f}"
+    return head if math.isnan(low) else f"{head} [{low:.3f}, {high:.3f}]"
+
+
+def _metric_name(name: str, k: int) -> str:
+    return f"ndcg@{k}" if name == "ndcg" else name
+
+
+def _model_blocks(model: ModelEvaluation, index: int, result: EvaluationResult) -> list[Block]:
+    m = model.metrics
+    blocks = [
+        Block("h2", f"Model {model.name}"),
+        Block("p", (
+            f"{model.n_covered} of {model.n_gold_pairs} gold pairs covered over {model.n_queries} queries; "
+            f"{model.n_gold_pairs - model.n_covered} uncovered (scored as wrong only in coverage_adjusted_accuracy); "
+            f"{model.n_predictions_without_gold} predictions without a gold label (counted, not scored). "
+            f"NDCG@{result.k} averages {model.n_ndcg_queries} queries with some gain."
+        )),
+        Block("h3", "Per label"),
+        Block(
+            "table",
+            header=("label", "gold pairs", "precision", "recall", "F1"),
+            rows=tuple(
+                (label, str(int(model.confusion[i].sum())),
+                 fmt(m["precision"], i), fmt(m["recall"], i), fmt(m["f1"], i))
+                for i, label in enumerate(model.labels)
+            ),
+        ),
+        Block("h3", "Confusion matrix (rows gold, columns predicted)"),
+        Block(
+            "table",
+            header=("gold \\ predicted", *model.labels),
+            rows=tuple((label, *(str(v) for v in model.confusion[i])) for i, label in enumerate(model.labels)),
+        ),
+        Block("figure", f"confusion_{index}", header=(f"{model.name}: confusion matrix",)),
+        Block("h3", f"Relevant ({', '.join(result.relevant)}) vs not"),
+        Block(
+            "table",
+            header=("accuracy", "precision", "recall", "F1", "ROC-AUC", "PR-AUC"),
+            rows=((fmt(m["binary_accuracy"]), fmt(m["binary_precision"]), fmt(m["binary_recall"]),
+                   fmt(m["binary_f1"]), fmt(m["roc_auc"]), fmt(m["pr_auc"])),),
+        ),
+    ]
+    if model.node_names:
+        node = m["node_accuracy"]
+        blocks += [
+            Block("h3", "Per-node accuracy (pairs with a gold node value)"),
+            Block(
+                "table",
+                header=("node", "pairs with gold value", "accuracy", "prediction lacks the node"),
+                rows=tuple(
+                    (name, str(model.node_counts[i, 0]), fmt(node, i), str(model.node_counts[i, 2]))
+                    for i, name in enumerate(model.node_names)
+                ),
+            ),
+        ]
+    if model.segments:
+        blocks += [
+            Block("h3", "Segments"),
+            Block(
+                "table",
+                header=("kind", "segment", "gold pairs", "queries", "coverage", "accuracy", "macro_f1", f"ndcg@{result.k}"),
+                rows=tuple(
+                    (kind, name, str(s.n_gold_pairs), str(s.n_queries), fmt(s.metrics["coverage"]),
+                     fmt(s.metrics["accuracy"]), fmt(s.metrics["macro_f1"]),
+                     fmt(s.metrics["ndcg"]) if "ndcg" in s.metrics else "-")
+                    for kind, name, s in model.segments
+                ),
+            ),
+        ]
+    return blocks
+
+
+def report_blocks(result: EvaluationResult) -> list[Block]:
+    """The whole report as blocks (rendered by `render_markdown` and `render_html`)."""
+    gold = result.gold
+    level = f"{result.level:.0%}"
+    blocks = [
+        Block("h2", "Setup"),
+        Block("p", (
+            f"Label set {result.label_set} ({', '.join(result.labels)}; relevant: {', '.join(result.relevant)}). "
+            f"Gold: {gold.n_pairs} pairs from {gold.n_judgments} judgments by {', '.join(gold.annotators)}; "
+            f"{gold.n_pairs_with_several_judgments} pairs have several judgments (majority vote, ties to the "
+            f"lower-gain label: {gold.n_ties} ties). Intervals: {level} percentile intervals of {result.n_bootstrap} "
+            f"bootstrap replicates resampling queries (seed {result.seed})."
+        )),
+        Block("ul", rows=tuple((f"{name}: {path}",) for name, path in result.sources.items())),
+        Block("h2", "Models side by side"),
+        Block(
+            "table",
+            header=("metric", *(model.name for model in result.models)),
+            rows=tuple(
+                (_metric_name(name, result.k), *(fmt(model.metrics[name]) for model in result.models))
+                for name in SUMMARY
+            ) + tuple(
+                (f"node accuracy: {node}", *(
+                    fmt(model.metrics["node_accuracy"], model.node_names.index(node)) if node in model.node_names else "-"
+                    for model in result.models
+                ))
+                for node in dict.fromkeys(n for model in result.models for n in model.node_names)
+            ),
+        ),
+        Block("figure", "class_f1", header=("per-label F1 with intervals",)),
+        Block("figure", "reliability", header=("reliability diagram",)),
+    ]
+    if result.comparisons:
+        baseline = result.comparisons[0].baseline
+        blocks += [
+            Block("h2", f"Comparisons against {baseline}"),
+            Block("ul", rows=tuple((c.verdict,) for c in result.comparisons)),
+            Block(
+                "table",
+                header=("model", "common pairs", "queries", "macro_f1 difference", "accuracy difference",
+                        f"ndcg@{result.k} difference", f"McNemar: only {baseline} right / only model right", "McNemar p"),
+                rows=tuple(
+                    (c.other, str(c.n_pairs), str(c.n_queries), fmt(c.metrics["macro_f1_difference"], signed=True),
+                     fmt(c.metrics["accuracy_difference"], signed=True), fmt(c.metrics["ndcg_difference"], signed=True),
+                     f"{c.mcnemar.only_a} / {c.mcnemar.only_b}", f"{c.mcnemar.p_value:.3g} ({c.mcnemar.method})")
+                    for c in result.comparisons
+                ),
+            ),
+            Block("figure", "forest", header=("differences against the baseline",)),
+        ]
+    for index, model in enumerate(result.models):
+        blocks += _model_blocks(model, index, result)
+    blocks += [
+        Block("h2", "Methods"),
+        Block("ul", rows=(
+            ("Pairs are keyed by (query_id, product_id). Accuracy, F1, AUCs, NDCG and ECE use covered pairs; "
+             "coverage and coverage_adjusted_accuracy use every gold pair.",),
+            ("Macro-F1 averages the labels present in gold or predictions.",),
+            (f"Binary view: relevant = {', '.join(result.relevant)}; ROC-AUC and PR-AUC (average precision) "
+             "score pairs by the predicted probability of the relevant labels.",),
+            (f"NDCG@{result.k}: each query's covered pairs ranked by predicted expected_gain, linear label gains, "
+             "tied scores share their ranks' average discount; queries whose gold gains are all 0 are left out.",),
+            (f"ECE: confidence of the predicted label, {ECE_BINS} equal-width bins.",),
+            ("Intervals resample queries, not pairs; comparisons resample the same queries for both models "
+             "(paired bootstrap on the pairs both models cover).",),
+            (f"McNemar on accuracy: exact binomial below {MCNEMAR_EXACT_BELOW} discordant pairs, else chi-square with "
+             "continuity correction; it treats pairs as independent, so trust the paired bootstrap first.",),
+            *((f"{name}: {doc}",) for name, doc in METRICS.items()),
+        )),
+    ]
+    return blocks
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render_markdown(blocks: list[Block], image_paths: dict[str, str], title: str) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"# {title}", ""]
+    for block in blocks:
+        if block.kind in ("h2", "h3"):
+            lines += [f"{'#' * int(block.kind[1])} {block.text}", ""]
+        elif block.kind == "p":
+            lines += [block.text, ""]
+        elif block.kind == "ul":
+            lines += [f"- {row[0]}" for row in block.rows] + [""]
+        elif block.kind == "table":
+            lines.append("| " + " | ".join(cell(h) for h in block.header) + " |")
+            lines.append("|" + "---|" * len(block.header))
+            lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in block.rows]
+            lines.append("")
+        elif block.kind == "figure" and block.text in image_paths:
+            lines += [f"![{block.header[0]}]({image_paths[block.text]})", ""]
+    return "\n".join(lines)
+
+
+STYLE_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:0.5em 0 1.2em}th,td{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:right;font-variant-numeric:tabular-nums}th:first-child,td:first-child{text-align:left}"
+    "th{background:#f3f3f3}figure{margin:0.5em 0 1.5em}figcaption{color:#555;font-size:0.9em}"
+)
+
+
+def render_html(blocks: list[Block], images: dict[str, bytes], title: str) -> str:
+    escape = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+             f"<style>{STYLE_CSS}</style></head><body><h1>{escape(title)}</h1>"]
+    for block in blocks:
+        if block.kind in ("h2", "h3", "p"):
+            parts.append(f"<{block.kind}>{escape(block.text)}</{block.kind}>")
+        elif block.kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{escape(row[0])}</li>" for row in block.rows) + "</ul>")
+        elif block.kind == "table":
+            head = "".join(f"<th>{escape(h)}</th>" for h in block.header)
+            body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in row) + "</tr>" for row in block.rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif block.kind == "figure" and block.text in images:
+            data = base64.b64encode(images[block.text]).decode("ascii")
+            parts.append(f"<figure><img alt='{escape(block.header[0])}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{escape(block.header[0])}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_reports(result: EvaluationResult, out: Path, title: str = "Relevance evaluation") -> dict[str, Path]:
+    """Write report.md (+ plots/*.png), report.html (images inline) and metrics.json under `out`."""
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    images = figures(result)
+    image_paths = {}
+    for stem, png in images.items():
+        (out / "plots" / f"{stem}.png").write_bytes(png)
+        image_paths[stem] = f"plots/{stem}.png"
+    blocks = report_blocks(result)
+    paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "metrics.json"}
+    paths["markdown"].write_text(render_markdown(blocks, image_paths, title))
+    paths["html"].write_text(render_html(blocks, images, title))
+    paths["json"].write_text(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
+    return paths
