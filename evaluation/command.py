@@ -112,4 +112,5 @@ def run(config: EvaluateConfig) -> EvaluationResult:
         **optional,
     )
     write_reports(result, Path(config.out))
+    print(f"evaluation report: {Path(config.out) / 'report.html'} (and report.md, metrics.json)")
     return result

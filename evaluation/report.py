@@ -175,6 +175,15 @@ def fmt(interval: Interval, index: int | None = None, signed: bool = False) -> s
     return head if math.isnan(low) else f"{head} [{low:.3f}, {high:.3f}]"
 
 
+def _decides(model, node: str) -> bool:
+    """Whether the model emitted this node for any gold pair (a labeller without reasoning emits none:
+    its node accuracy is not a number to show)."""
+    if node not in model.node_names:
+        return False
+    gold_pairs, _, lacking = model.node_counts[model.node_names.index(node)]
+    return lacking < gold_pairs
+
+
 def _metric_name(name: str, k: int) -> str:
     return f"ndcg@{k}" if name == "ndcg" else name
 
@@ -214,7 +223,7 @@ def _model_blocks(model: ModelEvaluation, index: int, result: EvaluationResult) 
                    fmt(m["binary_f1"]), fmt(m["roc_auc"]), fmt(m["pr_auc"])),),
         ),
     ]
-    if model.node_names:
+    if any(_decides(model, name) for name in model.node_names):
         node = m["node_accuracy"]
         blocks += [
             Block("h3", "Per-node accuracy (pairs with a gold node value)"),
@@ -267,7 +276,7 @@ def report_blocks(result: EvaluationResult) -> list[Block]:
                 for name in SUMMARY
             ) + tuple(
                 (f"node accuracy: {node}", *(
-                    fmt(model.metrics["node_accuracy"], model.node_names.index(node)) if node in model.node_names else "-"
+                    fmt(model.metrics["node_accuracy"], model.node_names.index(node)) if _decides(model, node) else "-"
                     for model in result.models
                 ))
                 for node in dict.fromkeys(n for model in result.models for n in model.node_names)

@@ -85,6 +85,42 @@ def validate(
 
 
 @app.command()
+def evaluate(
+    pred: Optional[list[str]] = typer.Option(
+        None, "--pred", "-p", help="NAME=PATH of a relevance table; repeat to compare models (the first is the baseline)."
+    ),
+    gold: Optional[Path] = typer.Option(None, help="Gold judgments table (file, table folder or data root)."),
+    gold_source: Optional[str] = typer.Option(None, help="judgments (majority vote per pair) or nodes (gold_nodes' y)."),
+    gold_nodes: Optional[Path] = typer.Option(None, help="Gold node values, for per-node accuracy."),
+    queries: Optional[Path] = typer.Option(None, help="Queries table, for head/torso/tail segments."),
+    catalog: Optional[Path] = typer.Option(None, help="Catalog table, for product-type segments."),
+    label_set: Optional[str] = typer.Option(None, help="wands, esci or a label-set YAML."),
+    k: Optional[int] = typer.Option(None, help="Rank cutoff of NDCG@k."),
+    n_bootstrap: Optional[int] = typer.Option(None, help="Query-bootstrap replicates."),
+    seed: Optional[int] = typer.Option(None, help="Bootstrap seed."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.md, report.html, metrics.json."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Score relevance tables against gold labels: metrics with query-bootstrap CIs, paired comparison, reports."""
+    from evaluation.command import EvaluateConfig, run
+
+    predictions = None
+    if pred:
+        malformed = [item for item in pred if "=" not in item]
+        if malformed:
+            raise typer.BadParameter(f"--pred takes NAME=PATH, got {malformed}")
+        predictions = dict(item.split("=", 1) for item in pred)
+    run(
+        _load(
+            EvaluateConfig, config, sets, predictions=predictions, gold=gold, gold_source=gold_source,
+            gold_nodes=gold_nodes, queries=queries, catalog=catalog, label_set=label_set, k=k,
+            n_bootstrap=n_bootstrap, seed=seed, out=out,
+        )
+    )
+
+
+@app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for every output of the demo."),
     preset: Optional[str] = typer.Option(None, help="World size preset (default: demo)."),
