@@ -239,7 +239,8 @@ def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
     """Split then certify the accepted rows with the table's GE suite (Spark engine)."""
     frame = frame.persist()
     accepted, quarantine = split_spark(table, frame)
-    quarantine = quarantine.persist()
+    # The suite runs one Spark job per metric: cache the split once instead of recomputing it each time.
+    accepted, quarantine = accepted.persist(), quarantine.persist()
     counts = ValidationCounts(table.name, frame.count(), accepted.count(), quarantine.count())
     suite = validate_with_gx(table, accepted, "spark") if run_suite else None
     if suite is not None and not suite.success:
