@@ -42,21 +42,18 @@ class Catalog:
         return len(self.type_code)
 
 
-def product_facets(vocabulary: Vocabulary, attributes: np.ndarray, brand_code: int) -> dict[str, str]:
-    """A product's facets (canonical attribute values, plus its brand): the gold `pa` node's content."""
-    facets = {
-        attribute.name: attribute.values[code]
-        for attribute, code in zip(vocabulary.attributes, attributes.tolist())
-        if code >= 0
-    }
-    if brand_code >= 0:
-        facets[BRAND_FACET] = vocabulary.brands[brand_code]
-    return facets
+def facets_text(vocabulary: Vocabulary, value_codes: np.ndarray, brand_code: np.ndarray) -> list[str]:
+    """`format_facets` per row: canonical attribute values (codes >= 0) plus the brand when there is one.
 
-
-def product_facets_text(vocabulary: Vocabulary, attributes: np.ndarray, brand_code: np.ndarray) -> list[str]:
-    """`format_facets` of each product's facets (rows of `attributes`, entries of `brand_code`)."""
-    return [format_facets(product_facets(vocabulary, row, int(b))) for row, b in zip(attributes, brand_code)]
+    Products' rows give the gold `pa` (their attributes); queries' rows give `qa` (their constraints).
+    """
+    texts = []
+    for row, brand in zip(value_codes.tolist(), brand_code.tolist()):
+        facets = {attribute.name: attribute.values[code] for attribute, code in zip(vocabulary.attributes, row) if code >= 0}
+        if brand >= 0:
+            facets[BRAND_FACET] = vocabulary.brands[brand]
+        texts.append(format_facets(facets))
+    return texts
 
 
 def make_catalog(

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.world.catalog import Catalog, product_facets_text
+from jobs.world.catalog import Catalog, facets_text
 from jobs.world.columns import string_map, take
-from jobs.world.queries import Queries, query_facets_text
+from jobs.world.queries import Queries
 from jobs.world.vocabulary import Vocabulary
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import GOLD_NODES, JUDGMENTS
@@ -189,10 +189,10 @@ def gold_and_judgments(
     products, position = np.unique(p, return_inverse=True)
     values = {
         "qs": take(vocabulary.type_names, queries.type_code[q]),
-        "qa": take(query_facets_text(vocabulary, queries), q),
+        "qa": take(facets_text(vocabulary, queries.constraints, queries.brand_code), q),
         "ps": take(vocabulary.type_names, catalog.type_code[p]),
         "pa": take(
-            product_facets_text(vocabulary, catalog.attributes[products], catalog.brand_code[products]), position
+            facets_text(vocabulary, catalog.attributes[products], catalog.brand_code[products]), position
         ),
         "ms": take(MS_VALUES, nodes.ms),
         "ma": take(MA_VALUES, nodes.ma),

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.world.catalog import BRAND_FACET, SOURCE, Catalog
+from jobs.world.catalog import SOURCE, Catalog
 from jobs.world.columns import id_width, ids, take
 from jobs.world.text import fill, surface, typo, usable_templates
 from jobs.world.vocabulary import BRAND_SLOT, TYPE_SLOT, Vocabulary
-from schemas.graph import format_facets
 from schemas.tables import QUERIES
 
 SEGMENTS = ("head", "torso", "tail")
@@ -47,23 +46,6 @@ class Queries:
 
     def __len__(self) -> int:
         return len(self.type_code)
-
-
-def query_facets(vocabulary: Vocabulary, constraints: np.ndarray, brand_code: int) -> dict[str, str]:
-    """The facets a query constrains (canonical values, plus the brand it names): the gold `qa`."""
-    facets = {
-        attribute.name: attribute.values[code]
-        for attribute, code in zip(vocabulary.attributes, constraints.tolist())
-        if code >= 0
-    }
-    if brand_code >= 0:
-        facets[BRAND_FACET] = vocabulary.brands[brand_code]
-    return facets
-
-
-def query_facets_text(vocabulary: Vocabulary, queries: Queries) -> list[str]:
-    rows = zip(queries.constraints, queries.brand_code)
-    return [format_facets(query_facets(vocabulary, constraints, int(b))) for constraints, b in rows]
 
 
 def zipf_shares(n: int, exponent: float) -> np.ndarray:

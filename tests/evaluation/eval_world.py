@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from schemas.graph import LabelSet
 from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES, RELEVANCE
@@ -86,7 +85,3 @@ def make_predictions(
         })
     return pa.Table.from_pylist(rows, schema=RELEVANCE.arrow_schema())
 
-
-@pytest.fixture(scope="session")
-def world() -> World:
-    return make_world()

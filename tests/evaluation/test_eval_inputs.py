@@ -23,7 +23,7 @@ from schemas import storage
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import JUDGMENTS, RELEVANCE
 
-from eval_world import WANDS, make_predictions, world  # noqa: F401 (world is a fixture)
+from eval_world import WANDS, make_predictions
 
 GRAPH = ReasoningGraph.load("relevance7")
 

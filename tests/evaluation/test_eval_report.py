@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn import metrics as skm
 
-from eval_world import WANDS, make_predictions, world  # noqa: F401 (world is a fixture)
+from eval_world import WANDS, make_predictions
 from evaluation.command import EvaluateConfig, run
 from evaluation.inputs import judgments_from_gold_nodes, predictions_from_judgments
 from schemas import storage

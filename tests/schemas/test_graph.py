@@ -21,10 +21,8 @@ def test_default_graph_is_the_design_graph():
     assert graph.decision_nodes == ["ms", "ma"]
 
 
-def test_user_declared_graph_loads_from_a_file(tmp_path):
-    path = tmp_path / "brand.yaml"
-    path.write_text(
-        """
+# A user's own graph: a brand node pair instead of the attribute pair.
+BRAND_GRAPH = """
 name: with_brand
 label_node: y
 nodes:
@@ -39,7 +37,11 @@ edges: [[qs, ms], [ps, ms], [qb, mb], [pb, mb], [ms, y], [mb, y]]
 orders:
   reasoning_first: [qs, ps, qb, pb, ms, mb, y]
 """
-    )
+
+
+def test_user_declared_graph_loads_from_a_file(tmp_path):
+    path = tmp_path / "brand.yaml"
+    path.write_text(BRAND_GRAPH)
     graph = ReasoningGraph.load(path)
     assert graph.decision_nodes == ["ms", "mb"]
     assert graph.digraph().number_of_edges() == 6
@@ -55,23 +57,8 @@ orders:
     ],
 )
 def test_bad_graph_files_say_what_is_wrong(tmp_path, edit, message):
-    text = """
-name: g
-label_node: y
-nodes:
-  - {name: qs, kind: text}
-  - {name: ps, kind: text}
-  - {name: qb, kind: text}
-  - {name: pb, kind: text}
-  - {name: ms, kind: choice, values: [match, mismatch]}
-  - {name: mb, kind: choice, values: [match, mismatch, none]}
-  - {name: y, kind: label}
-edges: [[qs, ms], [ps, ms], [qb, mb], [pb, mb], [ms, y], [mb, y]]
-orders:
-  reasoning_first: [qs, ps, qb, pb, ms, mb, y]
-"""
     path = tmp_path / "g.yaml"
-    path.write_text(edit(text))
+    path.write_text(edit(BRAND_GRAPH))
     with pytest.raises(ValueError, match=message):
         ReasoningGraph.load(path)
 
