@@ -121,6 +121,30 @@ def evaluate(
 
 
 @app.command()
+def abtest(
+    events: Optional[Path] = typer.Option(
+        None, "--events", "-e", help="experiment_events: data root, table folder, parquet file or DuckDB database."
+    ),
+    assignment: Optional[Path] = typer.Option(None, "--assignment", "-a", help="experiment_assignment: same forms."),
+    experiment_start: Optional[str] = typer.Option(None, help="First experiment day, YYYY-MM-DD."),
+    control: Optional[str] = typer.Option(None, help="Name of the control variant."),
+    metrics: Optional[Path] = typer.Option(None, "--metrics", "-m", help="Metrics YAML (default: the built-in six)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.md, report.html, result.json."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """A/B analysis of engagement: SRM first, Welch/delta/CUPED per metric, corrections, reports."""
+    from abtest.run import AbtestConfig, run
+
+    run(
+        _load(
+            AbtestConfig, config, sets, events=events, assignment=assignment, experiment_start=experiment_start,
+            control=control, metrics=metrics, out=out,
+        )
+    )
+
+
+@app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for every output of the demo."),
     preset: Optional[str] = typer.Option(None, help="World size preset (default: demo)."),

@@ -89,11 +89,20 @@ def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     return {"evaluation report": str(report / "report.html"), "metrics": str(report / "metrics.json")}
 
 
+def _abtest(config: DemoConfig, out: Path) -> dict[str, str]:
+    from abtest.run import config_from_manifest, run
+
+    report = out / "abtest"
+    run(config_from_manifest(out / "world" / "world.json", out=report))
+    return {"A/B report": str(report / "report.html"), "A/B result": str(report / "result.json")}
+
+
 STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("generate the synthetic world", _generate),
     ("validate it (great-expectations + quarantine)", _validate),
     ("ingest the real WANDS query file", _ingest_wands),
     ("evaluate every labeller against the gold labels", _evaluate),
+    ("analyse the A/B experiment", _abtest),
 ]
 
 

@@ -12,7 +12,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("generate", "ingest", "validate", "demo"):
+    for command in ("generate", "ingest", "validate", "evaluate", "abtest", "demo"):
         assert command in result.output
 
 
