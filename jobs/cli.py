@@ -90,6 +90,9 @@ def evaluate(
         None, "--pred", "-p", help="NAME=PATH of a relevance table; repeat to compare models (the first is the baseline)."
     ),
     gold: Optional[Path] = typer.Option(None, help="Gold judgments table (file, table folder or data root)."),
+    gold_format: Optional[str] = typer.Option(
+        None, help="wands or esci: --gold is then that dataset's folder, read with the ingest readers."
+    ),
     gold_source: Optional[str] = typer.Option(None, help="judgments (majority vote per pair) or nodes (gold_nodes' y)."),
     gold_nodes: Optional[Path] = typer.Option(None, help="Gold node values, for per-node accuracy."),
     queries: Optional[Path] = typer.Option(None, help="Queries table, for head/torso/tail segments."),
@@ -111,6 +114,16 @@ def evaluate(
         if malformed:
             raise typer.BadParameter(f"--pred takes NAME=PATH, got {malformed}")
         predictions = dict(item.split("=", 1) for item in pred)
+    if gold_format is not None:
+        from jobs.ingest.run import IngestConfig
+        from jobs.ingest.run import run as ingest
+
+        if gold is None:
+            raise typer.BadParameter("--gold-format needs --gold pointing at the dataset folder")
+        staged = (out or Path("evaluation_report")) / "gold_tables"
+        ingest(_load(IngestConfig, None, None, format=gold_format, source=str(gold), out=str(staged), files="label"
+                     if gold_format == "wands" else "examples"))
+        gold = staged
     run(
         _load(
             EvaluateConfig, config, sets, predictions=predictions, gold=gold, gold_source=gold_source,

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -37,3 +38,40 @@ def test_validate_on_an_empty_folder_says_what_it_expected(tmp_path):
     result = runner.invoke(app, ["validate", "--data", str(tmp_path)])
     assert result.exit_code != 0
     assert "no input tables found" in str(result.exception)
+
+
+def test_evaluate_reads_wands_labels_through_the_ingest_reader(tmp_path):
+    import datetime as dt
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from jobs.ingest.wands import read_wands
+    from schemas.graph import LabelSet
+    from schemas.storage import write_table
+    from schemas.tables import RELEVANCE
+
+    wands = Path(__file__).parents[1] / "data" / "wands"
+    judgments = read_wands(wands, ["label"]).judgments.to_pylist()
+    labels = LabelSet.load("wands")
+    # A model that is right on every pair but the first.
+    wrong = {"Exact": "Partial", "Partial": "Irrelevant", "Irrelevant": "Exact"}
+    rows = []
+    for i, judgment in enumerate(judgments):
+        label = wrong[judgment["label"]] if i == 0 else judgment["label"]
+        rows.append({
+            "query": judgment["query_id"], "query_id": judgment["query_id"], "product_id": judgment["product_id"],
+            "label": label, "label_set": "wands", "label_probs": [(name, float(name == label)) for name in labels.names],
+            "expected_gain": labels.gains[label], "node_decisions": [], "reasoning": None,
+            "product_content_hash": None, "model_name": "m", "model_version": "1",
+            "scored_at": dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc), "ds": dt.date(2026, 11, 1),
+        })
+    write_table(RELEVANCE, pa.Table.from_pylist(rows, schema=RELEVANCE.arrow_schema()), tmp_path / "pred")
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", "--pred", f"m={tmp_path / 'pred'}", "--gold", str(wands),
+                                 "--gold-format", "wands", "--out", str(out), "--n-bootstrap", "50"])
+    assert result.exit_code == 0, result.output
+    model = json.loads((out / "metrics.json").read_text())["models"][0]
+    assert model["n_gold_pairs"] == model["n_covered"] == len(judgments)
+    assert model["metrics"]["accuracy"]["estimate"] == pytest.approx(1 - 1 / len(judgments))
+    assert (out / "gold_tables" / "judgments").is_dir()
