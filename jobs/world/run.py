@@ -8,7 +8,6 @@ nested experiment block); `seed` is top level so that the command line can set i
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from tqdm import tqdm
 from jobs.world.config import PRESETS, WorldConfig
 from jobs.world.generate import STAGES, generate_world, write_world
 from schemas.config import ConfigError, help_field
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,5 +54,5 @@ def run(config: GenerateConfig) -> Path:
         manifest = write_world(world, config.out)
         bar.update(1)
     rows = ", ".join(f"{name}={count:,}" for name, count in world.manifest["rows"].items())
-    log.info("wrote the %s world (seed %d) to %s: %s", config.preset, config.seed, config.out, rows)
+    print(f"wrote the {config.preset} world (seed {config.seed}) to {config.out}: {rows}")
     return manifest
