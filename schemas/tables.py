@@ -160,6 +160,47 @@ RELEVANCE = Table(
     ),
 )
 
+QUERY_PRODUCT_STATS = Table(
+    name="query_product_stats",
+    doc="One day of engagement per (normalised query, product), written by `relevance prepare`.",
+    key=("query", "product_id"),
+    partition_by=("ds",),
+    columns=(
+        Column("query", "string", doc="The normalised query (NFKC, lower case, single spaces, synonyms applied)."),
+        Column("product_id", "string"),
+        Column("impressions", "int64", min_value=0),
+        Column("clicks", "int64", min_value=0),
+        Column("add_to_carts", "int64", min_value=0),
+        Column("orders", "int64", min_value=0),
+        Column("gmv", "float64", min_value=0.0, doc="Sum of price x quantity over ordered impressions."),
+        Column(
+            "expected_examinations", "float64", min_value=0.0,
+            doc="Sum over impressions of the examination rate of their position (position 1 = 1).",
+        ),
+        Column(
+            "debiased_ctr", "float64", nullable=True, min_value=0.0,
+            doc="clicks / expected_examinations: the CTR the pair would have at position 1.",
+        ),
+        Column("product_content_hash", "string", doc="sha256 of the product text (see jobs/prepare.py)."),
+        Column("ds", "date"),
+    ),
+)
+
+CANDIDATE_PAIRS = Table(
+    name="candidate_pairs",
+    doc="The day's (normalised query, product) pairs to score, with the product text's hash.",
+    key=("query", "product_id"),
+    partition_by=("ds",),
+    columns=(
+        Column("query", "string"),
+        Column("query_id", "string", doc="The smallest query_id normalised to this query that day."),
+        Column("product_id", "string"),
+        Column("product_content_hash", "string"),
+        Column("impressions", "int64", min_value=1),
+        Column("ds", "date"),
+    ),
+)
+
 ALL_TABLES: dict[str, Table] = {
     table.name: table
     for table in (
@@ -172,6 +213,8 @@ ALL_TABLES: dict[str, Table] = {
         EXPERIMENT_EVENTS,
         QUARANTINE,
         RELEVANCE,
+        QUERY_PRODUCT_STATS,
+        CANDIDATE_PAIRS,
     )
 }
 

@@ -1,0 +1,335 @@
+"""`relevance prepare --date D`: one day of search logs -> per (query, product) engagement + the pairs to score.
+
+Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, wires and writes):
+
+1. Read the day's `search_impressions` partition and the `catalog` with their declared schemas, split
+   both with the great-expectations suites (`jobs.validate.validate_spark`: row rules + duplicate
+   keys go to quarantine), then `check_impressions` quarantines what only this job can see: a product
+   missing from the catalog, an engagement event without the step before it (a cart without a click,
+   an order without a cart, a quantity that disagrees with `ordered`) and a `ts` after its partition
+   day. Late data (a `ts` before the partition day) is kept and counted in the day it arrived, so
+   re-running a day never touches another. Counts reconcile: rows in = accepted + quarantined.
+2. `normalise_queries`: NFKC unicode form, lower case, whitespace runs -> one space, trimmed, then
+   whole-token synonyms (`PrepareConfig.synonyms`, e.g. couch -> sofa). Computed on the distinct raw
+   query strings and joined back.
+3. `examination_rates`: the probability that a result at position p is looked at, relative to
+   position 1, estimated from the same day's logs by chaining adjacent positions over the
+   (query, product) pairs shown at both (a matched-pair ratio, so relevance does not masquerade as
+   position bias). Under the examination hypothesis P(click | q, d, p) = e_p * a_qd, each pair's
+   CTR at p and p-1 estimates e_p * a_qd and e_{p-1} * a_qd, so with weights w_qd that do not depend
+   on clicks
+
+       r_p = sum_qd w_qd * ctr_qd(p) / sum_qd w_qd * ctr_qd(p-1),  w_qd = n_qd(p) n_qd(p-1) / (n_qd(p) + n_qd(p-1))
+
+   estimates e_p / e_{p-1} (w is the inverse variance weight of a difference of two CTRs, up to a
+   constant). e_1 = 1 and e_p = r_2 * ... * r_p. A position with no such pair, or a sum of zero on
+   either side, has r_p = 1 (it inherits the rate above it).
+4. `pair_aggregates`: per (normalised query, product): impressions, clicks, add-to-carts, orders,
+   GMV (price x quantity of ordered impressions), expected examinations (the sum of e_position over
+   the pair's impressions) and the debiased CTR = clicks / expected examinations (clicks over expected
+   clicks with a position-1 CTR: the CTR the pair would have at position 1).
+5. `content_hashes`: sha256 (hex) of the product's text, the fields joined by U+001F:
+   title, description, product_type, brand, attributes; a null field is the empty string; the
+   attributes are `key=value` entries sorted by key and joined by `;`. The DuckDB reference in
+   tests/jobs/prepare_reference.py computes the same definition.
+
+Outputs (partitioned by `ds`; Spark's dynamic partition overwrite replaces exactly the day written,
+and an empty day removes that day's partition): `query_product_stats`, `candidate_pairs`, and under
+`<out>/_prepare/ds=D/` the day's quarantine rows and `prepare.json` with the counts and the rates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from schemas.config import ConfigError, help_field
+from schemas.storage import table_path
+from schemas.tables import CANDIDATE_PAIRS, CATALOG, QUARANTINE, QUERY_PRODUCT_STATS, SEARCH_IMPRESSIONS
+
+HASH_SEPARATOR = "\u001f"
+RAW_QUERY = "raw_query"
+EXAMINATION_RATE = "examination_rate"
+
+
+def nfkc(text: str | None) -> str | None:
+    """The unicode compatibility form (full-width letters, ligatures, odd spaces become plain ones)."""
+    return None if text is None else unicodedata.normalize("NFKC", text)
+
+
+def nfkc_series(texts: pd.Series) -> pd.Series:
+    """`nfkc` over a pandas series (the body of the vectorised Spark UDF)."""
+    return texts.map(nfkc)
+
+
+def normalise_text(text: str) -> str:
+    """The query normalisation on one Python string (what `normalise_queries` does, minus synonyms)."""
+    return " ".join(nfkc(text).lower().split())
+
+
+# --- pure transforms ------------------------------------------------------------------------------
+
+
+def content_hashes(catalog):
+    """catalog -> (product_id, product_content_hash)."""
+    from pyspark.sql import functions as F
+
+    attributes = F.array_join(
+        F.transform(
+            F.array_sort(F.map_entries(F.col("attributes"))),
+            lambda entry: F.concat(entry["key"], F.lit("="), F.coalesce(entry["value"], F.lit(""))),
+        ),
+        ";",
+    )
+    text = F.concat_ws(
+        HASH_SEPARATOR,
+        F.coalesce(F.col("title"), F.lit("")),
+        F.coalesce(F.col("description"), F.lit("")),
+        F.coalesce(F.col("product_type"), F.lit("")),
+        F.coalesce(F.col("brand"), F.lit("")),
+        F.coalesce(attributes, F.lit("")),
+    )
+    return catalog.select(F.col("product_id"), F.sha2(text, 256).alias("product_content_hash"))
+
+
+def check_impressions(impressions, products, day: dt.date, source_file: str, quarantined_at: dt.datetime):
+    """(kept, quarantine): the job-level checks on rows that passed the table's own rules.
+
+    `products` has a unique `product_id` column (the accepted catalog). The first failing check
+    names the row's reason, in the order listed in the module docstring.
+    """
+    from pyspark.sql import functions as F
+
+    known = products.select(F.col("product_id"), F.lit(True).alias("_known"))
+    joined = impressions.join(F.broadcast(known), on="product_id", how="left")
+    checks = [
+        ("product_id", F.col("_known").isNull(), "product_id not in the catalog"),
+        ("added_to_cart", F.col("added_to_cart") & ~F.col("clicked"), "added to cart without a click"),
+        ("ordered", F.col("ordered") & ~F.col("added_to_cart"), "ordered without an add-to-cart"),
+        ("quantity", F.col("ordered") != (F.col("quantity") > 0), "quantity must be > 0 exactly when ordered"),
+        ("ts", F.to_date(F.col("ts")) > F.lit(day), f"ts after the partition day {day.isoformat()}"),
+    ]
+    reason = F.lit(None).cast("string")
+    field = F.lit(None).cast("string")
+    for name, failed, message in reversed(checks):
+        reason = F.when(failed, F.lit(message)).otherwise(reason)
+        field = F.when(failed, F.lit(name)).otherwise(field)
+    checked = joined.withColumn("_reason", reason).withColumn("_field", field)
+    kept = checked.where(F.col("_reason").isNull()).select(*SEARCH_IMPRESSIONS.names)
+    quarantine = checked.where(F.col("_reason").isNotNull()).select(
+        F.lit(SEARCH_IMPRESSIONS.name).alias("source_table"),
+        F.lit(source_file).alias("source_file"),
+        F.lit(None).cast("bigint").alias("row_number"),
+        F.col("_field").alias("field"),
+        F.col("_reason").alias("reason"),
+        F.to_json(F.struct(*SEARCH_IMPRESSIONS.names), {"ignoreNullFields": "false"}).alias("record"),
+        F.lit(quarantined_at).cast("timestamp").alias("quarantined_at"),
+    )
+    return kept, quarantine.select(*QUARANTINE.names)
+
+
+def normalise_queries(raw_queries, synonyms: dict[str, str]):
+    """(raw_query) distinct strings -> (raw_query, query) normalised; see the module docstring."""
+    from pyspark.sql import functions as F
+
+    nfkc_udf = F.pandas_udf(nfkc_series, "string")
+    spaced = F.trim(F.regexp_replace(F.lower(nfkc_udf(F.col(RAW_QUERY))), r"\s+", " "))
+    tokens = F.split(spaced, " ")
+    if synonyms:
+        lookup = F.create_map(*[F.lit(text) for pair in sorted(synonyms.items()) for text in pair])
+        tokens = F.transform(tokens, lambda token: F.coalesce(lookup[token], token))
+    return raw_queries.select(F.col(RAW_QUERY), F.array_join(tokens, " ").alias("query"))
+
+
+def examination_rates(impressions):
+    """(query, product_id, position, clicked) -> (position, examination_rate), e_1 = 1."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    cells = impressions.groupBy("query", "product_id", "position").agg(
+        F.count(F.lit(1)).alias("n"), F.sum(F.col("clicked").cast("long")).alias("c")
+    )
+    above = cells.select(
+        F.col("query"), F.col("product_id"), (F.col("position") + 1).alias("position"),
+        F.col("n").alias("n_above"), F.col("c").alias("c_above"),
+    )
+    weight = F.col("n") * F.col("n_above") / (F.col("n") + F.col("n_above"))
+    ratios = (
+        cells.join(above, on=["query", "product_id", "position"], how="inner")
+        .groupBy("position")
+        .agg(
+            F.sum(weight * F.col("c") / F.col("n")).alias("num"),
+            F.sum(weight * F.col("c_above") / F.col("n_above")).alias("den"),
+        )
+    )
+    defined = (F.col("num") > 0) & (F.col("den") > 0)
+    positions = cells.select("position").distinct()
+    steps = positions.join(ratios, on="position", how="left").select(
+        F.col("position"),
+        F.when(defined & (F.col("position") > 1), F.log(F.col("num") / F.col("den"))).otherwise(F.lit(0.0)).alias("log_r"),
+    )
+    down_to_here = Window.orderBy("position").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    return steps.select(F.col("position"), F.exp(F.sum(F.col("log_r")).over(down_to_here)).alias(EXAMINATION_RATE))
+
+
+def pair_aggregates(impressions, rates):
+    """(normalised impressions, rates) -> one row per (query, product_id) with every count the outputs use."""
+    from pyspark.sql import functions as F
+
+    examined = impressions.join(F.broadcast(rates), on="position", how="inner")
+    clicks = F.sum(F.col("clicked").cast("long"))
+    expected = F.sum(F.col(EXAMINATION_RATE))
+    return examined.groupBy("query", "product_id").agg(
+        F.min(F.col("query_id")).alias("query_id"),
+        F.count(F.lit(1)).alias("impressions"),
+        clicks.alias("clicks"),
+        F.sum(F.col("added_to_cart").cast("long")).alias("add_to_carts"),
+        F.sum(F.col("ordered").cast("long")).alias("orders"),
+        F.sum(F.when(F.col("ordered"), F.col("price") * F.col("quantity")).otherwise(F.lit(0.0))).alias("gmv"),
+        expected.alias("expected_examinations"),
+        F.when(expected > 0, clicks / expected).alias("debiased_ctr"),
+    )
+
+
+def query_product_stats(aggregates, hashes, day: dt.date):
+    """Pair aggregates + content hashes -> the QUERY_PRODUCT_STATS table for `day`."""
+    from pyspark.sql import functions as F
+
+    return (
+        aggregates.join(hashes, on="product_id", how="inner")
+        .withColumn("ds", F.lit(day))
+        .select(*QUERY_PRODUCT_STATS.names)
+    )
+
+
+def candidate_pairs(aggregates, hashes, day: dt.date):
+    """Pair aggregates + content hashes -> the CANDIDATE_PAIRS table for `day`."""
+    from pyspark.sql import functions as F
+
+    return (
+        aggregates.join(hashes, on="product_id", how="inner")
+        .withColumn("ds", F.lit(day))
+        .select(*CANDIDATE_PAIRS.names)
+    )
+
+
+def with_normalised_query(impressions, normalised):
+    """Attach the normalised `query` (replacing the raw one) by a join on the raw string."""
+    from pyspark.sql import functions as F
+
+    return impressions.withColumnRenamed("query", RAW_QUERY).join(
+        F.broadcast(normalised), on=RAW_QUERY, how="inner"
+    )
+
+
+# --- the job --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    date: str = help_field("The day (YYYY-MM-DD) of search_impressions to prepare.")
+    data: str = help_field("Data root holding `search_impressions` (partitioned by ds) and `catalog`.")
+    out: str = help_field("Data root for the outputs; default: the data root.", "")
+    synonyms: dict[str, str] = help_field("Whole-token query synonyms applied after normalisation (couch: sofa).", {})
+    run_suite: bool = help_field("Certify accepted rows with the great-expectations suites (slower).", True)
+    spark_master: str | None = help_field("Spark master; default local[*] or spark-submit's.", None)
+    spark_conf: dict[str, str] = help_field("Extra Spark conf for this job (key: value).", {})
+
+    def __post_init__(self) -> None:
+        try:
+            dt.date.fromisoformat(self.date)
+        except ValueError:
+            raise ConfigError(f"date must look like YYYY-MM-DD, got {self.date!r}") from None
+        for key, value in self.synonyms.items():
+            if key != normalise_text(key) or " " in key:
+                raise ConfigError(f"synonyms: key {key!r} must be one normalised token, e.g. {normalise_text(key)!r}")
+            if value != normalise_text(value):
+                raise ConfigError(f"synonyms: value {value!r} must be normalised, e.g. {normalise_text(value)!r}")
+
+    @property
+    def day(self) -> dt.date:
+        return dt.date.fromisoformat(self.date)
+
+
+def write_day(spark, frame, table, root: str, day: dt.date, rows: int) -> str:
+    """Replace `day`'s partition of `table` under `root` with `frame` (exactly the day; none if empty)."""
+    path = str(table_path(root, table))
+    if rows:
+        frame.write.mode("overwrite").option("partitionOverwriteMode", "dynamic").partitionBy("ds").parquet(path)
+    else:
+        jvm = spark.sparkContext._jvm
+        partition = jvm.org.apache.hadoop.fs.Path(f"{path}/ds={day.isoformat()}")
+        partition.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(partition, True)
+    return path
+
+
+def run(config: PrepareConfig) -> dict:
+    """Prepare one day; returns (and writes as prepare.json) the counts, rates and output paths."""
+    from pyspark.sql import functions as F
+
+    from jobs.spark import get_spark
+    from jobs.validate import ValidationCounts, read_with_provenance, validate_spark
+
+    started = time.perf_counter()
+    day = config.day
+    out = config.out or config.data
+    spark = get_spark("relevance-prepare", master=config.spark_master, conf=config.spark_conf)
+    catalog_raw = read_with_provenance(spark, CATALOG, str(table_path(config.data, CATALOG)))
+    catalog = validate_spark(CATALOG, catalog_raw, config.run_suite)
+    impressions_path = str(table_path(config.data, SEARCH_IMPRESSIONS))
+    raw = read_with_provenance(spark, SEARCH_IMPRESSIONS, impressions_path).where(F.col("ds") == F.lit(day))
+    validated = validate_spark(SEARCH_IMPRESSIONS, raw, config.run_suite)
+    now = dt.datetime.now(dt.timezone.utc)
+    kept, job_quarantine = check_impressions(
+        validated.accepted, catalog.accepted, day, f"{impressions_path}/ds={day.isoformat()}", now
+    )
+    kept = kept.persist()
+    is_late = F.to_date(F.col("ts")) < F.lit(day)
+    kept_counts = kept.agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(is_late, F.lit(1))).alias("late")).first()
+    accepted, late = kept_counts["rows"], kept_counts["late"]
+    quarantine = validated.quarantine.unionByName(job_quarantine)
+    by_reason = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+    counts = ValidationCounts(SEARCH_IMPRESSIONS.name, validated.counts.rows_in, accepted, sum(by_reason.values()))
+
+    raw_queries = kept.select(F.col("query").alias(RAW_QUERY)).distinct()
+    impressions = with_normalised_query(kept, normalise_queries(raw_queries, config.synonyms))
+    rates = examination_rates(impressions).persist()
+    rate_rows = sorted((r["position"], r[EXAMINATION_RATE]) for r in rates.collect())
+    aggregates = pair_aggregates(impressions, rates).persist()
+    pairs = aggregates.count()
+    hashes = content_hashes(catalog.accepted)
+    paths = {
+        table.name: write_day(spark, build(aggregates, hashes, day), table, out, day, pairs)
+        for table, build in ((QUERY_PRODUCT_STATS, query_product_stats), (CANDIDATE_PAIRS, candidate_pairs))
+    }
+    report_dir = f"{out}/_prepare/ds={day.isoformat()}"
+    quarantine.coalesce(1).write.mode("overwrite").parquet(str(table_path(report_dir, QUARANTINE)))
+    summary = {
+        "date": day.isoformat(),
+        "catalog": catalog.counts.line(),
+        "search_impressions": {
+            "rows_in": counts.rows_in, "accepted": counts.accepted, "quarantined": counts.quarantined,
+            "late_rows_kept": late, "quarantined_by_reason": dict(sorted(by_reason.items())),
+        },
+        "pairs": pairs,
+        "examination_rates": {str(position): rate for position, rate in rate_rows},
+        "outputs": {**paths, "quarantine": str(table_path(report_dir, QUARANTINE))},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
+    (Path(report_dir) / "prepare.json").write_text(json.dumps(summary, indent=2))
+    # validate_spark persisted the inputs and their splits: release them so a later run re-reads the files.
+    for frame in (kept, rates, aggregates, raw, validated.accepted, validated.quarantine, catalog.accepted,
+                  catalog.quarantine):
+        frame.unpersist()
+    catalog_raw.unpersist()
+    print(catalog.counts.line())
+    print(counts.line() + f" ({late} late rows kept)")
+    print(f"{pairs} (query, product) pairs for {day}; written to {out}")
+    return summary

@@ -1,0 +1,32 @@
+"""The `spark-submit` entry point: `spark-submit jobs/submit.py JOB [--config FILE] [--set key=value ...]`.
+
+The master and resources come from spark-submit (`--master yarn|k8s://...|spark://...`); the job's
+session builder (`jobs.spark.get_spark`) keeps them. Ship the code with `--py-files` (a zip of
+`schemas/` and `jobs/`, or the built wheel) and point `data`/`out` at storage every executor reads.
+
+    spark-submit --master yarn --py-files relevance.zip jobs/submit.py prepare \\
+        --set date=2024-03-03 --set data=hdfs:///relevance/world --set out=hdfs:///relevance/prepared
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from schemas.config import load_config
+
+JOBS = {"prepare": ("jobs.prepare", "PrepareConfig")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run one relevance job under spark-submit.")
+    parser.add_argument("job", choices=sorted(JOBS))
+    parser.add_argument("--config", help="YAML config file for the job.")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value override; repeatable.")
+    args = parser.parse_args(argv)
+    module_name, config_name = JOBS[args.job]
+    module = __import__(module_name, fromlist=[config_name])
+    module.run(load_config(getattr(module, config_name), args.config, args.sets))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""A hand-made world small enough for training tests: 8 products, 6 queries, 48 judged pairs.
+
+Gold nodes follow the world's rules by hand: ms is match when the types agree, related inside a
+room, mismatch otherwise; ma compares the query's facets with the product's; y is the WANDS rule
+of `LabelSet.label_from_nodes`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from schemas.graph import LabelSet, format_facets
+from schemas.storage import write_table
+from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES
+
+PRODUCTS = [
+    ("p1", "Gray wool sofa by Acme", "sofa", {"color": "gray", "material": "wool"}, "living"),
+    ("p2", "Blue leather sofa", "sofa", {"color": "blue", "material": "leather"}, "living"),
+    ("p3", "Oak coffee table", "coffee table", {"material": "oak"}, "living"),
+    ("p4", "White marble coffee table", "coffee table", {"color": "white", "material": "marble"}, "living"),
+    ("p5", "Queen bed frame in pine", "bed frame", {"material": "pine", "size": "queen"}, "bedroom"),
+    ("p6", "King bed frame, black metal", "bed frame", {"color": "black", "material": "metal", "size": "king"}, "bedroom"),
+    ("p7", "Cotton sheet set, queen", "sheet set", {"material": "cotton", "size": "queen"}, "bedroom"),
+    ("p8", "Steel table lamp", "table lamp", {"material": "steel"}, "living"),
+]
+QUERY_ROWS = [
+    ("q1", "gray sofa", "sofa", {"color": "gray"}),
+    ("q2", "sofa", "sofa", {}),
+    ("q3", "oak coffee table", "coffee table", {"material": "oak"}),
+    ("q4", "queen bed frame", "bed frame", {"size": "queen"}),
+    ("q5", "sheet set", "sheet set", {}),
+    ("q6", "black metal bed frame", "bed frame", {"color": "black", "material": "metal"}),
+]
+
+
+def gold_nodes(query: tuple, product: tuple, rooms: dict[str, str]) -> dict[str, str]:
+    _, _, qtype, qfacets = query
+    pid, _, ptype, pfacets, room = product
+    pfacets = {**pfacets, "brand": "Acme"} if pid == "p1" else pfacets
+    if ptype == qtype:
+        ms = "match"
+    elif rooms[qtype] == room:
+        ms = "related"
+    else:
+        ms = "mismatch"
+    if not qfacets:
+        ma = "none"
+    else:
+        hits = sum(pfacets.get(key) == value for key, value in qfacets.items())
+        ma = "match" if hits == len(qfacets) else ("partial" if hits else "mismatch")
+    nodes = {"qs": qtype, "qa": format_facets(qfacets), "ps": ptype, "pa": format_facets(pfacets), "ms": ms, "ma": ma}
+    nodes["y"] = LabelSet.load("wands").label_from_nodes(nodes)
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_world")
+    rooms = {ptype: room for _, _, ptype, _, room in PRODUCTS}
+    catalog = [
+        {"product_id": pid, "title": title, "description": f"A {ptype} for the {room}.", "product_type": ptype,
+         "category_path": f"{room}/{ptype}", "brand": "Acme" if pid == "p1" else None, "attributes": list(facets.items()), "price": 10.0,
+         "source": "synthetic"}
+        for pid, title, ptype, facets, room in PRODUCTS
+    ]
+    queries = [
+        {"query_id": qid, "query": text, "query_class": qtype, "segment": "head", "frequency": 0.1, "locale": "us",
+         "source": "synthetic"}
+        for qid, text, qtype, _ in QUERY_ROWS
+    ]
+    judgments, gold = [], []
+    for query in QUERY_ROWS:
+        for product in PRODUCTS:
+            nodes = gold_nodes(query, product, rooms)
+            judgments.append({"query_id": query[0], "product_id": product[0], "label": nodes["y"], "label_set": "wands",
+                              "annotator": "gold", "is_weak": False})
+            gold.append({"query_id": query[0], "product_id": product[0], "nodes": list(nodes.items())})
+    for table, rows in ((CATALOG, catalog), (QUERIES, queries), (JUDGMENTS, judgments), (GOLD_NODES, gold)):
+        write_table(table, pa.Table.from_pylist(rows, schema=table.arrow_schema()), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_world, tmp_path_factory) -> Path:
+    from training.model import ModelInitConfig, init_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    return init_tiny_model(
+        ModelInitConfig(world=tiny_world, out=out, vocab_size=400, hidden_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1, intermediate_size=64, max_positions=256)
+    )

@@ -1,0 +1,156 @@
+"""Masked SFT: masks, schedule, metrics (worked by hand), and short runs of the whole loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from schemas.config import ConfigError
+from schemas.graph import LabelSet, ReasoningGraph
+from training.sft import (
+    IGNORE,
+    Example,
+    SFTConfig,
+    cot_metrics,
+    draw_masked_nodes,
+    example_tensors,
+    learning_rate,
+    micro_batch_indices,
+    run,
+)
+
+GRAPH = ReasoningGraph.load("relevance7")
+EXAMPLE = Example(
+    query_id="q", product_id="p", prompt_ids=(1, 2, 3), target_ids=(10, 11, 12, 13, 14, 15, 2),
+    target_nodes=("y", "y", None, "ms", None, "qs", None), gold={},
+)
+
+
+def test_prompt_is_ignored_and_masked_nodes_drop_out():
+    ids, labels = example_tensors(EXAMPLE, [], None)
+    assert ids == [1, 2, 3, 10, 11, 12, 13, 14, 15, 2]
+    assert labels == [IGNORE] * 3 + [10, 11, 12, 13, 14, 15, 2]
+    ids, labels = example_tensors(EXAMPLE, ["ms", "qs"], None)
+    assert ids == [1, 2, 3, 10, 11, 12, 13, 14, 15, 2]
+    assert labels == [IGNORE] * 3 + [10, 11, 12, IGNORE, 14, IGNORE, 2]
+    ids, labels = example_tensors(EXAMPLE, ["qs"], 99)
+    assert ids == [1, 2, 3, 10, 11, 12, 13, 14, 99, 2]
+    assert labels == [IGNORE] * 3 + [10, 11, 12, 13, 14, IGNORE, 2]
+
+
+def test_mask_draws_never_include_y_and_follow_p_mask():
+    reasoning = [n for n in GRAPH.node_names if n != GRAPH.label_node]
+    generator = torch.Generator().manual_seed(0)
+    assert draw_masked_nodes(reasoning, 1.0, generator) == reasoning
+    assert draw_masked_nodes(reasoning, 0.0, generator) == []
+    draws = [len(draw_masked_nodes(reasoning, 0.3, generator)) for _ in range(2000)]
+    assert sum(draws) / (2000 * len(reasoning)) == pytest.approx(0.3, abs=0.02)
+
+
+def test_each_epoch_visits_every_example_once():
+    seen = [i for micro in range(5) for i in micro_batch_indices(micro, 10, 4, seed=3)]  # 20 = 2 epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]
+
+
+def test_learning_rate_by_hand():
+    assert learning_rate(0, 1.0, 4, 14, 0.1) == pytest.approx(0.25)
+    assert learning_rate(3, 1.0, 4, 14, 0.1) == pytest.approx(1.0)
+    assert learning_rate(9, 1.0, 4, 14, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway down the cosine
+    assert learning_rate(14, 1.0, 4, 14, 0.1) == pytest.approx(0.1)
+
+
+def test_metrics_by_hand():
+    labels = LabelSet.load("wands")
+    gold = {"qs": "sofa", "qa": "none", "ps": "sofa", "pa": "color=gray; material=wool", "ms": "match", "ma": "none", "y": "Exact"}
+    perfect = "y: Exact\nms: match\nma: none\nqs: sofa\nqa: none\nps: sofa\npa: material=wool; color=gray"
+    wrong_label = perfect.replace("y: Exact", "y: Partial")
+    no_eos = perfect
+    broken = "y: Exact\nms: match\njunk"
+    golds = [gold, gold, gold, {**gold, "y": "Irrelevant"}]
+    metrics = cot_metrics([(perfect, True), (wrong_label, True), (no_eos, False), (broken, True)], golds, GRAPH, "label_first", labels)
+    assert metrics["parse_rate"] == 0.5  # perfect and wrong_label; no_eos lacks EOS, broken lacks lines
+    assert metrics["label_accuracy"] == 0.5  # predictions Exact, Partial, Exact, Exact vs E, E, E, I
+    # Exact: tp 2, fp 1, fn 1 -> F1 2/3; Partial: tp 0 -> 0; Irrelevant: tp 0 -> 0
+    assert metrics["label_macro_f1"] == pytest.approx((2 / 3) / 3)
+    assert metrics["node_accuracy/pa"] == 0.75  # facets compared as sets; `broken` has no pa
+    assert metrics["node_accuracy/ms"] == 1.0
+
+
+def test_config_errors_say_how_to_fix():
+    with pytest.raises(ConfigError, match="p_mask"):
+        SFTConfig(p_mask=1.5)
+    with pytest.raises(ConfigError, match="no order 'sideways'"):
+        SFTConfig(order="sideways")
+
+
+def _config(world: Path, model: Path, out: Path, **overrides) -> SFTConfig:
+    values = {
+        "world": world, "model": model, "out": out, "prompt_tokens": 48, "batch_size": 8, "max_steps": 6,
+        "warmup_steps": 1, "lr": 5e-3, "val_fraction": 0.5, "val_items": 4, "max_new_tokens": 8,
+        "eval_batch_size": 4, "checkpoint_every": 0, "threads": 1,
+    }
+    return SFTConfig(**{**values, **overrides})
+
+
+def _losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record]
+
+
+def test_smoke_parameters_change_and_loss_goes_down(tiny_world, tiny_model, tmp_path):
+    summary = run(_config(tiny_world, tiny_model, tmp_path / "run", max_steps=10))
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.5
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(not torch.equal(before[name], after[name]) for name in before)
+    assert 0.0 <= summary["val"]["parse_rate"] <= 1.0 and summary["val"]["n"] == 4
+
+
+def test_resume_continues_bit_for_bit(tiny_world, tiny_model, tmp_path):
+    whole = _config(tiny_world, tiny_model, tmp_path / "whole", checkpoint_every=3, p_mask=0.5, mask_input=True, grad_accum=2)
+    run(whole)
+    resumed = _config(tiny_world, tiny_model, tmp_path / "resumed", checkpoint_every=3, p_mask=0.5, mask_input=True, grad_accum=2)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    source = tmp_path / "whole" / "checkpoints" / "step-000003"
+    (tmp_path / "resumed" / "checkpoints" / "step-000003").symlink_to(source)
+    summary = run(resumed)
+    assert summary["resumed_from"] == 3
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "whole")[3:]
+    a, b = load_file(tmp_path / "whole" / "model" / "model.safetensors"), load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_lora_trains_only_the_adapted_modules(tiny_world, tiny_model, tmp_path):
+    run(_config(tiny_world, tiny_model, tmp_path / "lora", lora=True, lora_rank=4, lora_targets=("q_proj", "v_proj"), max_steps=3))
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "lora" / "model" / "model.safetensors")
+    assert set(before) == set(after)  # merged back into a plain model
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"}
+
+
+def test_left_padded_batches_decode_like_single_prompts(tiny_model):
+    from training.model import load_model
+    from training.sft import generate
+
+    model, tokenizer = load_model(tiny_model)
+    prompts = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14], [1, 20]]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert batched == [generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+
+
+def test_pairs_join_product_query_and_gold_with_brand_as_a_facet(tiny_world):
+    from training.sft import load_pairs
+
+    pairs = {(p["query_id"], p["product_id"]): p for p in load_pairs(tiny_world, "wands")}
+    assert len(pairs) == 48
+    gray_sofa = pairs[("q1", "p1")]
+    assert gray_sofa["query"] == "gray sofa" and gray_sofa["title"] == "Gray wool sofa by Acme"
+    assert gray_sofa["attributes"] == {"color": "gray", "material": "wool", "brand": "Acme"}
+    assert gray_sofa["gold"]["pa"] == "brand=Acme; color=gray; material=wool" and gray_sofa["gold"]["y"] == "Exact"
+    with pytest.raises(ValueError, match="no judgments with label_set='esci'"):
+        load_pairs(tiny_world, "esci")

@@ -1,0 +1,165 @@
+"""The CoT text format: node values <-> text, and text tokens -> nodes. The only place that knows it.
+
+A CoT is one line per node of a `ReasoningGraph`, `tag: value`, in one of the graph's orders
+(`label_first`, `reasoning_first`), lines joined by a single newline, no trailing newline; the end
+of sequence is the tokenizer's EOS, appended by the caller.
+
+Parsing is total: it never raises on a generation, it returns a `ParsedCoT` that says which nodes
+are missing and what was wrong. Two modes:
+
+- `strict` (the reward parser): the text must be exactly the order's lines, in order, each value
+  valid for its node kind (choice vocabulary, facets format, label set), nothing before, between or
+  after. Lines are read from the top and reading stops at the first deviation, so a node only gets
+  a value from its own line in its own place (its first occurrence): a generation that pads junk
+  node lines after the real ones is not `well_formed`.
+- `lenient` (metrics): any line `tag: value` whose tag is a node counts, in any order, the first
+  occurrence of each node wins, junk lines are skipped, invalid values are dropped.
+
+`node_spans` / `token_nodes` map characters and then tokenizer offsets to nodes: every token that
+overlaps a node's line (tag, colon and value) belongs to that node; the newline separators and
+tokens with empty offsets (special tokens such as EOS) belong to none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from schemas.graph import ReasoningGraph, parse_facets
+
+SEPARATOR = ": "
+MODES = ("strict", "lenient")
+
+
+@dataclass(frozen=True)
+class ParsedCoT:
+    """What a parse recovered: `values` (node -> value) for the nodes found, `missing` in order."""
+
+    values: dict[str, str]
+    missing: tuple[str, ...]
+    well_formed: bool
+    problems: tuple[str, ...]
+
+    def get(self, node: str) -> str | None:
+        return self.values.get(node)
+
+
+def render_cot(values: Mapping[str, str], graph: ReasoningGraph, order: str) -> str:
+    """The CoT text of `values` (every node of `graph`) in the named order, without EOS."""
+    lines = []
+    for node in graph.order(order):
+        if node not in values:
+            raise ValueError(f"render_cot: no value for node {node!r} (graph {graph.name!r}); got {sorted(values)}")
+        value = str(values[node])
+        if "\n" in value or value != value.strip() or not value:
+            raise ValueError(f"render_cot: node {node!r} value {value!r} must be one non-empty line without edge spaces")
+        lines.append(f"{node}{SEPARATOR}{value}")
+    return "\n".join(lines)
+
+
+def _value_problem(node: str, value: str, graph: ReasoningGraph, labels: Sequence[str] | None) -> str | None:
+    """Why `value` is not a valid value of `node`, or None when it is."""
+    if not value or value != value.strip():
+        return f"{node}: empty value or spaces around it ({value!r})"
+    kind = graph.node(node)
+    if kind.kind == "choice" and value not in kind.values:
+        return f"{node}: {value!r} is not one of {list(kind.values)}"
+    if kind.kind == "facets" and parse_facets(value) is None:
+        return f"{node}: {value!r} is not 'key=value; ...' or 'none'"
+    if kind.kind == "label" and labels is not None and value not in labels:
+        return f"{node}: {value!r} is not a label of {list(labels)}"
+    return None
+
+
+def _split_line(line: str) -> tuple[str, str] | None:
+    tag, sep, value = line.partition(SEPARATOR)
+    return (tag, value) if sep else None
+
+
+def parse_cot(
+    text: str,
+    graph: ReasoningGraph,
+    order: str,
+    labels: Sequence[str] | None = None,
+    mode: str = "strict",
+) -> ParsedCoT:
+    """Parse a generation (EOS already removed) into node values; never raises on bad text.
+
+    `labels` (the label set's names) validates the label node's value; None accepts any text.
+    """
+    if mode not in MODES:
+        raise ValueError(f"parse_cot: unknown mode {mode!r}; use one of {list(MODES)}")
+    expected = graph.order(order)
+    lines = text.split("\n")
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    if mode == "strict":
+        for position, line in enumerate(lines):
+            if position >= len(expected):
+                problems.append(f"line {position + 1}: text after the last node line ({line!r})")
+                break
+            node = expected[position]
+            parts = _split_line(line)
+            if parts is None or parts[0] != node:
+                problems.append(f"line {position + 1}: expected '{node}: ...', got {line!r}")
+                break
+            problem = _value_problem(node, parts[1], graph, labels)
+            if problem is not None:
+                problems.append(f"line {position + 1}: {problem}")
+                break
+            values[node] = parts[1]
+    else:
+        for position, line in enumerate(lines):
+            parts = _split_line(line.strip())
+            if parts is None or parts[0].strip() not in expected or parts[0].strip() in values:
+                continue
+            node, value = parts[0].strip(), parts[1].strip()
+            problem = _value_problem(node, value, graph, labels)
+            if problem is None:
+                values[node] = value
+            else:
+                problems.append(f"line {position + 1}: {problem}")
+    missing = tuple(node for node in expected if node not in values)
+    if missing and mode == "lenient":
+        problems.append(f"missing nodes {list(missing)}")
+    if mode == "strict":
+        well_formed = not missing and not problems and len(lines) == len(expected)
+    else:
+        well_formed = parse_cot(text, graph, order, labels, "strict").well_formed
+    return ParsedCoT(values=values, missing=missing, well_formed=well_formed, problems=tuple(problems))
+
+
+def node_spans(text: str, graph: ReasoningGraph) -> dict[str, tuple[int, int]]:
+    """Character span `[start, end)` of the first line of each node (`tag: ...` up to the newline).
+
+    Lines are recognised by their tag alone (`qs: ...`), whatever the value, so a span exists for a
+    node whose value is invalid; a node without a line has no span.
+    """
+    spans: dict[str, tuple[int, int]] = {}
+    names = set(graph.node_names)
+    start = 0
+    for line in text.split("\n"):
+        parts = _split_line(line)
+        if parts is not None and parts[0] in names and parts[0] not in spans:
+            spans[parts[0]] = (start, start + len(line))
+        start += len(line) + 1
+    return spans
+
+
+def token_nodes(offsets: Sequence[tuple[int, int]], spans: Mapping[str, tuple[int, int]]) -> list[str | None]:
+    """For each token (character offsets into the text), the node whose line it overlaps, or None.
+
+    Tokens with an empty offset (special tokens) and tokens wholly inside separators map to None; a
+    token that overlaps two lines (a merge across the newline) goes to the first one.
+    """
+    ordered = sorted(spans.items(), key=lambda item: item[1][0])
+    result: list[str | None] = []
+    for start, end in offsets:
+        owner = None
+        if end > start:
+            for node, (line_start, line_end) in ordered:
+                if start < line_end and end > line_start:
+                    owner = node
+                    break
+        result.append(owner)
+    return result
