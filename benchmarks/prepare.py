@@ -75,6 +75,8 @@ def main() -> None:
         "pairs": {"spark": summary["pairs"], "duckdb": reference["query_product_stats"].num_rows},
         "examination_rates": summary["examination_rates"],
         "seconds": {"spark_prepare_full": round(spark_seconds, 1), "duckdb_reference": round(duckdb_seconds, 1)},
+        "spark_seconds_by_phase": summary["seconds_by_phase"],
+        "spark_over_duckdb_time": round(spark_seconds / duckdb_seconds, 2),
         "rows_per_second": {"spark": round(rows / spark_seconds), "duckdb": round(rows / duckdb_seconds)},
         "target": "full Spark prepare of 10M impressions under 300 s",
         "target_met": spark_seconds < 300,

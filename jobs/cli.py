@@ -85,6 +85,34 @@ def validate(
 
 
 @app.command()
+def prepare(
+    date: Optional[str] = typer.Option(None, "--date", help="The day (YYYY-MM-DD) of search impressions to prepare."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root with search_impressions and catalog."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Data root for the outputs (default: --data)."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """One day of search logs -> validated per (query, product) engagement, debiased CTR and the pairs to score."""
+    from jobs.prepare import PrepareConfig, run
+
+    run(_load(PrepareConfig, config, sets, date=date, data=data, out=out))
+
+
+@app.command()
+def datasets(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root with catalog, queries, judgments, gold_nodes."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Data root for training_examples (default: --data)."),
+    weak_from: Optional[Path] = typer.Option(None, help="Prepared data root: add weak labels from its engagement."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Judged pairs + text -> train/validation/test split by query (stratified), with CoT targets."""
+    from jobs.datasets import DatasetsConfig, run
+
+    run(_load(DatasetsConfig, config, sets, data=data, out=out, weak_from=weak_from))
+
+
+@app.command()
 def evaluate(
     pred: Optional[list[str]] = typer.Option(
         None, "--pred", "-p", help="NAME=PATH of a relevance table; repeat to compare models (the first is the baseline)."

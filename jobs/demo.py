@@ -49,6 +49,27 @@ def _validate(config: DemoConfig, out: Path) -> dict[str, str]:
     return {"validation summary": str(target / "validation.json"), "quarantine": str(target / "quarantine")}
 
 
+def _prepare(config: DemoConfig, out: Path) -> dict[str, str]:
+    """The nightly data step on the world's last day of logs."""
+    from jobs.prepare import PrepareConfig, run
+    from schemas.storage import partitions
+    from schemas.tables import SEARCH_IMPRESSIONS
+
+    last_day = partitions(SEARCH_IMPRESSIONS, out / "world")[-1]
+    target = out / "prepared"
+    run(PrepareConfig(date=last_day.isoformat(), data=str(out / "world"), out=str(target)))
+    report = target / "_prepare" / f"ds={last_day.isoformat()}"
+    return {"query_product_stats, candidate_pairs": str(target), "prepare report": str(report / "prepare.json")}
+
+
+def _datasets(config: DemoConfig, out: Path) -> dict[str, str]:
+    from jobs.datasets import DatasetsConfig, run
+
+    target = out / "datasets"
+    run(DatasetsConfig(data=str(out / "world"), out=str(target), weak_from=str(out / "prepared")))
+    return {"training_examples": str(target / "training_examples"), "datasets report": str(target / "_datasets" / "datasets.json")}
+
+
 def _ingest_wands(config: DemoConfig, out: Path) -> dict[str, str]:
     from jobs.ingest.run import IngestConfig, run
 
@@ -100,6 +121,8 @@ def _abtest(config: DemoConfig, out: Path) -> dict[str, str]:
 STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("generate the synthetic world", _generate),
     ("validate it (great-expectations + quarantine)", _validate),
+    ("prepare the last day of search logs (Spark)", _prepare),
+    ("build train/validation/test datasets with CoT targets (Spark)", _datasets),
     ("ingest the real WANDS query file", _ingest_wands),
     ("evaluate every labeller against the gold labels", _evaluate),
     ("analyse the A/B experiment", _abtest),

@@ -285,17 +285,18 @@ def run(config: PrepareConfig) -> dict:
     impressions_path = str(table_path(config.data, SEARCH_IMPRESSIONS))
     raw = read_with_provenance(spark, SEARCH_IMPRESSIONS, impressions_path).where(F.col("ds") == F.lit(day))
     validated = validate_spark(SEARCH_IMPRESSIONS, raw, config.run_suite)
+    phases = {"read_and_validate": time.perf_counter() - started}
     now = dt.datetime.now(dt.timezone.utc)
     kept, job_quarantine = check_impressions(
         validated.accepted, catalog.accepted, day, f"{impressions_path}/ds={day.isoformat()}", now
     )
-    kept = kept.persist()
     is_late = F.to_date(F.col("ts")) < F.lit(day)
     kept_counts = kept.agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(is_late, F.lit(1))).alias("late")).first()
     accepted, late = kept_counts["rows"], kept_counts["late"]
     quarantine = validated.quarantine.unionByName(job_quarantine)
     by_reason = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
     counts = ValidationCounts(SEARCH_IMPRESSIONS.name, validated.counts.rows_in, accepted, sum(by_reason.values()))
+    phases["job_checks"] = time.perf_counter() - started - sum(phases.values())
 
     raw_queries = kept.select(F.col("query").alias(RAW_QUERY)).distinct()
     impressions = with_normalised_query(kept, normalise_queries(raw_queries, config.synonyms))
@@ -303,6 +304,7 @@ def run(config: PrepareConfig) -> dict:
     rate_rows = sorted((r["position"], r[EXAMINATION_RATE]) for r in rates.collect())
     aggregates = pair_aggregates(impressions, rates).persist()
     pairs = aggregates.count()
+    phases["normalise_rates_aggregates"] = time.perf_counter() - started - sum(phases.values())
     hashes = content_hashes(catalog.accepted)
     paths = {
         table.name: write_day(spark, build(aggregates, hashes, day), table, out, day, pairs)
@@ -310,6 +312,7 @@ def run(config: PrepareConfig) -> dict:
     }
     report_dir = f"{out}/_prepare/ds={day.isoformat()}"
     quarantine.coalesce(1).write.mode("overwrite").parquet(str(table_path(report_dir, QUARANTINE)))
+    phases["write"] = time.perf_counter() - started - sum(phases.values())
     summary = {
         "date": day.isoformat(),
         "catalog": catalog.counts.line(),
@@ -321,14 +324,14 @@ def run(config: PrepareConfig) -> dict:
         "examination_rates": {str(position): rate for position, rate in rate_rows},
         "outputs": {**paths, "quarantine": str(table_path(report_dir, QUARANTINE))},
         "seconds": round(time.perf_counter() - started, 2),
+        "seconds_by_phase": {phase: round(seconds, 2) for phase, seconds in phases.items()},
     }
     Path(report_dir).mkdir(parents=True, exist_ok=True)
     (Path(report_dir) / "prepare.json").write_text(json.dumps(summary, indent=2))
-    # validate_spark persisted the inputs and their splits: release them so a later run re-reads the files.
-    for frame in (kept, rates, aggregates, raw, validated.accepted, validated.quarantine, catalog.accepted,
-                  catalog.quarantine):
+    for frame in (rates, aggregates):
         frame.unpersist()
-    catalog_raw.unpersist()
+    for split in (validated, catalog):
+        split.release()
     print(catalog.counts.line())
     print(counts.line() + f" ({late} late rows kept)")
     print(f"{pairs} (query, product) pairs for {day}; written to {out}")

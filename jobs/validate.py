@@ -61,6 +61,11 @@ class Validated:
     quarantine: Any
     counts: ValidationCounts
     suite: SuiteResult | None
+    cached: Any = None  # what was persisted to produce the split (Spark); `release()` frees it
+
+    def release(self) -> None:
+        if self.cached is not None:
+            self.cached.unpersist()
 
 
 def _rule_messages(column: Column) -> list[tuple[str, str]]:
@@ -190,13 +195,46 @@ def _spark_violation(column: Column, kind: str):
     return value.isNotNull() & (value > F.lit(column.max_value))
 
 
-def split_spark(table: Table, frame, quarantined_at: dt.datetime | None = None):
-    """(accepted, quarantine) Spark DataFrames.
+# Above this many repeated keys the duplicate marks are joined back with a shuffle, not a broadcast.
+BROADCAST_REPEATED_KEYS = 1_000_000
 
-    If the frame carries `_source_file` / `_row_index` (see `read_with_provenance`), quarantine rows
-    name the file and the 1-based row; otherwise those fields are null.
+
+def _mark_duplicates(table: Table, checked, has_provenance: bool):
+    """Mark every clean row after the first (in file order) of its key as a duplicate.
+
+    A hash aggregate finds the keys seen more than once and their first row; only those keys are
+    joined back (broadcast while few). A window over the key would sort every row instead, which
+    on 10M impressions costs several times more.
     """
-    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    order = (
+        F.struct(F.col(SOURCE_FILE_COL), F.col(ROW_INDEX_COL))
+        if has_provenance
+        else F.struct(F.monotonically_increasing_id().alias("_id"))
+    )
+    checked = checked.withColumn("_order", order)
+    clean = F.col("_reason").isNull()
+    repeated = (
+        checked.where(clean)
+        .groupBy(*table.key)
+        .agg(F.count(F.lit(1)).alias("_copies"), F.min("_order").alias("_first"))
+        .where(F.col("_copies") > 1)
+        .drop("_copies")
+        .persist()
+    )
+    few = repeated.count() <= BROADCAST_REPEATED_KEYS
+    marked = checked.join(F.broadcast(repeated) if few else repeated, on=list(table.key), how="left")
+    is_duplicate = clean & F.col("_first").isNotNull() & (F.col("_order") != F.col("_first"))
+    return (
+        marked.withColumn("_field", F.when(is_duplicate, F.lit(",".join(table.key))).otherwise(F.col("_field")))
+        .withColumn("_reason", F.when(is_duplicate, F.lit(f"duplicate key {list(table.key)}")).otherwise(F.col("_reason")))
+        .drop("_order", "_first")
+    )
+
+
+def mark_rows(table: Table, frame):
+    """`frame` plus `_reason` / `_field`: null on rows that pass every rule, else the first broken one."""
     from pyspark.sql import functions as F
 
     check_columns(table, frame.columns, table.name)
@@ -208,19 +246,27 @@ def split_spark(table: Table, frame, quarantined_at: dt.datetime | None = None):
             violated = _spark_violation(column, kind)
             reason = F.when(violated, F.lit(message)).otherwise(reason)
             field = F.when(violated, F.lit(column.name)).otherwise(field)
-    has_provenance = SOURCE_FILE_COL in frame.columns and ROW_INDEX_COL in frame.columns
-    source_file = F.col(SOURCE_FILE_COL) if has_provenance else F.lit(None).cast("string")
-    row_number = (F.col(ROW_INDEX_COL) + 1) if has_provenance else F.lit(None).cast("bigint")
     checked = frame.withColumn("_reason", reason).withColumn("_field", field)
     if table.key:
-        order = [F.col(SOURCE_FILE_COL), F.col(ROW_INDEX_COL)] if has_provenance else [F.lit(1)]
-        first_in_key = Window.partitionBy(*table.key, F.col("_reason").isNull()).orderBy(*order).rowsBetween(
-            Window.unboundedPreceding, Window.currentRow
-        )
-        is_duplicate = F.col("_reason").isNull() & (F.count(F.lit(1)).over(first_in_key) > 1)
-        checked = checked.withColumn(
-            "_field", F.when(is_duplicate, F.lit(",".join(table.key))).otherwise(F.col("_field"))
-        ).withColumn("_reason", F.when(is_duplicate, F.lit(f"duplicate key {list(table.key)}")).otherwise(F.col("_reason")))
+        checked = _mark_duplicates(table, checked, _has_provenance(checked))
+    return checked
+
+
+def _has_provenance(frame) -> bool:
+    return SOURCE_FILE_COL in frame.columns and ROW_INDEX_COL in frame.columns
+
+
+def split_marked(table: Table, checked, quarantined_at: dt.datetime | None = None):
+    """(accepted, quarantine) of a `mark_rows` frame.
+
+    If the frame carries `_source_file` / `_row_index` (see `read_with_provenance`), quarantine rows
+    name the file and the 1-based row; otherwise those fields are null.
+    """
+    from pyspark.sql import functions as F
+
+    has_provenance = _has_provenance(checked)
+    source_file = F.col(SOURCE_FILE_COL) if has_provenance else F.lit(None).cast("string")
+    row_number = (F.col(ROW_INDEX_COL) + 1) if has_provenance else F.lit(None).cast("bigint")
     accepted = checked.where(F.col("_reason").isNull()).select(*table.names)
     stamp = F.lit(quarantined_at or dt.datetime.now(dt.timezone.utc)).cast("timestamp")
     quarantine = checked.where(F.col("_reason").isNotNull()).select(
@@ -235,17 +281,27 @@ def split_spark(table: Table, frame, quarantined_at: dt.datetime | None = None):
     return accepted, quarantine
 
 
+def split_spark(table: Table, frame, quarantined_at: dt.datetime | None = None):
+    """(accepted, quarantine) Spark DataFrames: `mark_rows` then `split_marked`."""
+    return split_marked(table, mark_rows(table, frame), quarantined_at)
+
+
 def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
-    """Split then certify the accepted rows with the table's GE suite (Spark engine)."""
-    frame = frame.persist()
-    accepted, quarantine = split_spark(table, frame)
-    # The suite runs one Spark job per metric: cache the split once instead of recomputing it each time.
-    accepted, quarantine = accepted.persist(), quarantine.persist()
-    counts = ValidationCounts(table.name, frame.count(), accepted.count(), quarantine.count())
+    """Split then certify the accepted rows with the table's GE suite (Spark engine).
+
+    One cached frame (the input with its marks) backs both sides of the split: the counts come from
+    one pass over it and the suite's per-metric jobs re-read it instead of recomputing the split.
+    """
+    from pyspark.sql import functions as F
+
+    checked = mark_rows(table, frame).persist()
+    tally = checked.agg(F.count(F.lit(1)).alias("rows"), F.count(F.col("_reason")).alias("rejected")).first()
+    accepted, quarantine = split_marked(table, checked)
+    counts = ValidationCounts(table.name, tally["rows"], tally["rows"] - tally["rejected"], tally["rejected"])
     suite = validate_with_gx(table, accepted, "spark") if run_suite else None
     if suite is not None and not suite.success:
         raise AssertionError(f"accepted rows fail the suite (split and suite disagree):\n{suite.summary()}")
-    return Validated(accepted, quarantine, counts, suite)
+    return Validated(accepted, quarantine, counts, suite, checked)
 
 
 def read_with_provenance(spark, table: Table, path: str):

@@ -201,6 +201,36 @@ CANDIDATE_PAIRS = Table(
     ),
 )
 
+TRAINING_EXAMPLES = Table(
+    name="training_examples",
+    doc="Judged (query, product) pairs with their text, split by query, written by `relevance datasets`.",
+    key=("query_id", "product_id", "label_set"),
+    columns=(
+        Column("split", "string", allowed=("train", "validation", "test"), doc="Chosen per query: no query in two splits."),
+        Column("query_id", "string"),
+        Column("query", "string", doc="The query as typed (the policy sees what customers type)."),
+        Column(
+            "segment", "string", nullable=True, allowed=("head", "torso", "tail"),
+            doc="Traffic segment (null: unknown, its own stratum); the split is stratified by it.",
+        ),
+        Column("product_id", "string"),
+        Column("title", "string"),
+        Column("product_type", "string"),
+        Column("description", "string", nullable=True),
+        Column("facets", NODE_MAP, doc="The product's attributes plus `brand` (what gold `pa` describes)."),
+        Column("label_set", "string", allowed=("wands", "esci")),
+        Column("label", "string", doc="A label of `label_set`."),
+        Column("is_weak", "bool", doc="True when the label comes from engagement, not a judge: never mixed in silently."),
+        Column("label_source", "string", doc="The judgment's annotator ('gold', a human id, 'weak:<rule>')."),
+        Column("nodes", NODE_MAP, nullable=True, doc="Gold node values (graph text format), when known."),
+        Column(
+            "target", "string", nullable=True,
+            doc="The SFT target CoT (training.cot.render_cot of `nodes`, `cot_order`); null without nodes.",
+        ),
+        Column("cot_order", "string", allowed=("label_first", "reasoning_first")),
+    ),
+)
+
 ALL_TABLES: dict[str, Table] = {
     table.name: table
     for table in (
@@ -215,6 +245,7 @@ ALL_TABLES: dict[str, Table] = {
         RELEVANCE,
         QUERY_PRODUCT_STATS,
         CANDIDATE_PAIRS,
+        TRAINING_EXAMPLES,
     )
 }
 

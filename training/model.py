@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import ConfigError, help_field
-from schemas.graph import LabelSet, ReasoningGraph
+from schemas.graph import FACETS_NONE, LabelSet, ReasoningGraph, format_facets
 from schemas.storage import read_table
 from schemas.tables import CATALOG, QUERIES
-from training.prompt import FIELDS
+from training.prompt import product_facets, render_fields
 
 PAD, BOS, EOS, MASK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, MASK)
@@ -35,10 +35,10 @@ class ModelInitConfig:
     label_set: str = help_field("Label set name or YAML path (its labels join the vocabulary).", "wands")
     vocab_size: int = help_field("BPE vocabulary size, special tokens included.", 1024)
     hidden_size: int = help_field("Transformer width.", 128)
-    num_layers: int = help_field("Transformer layers.", 4)
+    num_layers: int = help_field("Transformer layers.", 2)
     num_heads: int = help_field("Attention heads (must divide hidden_size).", 4)
     num_kv_heads: int = help_field("Key/value heads (grouped-query attention; must divide num_heads).", 2)
-    intermediate_size: int = help_field("MLP width.", 512)
+    intermediate_size: int = help_field("MLP width.", 256)
     max_positions: int = help_field("Longest sequence (prompt + CoT) in tokens.", 512)
     seed: int = help_field("Seed of the weight initialisation.", 0)
 
@@ -72,18 +72,25 @@ def load_model(path: str | Path, dtype: str = "float32"):
 
 
 def _vocabulary_text(world: Path, graph: ReasoningGraph, labels: LabelSet) -> Iterator[str]:
-    catalog = read_table(CATALOG, world, columns=["title", "description", "product_type", "attributes"])
+    """The text the tokenizer learns merges from: what the model reads and writes.
+
+    Products and queries as the prompt writes them (`type: ...`, the attributes with the brand), and
+    the fixed text of CoTs (node tags, choice values, labels) repeated once per product, so that a tag or a label is as frequent as a catalog word and gets a
+    token of its own instead of being spelled out in bytes.
+    """
+    catalog = read_table(CATALOG, world, columns=["title", "description", "product_type", "attributes", "brand"])
     for row in catalog.to_pylist():
-        yield row["title"]
-        yield row["description"] or ""
-        yield row["product_type"]
-        yield "; ".join(f"{key}={value}" for key, value in row["attributes"])
+        yield render_fields(
+            {"title": row["title"], "type": row["product_type"], "attributes": format_facets(product_facets(row)),
+             "description": row["description"] or ""}
+        )
     for row in read_table(QUERIES, world, columns=["query"]).to_pylist():
-        yield row["query"]
-    for node in graph.nodes:
-        yield f"{node.name}: " + " ".join(node.values)
-    yield " ".join(f"{name}:" for name in FIELDS)
-    yield " ".join(labels.names) + " none user assistant"
+        yield render_fields({"query": row["query"]})
+    fixed = [f"{node.name}: " + " ".join(node.values) for node in graph.nodes]
+    fixed += [f"{graph.label_node}: {name}" for name in labels.names]
+    fixed += [f"{FACETS_NONE} user assistant"]
+    for _ in range(catalog.num_rows):
+        yield from fixed
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int):

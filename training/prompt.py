@@ -6,10 +6,13 @@
     attributes: <key=value; ...>
     description: <description>
 
+The attributes are the product's facets as the graph's `pa` node reads them: its attributes plus its
+brand (`product_facets`).
+
 The prompt is held to a token budget. When it is over, fields are shortened from the least useful
-up: the description first (cut at a token boundary, then dropped), then the attributes, the title
-and the type. The query is never cut; a query alone over the budget gives a prompt with only the
-query (over budget, `truncated` says so).
+up: the description first (cut at a token boundary, then dropped), then the title (free text that
+restates the type and facets), the attributes and the type. The query is never cut; a query alone
+over the budget gives a prompt with only the query (over budget, `truncated` says so).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from schemas.graph import format_facets
 
 FIELDS = ("query", "title", "type", "attributes", "description")
-CUT_ORDER = ("description", "attributes", "title", "type")
+CUT_ORDER = ("description", "title", "attributes", "type")
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,16 @@ class Prompt:
     truncated: tuple[str, ...]  # fields that were shortened or dropped
 
 
-def _render(fields: Mapping[str, str]) -> str:
+def product_facets(product: Mapping) -> dict[str, str]:
+    """A catalog row's facets as the prompt shows them: its attributes plus `brand` (gold `pa` has both)."""
+    facets = dict(product["attributes"])
+    if product["brand"] and "brand" not in facets:
+        facets["brand"] = product["brand"]
+    return facets
+
+
+def render_fields(fields: Mapping[str, str]) -> str:
+    """The prompt lines `name: value` of the non-empty fields, in FIELDS order."""
     return "\n".join(f"{name}: {fields[name]}" for name in FIELDS if fields.get(name))
 
 
@@ -55,7 +67,7 @@ def build_prompt(
         "description": " ".join((description or "").split()),
     }
     truncated: list[str] = []
-    text = _render(fields)
+    text = render_fields(fields)
     n_tokens = len(offsets(text))
     for name in CUT_ORDER:
         while n_tokens > max_tokens and fields[name]:
@@ -64,7 +76,7 @@ def build_prompt(
             value_offsets = offsets(fields[name])
             keep = len(value_offsets) - (n_tokens - max_tokens)
             fields[name] = fields[name][: value_offsets[keep][0]].rstrip() if keep > 0 else ""
-            text = _render(fields)
+            text = render_fields(fields)
             n_tokens = len(offsets(text))
         if n_tokens <= max_tokens:
             break

@@ -5,7 +5,9 @@ Algorithmic choices:
   is the gold CoT (`training.cot.render_cot`, y from gold_nodes so the CoT is self-consistent),
   the input the chat-templated prompt (`training.prompt.build_prompt`; the brand joins the
   attributes, as in gold `pa`). Validation pairs are whole queries, chosen by a hash of the query
-  id (no query in both splits).
+  id (no query in both splits). A training pair is tokenized when a batch first draws it (a
+  short run on a big world touches a fraction of the pairs; tokenizing all 40k demo pairs up
+  front took about a minute).
 - Loss: next-token cross-entropy on the CoT tokens and EOS; prompt tokens are -100. Per example and
   step, each reasoning node (every node but the label node) is dropped from the loss with
   probability `p_mask` (its tokens' labels -> -100, from the same token->node map the RL
@@ -18,7 +20,8 @@ Algorithmic choices:
   (seed, step), not of generator state, so a run resumed from a checkpoint (model, optimizer, step)
   continues bit-for-bit on CPU.
 - Validation: greedy decoding; strict parse rate (exact lines then EOS), label accuracy and
-  macro-F1 (an unparsed label counts as wrong), per-node accuracy, lenient label accuracy.
+  macro-F1 (an unparsed label counts as wrong), per-node accuracy, lenient label accuracy; beside
+  them the majority-class baseline (the train split's most frequent gold label) on the same pairs.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from schemas.graph import LabelSet, ReasoningGraph, parse_facets
 from schemas.storage import read_table
 from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES
 from training.cot import node_spans, parse_cot, render_cot, token_nodes
-from training.prompt import build_prompt, prompt_offsets
+from training.prompt import build_prompt, product_facets, prompt_offsets
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -50,7 +53,7 @@ class SFTConfig:
     graph: str = help_field("Reasoning graph name or YAML path.", "relevance7")
     label_set: str = help_field("Label set of the judgments to train on (wands or esci).", "wands")
     order: str = help_field("CoT order: label_first or reasoning_first (the graph's orders).", "label_first")
-    prompt_tokens: int = help_field("Token budget of the prompt text (the description is cut first).", 96)
+    prompt_tokens: int = help_field("Token budget of the prompt text (the description is cut first, then the title).", 48)
     p_mask: float = help_field("Probability of dropping each reasoning node's span from the loss.", 0.3)
     mask_input: bool = help_field("Also replace the dropped nodes' input tokens by <|mask|>.", False)
     lora: bool = help_field("Train LoRA adapters instead of all weights.", False)
@@ -59,11 +62,11 @@ class SFTConfig:
     lora_targets: tuple[str, ...] = help_field(
         "Module names LoRA adapts.", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     )
-    lr: float = help_field("Peak learning rate.", 2e-3)
+    lr: float = help_field("Peak learning rate.", 6e-3)
     min_lr_ratio: float = help_field("Final learning rate as a share of lr (cosine floor).", 0.1)
     weight_decay: float = help_field("AdamW weight decay.", 0.0)
     warmup_steps: int = help_field("Linear warmup steps.", 30)
-    max_steps: int = help_field("Optimizer steps.", 600)
+    max_steps: int = help_field("Optimizer steps.", 1000)
     batch_size: int = help_field("Examples per micro-batch.", 32)
     grad_accum: int = help_field("Micro-batches per optimizer step.", 1)
     max_grad_norm: float = help_field("Gradient clipping norm (0: off).", 1.0)
@@ -71,7 +74,7 @@ class SFTConfig:
     checkpoint_every: int = help_field("Save a resumable checkpoint every N steps (0: only at the end).", 200)
     resume: bool = help_field("Continue from the latest checkpoint in out/checkpoints when there is one.", True)
     val_fraction: float = help_field("Share of queries held out for validation.", 0.1)
-    val_items: int = help_field("Validation pairs decoded per evaluation (0: all).", 300)
+    val_items: int = help_field("Validation pairs decoded per evaluation, evenly spaced over the held-out pairs (0: all).", 300)
     eval_every: int = help_field("Evaluate every N steps (0: only at the end).", 0)
     eval_batch_size: int = help_field("Prompts decoded at once during validation.", 64)
     max_new_tokens: int = help_field("Longest generated CoT during validation.", 96)
@@ -146,14 +149,6 @@ def load_pairs(world: Path, label_set: str) -> list[dict]:
     if skipped:
         log.warning("%s: %d of %d judged pairs have no gold nodes, product or query and are skipped", world, skipped, len(keys))
     return pairs
-
-
-def product_facets(product: dict) -> dict[str, str]:
-    """The product's facets as the prompt shows them: its attributes plus `brand` (gold `pa` has both)."""
-    facets = dict(product["attributes"])
-    if product["brand"] and "brand" not in facets:
-        facets["brand"] = product["brand"]
-    return facets
 
 
 def is_validation(query_id: str, val_fraction: float) -> bool:
@@ -295,6 +290,19 @@ def cot_metrics(
     return metrics
 
 
+def majority_baseline(train_labels: Sequence[str], val_labels: Sequence[str], labels: LabelSet) -> dict:
+    """Scores of predicting the train split's most frequent label (ties: label set order) for every val pair."""
+    from sklearn.metrics import f1_score
+
+    majority = max(labels.names, key=lambda name: sum(label == name for label in train_labels))
+    predicted = [majority] * len(val_labels)
+    return {
+        "label": majority,
+        "label_accuracy": sum(label == majority for label in val_labels) / len(val_labels),
+        "label_macro_f1": float(f1_score(val_labels, predicted, labels=labels.names, average="macro", zero_division=0)),
+    }
+
+
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[tuple[str, bool]]:
     """Greedy generations (text up to EOS, whether EOS came) for prompt id lists, left-padded batches."""
     import torch
@@ -356,13 +364,19 @@ def run(config: SFTConfig) -> dict:
     graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
     model, tokenizer = load_model(config.model)
     pairs = load_pairs(config.world, config.label_set)
-    examples = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in tqdm(pairs, desc="tokenize", unit="pair")]
-    train = [e for e in examples if not is_validation(e.query_id, config.val_fraction)]
-    val = [e for e in examples if is_validation(e.query_id, config.val_fraction)]
-    if config.val_items:
-        val = val[: config.val_items]
-    if not train or not val:
-        raise ValueError(f"{config.world}: split gave {len(train)} train and {len(val)} validation pairs; change val_fraction")
+    train = [pair for pair in pairs if not is_validation(pair["query_id"], config.val_fraction)]
+    val_pairs = [pair for pair in pairs if is_validation(pair["query_id"], config.val_fraction)]
+    if config.val_items and len(val_pairs) > config.val_items:
+        val_pairs = val_pairs[:: len(val_pairs) // config.val_items][: config.val_items]  # spread over the held-out queries
+    if not train or not val_pairs:
+        raise ValueError(f"{config.world}: split gave {len(train)} train and {len(val_pairs)} validation pairs; change val_fraction")
+    val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
+    encoded: dict[int, Example] = {}  # train pairs are tokenized when a batch first draws them
+
+    def train_example(index: int) -> Example:
+        if index not in encoded:
+            encoded[index] = encode_example(train[index], tokenizer, graph, config.order, config.prompt_tokens)
+        return encoded[index]
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -401,7 +415,7 @@ def run(config: SFTConfig) -> dict:
         for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
             masks = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
             indices = micro_batch_indices(micro, len(train), config.batch_size, config.seed)
-            rows.append([example_tensors(train[i], draw_masked_nodes(reasoning_nodes, config.p_mask, masks), mask_input_id) for i in indices])
+            rows.append([example_tensors(train_example(i), draw_masked_nodes(reasoning_nodes, config.p_mask, masks), mask_input_id) for i in indices])
         n_tokens = sum(label != IGNORE for batch in rows for _, row_labels in batch for label in row_labels[1:])
         lr = learning_rate(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -436,6 +450,9 @@ def run(config: SFTConfig) -> dict:
         "eval_seconds": time.perf_counter() - eval_started,
         "train_pairs": len(train),
         "val": final,
+        "val_majority": majority_baseline(
+            [pair["gold"][graph.label_node] for pair in train], [e.gold[graph.label_node] for e in val], labels
+        ),
     }
     _append_metrics(metrics_path, {"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
     saved = model.merge_and_unload() if config.lora else model

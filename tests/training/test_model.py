@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from schemas.graph import ReasoningGraph
+from schemas.graph import LabelSet, ReasoningGraph
 from training.cot import render_cot
 from training.model import EOS, MASK, PAD, load_model
 
@@ -28,3 +28,13 @@ def test_cot_text_survives_encode_decode(tiny_model):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
     assert tokenizer.convert_tokens_to_ids(EOS) not in ids
+
+
+def test_cot_tags_choices_and_labels_are_whole_tokens(tiny_model):
+    """The tokenizer sees the CoT's fixed text as often as the catalog's, so each piece is one token."""
+    _, tokenizer = load_model(tiny_model)
+    graph, labels = ReasoningGraph.load("relevance7"), LabelSet.load("wands")
+    for node in graph.nodes:
+        assert tokenizer.tokenize(f"{node.name}:") == [node.name, ":"]
+    for value in (*graph.node("ms").values, *graph.node("ma").values, *labels.names):
+        assert tokenizer.tokenize(f" {value}") == [f"Ġ{value}"]  # Ġ: byte-level BPE's leading space

@@ -81,6 +81,16 @@ def test_metrics_by_hand():
     assert metrics["node_accuracy/ms"] == 1.0
 
 
+def test_majority_baseline_by_hand():
+    from training.sft import majority_baseline
+
+    labels = LabelSet.load("wands")
+    baseline = majority_baseline(["Exact", "Exact", "Partial"], ["Exact", "Partial", "Irrelevant"], labels)
+    # always Exact: 1 of 3 right; Exact precision 1/3, recall 1 -> F1 1/2; the other labels 0
+    assert baseline == {"label": "Exact", "label_accuracy": pytest.approx(1 / 3), "label_macro_f1": pytest.approx(0.5 / 3)}
+    assert majority_baseline(["Partial", "Exact"], ["Exact"], labels)["label"] == "Exact"  # a tie goes to label set order
+
+
 def test_config_errors_say_how_to_fix():
     with pytest.raises(ConfigError, match="p_mask"):
         SFTConfig(p_mask=1.5)
