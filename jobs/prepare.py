@@ -12,7 +12,7 @@ Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, w
 2. `normalise_queries`: NFKC unicode form, lower case, whitespace runs -> one space, trimmed, then
    whole-token synonyms (`PrepareConfig.synonyms`, e.g. couch -> sofa). Computed on the distinct raw
    query strings and joined back.
-3. `examination_rates`: the probability that a result at position p is looked at, relative to
+3. `position_cells` then `examination_rates`: the probability that a result at position p is looked at, relative to
    position 1, estimated from the same day's logs by chaining adjacent positions over the
    (query, product) pairs shown at both (a matched-pair ratio, so relevance does not masquerade as
    position bias). Under the examination hypothesis P(click | q, d, p) = e_p * a_qd, each pair's
@@ -147,14 +147,29 @@ def normalise_queries(raw_queries, synonyms: dict[str, str]):
     return raw_queries.select(F.col(RAW_QUERY), F.array_join(tokens, " ").alias("query"))
 
 
-def examination_rates(impressions):
-    """(query, product_id, position, clicked) -> (position, examination_rate), e_1 = 1."""
+def position_cells(impressions):
+    """Normalised impressions -> one row per (query, product_id, position) with every sum the outputs need.
+
+    Both the examination rates and the pair aggregates are computed from these cells, so the day's
+    impressions are shuffled once.
+    """
+    from pyspark.sql import functions as F
+
+    return impressions.groupBy("query", "product_id", "position").agg(
+        F.min(F.col("query_id")).alias("query_id"),
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.col("clicked").cast("long")).alias("c"),
+        F.sum(F.col("added_to_cart").cast("long")).alias("carts"),
+        F.sum(F.col("ordered").cast("long")).alias("orders"),
+        F.sum(F.when(F.col("ordered"), F.col("price") * F.col("quantity")).otherwise(F.lit(0.0))).alias("gmv"),
+    )
+
+
+def examination_rates(cells):
+    """`position_cells` -> (position, examination_rate), e_1 = 1."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    cells = impressions.groupBy("query", "product_id", "position").agg(
-        F.count(F.lit(1)).alias("n"), F.sum(F.col("clicked").cast("long")).alias("c")
-    )
     above = cells.select(
         F.col("query"), F.col("product_id"), (F.col("position") + 1).alias("position"),
         F.col("n").alias("n_above"), F.col("c").alias("c_above"),
@@ -178,20 +193,20 @@ def examination_rates(impressions):
     return steps.select(F.col("position"), F.exp(F.sum(F.col("log_r")).over(down_to_here)).alias(EXAMINATION_RATE))
 
 
-def pair_aggregates(impressions, rates):
-    """(normalised impressions, rates) -> one row per (query, product_id) with every count the outputs use."""
+def pair_aggregates(cells, rates):
+    """(`position_cells`, rates) -> one row per (query, product_id) with every count the outputs use."""
     from pyspark.sql import functions as F
 
-    examined = impressions.join(F.broadcast(rates), on="position", how="inner")
-    clicks = F.sum(F.col("clicked").cast("long"))
-    expected = F.sum(F.col(EXAMINATION_RATE))
+    examined = cells.join(F.broadcast(rates), on="position", how="inner")
+    clicks = F.sum(F.col("c"))
+    expected = F.sum(F.col("n") * F.col(EXAMINATION_RATE))
     return examined.groupBy("query", "product_id").agg(
         F.min(F.col("query_id")).alias("query_id"),
-        F.count(F.lit(1)).alias("impressions"),
+        F.sum(F.col("n")).alias("impressions"),
         clicks.alias("clicks"),
-        F.sum(F.col("added_to_cart").cast("long")).alias("add_to_carts"),
-        F.sum(F.col("ordered").cast("long")).alias("orders"),
-        F.sum(F.when(F.col("ordered"), F.col("price") * F.col("quantity")).otherwise(F.lit(0.0))).alias("gmv"),
+        F.sum(F.col("carts")).alias("add_to_carts"),
+        F.sum(F.col("orders")).alias("orders"),
+        F.sum(F.col("gmv")).alias("gmv"),
         expected.alias("expected_examinations"),
         F.when(expected > 0, clicks / expected).alias("debiased_ctr"),
     )
@@ -300,9 +315,10 @@ def run(config: PrepareConfig) -> dict:
 
     raw_queries = kept.select(F.col("query").alias(RAW_QUERY)).distinct()
     impressions = with_normalised_query(kept, normalise_queries(raw_queries, config.synonyms))
-    rates = examination_rates(impressions).persist()
+    cells = position_cells(impressions).persist()
+    rates = examination_rates(cells).persist()
     rate_rows = sorted((r["position"], r[EXAMINATION_RATE]) for r in rates.collect())
-    aggregates = pair_aggregates(impressions, rates).persist()
+    aggregates = pair_aggregates(cells, rates).persist()
     pairs = aggregates.count()
     phases["normalise_rates_aggregates"] = time.perf_counter() - started - sum(phases.values())
     hashes = content_hashes(catalog.accepted)
@@ -328,7 +344,7 @@ def run(config: PrepareConfig) -> dict:
     }
     Path(report_dir).mkdir(parents=True, exist_ok=True)
     (Path(report_dir) / "prepare.json").write_text(json.dumps(summary, indent=2))
-    for frame in (rates, aggregates):
+    for frame in (cells, rates, aggregates):
         frame.unpersist()
     for split in (validated, catalog):
         split.release()

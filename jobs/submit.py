@@ -14,7 +14,7 @@ import argparse
 
 from schemas.config import load_config
 
-JOBS = {"prepare": ("jobs.prepare", "PrepareConfig")}
+JOBS = {"prepare": ("jobs.prepare", "PrepareConfig"), "datasets": ("jobs.datasets", "DatasetsConfig")}
 
 
 def main(argv: list[str] | None = None) -> None:
