@@ -112,6 +112,44 @@ def datasets(
     run(_load(DatasetsConfig, config, sets, data=data, out=out, weak_from=weak_from))
 
 
+model_app = typer.Typer(help="Policy models: build the tiny default one.", no_args_is_help=True)
+train_app = typer.Typer(help="Training stages: masked SFT (then Graph-GRPO, distillation).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(train_app, name="train")
+
+
+@model_app.command("init")
+def model_init(
+    world: Optional[Path] = typer.Option(None, "--world", "-w", help="World root whose catalog and queries train the tokenizer."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the model and tokenizer."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Build the tiny default policy (BPE tokenizer trained on the world, small Qwen2), no download."""
+    from training.model import ModelInitConfig, run
+
+    run(_load(ModelInitConfig, config, sets, world=world, out=out))
+
+
+@train_app.command("sft")
+def train_sft(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder to start from (any local HF causal LM)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
+    order: Optional[str] = typer.Option(None, help="CoT order: label_first or reasoning_first."),
+    p_mask: Optional[float] = typer.Option(None, help="Probability of dropping each reasoning node from the loss."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Masked SFT on whole CoTs (CoT random masking), full fine-tuning or LoRA; validation by greedy decoding."""
+    from training.sft import SFTConfig, run
+
+    run(_load(SFTConfig, config, sets, data=data, model=model, out=out, order=order, p_mask=p_mask,
+              max_steps=max_steps, resume=resume))
+
+
 @app.command()
 def evaluate(
     pred: Optional[list[str]] = typer.Option(

@@ -33,7 +33,7 @@ Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, w
 5. `join_examples`: text from `catalog` and `queries` (the query as typed, its segment), gold nodes by
    (query_id, product_id) for non-weak rows. `facets` = the product's attributes plus `brand` when
    the brand is set (non-empty) and not already an attribute: what gold `pa` describes, the
-   definition of training/sft.py `product_facets`.
+   definition of training/prompt.py `product_facets`.
 6. `assign_splits`, per query, stratified by segment (a null segment is its own stratum). Within a
    stratum, queries are ordered by h(q) = sha256 hex of `salt + ":" + query_id` (ties by query_id),
    and the first round(n * train) go to train, up to round(n * (train + validation)) to validation,

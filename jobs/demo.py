@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+
 from schemas.config import help_field
 
 EMBEDDED_WANDS = Path(__file__).parent / "ingest" / "samples" / "wands"
@@ -24,6 +26,8 @@ class DemoConfig:
     seed: int = help_field("Random seed of the world.", 0)
     engine: str = help_field("Validation engine: spark (the production path) or pandas.", "spark")
     wands: str = help_field("WANDS folder ingested as the public-format example.", str(EMBEDDED_WANDS))
+    sft_steps: int = help_field("SFT optimizer steps (0: the SFT default).", 0)
+    eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
 
 
 @dataclass(frozen=True)
@@ -78,29 +82,75 @@ def _ingest_wands(config: DemoConfig, out: Path) -> dict[str, str]:
     return {"WANDS tables": str(target)}
 
 
+def _train_policy(config: DemoConfig, out: Path) -> dict[str, str]:
+    """Build the tiny default policy from the world, then masked SFT on the train split."""
+    from training.model import ModelInitConfig
+    from training.model import run as init_model
+    from training.sft import SFTConfig
+    from training.sft import run as sft
+
+    initial = out / "models" / "tiny_init"
+    init_model(ModelInitConfig(world=out / "world", out=initial))
+    steps = {"max_steps": config.sft_steps} if config.sft_steps else {}
+    run_dir = out / "sft"
+    sft(SFTConfig(data=out / "datasets", model=initial, out=run_dir, **steps))
+    return {"initial policy": str(initial), "SFT policy": str(run_dir / "model"), "SFT metrics": str(run_dir / "metrics.jsonl"),
+            "SFT summary": str(run_dir / "summary.json")}
+
+
+def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
+    """The SFT policy labels the test split: label probabilities, node decisions, reasoning."""
+    from schemas.storage import write_table
+    from schemas.tables import RELEVANCE
+    from training.predict import score_split
+    from training.sft import SFTConfig
+
+    defaults = SFTConfig()
+    rows = score_split(
+        out / "sft" / "model", out / "datasets", "test", label_set=defaults.label_set, graph=defaults.graph,
+        order=defaults.order, prompt_tokens=defaults.prompt_tokens, reasoning="all", model_name="sft_policy",
+        max_pairs=config.eval_pairs,
+    )
+    target = out / "models" / "sft_policy"
+    write_table(RELEVANCE, rows, target)
+    print(f"sft_policy labelled {rows.num_rows} test pairs; written to {target}")
+    return {"sft_policy relevance table": str(target)}
+
+
 def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
-    """Until trained models join, the one labeller in the world is its human-like rater: score it
-    against the noise-free gold (one-hot probabilities, said so in the report)."""
+    """Every labeller on the same test pairs against the noise-free gold: the world's human-like
+    rater (one-hot probabilities, said so in the report) and the SFT policy."""
+
     from evaluation.command import EvaluateConfig, run
     from evaluation.inputs import predictions_from_judgments
     from schemas.graph import LabelSet
     from schemas.storage import read_table, write_table
-    from schemas.tables import JUDGMENTS, QUERIES, RELEVANCE
+    from schemas.tables import GOLD_NODES, JUDGMENTS, QUERIES, RELEVANCE
 
     world = out / "world"
     manifest = json.loads((world / "world.json").read_text())
     label_set = LabelSet.load(manifest["label_set"])
+    policy = read_table(RELEVANCE, out / "models" / "sft_policy")
+    scored = set(zip(policy["query_id"].to_pylist(), policy["product_id"].to_pylist()))
+
+    def on_scored_pairs(table):
+        keys = zip(table["query_id"].to_pylist(), table["product_id"].to_pylist())
+        return table.filter(pa.array([key in scored for key in keys]))
+
     rater = predictions_from_judgments(
-        read_table(JUDGMENTS, world), label_set, model_name="synthetic_rater", queries=read_table(QUERIES, world)
+        on_scored_pairs(read_table(JUDGMENTS, world)), label_set, model_name="synthetic_rater",
+        queries=read_table(QUERIES, world),
     )
-    models = out / "models" / "synthetic_rater"
-    write_table(RELEVANCE, rater, models)
+    models = out / "models"
+    write_table(RELEVANCE, rater, models / "synthetic_rater")
+    gold = out / "evaluation_gold"
+    write_table(GOLD_NODES, on_scored_pairs(read_table(GOLD_NODES, world)), gold)
     report = out / "evaluation"
     run(
         EvaluateConfig(
-            predictions={"synthetic_rater": str(models)},
+            predictions={"synthetic_rater": str(models / "synthetic_rater"), "sft_policy": str(models / "sft_policy")},
             gold_source="nodes",
-            gold_nodes=str(world),
+            gold_nodes=str(gold),
             queries=str(world),
             catalog=str(world),
             label_set=manifest["label_set"],
@@ -124,6 +174,8 @@ STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("prepare the last day of search logs (Spark)", _prepare),
     ("build train/validation/test datasets with CoT targets (Spark)", _datasets),
     ("ingest the real WANDS query file", _ingest_wands),
+    ("build the tiny policy and train it with masked SFT", _train_policy),
+    ("label the test split with the SFT policy", _score_test_split),
     ("evaluate every labeller against the gold labels", _evaluate),
     ("analyse the A/B experiment", _abtest),
 ]

@@ -142,6 +142,7 @@ def init_tiny_model(config: ModelInitConfig) -> Path:
     config.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(config.out, safe_serialization=True)
     tokenizer.save_pretrained(config.out)
+    print(f"tiny policy ({model.num_parameters():,} parameters, vocabulary {len(tokenizer)}) written to {config.out}")
     return config.out
 
 

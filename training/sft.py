@@ -4,10 +4,10 @@ Algorithmic choices:
 - Data: every judged (query, product) pair of the label set that has gold node values; the target
   is the gold CoT (`training.cot.render_cot`, y from gold_nodes so the CoT is self-consistent),
   the input the chat-templated prompt (`training.prompt.build_prompt`; the brand joins the
-  attributes, as in gold `pa`). Validation pairs are whole queries, chosen by a hash of the query
-  id (no query in both splits). A training pair is tokenized when a batch first draws it (a
-  short run on a big world touches a fraction of the pairs; tokenizing all 40k demo pairs up
-  front took about a minute).
+  attributes, as in gold `pa`). Pairs come from `training_examples` (`relevance datasets`): its
+  train split trains, its validation split (whole queries, none in train) validates. A training
+  pair is tokenized when a batch first draws it (a short run on a big world touches a fraction of
+  the pairs; tokenizing all 40k demo pairs up front took about a minute).
 - Loss: next-token cross-entropy on the CoT tokens and EOS; prompt tokens are -100. Per example and
   step, each reasoning node (every node but the label node) is dropped from the loss with
   probability `p_mask` (its tokens' labels -> -100, from the same token->node map the RL
@@ -26,7 +26,6 @@ Algorithmic choices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -37,9 +36,9 @@ from pathlib import Path
 from schemas.config import ConfigError, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph, parse_facets
 from schemas.storage import read_table
-from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES
+from schemas.tables import TRAINING_EXAMPLES
 from training.cot import node_spans, parse_cot, render_cot, token_nodes
-from training.prompt import build_prompt, product_facets, prompt_offsets
+from training.prompt import build_prompt, prompt_offsets
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -47,7 +46,7 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class SFTConfig:
-    world: Path = help_field("Folder with the world's tables (catalog, queries, judgments, gold_nodes).", Path("world"))
+    data: Path = help_field("Data root with training_examples (the output of `relevance datasets`).", Path("datasets"))
     model: Path = help_field("Model folder to start from (`relevance model init` or any local HF causal LM).", Path("models/tiny"))
     out: Path = help_field("Output folder: checkpoints/, metrics.jsonl, summary.json, model/.", Path("runs/sft"))
     graph: str = help_field("Reasoning graph name or YAML path.", "relevance7")
@@ -73,7 +72,6 @@ class SFTConfig:
     seed: int = help_field("Seed of the sample order and the masks.", 0)
     checkpoint_every: int = help_field("Save a resumable checkpoint every N steps (0: only at the end).", 200)
     resume: bool = help_field("Continue from the latest checkpoint in out/checkpoints when there is one.", True)
-    val_fraction: float = help_field("Share of queries held out for validation.", 0.1)
     val_items: int = help_field("Validation pairs decoded per evaluation, evenly spaced over the held-out pairs (0: all).", 300)
     eval_every: int = help_field("Evaluate every N steps (0: only at the end).", 0)
     eval_batch_size: int = help_field("Prompts decoded at once during validation.", 64)
@@ -87,8 +85,6 @@ class SFTConfig:
             raise ConfigError(f"graph/order: {error}") from None
         if not 0.0 <= self.p_mask <= 1.0:
             raise ConfigError(f"p_mask: must be a probability in [0, 1], got {self.p_mask}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
         for name in ("max_steps", "batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "threads", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
@@ -119,40 +115,31 @@ class Example:
 # ---------------------------------------------------------------- data
 
 
-def load_pairs(world: Path, label_set: str) -> list[dict]:
-    """Judged pairs of `label_set` joined with their product, query and gold nodes, sorted by key."""
-    judgments = read_table(JUDGMENTS, world, columns=["query_id", "product_id", "label_set"]).to_pylist()
-    keys = sorted({(row["query_id"], row["product_id"]) for row in judgments if row["label_set"] == label_set})
-    if not keys:
-        raise ValueError(f"{world}: no judgments with label_set={label_set!r}")
-    gold = {(row["query_id"], row["product_id"]): dict(row["nodes"]) for row in read_table(GOLD_NODES, world).to_pylist()}
-    products = {row["product_id"]: row for row in read_table(CATALOG, world).to_pylist()}
-    queries = {row["query_id"]: row["query"] for row in read_table(QUERIES, world, columns=["query_id", "query"]).to_pylist()}
-    pairs, skipped = [], 0
-    for query_id, product_id in keys:
-        if (query_id, product_id) not in gold or product_id not in products or query_id not in queries:
-            skipped += 1
-            continue
-        product = products[product_id]
-        pairs.append(
-            {
-                "query_id": query_id,
-                "product_id": product_id,
-                "query": queries[query_id],
-                "title": product["title"],
-                "product_type": product["product_type"],
-                "attributes": product_facets(product),
-                "description": product["description"],
-                "gold": gold[(query_id, product_id)],
-            }
-        )
-    if skipped:
-        log.warning("%s: %d of %d judged pairs have no gold nodes, product or query and are skipped", world, skipped, len(keys))
+def load_pairs(data: Path, label_set: str, split: str) -> list[dict]:
+    """The `split` rows of `label_set` in `training_examples` (written by `relevance datasets`) that
+    have gold node values, sorted by key. Rows without nodes (weak labels) have no CoT to imitate
+    and are skipped, with a count in the log."""
+    rows = read_table(TRAINING_EXAMPLES, data).to_pylist()
+    chosen = [row for row in rows if row["split"] == split and row["label_set"] == label_set]
+    if not chosen:
+        raise ValueError(f"{data}: training_examples has no {split!r} rows with label_set={label_set!r} (run `relevance datasets`)")
+    pairs = [
+        {
+            "query_id": row["query_id"],
+            "product_id": row["product_id"],
+            "query": row["query"],
+            "title": row["title"],
+            "product_type": row["product_type"],
+            "attributes": dict(row["facets"]),
+            "description": row["description"],
+            "gold": dict(row["nodes"]),
+        }
+        for row in sorted(chosen, key=lambda row: (row["query_id"], row["product_id"]))
+        if row["nodes"] is not None
+    ]
+    if len(pairs) < len(chosen):
+        log.warning("%s: %d of %d %s rows have no gold nodes (weak labels) and are skipped", data, len(chosen) - len(pairs), len(chosen), split)
     return pairs
-
-
-def is_validation(query_id: str, val_fraction: float) -> bool:
-    return int(hashlib.md5(query_id.encode()).hexdigest()[:8], 16) % 10_000 < val_fraction * 10_000
 
 
 def prompt_ids(tokenizer, prompt_text: str) -> list[int]:
@@ -363,13 +350,10 @@ def run(config: SFTConfig) -> dict:
     torch.set_num_threads(config.threads)
     graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
     model, tokenizer = load_model(config.model)
-    pairs = load_pairs(config.world, config.label_set)
-    train = [pair for pair in pairs if not is_validation(pair["query_id"], config.val_fraction)]
-    val_pairs = [pair for pair in pairs if is_validation(pair["query_id"], config.val_fraction)]
+    train = load_pairs(config.data, config.label_set, "train")
+    val_pairs = load_pairs(config.data, config.label_set, "validation")
     if config.val_items and len(val_pairs) > config.val_items:
         val_pairs = val_pairs[:: len(val_pairs) // config.val_items][: config.val_items]  # spread over the held-out queries
-    if not train or not val_pairs:
-        raise ValueError(f"{config.world}: split gave {len(train)} train and {len(val_pairs)} validation pairs; change val_fraction")
     val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
     encoded: dict[int, Example] = {}  # train pairs are tokenized when a batch first draws them
 
@@ -459,4 +443,10 @@ def run(config: SFTConfig) -> dict:
     saved.save_pretrained(config.out / "model", safe_serialization=True)
     tokenizer.save_pretrained(config.out / "model")
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    majority = summary["val_majority"]
+    print(
+        f"sft: {config.max_steps} steps in {train_seconds:.0f} s; validation ({len(val)} pairs): parse rate "
+        f"{final['parse_rate']:.3f}, label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f} "
+        f"(majority class: {majority['label_accuracy']:.3f} / {majority['label_macro_f1']:.3f}); model in {config.out / 'model'}"
+    )
     return summary

@@ -1,5 +1,9 @@
 """A hand-made world small enough for training tests: 8 products, 6 queries, 48 judged pairs.
 
+The same root holds `training_examples` as `relevance datasets` would write it: queries in
+VALIDATION_QUERIES form the validation split, the rest train, plus one weak-labelled train row
+without nodes (trainers must skip it).
+
 Gold nodes follow the world's rules by hand: ms is match when the types agree, related inside a
 room, mismatch otherwise; ma compares the query's facets with the product's; y is the WANDS rule
 of `LabelSet.label_from_nodes`.
@@ -12,9 +16,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from schemas.graph import LabelSet, format_facets
+from schemas.graph import LabelSet, ReasoningGraph, format_facets
 from schemas.storage import write_table
-from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES
+from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES, TRAINING_EXAMPLES
+from training.cot import render_cot
 
 PRODUCTS = [
     ("p1", "Gray wool sofa by Acme", "sofa", {"color": "gray", "material": "wool"}, "living"),
@@ -34,6 +39,7 @@ QUERY_ROWS = [
     ("q5", "sheet set", "sheet set", {}),
     ("q6", "black metal bed frame", "bed frame", {"color": "black", "material": "metal"}),
 ]
+VALIDATION_QUERIES = ("q2", "q5")
 
 
 def gold_nodes(query: tuple, product: tuple, rooms: dict[str, str]) -> dict[str, str]:
@@ -78,7 +84,20 @@ def tiny_world(tmp_path_factory) -> Path:
             judgments.append({"query_id": query[0], "product_id": product[0], "label": nodes["y"], "label_set": "wands",
                               "annotator": "gold", "is_weak": False})
             gold.append({"query_id": query[0], "product_id": product[0], "nodes": list(nodes.items())})
-    for table, rows in ((CATALOG, catalog), (QUERIES, queries), (JUDGMENTS, judgments), (GOLD_NODES, gold)):
+    graph = ReasoningGraph.load("relevance7")
+    examples = [
+        {"split": "validation" if query[0] in VALIDATION_QUERIES else "train", "query_id": query[0], "query": query[1],
+         "segment": "head", "product_id": product[0], "title": product[1], "product_type": product[2],
+         "description": f"A {product[2]} for the {product[4]}.",
+         "facets": list({**product[3], **({"brand": "Acme"} if product[0] == "p1" else {})}.items()),
+         "label_set": "wands", "label": nodes["y"], "is_weak": False, "label_source": "gold", "nodes": list(nodes.items()),
+         "target": render_cot(nodes, graph, "label_first"), "cot_order": "label_first"}
+        for query in QUERY_ROWS for product in PRODUCTS for nodes in [gold_nodes(query, product, rooms)]
+    ]
+    weak = {**examples[0], "query_id": "q7", "query": "wool sofa", "label": "Exact", "is_weak": True,
+            "label_source": "weak:engaged", "nodes": None, "target": None}
+    for table, rows in ((CATALOG, catalog), (QUERIES, queries), (JUDGMENTS, judgments), (GOLD_NODES, gold),
+                        (TRAINING_EXAMPLES, examples + [weak])):
         write_table(table, pa.Table.from_pylist(rows, schema=table.arrow_schema()), root)
     return root
 

@@ -100,8 +100,8 @@ def test_config_errors_say_how_to_fix():
 
 def _config(world: Path, model: Path, out: Path, **overrides) -> SFTConfig:
     values = {
-        "world": world, "model": model, "out": out, "prompt_tokens": 48, "batch_size": 8, "max_steps": 6,
-        "warmup_steps": 1, "lr": 5e-3, "val_fraction": 0.5, "val_items": 4, "max_new_tokens": 8,
+        "data": world, "model": model, "out": out, "prompt_tokens": 48, "batch_size": 8, "max_steps": 6,
+        "warmup_steps": 1, "lr": 5e-3, "val_items": 4, "max_new_tokens": 8,
         "eval_batch_size": 4, "checkpoint_every": 0, "threads": 1,
     }
     return SFTConfig(**{**values, **overrides})
@@ -153,14 +153,18 @@ def test_left_padded_batches_decode_like_single_prompts(tiny_model):
     assert batched == [generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
 
 
-def test_pairs_join_product_query_and_gold_with_brand_as_a_facet(tiny_world):
+def test_pairs_are_the_split_rows_with_nodes_and_brand_as_a_facet(tiny_world):
+    from conftest import VALIDATION_QUERIES
+
     from training.sft import load_pairs
 
-    pairs = {(p["query_id"], p["product_id"]): p for p in load_pairs(tiny_world, "wands")}
-    assert len(pairs) == 48
-    gray_sofa = pairs[("q1", "p1")]
+    train = {(p["query_id"], p["product_id"]): p for p in load_pairs(tiny_world, "wands", "train")}
+    validation = load_pairs(tiny_world, "wands", "validation")
+    assert len(train) == 32 and len(validation) == 16  # the weak q7 row has no nodes: skipped
+    assert {p["query_id"] for p in validation} == set(VALIDATION_QUERIES)
+    gray_sofa = train[("q1", "p1")]
     assert gray_sofa["query"] == "gray sofa" and gray_sofa["title"] == "Gray wool sofa by Acme"
     assert gray_sofa["attributes"] == {"color": "gray", "material": "wool", "brand": "Acme"}
     assert gray_sofa["gold"]["pa"] == "brand=Acme; color=gray; material=wool" and gray_sofa["gold"]["y"] == "Exact"
-    with pytest.raises(ValueError, match="no judgments with label_set='esci'"):
-        load_pairs(tiny_world, "esci")
+    with pytest.raises(ValueError, match="no 'train' rows with label_set='esci'"):
+        load_pairs(tiny_world, "esci", "train")
