@@ -84,7 +84,8 @@ def score_labels(model, tokenizer, prompts: Sequence[Sequence[int]], prefixes: S
             ids[i, : len(sequence)] = torch.tensor(sequence)
             attention[i, : len(sequence)] = 1
         with torch.inference_mode():
-            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
+            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for i, sequence in enumerate(chunk):
             first, end = spans[start + i]
             positions = torch.arange(first, end)

@@ -77,6 +77,9 @@ class SFTConfig:
     eval_batch_size: int = help_field("Prompts decoded at once during validation.", 64)
     max_new_tokens: int = help_field("Longest generated CoT during validation.", 96)
     threads: int = help_field("torch CPU threads.", 2)
+    device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
+    precision: str = help_field("auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", "auto")
+    tensorboard: bool = help_field("Also write the metrics as TensorBoard scalars under out/tensorboard.", False)
 
     def __post_init__(self) -> None:
         try:
@@ -93,6 +96,10 @@ class SFTConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1]; got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision: choose auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: choose auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.lora and not self.lora_targets:
             raise ConfigError("lora_targets: name at least one module (e.g. q_proj,v_proj) when lora=true")
 
@@ -306,8 +313,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
             attention[i, width - len(ids) :] = 1
         with torch.no_grad():
             output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention.to(model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
@@ -326,6 +333,20 @@ def evaluate(model, tokenizer, examples: Sequence[Example], graph, order, labels
 
 
 # ---------------------------------------------------------------- the loop
+
+
+def resolve_device(device: str, precision: str):
+    """(torch.device, autocast dtype or None): mixed precision only on a GPU (bf16 where supported)."""
+    import torch
+
+    chosen = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if chosen.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise ConfigError(f"precision={precision} needs a GPU; this run is on {chosen}")
+        return chosen, None
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return chosen, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
@@ -349,7 +370,9 @@ def run(config: SFTConfig) -> dict:
 
     torch.set_num_threads(config.threads)
     graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
+    device, autocast_dtype = resolve_device(config.device, config.precision)
     model, tokenizer = load_model(config.model)
+    model.to(device)
     train = load_pairs(config.data, config.label_set, "train")
     val_pairs = load_pairs(config.data, config.label_set, "validation")
     if config.val_items and len(val_pairs) > config.val_items:
@@ -370,6 +393,8 @@ def run(config: SFTConfig) -> dict:
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fp16 needs loss scaling; bf16 and fp32 do not (the disabled scaler passes everything through).
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
     mask_input_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token) if config.mask_input else None
     if config.mask_input and (tokenizer.mask_token is None or mask_input_id is None):
@@ -383,12 +408,20 @@ def run(config: SFTConfig) -> dict:
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step] if metrics_path.exists() else []
         metrics_path.write_text("".join(line + "\n" for line in kept))
         log.info("resumed from %s at step %d", checkpoint, start_step)
     elif metrics_path.exists():
         metrics_path.unlink()
+    board = None
+    if config.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        board = SummaryWriter(str(config.out / "tensorboard"), purge_step=start_step + 1)
     _append_metrics(metrics_path, {"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val), "config": config_to_dict(config)})
 
     started = time.perf_counter()
@@ -407,22 +440,32 @@ def run(config: SFTConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         for batch in rows:
-            input_ids, attention, batch_labels = collate(batch, tokenizer.pad_token_id)
-            loss = token_mean_loss(model(input_ids=input_ids, attention_mask=attention).logits, batch_labels, n_tokens)
-            loss.backward()
+            input_ids, attention, batch_labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=input_ids, attention_mask=attention).logits
+            loss = token_mean_loss(logits, batch_labels, n_tokens)
+            scaler.scale(loss).backward()
             loss_value += loss.item()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         bar.set_postfix(loss=f"{loss_value:.4f}")
         record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
             record.update({f"val/{k}": v for k, v in evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size).items()})
         _append_metrics(metrics_path, record)
+        if board is not None:
+            for key, value in record.items():
+                board.add_scalar(key, value, step + 1)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             folder = config.out / "checkpoints" / f"step-{step + 1:06d}"
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, folder / "state.pt")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step + 1},
+                       folder / "state.pt")
     bar.close()
+    if board is not None:
+        board.close()
     train_seconds = time.perf_counter() - started
 
     eval_started = time.perf_counter()

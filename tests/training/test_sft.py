@@ -168,3 +168,16 @@ def test_pairs_are_the_split_rows_with_nodes_and_brand_as_a_facet(tiny_world):
     assert gray_sofa["gold"]["pa"] == "brand=Acme; color=gray; material=wool" and gray_sofa["gold"]["y"] == "Exact"
     with pytest.raises(ValueError, match="no 'train' rows with label_set='esci'"):
         load_pairs(tiny_world, "esci", "train")
+
+
+def test_device_and_precision_resolution_on_this_machine():
+    import torch
+
+    from training.sft import resolve_device
+
+    assert resolve_device("cpu", "auto") == (torch.device("cpu"), None)
+    assert resolve_device("cpu", "fp32") == (torch.device("cpu"), None)
+    with pytest.raises(ConfigError, match="precision=bf16 needs a GPU"):
+        resolve_device("cpu", "bf16")
+    with pytest.raises(ConfigError, match="precision"):
+        SFTConfig(precision="fp8")
