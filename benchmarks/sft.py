@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sft.py [--preset demo] [--p-mask 0 0.3] [--orders label_first reasoning_first]
 
-Generates the world (`jobs.world`), builds the tiny model once with the default `ModelInitConfig`
+Generates the world (`jobs.world`), builds its datasets (`relevance datasets`), builds the tiny model once with the default `ModelInitConfig`
 (`relevance model init`), then runs `training.sft.run` with the default `SFTConfig` (`relevance
 train sft`) for each (order, p_mask), from the same initial weights, seed and budget. For each run:
 SFT wall time (tokenizing, training, the final validation, saving) and its parts, the load average
@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from jobs.datasets import DatasetsConfig  # noqa: E402
+from jobs.datasets import run as build_datasets  # noqa: E402
 from jobs.world.config import WorldConfig  # noqa: E402
 from jobs.world.generate import generate_world, write_world  # noqa: E402
 from schemas.config import config_to_dict  # noqa: E402
@@ -52,6 +54,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         world = Path(folder) / "world"
         write_world(generate_world(WorldConfig.preset(args.preset)), world)
+        datasets = Path(folder) / "datasets"
+        build_datasets(DatasetsConfig(data=str(world), out=str(datasets)))
         model_config = ModelInitConfig(world=world, out=Path(folder) / "model")
         started = time.perf_counter()
         init_tiny_model(model_config)
@@ -64,13 +68,13 @@ def main() -> None:
             "model": {**config_to_dict(model_config), "parameters": n_parameters, "vocabulary": len(tokenizer),
                       "init_seconds": round(init_seconds, 1)},
             "sft": {k: v for k, v in config_to_dict(SFTConfig(threads=args.threads)).items()
-                    if k not in ("world", "model", "out", "order", "p_mask")},
+                    if k not in ("data", "model", "out", "order", "p_mask")},
             "runs": [],
             "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
         }
         for order in args.orders:
             for p_mask in args.p_mask:
-                config = SFTConfig(world=world, model=model_config.out, out=Path(folder) / f"sft-{order}-{p_mask}",
+                config = SFTConfig(data=datasets, model=model_config.out, out=Path(folder) / f"sft-{order}-{p_mask}",
                                    order=order, p_mask=p_mask, threads=args.threads)
                 load_before, started = _load(), time.perf_counter()
                 summary = run(config)
