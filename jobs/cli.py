@@ -113,7 +113,7 @@ def datasets(
 
 
 model_app = typer.Typer(help="Policy models: build the tiny default one.", no_args_is_help=True)
-train_app = typer.Typer(help="Training stages: masked SFT (then Graph-GRPO, distillation).", no_args_is_help=True)
+train_app = typer.Typer(help="Training stages: masked SFT, Graph-GRPO (then distillation).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(train_app, name="train")
 
@@ -148,6 +148,26 @@ def train_sft(
 
     run(_load(SFTConfig, config, sets, data=data, model=model, out=out, order=order, p_mask=p_mask,
               max_steps=max_steps, resume=resume))
+
+
+@train_app.command("grpo")
+def train_grpo(
+    estimator: Optional[str] = typer.Option(None, "--estimator", "-e", help="grpo, sam, process, shaped, graph_fixed or graph_grpo."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="SFT policy folder (relevance train sft writes out/model)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
+    backend: Optional[str] = typer.Option(None, help="Rollout backend: hf or vllm."),
+    steps: Optional[int] = typer.Option(None, help="RL steps."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the prompt order and the sampling."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Graph-GRPO (or a baseline estimator) from an SFT checkpoint: G rollouts per prompt, strict rewards, credit, PPO-clip."""
+    from training.grpo.trainer import GRPOConfig, run
+
+    run(_load(GRPOConfig, config, sets, estimator=estimator, data=data, model=model, out=out, backend=backend, steps=steps,
+              seed=seed, resume=resume))
 
 
 @app.command()
