@@ -27,6 +27,7 @@ class DemoConfig:
     engine: str = help_field("Validation engine: spark (the production path) or pandas.", "spark")
     wands: str = help_field("WANDS folder ingested as the public-format example.", str(EMBEDDED_WANDS))
     sft_steps: int = help_field("SFT optimizer steps (0: the SFT default).", 0)
+    grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
 
 
@@ -98,28 +99,45 @@ def _train_policy(config: DemoConfig, out: Path) -> dict[str, str]:
             "SFT summary": str(run_dir / "summary.json")}
 
 
+def _train_grpo(config: DemoConfig, out: Path) -> dict[str, str]:
+    """A short Graph-GRPO run from the SFT policy (controller on, transformers rollouts)."""
+    from training.grpo.trainer import GRPOConfig, run
+
+    run_dir = out / "grpo"
+    run(GRPOConfig(data=out / "datasets", model=out / "sft" / "model", out=run_dir, estimator="graph_grpo", steps=config.grpo_steps,
+                   checkpoint_every=0))
+    return {"Graph-GRPO policy": str(run_dir / "model"), "Graph-GRPO metrics": str(run_dir / "metrics.jsonl"),
+            "Graph-GRPO summary": str(run_dir / "summary.json")}
+
+
+POLICIES = {"sft_policy": Path("sft") / "model", "graph_grpo_policy": Path("grpo") / "model"}
+
+
 def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
-    """The SFT policy labels the test split: label probabilities, node decisions, reasoning."""
+    """Each trained policy labels the same test pairs: label probabilities, node decisions, reasoning."""
     from schemas.storage import write_table
     from schemas.tables import RELEVANCE
     from training.predict import score_split
     from training.sft import SFTConfig
 
     defaults = SFTConfig()
-    rows = score_split(
-        out / "sft" / "model", out / "datasets", "test", label_set=defaults.label_set, graph=defaults.graph,
-        order=defaults.order, prompt_tokens=defaults.prompt_tokens, reasoning="all", model_name="sft_policy",
-        max_pairs=config.eval_pairs,
-    )
-    target = out / "models" / "sft_policy"
-    write_table(RELEVANCE, rows, target)
-    print(f"sft_policy labelled {rows.num_rows} test pairs; written to {target}")
-    return {"sft_policy relevance table": str(target)}
+    outputs = {}
+    for name, folder in POLICIES.items():
+        rows = score_split(
+            out / folder, out / "datasets", "test", label_set=defaults.label_set, graph=defaults.graph,
+            order=defaults.order, prompt_tokens=defaults.prompt_tokens, reasoning="all", model_name=name,
+            max_pairs=config.eval_pairs,
+        )
+        target = out / "models" / name
+        write_table(RELEVANCE, rows, target)
+        print(f"{name} labelled {rows.num_rows} test pairs; written to {target}")
+        outputs[f"{name} relevance table"] = str(target)
+    return outputs
 
 
 def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     """Every labeller on the same test pairs against the noise-free gold: the world's human-like
-    rater (one-hot probabilities, said so in the report) and the SFT policy."""
+    rater (one-hot probabilities, said so in the report) and every trained policy."""
 
     from evaluation.command import EvaluateConfig, run
     from evaluation.inputs import predictions_from_judgments
@@ -148,7 +166,7 @@ def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     report = out / "evaluation"
     run(
         EvaluateConfig(
-            predictions={"synthetic_rater": str(models / "synthetic_rater"), "sft_policy": str(models / "sft_policy")},
+            predictions={"synthetic_rater": str(models / "synthetic_rater"), **{name: str(models / name) for name in POLICIES}},
             gold_source="nodes",
             gold_nodes=str(gold),
             queries=str(world),
@@ -175,7 +193,8 @@ STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("build train/validation/test datasets with CoT targets (Spark)", _datasets),
     ("ingest the real WANDS query file", _ingest_wands),
     ("build the tiny policy and train it with masked SFT", _train_policy),
-    ("label the test split with the SFT policy", _score_test_split),
+    ("Graph-GRPO: a short run from the SFT policy", _train_grpo),
+    ("label the test split with each policy", _score_test_split),
     ("evaluate every labeller against the gold labels", _evaluate),
     ("analyse the A/B experiment", _abtest),
 ]

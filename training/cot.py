@@ -163,3 +163,12 @@ def token_nodes(offsets: Sequence[tuple[int, int]], spans: Mapping[str, tuple[in
                     break
         result.append(owner)
     return result
+
+
+def node_correct(node_kind: str, predicted: str | None, gold: str) -> bool:
+    """Whether a parsed node value equals the gold one (facets compared as key/value sets; None is wrong)."""
+    if predicted is None:
+        return False
+    if node_kind == "facets":
+        return parse_facets(predicted) == parse_facets(gold)
+    return predicted == gold

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import ConfigError, config_to_dict, help_field
-from schemas.graph import LabelSet, ReasoningGraph, parse_facets
+from schemas.graph import LabelSet, ReasoningGraph
 from schemas.storage import read_table
 from schemas.tables import TRAINING_EXAMPLES
-from training.cot import node_spans, parse_cot, render_cot, token_nodes
+from training.cot import node_correct, node_spans, parse_cot, render_cot, token_nodes
 from training.prompt import build_prompt, prompt_offsets
 
 log = logging.getLogger(__name__)
@@ -247,14 +247,6 @@ def token_mean_loss(logits, labels, n_tokens: int):
 
 
 # ---------------------------------------------------------------- validation
-
-
-def node_correct(node_kind: str, predicted: str | None, gold: str) -> bool:
-    if predicted is None:
-        return False
-    if node_kind == "facets":
-        return parse_facets(predicted) == parse_facets(gold)
-    return predicted == gold
 
 
 def cot_metrics(

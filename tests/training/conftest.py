@@ -111,3 +111,15 @@ def tiny_model(tiny_world, tmp_path_factory) -> Path:
         ModelInitConfig(world=tiny_world, out=out, vocab_size=400, hidden_size=32, num_layers=1, num_heads=2,
                         num_kv_heads=1, intermediate_size=64, max_positions=256)
     )
+
+
+@pytest.fixture(scope="session")
+def sft_policy(tiny_world, tiny_model, tmp_path_factory) -> Path:
+    """The tiny model after SFT on this world: its rollouts are mostly well formed and their rewards vary
+    within a group, which the GRPO tests need."""
+    from training.sft import SFTConfig, run
+
+    out = tmp_path_factory.mktemp("sft_policy")
+    run(SFTConfig(data=tiny_world, model=tiny_model, out=out, batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
+                  val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
+    return out / "model"

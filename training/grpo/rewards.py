@@ -10,7 +10,7 @@ nodes in `ReasoningGraph.node_names` order.
 - Outcome R[i]: 1 if the parsed label equals the gold label, else 0; with `ordinal`, partial credit
   1 - |rank(pred) - rank(gold)| / (L - 1) over the label set's order.
 - Verifier r[i, v] in {0, 1} for each reasoning node v whose gold value is known: the parsed value
-  equals the gold one (facets compared as key/value sets, `training.sft.node_correct`).
+  equals the gold one (facets compared as key/value sets, `training.cot.node_correct`).
 - Monte-Carlo value for a reasoning node without a verifier: the mean of R[j] over the other
   formatted rollouts j of the same group whose decision on v (its parsed value) equals i's;
   undefined (no local signal) when there is no such rollout.
@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from schemas.graph import LabelSet, ReasoningGraph, format_facets, parse_facets
-from training.cot import ParsedCoT
-from training.sft import node_correct
+from training.cot import ParsedCoT, node_correct
 
 
 @dataclass(frozen=True)
