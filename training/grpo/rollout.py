@@ -62,6 +62,9 @@ class RolloutBackend(Protocol):
     def sync(self, model) -> None:
         """Make the next `generate` sample from `model`'s current weights (or LoRA adapter)."""
 
+    def close(self) -> None:
+        """Release what the backend holds (engine processes, temporary files)."""
+
 
 def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
     """(ids up to and including the first EOS, whether there was one)."""
@@ -82,6 +85,9 @@ class HFBackend:
 
     def sync(self, model) -> None:
         self.model = model
+
+    def close(self) -> None:
+        """The backend is the training model itself: nothing to release."""
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> Rollouts:
         import torch

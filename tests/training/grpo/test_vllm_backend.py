@@ -22,20 +22,18 @@ from training.grpo.vllm_backend import VLLMBackend  # noqa: E402
 from training.model import ModelInitConfig, init_tiny_model, load_model  # noqa: E402
 from training.sft import SFTConfig, encode_example, load_pairs, run  # noqa: E402
 
-# Largest |vLLM - HF| logprob measured on this policy: ~2e-6 (fp32, different matmul and attention
-# kernels). A weight change that matters moves logprobs by > 0.1, and T = 1 instead of 0.7 by more.
-LOGPROB_TOL = 1e-4
+# Largest |vLLM - HF| logprob measured on this policy: 1e-5 (both fp32; the matmul and attention kernels
+# differ). The margin covers other CPUs' kernels; bf16 anywhere would be ~1e-2, and what the tests must
+# tell apart (T = 1 instead of 0.7, a weight update, stale KV) moves logprobs by more than 1.
+LOGPROB_TOL = 1e-3
 SAMPLING = Sampling(group_size=4, temperature=0.7, max_new_tokens=64)
 
 
 @pytest.fixture(scope="module")
 def vllm_policy(tiny_world, tmp_path_factory):
-    """A briefly SFT-trained tiny policy whose head size is 32: vLLM's CPU attention has no kernel for
-    the 16 of the `tiny_model` fixture."""
-    base = init_tiny_model(
-        ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base"), vocab_size=400, hidden_size=64,
-                        num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128, max_positions=256)
-    )
+    """`relevance model init`'s default policy, briefly SFT-trained (not the `tiny_model` fixture: its head
+    size of 16 has no kernel in vLLM's CPU attention, which takes 32, 64, 80, ...)."""
+    base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base")))
     out = tmp_path_factory.mktemp("vllm_sft")
     run(SFTConfig(data=tiny_world, model=base, out=out, batch_size=8, max_steps=60, warmup_steps=5, lr=5e-3, val_items=4,
                   max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
@@ -52,7 +50,8 @@ def served(vllm_policy, tiny_world):
     pairs = load_pairs(tiny_world, "wands", "validation")[::5][:3]
     prompts = [list(encode_example(pair, tokenizer, graph, "label_first", 48).prompt_ids) for pair in pairs]
     backend = VLLMBackend(vllm_policy, tokenizer, seed=0, max_model_len=256, kv_cache_bytes=64 << 20)
-    return backend, model, tokenizer, prompts
+    yield backend, model, tokenizer, prompts
+    backend.close()
 
 
 def teacher_forced_logprobs(model, prompt, response, temperature) -> torch.Tensor:
