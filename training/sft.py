@@ -39,6 +39,7 @@ from schemas.storage import read_table
 from schemas.tables import TRAINING_EXAMPLES
 from training.cot import node_correct, node_spans, parse_cot, render_cot, token_nodes
 from training.prompt import build_prompt, prompt_offsets
+from training.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -341,16 +342,6 @@ def resolve_device(device: str, precision: str):
     return chosen, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*/state.pt"))
-    return found[-1] if found else None
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def run(config: SFTConfig) -> dict:
     """Train, checkpoint, validate; returns the summary written to out/summary.json."""
     import time
@@ -392,21 +383,14 @@ def run(config: SFTConfig) -> dict:
     if config.mask_input and (tokenizer.mask_token is None or mask_input_id is None):
         raise ConfigError(f"mask_input: the tokenizer of {config.model} has no mask token; set mask_input=false")
 
-    config.out.mkdir(parents=True, exist_ok=True)
-    metrics_path = config.out / "metrics.jsonl"
+    folder = RunFolder(config.out)
     start_step = 0
-    checkpoint = _latest_checkpoint(config.out) if config.resume else None
-    if checkpoint is not None:
-        state = torch.load(checkpoint, weights_only=False)
+    state = folder.start(config.resume)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step] if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-        log.info("resumed from %s at step %d", checkpoint, start_step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
     board = None
     if config.tensorboard:
         try:
@@ -414,7 +398,7 @@ def run(config: SFTConfig) -> dict:
         except ImportError:
             raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
         board = SummaryWriter(str(config.out / "tensorboard"), purge_step=start_step + 1)
-    _append_metrics(metrics_path, {"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val), "config": config_to_dict(config)})
+    folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val), "config": config_to_dict(config)})
 
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.max_steps), desc="sft", unit="step", initial=start_step, total=config.max_steps)
@@ -446,15 +430,12 @@ def run(config: SFTConfig) -> dict:
         record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
             record.update({f"val/{k}": v for k, v in evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size).items()})
-        _append_metrics(metrics_path, record)
+        folder.append(record)
         if board is not None:
             for key, value in record.items():
                 board.add_scalar(key, value, step + 1)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            folder = config.out / "checkpoints" / f"step-{step + 1:06d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step + 1},
-                       folder / "state.pt")
+            folder.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
     bar.close()
     if board is not None:
         board.close()
@@ -473,7 +454,7 @@ def run(config: SFTConfig) -> dict:
             [pair["gold"][graph.label_node] for pair in train], [e.gold[graph.label_node] for e in val], labels
         ),
     }
-    _append_metrics(metrics_path, {"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
+    folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
     saved = model.merge_and_unload() if config.lora else model
     saved.save_pretrained(config.out / "model", safe_serialization=True)
     tokenizer.save_pretrained(config.out / "model")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 from schemas.config import ConfigError, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 
-log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
 
 
@@ -136,16 +134,6 @@ def response_token_nodes(tokenizer, response_ids, graph: ReasoningGraph) -> list
     return nodes + [None] * (len(response_ids) - len(ids))
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*/state.pt"))
-    return found[-1] if found else None
-
-
-def _append(path: Path, record: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def make_backend(config: GRPOConfig, model, tokenizer):
     from training.grpo.rollout import HFBackend
 
@@ -177,6 +165,7 @@ def run(config: GRPOConfig) -> dict:
     from training.grpo.rollout import Sampling
     from training.grpo.step import StepParams, pack_rollouts, policy_loss, response_logprobs, surrogate_token_losses
     from training.model import load_model
+    from training.run_folder import RunFolder
     from training.sft import encode_example, evaluate, load_pairs, micro_batch_indices, resolve_device
 
     torch.set_num_threads(config.threads)
@@ -218,27 +207,20 @@ def run(config: GRPOConfig) -> dict:
     sampling = Sampling(group_size=config.group_size, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens)
     label_index = credit_graph.label
 
-    config.out.mkdir(parents=True, exist_ok=True)
-    metrics_path = config.out / "metrics.jsonl"
+    folder = RunFolder(config.out)
     start_step = 0
-    checkpoint = _latest_checkpoint(config.out) if config.resume else None
-    if checkpoint is not None:
-        state = torch.load(checkpoint, weights_only=False)
+    state = folder.start(config.resume)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         controller.load_state_dict(state["controller"])
         start_step = state["step"]
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step] if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-        log.info("resumed from %s at step %d", checkpoint, start_step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
     backend = make_backend(config, model, tokenizer)
-    _append(metrics_path, {"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val),
+    folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val),
                            "estimator": estimator.name, "config": config_to_dict(config)})
     if start_step == 0:
         initial = evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size)
-        _append(metrics_path, {"step": 0, **{f"val/{k}": v for k, v in initial.items()}})
+        folder.append({"step": 0, **{f"val/{k}": v for k, v in initial.items()}})
 
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.steps), desc=f"grpo[{estimator.name}]", unit="step", initial=start_step, total=config.steps)
@@ -336,18 +318,16 @@ def run(config: GRPOConfig) -> dict:
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
             record.update({f"val/{k}": v for k, v in evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens,
                                                                config.eval_batch_size).items()})
-        _append(metrics_path, record)
+        folder.append(record)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            folder = config.out / "checkpoints" / f"step-{step + 1:06d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "controller": controller.state_dict(),
-                        "step": step + 1}, folder / "state.pt")
+            folder.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "controller": controller.state_dict()})
     bar.close()
     backend.close()
     train_seconds = time.perf_counter() - started
 
     final = evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size)
-    _append(metrics_path, {"step": config.steps, **{f"val/{k}": v for k, v in final.items()}})
+    folder.append({"step": config.steps, **{f"val/{k}": v for k, v in final.items()}})
     phi = dict(zip([f"{a}->{b}" for a, b in graph.edges], controller.phi().tolist()))
     summary = {"estimator": estimator.name, "steps": config.steps, "resumed_from": start_step, "train_seconds": train_seconds,
                "val": final, "phi": phi if estimator.name in ("graph_fixed", "graph_grpo") else None}

@@ -1,0 +1,53 @@
+"""A training run's folder, the same for every trainer: `metrics.jsonl` (one JSON record per line, each
+with its `step`) and `checkpoints/step-NNNNNN/state.pt` (whatever state the trainer saves, plus `step`).
+
+Resuming loads the latest checkpoint and drops the metric records written after its step, so the
+resumed run's log reads as if it had never stopped; a fresh run starts an empty log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class RunFolder:
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.out / "metrics.jsonl"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted((self.out / "checkpoints").glob("step-*/state.pt"))
+        return found[-1] if found else None
+
+    def start(self, resume: bool) -> dict | None:
+        """The latest checkpoint's state when `resume` and there is one (metrics after its step dropped);
+        otherwise None and the metrics log starts empty."""
+        import torch
+
+        checkpoint = self.latest_checkpoint() if resume else None
+        if checkpoint is None:
+            self.metrics.unlink(missing_ok=True)
+            return None
+        state = torch.load(checkpoint, weights_only=False)
+        lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]]
+        self.metrics.write_text("".join(line + "\n" for line in kept))
+        log.info("resumed from %s at step %d", checkpoint, state["step"])
+        return state
+
+    def append(self, record: dict) -> None:
+        with self.metrics.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, step: int, state: dict) -> Path:
+        import torch
+
+        folder = self.out / "checkpoints" / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({**state, "step": step}, folder / "state.pt")
+        return folder
