@@ -155,7 +155,7 @@ def summarise(runs: list[dict], evaluation: dict, graph: ReasoningGraph) -> dict
 def markdown(result: dict, graph: ReasoningGraph) -> str:
     models = result["evaluation"]["models"]
     labels = list(next(iter(models.values()))["f1"])
-    nodes = [node for node in graph.node_names]
+    nodes = list(next(iter(models.values()))["node_accuracy"])
     head = ["model", "macro-F1 [95% CI]", "accuracy", *[f"F1 {label}" for label in labels], *[f"acc {node}" for node in nodes], "vs SFT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, model in models.items():
@@ -234,6 +234,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--from-demo", type=Path, default=None, help="reuse a demo output folder's world, datasets and SFT policy")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/credit_assignment"))
+    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse a run of the same config that finished in --work (a stopped benchmark continues where it was)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -256,10 +258,17 @@ def main() -> None:
         for estimator in args.estimators:
             name = f"{estimator}-seed{seed}"
             run_dir = args.work / "runs" / name
-            started, load_before = time.perf_counter(), os.getloadavg()[0]
-            summary = train_grpo(replace(base, out=run_dir, estimator=estimator, seed=seed))
-            result["runs"].append({"name": name, "estimator": estimator, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
-                                   "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            config = replace(base, out=run_dir, estimator=estimator, seed=seed)
+            finished = run_dir / "summary.json"
+            if args.reuse and finished.exists() and records(run_dir)[0]["config"] == config_to_dict(config):
+                # the same run (same config, so the same seeds) finished before: its outputs are reused
+                summary, timing = json.loads(finished.read_text()), json.loads((run_dir / "benchmark_timing.json").read_text())
+            else:
+                started, load_before = time.perf_counter(), os.getloadavg()[0]
+                summary = train_grpo(config)
+                timing = {"seconds": round(time.perf_counter() - started, 1), "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+                (run_dir / "benchmark_timing.json").write_text(json.dumps(timing))
+            result["runs"].append({"name": name, "estimator": estimator, "seed": seed, **timing,
                                    "validation": summary["val"], "phi": summary["phi"], "curves": curves(run_dir, graph)})
             json_path.write_text(json.dumps(result, indent=1))
             print(f"[credit_assignment] {name}: {result['runs'][-1]['seconds']} s, validation macro-F1 {summary['val']['label_macro_f1']:.3f}",
