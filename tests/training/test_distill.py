@@ -1,0 +1,254 @@
+"""Distillation into the multi-head student: the loss against a per-example reference, the head set,
+the serving rows, ONNX equality, and short runs on the tiny world with the tiny teacher (the loss
+goes down; a resumed run ends bit-for-bit where an uninterrupted one does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from schemas.graph import LabelSet, ReasoningGraph
+from schemas.storage import write_table
+from schemas.tables import RELEVANCE
+from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, distill_loss, run, soft_kl
+from training.student import (
+    OnnxStudent,
+    build_student,
+    default_encoder,
+    export_onnx,
+    head_vocabularies,
+    length_sorted_batches,
+    load_student,
+    pad_batch,
+    predict_probabilities,
+    quantize_onnx,
+    score_split,
+    student_rows,
+    tokenize_pairs,
+)
+
+GRAPH = ReasoningGraph.load("relevance7")
+LABELS = LabelSet.load("wands")
+PAIRS = [
+    {"query": "gray sofa", "query_id": "q1", "product_id": "p1", "title": "Gray wool sofa by Acme", "product_type": "sofa",
+     "attributes": {"color": "gray", "material": "wool", "brand": "Acme"}, "description": "A sofa for the living room, soft and deep."},
+    {"query": "bed", "query_id": "q2", "product_id": "p5", "title": "Queen bed frame", "product_type": "bed frame",
+     "attributes": {}, "description": None},
+    {"query": "oak coffee table", "query_id": "q3", "product_id": "p3", "title": "Oak coffee table", "product_type": "coffee table",
+     "attributes": {"material": "oak"}, "description": "A table."},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A one-layer, 16-wide BERT with the MiniLM tokenizer: any local encoder folder works as the student's encoder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=128)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _config(tiny_world, tiny_model, tiny_encoder, out, **overrides) -> DistillConfig:
+    defaults = dict(data=tiny_world, teacher=tiny_model, encoder=tiny_encoder, out=out, max_steps=4, batch_size=8, warmup_steps=1,
+                    lr=1e-3, head_lr=1e-2, max_length=48, checkpoint_every=2, val_items=0, teacher_batch_size=16, threads=1)
+    return DistillConfig(**{**defaults, **overrides})
+
+
+@pytest.mark.parametrize("bad", [{"gold_weight": 1.5}, {"temperature": 0.0}, {"max_steps": 0}, {"graph": "nope"}, {"order": "backwards"}])
+def test_config_rejects_bad_values_by_name(bad, tmp_path):
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad)) if next(iter(bad)) not in ("graph", "order") else "graph/order"):
+        DistillConfig(out=tmp_path, **bad)
+    with pytest.raises(ConfigError, match="encoder"):
+        DistillConfig(encoder=tmp_path)  # no config.json there
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def test_soft_kl_equals_the_textbook_sum_per_example():
+    torch.manual_seed(1)
+    for temperature in (1.0, 2.0, 4.0):
+        student = torch.randn(5, 3)
+        teacher = torch.softmax(torch.randn(5, 3), dim=-1)
+        got = soft_kl(student, teacher, temperature)
+        for i in range(5):
+            softened = [teacher[i, k].item() ** (1 / temperature) for k in range(3)]
+            p = [s / sum(softened) for s in softened]
+            z = sum(math.exp(student[i, k].item() / temperature) for k in range(3))
+            q = [math.exp(student[i, k].item() / temperature) / z for k in range(3)]
+            assert got[i].item() == pytest.approx(temperature**2 * sum(pk * math.log(pk / qk) for pk, qk in zip(p, q)), rel=1e-5)
+    assert soft_kl(torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([[1 / 3, 1 / 3, 1 / 3]]), 3.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_loss_mixes_teacher_and_gold_and_skips_missing_targets():
+    logits = {"y": torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), "ms": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])}
+    teacher_probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    teacher = {"y": torch.tensor([IGNORE, IGNORE]), "ms": torch.tensor([0, IGNORE])}  # the teacher decided ms only for pair 0
+    gold = {"y": torch.tensor([0, 2]), "ms": torch.tensor([1, 2])}
+    loss, metrics = distill_loss(logits, teacher_probs, teacher, gold, label_node="y", temperature=2.0, gold_weight=0.25, node_weight=0.5)
+
+    def ce(row, target):
+        return -math.log(math.exp(row[target]) / sum(math.exp(v) for v in row))
+
+    kl = soft_kl(logits["y"], teacher_probs, 2.0).mean().item()
+    y_gold = (ce([2.0, 0.0, -1.0], 0) + ce([0.0, 1.0, 0.0], 2)) / 2
+    ms_teacher = ce([1.0, 0.0, 0.0], 0)  # one target: a mean over one pair, not over two
+    ms_gold = (ce([1.0, 0.0, 0.0], 1) + ce([0.0, 0.0, 3.0], 2)) / 2
+    expected = 0.75 * kl + 0.25 * y_gold + 0.5 * (0.75 * ms_teacher + 0.25 * ms_gold)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert metrics["loss/ms_teacher"] == pytest.approx(ms_teacher, rel=1e-5)
+    none_decided = {"y": teacher["y"], "ms": torch.tensor([IGNORE, IGNORE])}
+    loss, metrics = distill_loss(logits, teacher_probs, none_decided, gold, label_node="y", temperature=2.0, gold_weight=0.25, node_weight=0.5)
+    assert metrics["loss/ms_teacher"] == 0.0 and math.isfinite(loss.item())
+
+
+def test_targets_map_decisions_into_each_head_and_ignore_the_rest():
+    heads = head_vocabularies(GRAPH, LABELS, ("sofa", "bed frame"))
+    pairs = [{"gold": {"y": "Partial", "qs": "sofa", "ps": "lamp", "ms": "related", "ma": "none"}}]
+    teacher = [{"label_probs": [("Irrelevant", 0.5), ("Exact", 0.2), ("Partial", 0.3)],  # any order in the row
+                "node_decisions": [("ms", "match"), ("qs", "bed frame"), ("ps", "sofa table")]}]
+    probs, from_teacher, from_gold = batch_targets(pairs, teacher, heads, "y", LABELS)
+    assert probs.tolist() == [pytest.approx([0.2, 0.3, 0.5])]
+    assert {head: t.tolist() for head, t in from_teacher.items()} == {"y": [IGNORE], "qs": [1], "ps": [IGNORE], "ms": [0], "ma": [IGNORE]}
+    assert {head: t.tolist() for head, t in from_gold.items()} == {"y": [1], "qs": [0], "ps": [IGNORE], "ms": [1], "ma": [3]}
+
+
+# ---------------------------------------------------------------- the student
+
+
+def test_heads_follow_the_graph():
+    assert head_vocabularies(GRAPH, LABELS) == {"y": ("Exact", "Partial", "Irrelevant"), "ms": ("match", "related", "mismatch"),
+                                                "ma": ("match", "partial", "mismatch", "none")}
+    with_classes = head_vocabularies(GRAPH, LABELS, ("bed frame", "sofa"))
+    assert list(with_classes) == ["y", "qs", "ps", "ms", "ma"] and with_classes["ps"] == ("bed frame", "sofa")
+    assert head_vocabularies(GRAPH, LABELS, ("sofa",), single_head=True) == {"y": ("Exact", "Partial", "Irrelevant")}
+    small = ReasoningGraph(name="small", nodes=GRAPH.nodes[4:], edges=(("ms", "y"), ("ma", "y")), label_node="y",
+                           orders={"label_first": ("y", "ms", "ma")})
+    assert list(head_vocabularies(small, LABELS, ("sofa",))) == ["y", "ms", "ma"]
+
+
+def test_length_sorted_batches_cover_every_index_once_longest_first():
+    batches = length_sorted_batches([3, 9, 1, 9, 5], 2)
+    assert batches == [[1, 3], [4, 0], [2]]
+
+
+def test_the_packaged_minilm_loads_offline_as_the_encoder():
+    model, tokenizer = build_student(default_encoder(), head_vocabularies(GRAPH, LABELS))
+    assert model.encoder.config.hidden_size == 384 and model.encoder.config.num_hidden_layers == 6
+    encoded = tokenize_pairs(tokenizer, PAIRS[:1], 64)[0]["input_ids"]
+    text = tokenizer.decode(encoded)
+    assert text.startswith("[CLS] gray sofa [SEP] title : gray wool sofa by acme") and text.endswith("[SEP]")
+
+
+def test_rows_follow_the_relevance_schema_and_do_not_depend_on_batching(tiny_encoder, tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = build_student(tiny_encoder, head_vocabularies(GRAPH, LABELS, ("sofa", "bed frame")))
+    rows = student_rows(model, tokenizer, PAIRS, LABELS, "y", max_length=48, model_name="student", model_version="v1", ds=dt.date(2024, 1, 2),
+                        batch_size=2)
+    assert rows.schema == RELEVANCE.arrow_schema()
+    alone = [predict_probabilities(model, tokenizer, [pair], 48, batch_size=1) for pair in PAIRS]
+    for i, row in enumerate(rows.to_pylist()):
+        probabilities = dict(row["label_probs"])
+        assert sum(probabilities.values()) == pytest.approx(1.0)
+        assert list(probabilities.values()) == pytest.approx(alone[i]["y"][0].tolist(), abs=1e-5)  # padding changes nothing
+        assert row["label"] == max(probabilities, key=probabilities.get)
+        assert row["expected_gain"] == pytest.approx(sum(LABELS.gains[k] * p for k, p in probabilities.items()))
+        assert [node for node, _ in row["node_decisions"]] == ["ma", "ms", "ps", "qs"]
+        ms = dict(row["node_decisions"])["ms"]
+        assert ms == GRAPH.node("ms").values[int(alone[i]["ms"][0].argmax())]
+        assert row["reasoning"] is None and row["query_id"] == PAIRS[i]["query_id"]
+
+
+def test_onnx_outputs_equal_pytorch_and_serve_through_the_same_path(tiny_encoder, tmp_path):
+    torch.manual_seed(0)
+    heads = head_vocabularies(GRAPH, LABELS)
+    model, tokenizer = build_student(tiny_encoder, heads)
+    path = export_onnx(model, tokenizer, tmp_path / "student.onnx", max_length=48)
+    batch = pad_batch(tokenize_pairs(tokenizer, PAIRS, 48), tokenizer.pad_token_id)  # another batch size and length than the export's
+    onnx_student = OnnxStudent(path, heads)
+    with torch.inference_mode():
+        expected = model.eval()(**batch)
+    got = onnx_student(**batch)
+    assert [tuple(o.shape) for o in got] == [(3, 3), (3, 3), (3, 4)]
+    for onnx_logits, torch_logits in zip(got, expected):
+        assert torch.allclose(onnx_logits, torch_logits, atol=1e-4)
+    served = predict_probabilities(onnx_student, tokenizer, PAIRS, 48, batch_size=2)
+    for name, probabilities in predict_probabilities(model, tokenizer, PAIRS, 48, batch_size=2).items():
+        assert torch.allclose(served[name], probabilities, atol=1e-5)
+
+    int8 = OnnxStudent(quantize_onnx(path, tmp_path / "student.int8.onnx"), heads)
+    assert (tmp_path / "student.int8.onnx").stat().st_size < path.stat().st_size
+    rows = student_rows(int8, tokenizer, PAIRS, LABELS, "y", max_length=48, model_name="student", model_version="int8", ds=dt.date(2024, 1, 2))
+    assert rows.schema == RELEVANCE.arrow_schema() and rows.num_rows == 3
+
+
+# ---------------------------------------------------------------- runs
+
+
+def test_a_short_run_saves_a_student_that_loads_and_caches_the_teacher(tiny_world, tiny_model, tiny_encoder, tmp_path, monkeypatch):
+    config = _config(tiny_world, tiny_model, tiny_encoder, tmp_path / "run", max_steps=2, class_heads=True)
+    summary = run(config)
+    assert summary["heads"] == ["y", "qs", "ps", "ms", "ma"]
+    meta = json.loads((tmp_path / "run" / "model" / "student.json").read_text())
+    assert meta["graph"] == "relevance7" and meta["label_set"] == "wands" and meta["heads"]["ms"] == ["match", "related", "mismatch"]
+    model, tokenizer, loaded_meta = load_student(tmp_path / "run" / "model")
+    assert loaded_meta == meta
+    rows = score_split(tmp_path / "run" / "model", tiny_world, "validation", model_name="student")
+    assert rows.schema == RELEVANCE.arrow_schema() and rows.num_rows == 16  # q2 and q5, 8 products each
+    assert {node for row in rows.to_pylist() for node, _ in row["node_decisions"]} == {"qs", "ps", "ms", "ma"}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2] and "val/label_macro_f1" in records[-1]
+
+    cache = pq.read_table(tmp_path / "run" / TEACHER_CACHE)
+    assert cache.schema == RELEVANCE.arrow_schema() and cache.num_rows == summary["drawn_pairs"] == 16
+    for row in cache.to_pylist():
+        assert sum(dict(row["label_probs"]).values()) == pytest.approx(1.0)
+    # a longer re-run scores only the pairs the first one did not draw
+    longer = run(dataclasses.replace(config, max_steps=4, resume=False))
+    assert pq.read_table(tmp_path / "run" / TEACHER_CACHE).num_rows == longer["drawn_pairs"] > 16
+
+    # rows the teacher already wrote elsewhere (a RELEVANCE table) stand in for scoring
+    write_table(RELEVANCE, pq.read_table(tmp_path / "run" / TEACHER_CACHE), tmp_path / "scores")
+    monkeypatch.setattr("training.model.load_model", lambda *_: pytest.fail("the teacher was loaded to score cached pairs"))
+    again = run(dataclasses.replace(config, out=tmp_path / "other", max_steps=4, teacher_scores=tmp_path / "scores"))
+    assert again["drawn_pairs"] == longer["drawn_pairs"]
+
+
+def test_loss_goes_down(tiny_world, sft_policy, tiny_encoder, tmp_path):
+    # batch_size 32 is the whole train split, so every step sees the same pairs and the loss is comparable
+    run(_config(tiny_world, sft_policy, tiny_encoder, tmp_path / "run", max_steps=16, batch_size=32, checkpoint_every=0, dropout=0.0,
+                lr=3e-3, head_lr=3e-2, warmup_steps=2))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1:-1]]
+    assert len(losses) == 16
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_resume_continues_bit_for_bit(tiny_world, tiny_model, tiny_encoder, tmp_path):
+    from safetensors.torch import load_file
+
+    run(_config(tiny_world, tiny_model, tiny_encoder, tmp_path / "whole"))
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "resumed" / "checkpoints" / "step-000002").symlink_to(tmp_path / "whole" / "checkpoints" / "step-000002")
+    summary = run(_config(tiny_world, tiny_model, tiny_encoder, tmp_path / "resumed"))
+    assert summary["resumed_from"] == 2
+
+    def losses(folder):
+        return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")[2:]
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

