@@ -195,8 +195,8 @@ def plot(result: dict, path: Path) -> None:
         axes[0, 2].plot(c["eval_step"], c["val_label_accuracy"], marker="o", color=color, alpha=0.8)
         axes[1, 0].plot(c["eval_step"], c["val_node_accuracy"], marker="o", color=color, alpha=0.8)
         if run["estimator"] == "graph_grpo":
-            for edge, values in c["phi"].items():
-                axes[1, 1].plot(range(1, len(values) + 1), values, label=edge if run["seed"] == result["seeds"][0] else None)
+            for e, (edge, values) in enumerate(c["phi"].items()):
+                axes[1, 1].plot(range(1, len(values) + 1), values, color=plt.cm.Dark2(e), label=edge if run["seed"] == result["seeds"][0] else None)
     axes[0, 0].set_title(f"rollout outcome reward (moving mean of {window})")
     axes[0, 1].set_title("rollout reasoning-node verifier accuracy")
     axes[0, 2].set_title("validation label accuracy (greedy)")
