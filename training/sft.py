@@ -290,6 +290,19 @@ def majority_baseline(train_labels: Sequence[str], val_labels: Sequence[str], la
     }
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int):
+    """(input_ids, attention_mask) (B, longest) long tensors of prompts padded on the left, as generation wants."""
+    import torch
+
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[i, width - len(ids) :] = 1
+    return input_ids, attention
+
+
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int) -> list[tuple[str, bool]]:
     """Greedy generations (text up to EOS, whether EOS came) for prompt id lists, left-padded batches."""
     import torch
@@ -297,13 +310,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens:
     results = []
     model.eval()
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, ids in enumerate(chunk):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention[i, width - len(ids) :] = 1
+        input_ids, attention = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id)
+        width = input_ids.shape[1]
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids.to(model.device),

@@ -92,6 +92,8 @@ class HFBackend:
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> Rollouts:
         import torch
 
+        from training.sft import left_padded
+
         tokenizer, model = self.tokenizer, self.model
         expanded = [list(prompt) for prompt in prompts for _ in range(sampling.group_size)]
         torch.manual_seed(seed)  # generate draws from the global generator
@@ -99,13 +101,8 @@ class HFBackend:
         model.eval()
         response_ids, logprobs, ended, texts = [], [], [], []
         for start in range(0, len(expanded), self.batch_size):
-            chunk = expanded[start : start + self.batch_size]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, ids in enumerate(chunk):
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                attention[i, width - len(ids) :] = 1
+            input_ids, attention = left_padded(expanded[start : start + self.batch_size], tokenizer.pad_token_id)
+            width = input_ids.shape[1]
             with torch.no_grad():
                 output = model.generate(
                     input_ids=input_ids.to(model.device),
