@@ -28,6 +28,7 @@ class DemoConfig:
     wands: str = help_field("WANDS folder ingested as the public-format example.", str(EMBEDDED_WANDS))
     sft_steps: int = help_field("SFT optimizer steps (0: the SFT default).", 0)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
+    distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
 
 
@@ -135,6 +136,23 @@ def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
     return outputs
 
 
+def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
+    """Distil the SFT policy into the multi-head MiniLM student, then label the test pairs with it."""
+    from schemas.storage import write_table
+    from schemas.tables import RELEVANCE
+    from training.distill import DistillConfig, run
+    from training.student import score_split
+
+    run_dir = out / "distill"
+    run(DistillConfig(data=out / "datasets", teacher=out / "sft" / "model", out=run_dir, max_steps=config.distill_steps, checkpoint_every=0))
+    rows = score_split(run_dir / "model", out / "datasets", "test", model_name="distilled_student", max_pairs=config.eval_pairs)
+    target = out / "models" / "distilled_student"
+    write_table(RELEVANCE, rows, target)
+    print(f"distilled_student labelled {rows.num_rows} test pairs; written to {target}")
+    return {"distilled student": str(run_dir / "model"), "distillation metrics": str(run_dir / "metrics.jsonl"),
+            "distillation summary": str(run_dir / "summary.json"), "distilled_student relevance table": str(target)}
+
+
 def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     """Every labeller on the same test pairs against the noise-free gold: the world's human-like
     rater (one-hot probabilities, said so in the report) and every trained policy."""
@@ -166,7 +184,8 @@ def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     report = out / "evaluation"
     run(
         EvaluateConfig(
-            predictions={"synthetic_rater": str(models / "synthetic_rater"), **{name: str(models / name) for name in POLICIES}},
+            predictions={"synthetic_rater": str(models / "synthetic_rater"), **{name: str(models / name) for name in POLICIES},
+                         "distilled_student": str(models / "distilled_student")},
             gold_source="nodes",
             gold_nodes=str(gold),
             queries=str(world),
@@ -195,6 +214,7 @@ STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("build the tiny policy and train it with masked SFT", _train_policy),
     ("Graph-GRPO: a short run from the SFT policy", _train_grpo),
     ("label the test split with each policy", _score_test_split),
+    ("distil the SFT policy into the multi-head student and label the test pairs", _distill),
     ("evaluate every labeller against the gold labels", _evaluate),
     ("analyse the A/B experiment", _abtest),
 ]

@@ -38,7 +38,7 @@ def test_every_input_table_passes_its_suite_on_pandas_and_on_spark(world, spark,
 
 
 def test_demo_runs_every_stage_and_says_where_outputs_are(tmp_path):
-    result = runner.invoke(app, ["demo", "--preset", "tests", "--out", str(tmp_path), "--set", "engine=pandas", "--set", "sft_steps=4", "--set", "grpo_steps=2", "--set", "eval_pairs=60"])
+    result = runner.invoke(app, ["demo", "--preset", "tests", "--out", str(tmp_path), "--set", "engine=pandas", "--set", "sft_steps=4", "--set", "grpo_steps=2", "--set", "distill_steps=2", "--set", "eval_pairs=60"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     for stage in summary:
