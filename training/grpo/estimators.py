@@ -92,6 +92,7 @@ class Estimator:
     name: str
     fn: EstimatorFn = field(repr=False)
     source: str
+    needs_phi: bool = False
     learns_phi: bool = False
 
     def __call__(self, batch: AdvantageBatch, params: AdvantageParams) -> tuple[Tensor, dict[str, float]]:
@@ -101,11 +102,12 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {}
 
 
-def register_estimator(name: str, source: str, learns_phi: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
+def register_estimator(name: str, source: str, needs_phi: bool = False, learns_phi: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Register `fn` under `name`; `needs_phi`: it reads `AdvantageBatch.phi`; `learns_phi`: the controller moves that phi."""
     def decorate(fn: EstimatorFn) -> EstimatorFn:
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is registered twice")
-        ESTIMATORS[name] = Estimator(name=name, fn=fn, source=source, learns_phi=learns_phi)
+        ESTIMATORS[name] = Estimator(name=name, fn=fn, source=source, needs_phi=needs_phi or learns_phi, learns_phi=learns_phi)
         return fn
 
     return decorate
@@ -237,7 +239,7 @@ def graph_credit(batch: AdvantageBatch, params: AdvantageParams, name: str) -> t
     return tokens, advantage_metrics(tokens, batch, extra)
 
 
-@register_estimator("graph_fixed", source="Graph-GRPO ablation, phi frozen (GRAPH_GRPO.md, Estimators: graph_fixed)")
+@register_estimator("graph_fixed", source="Graph-GRPO ablation, phi frozen (GRAPH_GRPO.md, Estimators: graph_fixed)", needs_phi=True)
 def graph_fixed(batch: AdvantageBatch, params: AdvantageParams) -> tuple[Tensor, dict[str, float]]:
     """Graph credit with phi frozen at the batch's values (the trainer passes its fixed phi, default 0.5)."""
     return graph_credit(batch, params, "graph_fixed")

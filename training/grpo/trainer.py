@@ -240,7 +240,7 @@ def run(config: GRPOConfig) -> dict:
         width = packed.mask.shape[1]
         token_nodes, response_mask = token_node_index(node_rows, graph.node_names, width)
         batch = AdvantageBatch(rewards=rewards, token_nodes=token_nodes, response_mask=response_mask, group=group, graph=credit_graph,
-                               phi=controller.phi() if config.estimator in ("graph_fixed", "graph_grpo") else None)
+                               phi=controller.phi() if estimator.needs_phi else None)
         packed = replace(packed, input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
                          position_ids=packed.position_ids.to(device), response_ids=packed.response_ids.to(device),
                          mask=packed.mask.to(device), sampling_logprobs=packed.sampling_logprobs.to(device))
@@ -330,7 +330,7 @@ def run(config: GRPOConfig) -> dict:
     folder.append({"step": config.steps, **{f"val/{k}": v for k, v in final.items()}})
     phi = dict(zip([f"{a}->{b}" for a, b in graph.edges], controller.phi().tolist()))
     summary = {"estimator": estimator.name, "steps": config.steps, "resumed_from": start_step, "train_seconds": train_seconds,
-               "val": final, "phi": phi if estimator.name in ("graph_fixed", "graph_grpo") else None}
+               "val": final, "phi": phi if estimator.needs_phi else None}
     saved = model.merge_and_unload() if config.lora else model
     saved.save_pretrained(config.out / "model", safe_serialization=True)
     tokenizer.save_pretrained(config.out / "model")
