@@ -112,6 +112,66 @@ def datasets(
     run(_load(DatasetsConfig, config, sets, data=data, out=out, weak_from=weak_from))
 
 
+@app.command()
+def score(
+    date: Optional[str] = typer.Option(None, "--date", help="The day (YYYY-MM-DD) whose candidate pairs are scored."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Data root with candidate_pairs (relevance prepare's out)."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Data root with the catalog."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Data root of the relevance table."),
+    reasoning: Optional[str] = typer.Option(None, "--reasoning", help="none, sample or all: which pairs keep generated reasoning."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="local or spark (mapInArrow, one scorer per executor)."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Score the day's candidate pairs into the relevance table: incremental, sharded, resumable after a kill."""
+    from jobs.scoring.run import ScoreConfig, run
+
+    run(_load(ScoreConfig, config, sets, date=date, backend=backend, model=model, pairs=pairs, catalog=catalog, out=out,
+              reasoning=reasoning, engine=engine))
+
+
+@app.command()
+def export(
+    date: Optional[str] = typer.Option(None, "--date", help="The ds partition (YYYY-MM-DD) of the relevance table to publish."),
+    relevance: Optional[Path] = typer.Option(None, "--relevance", "-r", help="Data root holding the relevance table."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Publish root: relevance/ds=D/ with parquet, DuckDB, CSV, manifest."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="Data root with the queries table (churn by segment)."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """Validate a night's relevance table (great-expectations), publish it atomically with a manifest and a churn report."""
+    from jobs.export import ExportConfig, ExportValidationError, run
+
+    try:
+        run(_load(ExportConfig, config, sets, date=date, relevance=relevance, out=out, queries=queries))
+    except ExportValidationError as error:
+        typer.echo(f"export failed, nothing published:\n{error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def nightly(
+    date: Optional[str] = typer.Option(None, "--date", help="The night's day (YYYY-MM-DD)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root with search_impressions, catalog, queries."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Root of prepared/, scores/, published/."),
+    config: Optional[Path] = ConfigOption,
+    sets: Optional[list[str]] = SetOption,
+) -> None:
+    """The night: prepare -> score (incremental) -> validate -> export; idempotent per date, publishes nothing if validation fails."""
+    from jobs.export import ExportValidationError
+    from jobs.nightly import NightlyConfig, run
+
+    try:
+        run(_load(NightlyConfig, config, sets, date=date, data=data, model=model, backend=backend, out=out))
+    except ExportValidationError as error:
+        typer.echo(f"nightly {date}: validation failed, nothing published:\n{error}", err=True)
+        raise typer.Exit(1) from None
+
+
 model_app = typer.Typer(help="Policy models: build the tiny default one.", no_args_is_help=True)
 train_app = typer.Typer(help="Training stages: masked SFT, Graph-GRPO, distillation into the multi-head student.", no_args_is_help=True)
 app.add_typer(model_app, name="model")

@@ -30,6 +30,7 @@ class DemoConfig:
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
+    nightly_backend: str = help_field("Backend of the nightly scoring stage: hf, or vllm where it is installed.", "hf")
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,24 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
             "distillation summary": str(run_dir / "summary.json"), "distilled_student relevance table": str(target)}
 
 
+def _nightly(config: DemoConfig, out: Path) -> dict[str, str]:
+    """Two nights of the production job on the world's last two days of logs: prepare, score the
+    candidate pairs with the Graph-GRPO policy (the second night reuses what the first scored),
+    validate, publish, churn report."""
+    from jobs.nightly import NightlyConfig, run
+    from schemas.storage import partitions
+    from schemas.tables import SEARCH_IMPRESSIONS
+
+    root = out / "nightly"
+    days = partitions(SEARCH_IMPRESSIONS, out / "world")[-2:]
+    for day in days:
+        run(NightlyConfig(date=day.isoformat(), data=str(out / "world"), out=str(root), backend=config.nightly_backend,
+                          model=str(out / "grpo" / "model"), reasoning="sample"))
+    published = root / "published" / "relevance" / f"ds={days[-1].isoformat()}"
+    return {"relevance table (scores)": str(root / "scores" / "relevance"), "published partition": str(published),
+            "churn report": str(published / "churn.md"), "nightly reports": str(root / "nightly")}
+
+
 def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     """Every labeller on the same test pairs against the noise-free gold: the world's human-like
     rater (one-hot probabilities, said so in the report) and every trained policy."""
@@ -216,6 +235,7 @@ STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("label the test split with each policy", _score_test_split),
     ("distil the SFT policy into the multi-head student and label the test pairs", _distill),
     ("evaluate every labeller against the gold labels", _evaluate),
+    ("two nights of nightly scoring: prepare, score incrementally, validate, publish", _nightly),
     ("analyse the A/B experiment", _abtest),
 ]
 

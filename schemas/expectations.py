@@ -3,13 +3,16 @@
 The row rules of `schemas.table.Column` (nullability, allowed values, bounds, regex) and the table's
 key become expectations, so the suite and the quarantine split (`jobs.validate`) state one contract.
 `validate_with_gx` runs a suite on a pandas or Spark DataFrame in an ephemeral context (no files,
-no network). great_expectations is imported lazily: it takes seconds to import.
+no network). A job may append its own expectations on derived columns (computed checks such as
+"probabilities sum to 1") to the compiled suite: `expectations_for(table, derived_columns=...)` lets the
+frame carry those columns after the table's. great_expectations is imported lazily: it takes seconds
+to import.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from schemas.table import Table
 
@@ -20,6 +23,8 @@ class ExpectationOutcome:
     column: str | None
     success: bool
     unexpected_count: int | None
+    # A few failing rows: the `example_columns` asked for plus the checked columns (pandas engine).
+    examples: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,11 +47,15 @@ class SuiteResult:
         return "\n".join(lines)
 
 
-def expectations_for(table: Table) -> list[Any]:
-    """The GE expectation objects for `table`: its columns in order, its key, its row rules."""
+def expectations_for(table: Table, derived_columns: Sequence[str] = ()) -> list[Any]:
+    """The GE expectation objects for `table`: its columns in order, its key, its row rules.
+
+    `derived_columns`: columns the validated frame carries after the table's, for the caller's own
+    expectations on them.
+    """
     import great_expectations.expectations as gxe
 
-    expectations: list[Any] = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=table.names)]
+    expectations: list[Any] = [gxe.ExpectTableColumnsToMatchOrderedList(column_list=[*table.names, *derived_columns])]
     for column in table.columns:
         if not column.nullable:
             expectations.append(gxe.ExpectColumnValuesToNotBeNull(column=column.name))
@@ -67,8 +76,20 @@ def expectations_for(table: Table) -> list[Any]:
     return expectations
 
 
-def validate_with_gx(table: Table, dataframe: Any, engine: str) -> SuiteResult:
-    """Run `table`'s suite on a pandas (`engine="pandas"`) or Spark (`engine="spark"`) DataFrame."""
+def validate_with_gx(
+    table: Table,
+    dataframe: Any,
+    engine: str,
+    expectations: Sequence[Any] | None = None,
+    example_columns: Sequence[str] = (),
+    examples: int = 5,
+) -> SuiteResult:
+    """Run `table`'s suite on a pandas (`engine="pandas"`) or Spark (`engine="spark"`) DataFrame.
+
+    `expectations`: the suite to run instead of `expectations_for(table)` (e.g. it plus a job's own).
+    `example_columns`: columns that identify a row (pandas engine); each failed expectation then keeps
+    up to `examples` failing rows with those columns and the checked ones.
+    """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -84,7 +105,7 @@ def validate_with_gx(table: Table, dataframe: Any, engine: str) -> SuiteResult:
     asset = source.add_dataframe_asset(name=table.name)
     batch = asset.add_batch_definition_whole_dataframe(name=f"{table.name}_batch")
     suite = context.suites.add(gx.ExpectationSuite(name=f"{table.name}_suite"))
-    for expectation in expectations_for(table):
+    for expectation in expectations if expectations is not None else expectations_for(table):
         suite.add_expectation(expectation)
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name=f"{table.name}_validation", data=batch, suite=suite)
@@ -93,13 +114,21 @@ def validate_with_gx(table: Table, dataframe: Any, engine: str) -> SuiteResult:
     # only a failing suite is re-run to count and show what failed.
     result = definition.run(batch_parameters={"dataframe": dataframe}, result_format="BOOLEAN_ONLY")
     if not result.success:
-        result = definition.run(batch_parameters={"dataframe": dataframe}, result_format="SUMMARY")
+        result_format: Any = "SUMMARY"
+        if example_columns:
+            result_format = {
+                "result_format": "SUMMARY",
+                "unexpected_index_column_names": list(example_columns),
+                "partial_unexpected_count": examples,
+            }
+        result = definition.run(batch_parameters={"dataframe": dataframe}, result_format=result_format)
     outcomes = tuple(
         ExpectationOutcome(
             expectation=r.expectation_config.type,
             column=r.expectation_config.kwargs.get("column"),
             success=bool(r.success),
             unexpected_count=(r.result or {}).get("unexpected_count"),
+            examples=tuple((r.result or {}).get("partial_unexpected_index_list") or ())[:examples] if example_columns else (),
         )
         for r in result.results
     )

@@ -12,6 +12,7 @@ import datetime as dt
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,23 +28,36 @@ def table_path(root: str | Path, table: Table) -> Path:
     return Path(root) / table.name
 
 
-def _replace_folder(final: Path, write) -> None:
-    """Write into a sibling temp folder, then swap it in (rename is atomic on one filesystem)."""
+def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(staging)` on a hidden sibling folder of `final`, then swap it in; returns `final`.
+
+    Renames are atomic on one filesystem, so a reader sees the old folder or the new one, never
+    part of either (for the instant between the two renames of a replacement, no folder). If `write`
+    or the swap fails, `final` is left as it was and the staging folder is removed. The hidden
+    `.staging-` / `.retired-` names start with a dot, which every reader here ignores.
+    """
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    staging = final.parent / f".staging-{final.name}-{tag}"
     staging.mkdir()
     try:
         write(staging)
         if final.exists():
-            retired = final.parent / f".retired-{final.name}-{uuid.uuid4().hex[:8]}"
+            retired = final.parent / f".retired-{final.name}-{tag}"
             final.rename(retired)
-            staging.rename(final)
+            try:
+                staging.rename(final)
+            except OSError:
+                retired.rename(final)
+                raise
             shutil.rmtree(retired)
         else:
             staging.rename(final)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    return final
 
 
 def write_table(table: Table, data: pa.Table, root: str | Path, row_group_size: int = 1 << 20) -> Path:
@@ -54,7 +68,7 @@ def write_table(table: Table, data: pa.Table, root: str | Path, row_group_size: 
     data = table.conform(data)
     folder = table_path(root, table)
     if not table.partition_by:
-        _replace_folder(folder, lambda tmp: pq.write_table(data, tmp / PART_FILE, row_group_size=row_group_size))
+        replace_folder(folder, lambda tmp: pq.write_table(data, tmp / PART_FILE, row_group_size=row_group_size))
         return folder
     if table.partition_by != ("ds",):
         raise NotImplementedError(f"{table.name}: only `ds` partitioning is supported")
@@ -62,7 +76,7 @@ def write_table(table: Table, data: pa.Table, root: str | Path, row_group_size: 
     for day in pc.unique(data["ds"]).to_pylist():
         part = data.filter(pc.equal(data["ds"], pa.scalar(day, pa.date32())))
         part = part.drop_columns(["ds"]).cast(file_schema)
-        _replace_folder(
+        replace_folder(
             folder / f"ds={day.isoformat()}",
             lambda tmp, part=part: pq.write_table(part, tmp / PART_FILE, row_group_size=row_group_size),
         )

@@ -201,6 +201,22 @@ CANDIDATE_PAIRS = Table(
     ),
 )
 
+PAIRS_TO_SCORE = Table(
+    name="pairs_to_score",
+    doc="Candidate pairs with the product text a scorer reads (`relevance score` joins candidate_pairs and catalog).",
+    key=("query", "product_id"),
+    columns=(
+        Column("query", "string"),
+        Column("query_id", "string", nullable=True),
+        Column("product_id", "string"),
+        Column("product_content_hash", "string", nullable=True),
+        Column("title", "string"),
+        Column("product_type", "string"),
+        Column("attributes", NODE_MAP, doc="The product's facets as the prompt shows them: its attributes plus `brand`."),
+        Column("description", "string", nullable=True),
+    ),
+)
+
 TRAINING_EXAMPLES = Table(
     name="training_examples",
     doc="Judged (query, product) pairs with their text, split by query, written by `relevance datasets`.",
@@ -245,6 +261,7 @@ ALL_TABLES: dict[str, Table] = {
         RELEVANCE,
         QUERY_PRODUCT_STATS,
         CANDIDATE_PAIRS,
+        PAIRS_TO_SCORE,
         TRAINING_EXAMPLES,
     )
 }

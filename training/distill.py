@@ -30,7 +30,6 @@ Algorithmic choices:
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -167,10 +166,6 @@ def target_index(vocabulary: Sequence[str], value: str | None) -> int:
     return vocabulary.index(value) if value in vocabulary else IGNORE
 
 
-def teacher_version(teacher: Path) -> str:
-    return hashlib.sha256((Path(teacher) / "model.safetensors").read_bytes()).hexdigest()[:12]
-
-
 def teacher_rows(config: DistillConfig, pairs: Sequence[dict], graph: ReasoningGraph, labels: LabelSet) -> dict[tuple[str, str], dict]:
     """(query_id, product_id) -> the teacher's RELEVANCE row, from out/teacher.parquet plus the pairs it lacks."""
     import pyarrow as pa
@@ -179,13 +174,11 @@ def teacher_rows(config: DistillConfig, pairs: Sequence[dict], graph: ReasoningG
 
     from schemas.storage import read_table
     from schemas.tables import RELEVANCE
-    from training.model import load_model
-    from training.predict import relevance_rows
-    from training.prompt import build_prompt, prompt_offsets
-    from training.sft import prompt_ids
+    from training.model import load_model, model_version
+    from training.predict import pair_prompts, relevance_rows
 
     path = config.out / TEACHER_CACHE
-    version = teacher_version(config.teacher)
+    version = model_version(config.teacher)
     cached = pq.read_table(path, schema=RELEVANCE.arrow_schema()) if path.exists() else RELEVANCE.arrow_schema().empty_table()
     if config.teacher_scores is not None:
         cached = pa.concat_tables([cached, read_table(RELEVANCE, config.teacher_scores)])
@@ -195,12 +188,7 @@ def teacher_rows(config: DistillConfig, pairs: Sequence[dict], graph: ReasoningG
     if missing:
         log.info("teacher: scoring %d pairs (%d cached)", len(missing), len(known))
         model, tokenizer = load_model(config.teacher)
-        offsets = prompt_offsets(tokenizer)
-        prompts = [
-            prompt_ids(tokenizer, build_prompt(pair["query"], pair["title"], pair["product_type"], pair["attributes"], pair["description"],
-                                               offsets, config.prompt_tokens).text)
-            for pair in missing
-        ]
+        prompts = pair_prompts(tokenizer, missing, config.prompt_tokens)
         scored = relevance_rows(model, tokenizer, missing, prompts, graph, labels, config.order, reasoning="all",
                                 model_name=str(config.teacher), model_version=version, ds=dt.date.today(),
                                 batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens)
@@ -250,6 +238,7 @@ def run(config: DistillConfig) -> dict:
     import torch
     from tqdm import tqdm
 
+    from training.model import model_version
     from training.run_folder import RunFolder
     from training.sft import learning_rate, load_pairs, micro_batch_indices
     from training.student import build_student, default_encoder, head_vocabularies, pad_batch, predict_probabilities, save_student, tokenize_pairs
@@ -317,7 +306,7 @@ def run(config: DistillConfig) -> dict:
     eval_seconds = time.perf_counter() - started
     folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
     save_student(model, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
-                 extra={"teacher": str(config.teacher), "teacher_version": teacher_version(config.teacher), "encoder": str(encoder)})
+                 extra={"teacher": str(config.teacher), "teacher_version": model_version(config.teacher), "encoder": str(encoder)})
     summary = {"steps": config.max_steps, "resumed_from": start_step, "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
                "eval_seconds": eval_seconds, "train_pairs": len(train), "drawn_pairs": len(drawn), "heads": list(heads), "val": final}
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -56,6 +56,17 @@ class ModelInitConfig:
             raise ConfigError(f"num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
 
 
+def model_version(folder: str | Path) -> str:
+    """The first 12 hex digits of the sha256 of the folder's `model.safetensors`: the version scores are cached under."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(folder) / "model.safetensors", "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def load_model(path: str | Path, dtype: str = "float32"):
     """(model, tokenizer) from a local folder; the tokenizer pads on the left for generation."""
     import torch

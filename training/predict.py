@@ -1,17 +1,23 @@
 """Relevance rows from a causal-LM policy: label probabilities, expected gain, node decisions, reasoning.
 
-The label distribution is read, not sampled: at the label line (`y: `) every label of the label set
-is scored by teacher forcing (the sum of its tokens' log-probabilities, its line terminator
-included, so no label can win by being a prefix of another), and the scores are normalised over the
-label set. Candidates are tokenized as whole completions, exactly as training tokenizes targets,
-and only the tokens after their longest common token prefix are scored, so a BPE merge across the
-`y: ` boundary cannot bias one label.
+The label distribution is read at the label step, not sampled: the model's next-token distribution
+where it writes the label (after `y: `), restricted to the token each label starts with and
+normalised over the label set. The step is found on the canonical tokenization of the candidate
+completions (prefix, label, then the newline or EOS that follows it in training targets): the
+longest token prefix they share is the context, and each label's first token after it is what that
+label is scored by. Because the terminator is included, a label that is a prefix of another is
+still told apart (EOS against the longer label's next token). Labels that share that first token
+cannot be told apart by one step, and are refused with an error naming them. Every backend (this
+transformers path, the vLLM scorer with `allowed_token_ids`) computes exactly this distribution.
 
-- `label_first`: the label line comes first, so with `reasoning="none"` one teacher-forced pass per
-  label gives the distribution and nothing is generated (the fast path).
-- otherwise the CoT is generated greedily, its nodes parsed (strict first, lenient for what strict
-  misses), and the label is scored where the generated reasoning ends: after the reasoning lines in
-  `reasoning_first`, right after the prompt in `label_first`.
+- `label_first` with no reasoning wanted: only the label step is run, nothing is generated (the
+  fast path: one forward pass per pair).
+- otherwise the CoT is generated greedily (for `label_first` only for the pairs whose reasoning is
+  wanted), its nodes parsed (strict first, lenient for what strict misses), and the label step sits
+  where the generated reasoning ends: after the reasoning lines in `reasoning_first`, right after the
+  prompt in `label_first`.
+- Reasoning modes: `none` keeps no text, `all` keeps every pair's, `sample` keeps a deterministic
+  share of pairs (by a hash of query and product id, so a re-run picks the same ones).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,7 +34,7 @@ from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import RELEVANCE
 from training.cot import SEPARATOR, parse_cot
 
-REASONING_MODES = ("none", "all")
+REASONING_MODES = ("none", "sample", "all")
 
 
 def label_prefix(generated: str, graph: ReasoningGraph, order: str) -> str:
@@ -55,67 +62,131 @@ def candidate_completions(prefix: str, graph: ReasoningGraph, order: str, labels
     return [prefix + name + ("" if last else "\n") for name in labels.names]
 
 
-def score_labels(model, tokenizer, prompts: Sequence[Sequence[int]], prefixes: Sequence[str], graph, order, labels: LabelSet,
-                 batch_size: int) -> list[list[float]]:
-    """Per prompt, the probability of each label (label-set order) given the completion prefix."""
+@dataclass(frozen=True)
+class LabelStep:
+    """Where a pair's label is decided: the token ids before it and, per label (label-set order), its token there."""
+
+    context: tuple[int, ...]
+    label_tokens: tuple[int, ...]
+
+
+def label_steps(tokenizer, prompts: Sequence[Sequence[int]], prefixes: Sequence[str], graph: ReasoningGraph, order: str,
+                labels: LabelSet) -> list[LabelStep]:
+    """The label step of each prompt given its completion prefix (see the module doc)."""
+    last = graph.order(order)[-1] == graph.label_node
+    terminator = [tokenizer.eos_token_id] if last else []
+    by_prefix: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # label_first: one prefix for every pair
+    steps = []
+    for prompt, prefix in zip(prompts, prefixes):
+        if prefix not in by_prefix:
+            by_prefix[prefix] = _label_tokens(tokenizer, prefix, terminator, graph, order, labels)
+        shared, firsts = by_prefix[prefix]
+        steps.append(LabelStep(context=tuple(prompt) + shared, label_tokens=firsts))
+    return steps
+
+
+def _label_tokens(tokenizer, prefix: str, terminator: list[int], graph: ReasoningGraph, order: str,
+                  labels: LabelSet) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the candidates' shared completion tokens, each label's first token after them) for one prefix."""
+    completions = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) + terminator
+                   for text in candidate_completions(prefix, graph, order, labels)]
+    shared = 0
+    while all(len(c) > shared for c in completions) and len({c[shared] for c in completions}) == 1:
+        shared += 1
+    firsts = tuple(c[shared] if len(c) > shared else None for c in completions)
+    if None in firsts or len(set(firsts)) < len(firsts):
+        clashing = [name for name, token in zip(labels.names, firsts) if token is None or firsts.count(token) > 1]
+        raise ValueError(
+            f"label set {labels.name!r}: labels {clashing} start with the same token after {prefix[-20:]!r}, so the "
+            "label step cannot tell them apart; rename them or use a tokenizer that splits them differently"
+        )
+    return tuple(completions[0][:shared]), firsts
+
+
+def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int) -> list[list[float]]:
+    """Per step, the softmax of the model's next-token logits over its label tokens (label-set order)."""
     import torch
 
-    last = graph.order(order)[-1] == graph.label_node
-    sequences, spans = [], []  # spans[k] = (first scored position, end) in sequence k
-    for prompt, prefix in zip(prompts, prefixes):
-        completions = [
-            list(tokenizer(text, add_special_tokens=False)["input_ids"]) + ([tokenizer.eos_token_id] if last else [])
-            for text in candidate_completions(prefix, graph, order, labels)
-        ]
-        shared = 0
-        while all(len(c) > shared for c in completions) and len({c[shared] for c in completions}) == 1:
-            shared += 1
-        for completion in completions:
-            sequences.append(list(prompt) + completion)
-            spans.append((len(prompt) + shared, len(prompt) + len(completion)))
-    scores = []
+    from training.sft import left_padded
+
+    order = sorted(range(len(steps)), key=lambda i: -len(steps[i].context))
+    result: list[list[float]] = [[] for _ in steps]
     model.eval()
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, sequence in enumerate(chunk):
-            ids[i, : len(sequence)] = torch.tensor(sequence)
-            attention[i, : len(sequence)] = 1
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        ids, attention = left_padded([steps[index].context for index in chunk], 0)
+        # positions count real tokens only, as in an unpadded pass (and in vLLM); only the last position's logits are needed
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for i, sequence in enumerate(chunk):
-            first, end = spans[start + i]
-            positions = torch.arange(first, end)
-            targets = torch.tensor(sequence[first:end])
-            scores.append(float(logprobs[i, positions - 1, targets].sum()))
-    per_prompt = torch.tensor(scores).view(len(prompts), len(labels.names))
-    return torch.softmax(per_prompt, dim=-1).tolist()
+            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
+                           position_ids=positions.to(model.device), logits_to_keep=1).logits[:, -1]
+        for row, index in enumerate(chunk):
+            chosen = logits[row, list(steps[index].label_tokens)].float()
+            result[index] = torch.softmax(chosen, dim=-1).tolist()
+    return result
+
+
+def node_decisions(text: str, graph: ReasoningGraph, order: str, labels: LabelSet) -> list[tuple[str, str]]:
+    """The reasoning nodes' values in a generation, strict parse first and lenient for what it misses, sorted."""
+    strict = parse_cot(text, graph, order, labels.names, "strict")
+    lenient = parse_cot(text, graph, order, labels.names, "lenient")
+    decided = {node: strict.get(node) or lenient.get(node) for node in graph.node_names if node != graph.label_node}
+    return sorted((node, value) for node, value in decided.items() if value is not None)
+
+
+def reasoning_wanted(pairs: Sequence[dict], mode: str, sample_rate: float) -> list[bool]:
+    """Per pair, whether its reasoning text is kept: none, all, or a share `sample_rate` chosen by key hash."""
+    if mode not in REASONING_MODES:
+        raise ValueError(f"reasoning must be one of {REASONING_MODES}, got {mode!r}")
+    if mode != "sample":
+        return [mode == "all"] * len(pairs)
+    if not 0.0 <= sample_rate <= 1.0:
+        raise ValueError(f"reasoning sample rate must be in [0, 1], got {sample_rate}")
+
+    def drawn(pair: dict) -> bool:
+        digest = hashlib.sha256(f"{pair['query']}\u001f{pair['product_id']}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < sample_rate
+
+    return [drawn(pair) for pair in pairs]
+
+
+def generation_needed(graph: ReasoningGraph, order: str, wanted: Sequence[bool]) -> list[bool]:
+    """Which pairs must be generated: all in `reasoning_first` (the label follows the reasoning), the wanted ones otherwise."""
+    if graph.order(order)[0] == graph.label_node:
+        return list(wanted)
+    return [True] * len(wanted)
+
+
+def pair_prompts(tokenizer, pairs: Sequence[dict], prompt_tokens: int) -> list[list[int]]:
+    """The policy's prompt token ids of each pair (query, title, product_type, attributes, description)."""
+    from training.prompt import build_prompt, prompt_offsets
+    from training.sft import prompt_ids
+
+    offsets = prompt_offsets(tokenizer)
+    return [
+        prompt_ids(tokenizer, build_prompt(pair["query"], pair["title"], pair["product_type"], pair["attributes"],
+                                           pair["description"], offsets, prompt_tokens).text)
+        for pair in pairs
+    ]
 
 
 def relevance_rows(
     model, tokenizer, pairs: Sequence[dict], prompts: Sequence[Sequence[int]], graph: ReasoningGraph, labels: LabelSet,
     order: str, *, reasoning: str, model_name: str, model_version: str, ds: dt.date, batch_size: int = 64,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = 96, reasoning_sample: float = 0.0,
 ) -> pa.Table:
     """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`."""
     from training.sft import generate
 
-    if reasoning not in REASONING_MODES:
-        raise ValueError(f"reasoning must be one of {REASONING_MODES}, got {reasoning!r}")
-    fast = reasoning == "none" and graph.order(order)[0] == graph.label_node
-    generations = [("", False)] * len(prompts) if fast else generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    prefixes = [label_prefix(text, graph, order) for text, _ in generations]
-    probabilities = score_labels(model, tokenizer, prompts, prefixes, graph, order, labels, batch_size)
-    decisions = []
-    for text, _ in generations:
-        strict = parse_cot(text, graph, order, labels.names, "strict")
-        lenient = parse_cot(text, graph, order, labels.names, "lenient")
-        decided = {node: strict.get(node) or lenient.get(node) for node in graph.node_names if node != graph.label_node}
-        decisions.append(sorted((node, value) for node, value in decided.items() if value is not None))
-    return relevance_table(pairs, probabilities, decisions, [None if reasoning == "none" else text for text, _ in generations], labels,
+    wanted = reasoning_wanted(pairs, reasoning, reasoning_sample)
+    to_generate = [i for i, needed in enumerate(generation_needed(graph, order, wanted)) if needed]
+    texts = [""] * len(pairs)
+    for i, (text, _) in zip(to_generate, generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size)):
+        texts[i] = text
+    prefixes = [label_prefix(text, graph, order) for text in texts]
+    probabilities = label_step_probabilities(model, label_steps(tokenizer, prompts, prefixes, graph, order, labels), batch_size)
+    decisions = [node_decisions(text, graph, order, labels) for text in texts]
+    return relevance_table(pairs, probabilities, decisions, [text if keep else None for text, keep in zip(texts, wanted)], labels,
                            model_name=model_name, model_version=model_version, ds=ds)
 
 
@@ -155,22 +226,16 @@ def score_split(
 
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
     """
-    from training.model import load_model
-    from training.prompt import build_prompt, prompt_offsets
-    from training.sft import load_pairs, prompt_ids
+    from training.model import load_model, model_version
+    from training.sft import load_pairs
 
     model, tokenizer = load_model(model_dir)
     pairs = load_pairs(Path(data), label_set, split)
     if max_pairs and len(pairs) > max_pairs:
         last_query = pairs[max_pairs - 1]["query_id"]
         pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
-    offsets = prompt_offsets(tokenizer)
-    prompts = [
-        prompt_ids(tokenizer, build_prompt(pair["query"], pair["title"], pair["product_type"], pair["attributes"],
-                                           pair["description"], offsets, prompt_tokens).text)
-        for pair in pairs
-    ]
-    version = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:12]
+    prompts = pair_prompts(tokenizer, pairs, prompt_tokens)
+    version = model_version(model_dir)
     return relevance_rows(
         model, tokenizer, pairs, prompts, ReasoningGraph.load(graph), LabelSet.load(label_set), order,
         reasoning=reasoning, model_name=model_name, model_version=version, ds=dt.date.today(), batch_size=batch_size,

@@ -193,8 +193,7 @@ def score_split(folder: str | Path, data: str | Path, split: str, *, model_name:
 
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
     """
-    import hashlib
-
+    from training.model import model_version
     from training.sft import load_pairs
 
     model, tokenizer, meta = load_student(folder)
@@ -203,7 +202,7 @@ def score_split(folder: str | Path, data: str | Path, split: str, *, model_name:
     if max_pairs and len(pairs) > max_pairs:
         last_query = pairs[max_pairs - 1]["query_id"]
         pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
-    version = hashlib.sha256((Path(folder) / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+    version = model_version(folder)
     return student_rows(model, tokenizer, pairs, labels, graph.label_node, max_length=meta["max_length"], model_name=model_name,
                         model_version=version, ds=dt.date.today(), batch_size=batch_size)
 

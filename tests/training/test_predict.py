@@ -1,9 +1,9 @@
-"""Relevance rows from a policy: the label distribution equals whole-completion likelihoods."""
+"""Relevance rows from a policy: the label distribution is the label step's softmax over the labels' tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import math
 
 import pytest
 import torch
@@ -12,7 +12,8 @@ from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import RELEVANCE
 from training.cot import parse_cot
 from training.model import load_model
-from training.predict import candidate_completions, label_prefix, relevance_rows, score_labels
+from training.predict import (candidate_completions, label_prefix, label_step_probabilities, label_steps, reasoning_wanted,
+                              relevance_rows)
 
 GRAPH = ReasoningGraph.load("relevance7")
 LABELS = LabelSet.load("wands")
@@ -28,46 +29,65 @@ def test_label_prefix_by_order_and_for_malformed_generations():
     assert candidate_completions("p\ny: ", GRAPH, "reasoning_first", LABELS)[2] == "p\ny: Irrelevant"
 
 
-def _completion_logprob(model, tokenizer, prompt: list[int], completion: list[int]) -> float:
-    """log P(completion | prompt), one sequence at a time, every completion token counted."""
-    ids = torch.tensor([prompt + completion])
-    with torch.inference_mode():
-        logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
-    return sum(float(logprobs[len(prompt) + i - 1, token]) for i, token in enumerate(completion))
-
-
 @pytest.mark.parametrize("order", ["label_first", "reasoning_first"])
-def test_label_probabilities_equal_normalised_completion_likelihoods(tiny_model, order):
+def test_label_probabilities_are_the_label_step_softmax_over_label_tokens(tiny_model, order):
     model, tokenizer = load_model(tiny_model)
     model.eval()
-    prompts = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12]]
-    prefixes = ["y: ", REASONING + "\ny: "] if order == "reasoning_first" else ["y: ", "y: "]
-    probabilities = score_labels(model, tokenizer, prompts, prefixes, GRAPH, order, LABELS, batch_size=4)
+    prompts = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12], [1, 13]]  # unequal lengths: the batch is padded
+    prefixes = ["y: ", REASONING + "\ny: ", "y: "] if order == "reasoning_first" else ["y: "] * 3
+    steps = label_steps(tokenizer, prompts, prefixes, GRAPH, order, LABELS)
+    probabilities = label_step_probabilities(model, steps, batch_size=4)
     eos = [tokenizer.eos_token_id] if order == "reasoning_first" else []
-    for prompt, prefix, got in zip(prompts, prefixes, probabilities):
-        scores = [
-            _completion_logprob(model, tokenizer, prompt, tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
-            for text in candidate_completions(prefix, GRAPH, order, LABELS)
-        ]
-        total = math.log(sum(math.exp(s - max(scores)) for s in scores)) + max(scores)
-        assert got == pytest.approx([math.exp(s - total) for s in scores], abs=1e-5)
+    for prompt, prefix, step, got in zip(prompts, prefixes, steps, probabilities):
+        completions = [tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+                       for text in candidate_completions(prefix, GRAPH, order, LABELS)]
+        shared = len(step.context) - len(prompt)
+        assert all(c[:shared] == completions[0][:shared] for c in completions)
+        assert step.label_tokens == tuple(c[shared] for c in completions)
+        with torch.inference_mode():  # one unpadded pass per pair
+            logits = model(input_ids=torch.tensor([list(step.context)])).logits[0, -1]
+        assert got == pytest.approx(torch.softmax(logits[list(step.label_tokens)], -1).tolist(), abs=1e-5)
 
 
-@pytest.mark.parametrize("reasoning", ["none", "all"])
+def test_labels_sharing_their_first_token_are_refused(tiny_model):
+    _, tokenizer = load_model(tiny_model)
+    exact = LABELS.labels[0]
+    clashing = dataclasses.replace(LABELS, name="clash", labels=(exact, dataclasses.replace(exact, name="Exactly"), LABELS.labels[2]),
+                                   relevant=(), rule=())
+    with pytest.raises(ValueError, match=r"\['Exact', 'Exactly'\] start with the same token"):
+        label_steps(tokenizer, [[1, 2]], ["y: "], GRAPH, "label_first", clashing)
+    # a label that is a prefix of another is told apart by the terminator that follows it
+    prefixed = dataclasses.replace(clashing, labels=(exact, dataclasses.replace(exact, name="Exactly")))
+    step = label_steps(tokenizer, [[1, 2]], ["y: "], GRAPH, "label_first", prefixed)[0]
+    assert len(set(step.label_tokens)) == 2
+
+
+def test_reasoning_sample_is_a_stable_share_of_pairs():
+    pairs = [{"query": f"q{i}", "product_id": f"p{i}"} for i in range(2000)]
+    drawn = reasoning_wanted(pairs, "sample", 0.1)
+    assert 150 < sum(drawn) < 250
+    assert drawn == reasoning_wanted(list(reversed(pairs)), "sample", 0.1)[::-1]  # by key, not position
+    assert reasoning_wanted(pairs, "all", 0.0) == [True] * 2000 and not any(reasoning_wanted(pairs, "none", 1.0))
+    with pytest.raises(ValueError, match="reasoning must be one of"):
+        reasoning_wanted(pairs, "some", 0.1)
+
+
+@pytest.mark.parametrize("reasoning", ["none", "sample", "all"])
 def test_rows_follow_the_relevance_schema(tiny_model, reasoning):
     model, tokenizer = load_model(tiny_model)
     pairs = [{"query": "gray sofa", "query_id": "q1", "product_id": "p1"}, {"query": "sofa", "query_id": "q2", "product_id": "p2"}]
     rows = relevance_rows(
         model, tokenizer, pairs, [[1, 5, 6], [1, 7]], GRAPH, LABELS, "label_first", reasoning=reasoning,
-        model_name="tiny", model_version="v1", ds=dt.date(2024, 1, 2), max_new_tokens=12,
+        model_name="tiny", model_version="v1", ds=dt.date(2024, 1, 2), max_new_tokens=12, reasoning_sample=0.5,
     )
     assert rows.schema == RELEVANCE.arrow_schema()
-    for row in rows.to_pylist():
+    kept = reasoning_wanted(pairs, reasoning, 0.5)
+    for row, keep in zip(rows.to_pylist(), kept):
         probabilities = dict(row["label_probs"])
         assert sum(probabilities.values()) == pytest.approx(1.0)
         assert row["label"] == max(probabilities, key=probabilities.get)
         assert row["expected_gain"] == pytest.approx(sum(LABELS.gains[k] * p for k, p in probabilities.items()))
-        if reasoning == "none":  # label-first fast path: nothing generated
+        if not keep:  # label-first fast path: nothing generated
             assert row["reasoning"] is None and row["node_decisions"] == []
         else:
             lenient = parse_cot(row["reasoning"], GRAPH, "label_first", LABELS.names, "lenient")

@@ -154,9 +154,8 @@ def test_left_padded_batches_decode_like_single_prompts(tiny_model):
 
 
 def test_pairs_are_the_split_rows_with_nodes_and_brand_as_a_facet(tiny_world):
-    from conftest import VALIDATION_QUERIES
-
     from training.sft import load_pairs
+    from training_world import VALIDATION_QUERIES
 
     train = {(p["query_id"], p["product_id"]): p for p in load_pairs(tiny_world, "wands", "train")}
     validation = load_pairs(tiny_world, "wands", "validation")

@@ -19,25 +19,14 @@ import torch  # noqa: E402
 from schemas.graph import ReasoningGraph  # noqa: E402
 from training.grpo.rollout import Sampling  # noqa: E402
 from training.grpo.vllm_backend import VLLMBackend  # noqa: E402
-from training.model import ModelInitConfig, init_tiny_model, load_model  # noqa: E402
-from training.sft import SFTConfig, encode_example, load_pairs, run  # noqa: E402
+from training.model import load_model  # noqa: E402
+from training.sft import encode_example, load_pairs  # noqa: E402
 
 # Largest |vLLM - HF| logprob measured on this policy: 1e-5 (both fp32; the matmul and attention kernels
 # differ). The margin covers other CPUs' kernels; bf16 anywhere would be ~1e-2, and what the tests must
 # tell apart (T = 1 instead of 0.7, a weight update, stale KV) moves logprobs by more than 1.
 LOGPROB_TOL = 1e-3
 SAMPLING = Sampling(group_size=4, temperature=0.7, max_new_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def vllm_policy(tiny_world, tmp_path_factory):
-    """`relevance model init`'s default policy, briefly SFT-trained (not the `tiny_model` fixture: its head
-    size of 16 has no kernel in vLLM's CPU attention, which takes 32, 64, 80, ...)."""
-    base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base")))
-    out = tmp_path_factory.mktemp("vllm_sft")
-    run(SFTConfig(data=tiny_world, model=base, out=out, batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
-                  max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
-    return out / "model"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""A hand-made world small enough for training tests: 8 products, 6 queries, 48 judged pairs.
+"""A hand-made world small enough for training and scoring tests: 8 products, 6 queries, 48 judged pairs,
+and the models trained on it (session fixtures, registered in tests/conftest.py).
 
 The same root holds `training_examples` as `relevance datasets` would write it: queries in
 VALIDATION_QUERIES form the validation split, the rest train, plus one weak-labelled train row
@@ -122,4 +123,18 @@ def sft_policy(tiny_world, tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft_policy")
     run(SFTConfig(data=tiny_world, model=tiny_model, out=out, batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
                   val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
+def vllm_policy(tiny_world, tmp_path_factory) -> Path:
+    """`relevance model init`'s default policy, briefly SFT-trained (not the `tiny_model` fixture: its head
+    size of 16 has no kernel in vLLM's CPU attention, which takes 32, 64, 80, ...)."""
+    from training.model import ModelInitConfig, init_tiny_model
+    from training.sft import SFTConfig, run
+
+    base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base")))
+    out = tmp_path_factory.mktemp("vllm_sft")
+    run(SFTConfig(data=tiny_world, model=base, out=out, batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
+                  max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"

@@ -1,0 +1,126 @@
+"""`relevance score`: every candidate scored exactly once, reuse by model version and content hash,
+quarantine of pairs without a product, and a SIGKILL mid-shard that a re-run recovers from."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from jobs.scoring.run import ScoreConfig, run
+from schemas.storage import read_table, write_table
+from schemas.tables import CANDIDATE_PAIRS, CATALOG, QUARANTINE, QUERIES, RELEVANCE
+
+DAY = dt.date(2024, 3, 2)
+REPO = Path(__file__).resolve().parents[3]
+
+
+def write_candidates(root: Path, world: Path, day: dt.date, changed_hash: str = "", extra_pairs: tuple = ()) -> int:
+    """Every (query, product) of the tiny world as `day`'s candidates; `changed_hash` marks one product's text as changed."""
+    queries = read_table(QUERIES, world).to_pylist()
+    products = read_table(CATALOG, world)["product_id"].to_pylist()
+    rows = [{"query": q["query"], "query_id": q["query_id"], "product_id": pid,
+             "product_content_hash": f"{pid}-{'v2' if pid == changed_hash else 'v1'}", "impressions": 3, "ds": day}
+            for q in queries for pid in products]
+    rows += [{"query": query, "query_id": "qx", "product_id": pid, "product_content_hash": "h", "impressions": 1, "ds": day}
+             for query, pid in extra_pairs]
+    write_table(CANDIDATE_PAIRS, pa.Table.from_pylist(rows, schema=CANDIDATE_PAIRS.arrow_schema()), root)
+    return len(rows)
+
+
+def config(tmp_path: Path, world: Path, model: Path, day: dt.date = DAY, **overrides) -> ScoreConfig:
+    values = {"date": day.isoformat(), "pairs": str(tmp_path / "prepared"), "catalog": str(world), "out": str(tmp_path / "scores"),
+              "backend": "hf", "model": str(model), "batch_size": 16, **overrides}
+    return ScoreConfig(**values)
+
+
+def day_rows(out: Path, day: dt.date) -> pa.Table:
+    return read_table(RELEVANCE, out, days=[day]).sort_by([("query", "ascending"), ("product_id", "ascending")])
+
+
+def test_every_candidate_once_then_reuse_by_version_and_content(tmp_path, tiny_world, tiny_model):
+    n = write_candidates(tmp_path / "prepared", tiny_world, DAY, extra_pairs=(("gray sofa", "p-gone"),))
+    first = run(config(tmp_path, tiny_world, tiny_model))
+    assert (first["candidates"], first["scored"], first["reused"], first["quarantined"]) == (n, n - 1, 0, 1)
+    rows = day_rows(tmp_path / "scores", DAY)
+    assert rows.num_rows == n - 1 and rows.schema == RELEVANCE.arrow_schema()
+    assert len(set(zip(rows["query"].to_pylist(), rows["product_id"].to_pylist()))) == n - 1
+    quarantined = read_table(QUARANTINE, tmp_path / "scores" / "_scoring" / f"ds={DAY}").to_pylist()
+    assert [(json.loads(q["record"])["product_id"], q["field"]) for q in quarantined] == [("p-gone", "product_id")]
+    assert not list((tmp_path / "scores" / "_scoring" / f"ds={DAY}").glob(f"{first['model_version']}*")), "shards removed once published"
+
+    again = run(config(tmp_path, tiny_world, tiny_model))  # idempotent: nothing scored, the same rows
+    assert (again["scored"], again["reused"]) == (0, n - 1)
+    assert day_rows(tmp_path / "scores", DAY).equals(rows)
+
+    next_day = DAY + dt.timedelta(days=1)
+    write_candidates(tmp_path / "prepared", tiny_world, next_day, changed_hash="p3")
+    nightly = run(config(tmp_path, tiny_world, tiny_model, day=next_day))
+    assert (nightly["scored"], nightly["reused"]) == (6, n - 1 - 6)  # p3's text changed: its 6 pairs only
+    tomorrow = day_rows(tmp_path / "scores", next_day)
+    rescored = tomorrow.filter(pc.equal(tomorrow["product_id"], "p3"))
+    kept = tomorrow.filter(pc.not_equal(tomorrow["product_id"], "p3"))
+    assert set(rescored["product_content_hash"].to_pylist()) == {"p3-v2"}
+    assert kept.drop_columns(["ds"]).equals(rows.filter(pc.not_equal(rows["product_id"], "p3")).drop_columns(["ds"]))
+    assert min(rescored["scored_at"].to_pylist()) > max(kept["scored_at"].to_pylist())
+
+    other_settings = run(config(tmp_path, tiny_world, tiny_model, day=next_day, prompt_tokens=40))
+    assert other_settings["model_version"] != nightly["model_version"] and other_settings["reused"] == 0
+
+
+def test_a_job_killed_mid_shard_completes_on_rerun_with_each_pair_once(tmp_path, tiny_world, tiny_model):
+    n = write_candidates(tmp_path / "prepared", tiny_world, DAY)
+    settings = {"shard_size": 4, "reasoning": "all", "max_new_tokens": 64, "batch_size": 4}
+    reference = run(config(tmp_path / "reference", tiny_world, tiny_model, pairs=str(tmp_path / "prepared"), **settings))
+    command = [sys.executable, "-m", "jobs.cli", "score", "--date", DAY.isoformat(), "--model", str(tiny_model), "--pairs",
+               str(tmp_path / "prepared"), "--catalog", str(tiny_world), "--out", str(tmp_path / "scores")]
+    command += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    manifest_path = tmp_path / "scores" / "_scoring" / f"ds={DAY}" / reference["model_version"] / "manifest.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    at_kill = None
+    deadline = time.monotonic() + 300
+    while job.poll() is None and time.monotonic() < deadline:
+        if manifest_path.is_file():
+            shards = json.loads(manifest_path.read_text())["shards"]
+            done = [s["shard"] for s in shards if s["done"]]
+            running = [s["shard"] for s in shards if s["attempts"] and not s["done"]]
+            if len(done) >= 3 and running:
+                job.send_signal(signal.SIGKILL)
+                at_kill = (done, running)
+                break
+        time.sleep(0.01)
+    job.wait()
+    assert at_kill is not None, f"the job ended before it could be killed mid-shard: {job.stderr.read().decode()[-2000:]}"
+    assert job.returncode == -signal.SIGKILL
+    assert not (tmp_path / "scores" / "relevance").exists(), "nothing published by the killed job"
+
+    rerun = run(config(tmp_path, tiny_world, tiny_model, **settings))
+    done, running = at_kill
+    assert all(rerun["shard_attempts"][k] == 1 for k in done), "shards finished before the kill are not scored again"
+    assert all(rerun["shard_attempts"][k] == 2 for k in running)
+    rows = day_rows(tmp_path / "scores", DAY)
+    expected = day_rows(tmp_path / "reference" / "scores", DAY)
+    assert rows.num_rows == n and len(set(zip(rows["query"].to_pylist(), rows["product_id"].to_pylist()))) == n
+    assert rows.select(["query", "product_id", "label", "label_probs", "reasoning"]).equals(
+        expected.select(["query", "product_id", "label", "label_probs", "reasoning"]))
+
+
+def test_config_errors_name_the_field(tmp_path, tiny_model):
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError, match="date"):
+        ScoreConfig(date="03/02/2024", model=str(tiny_model))
+    with pytest.raises(ConfigError, match="backend"):
+        ScoreConfig(date="2024-03-02", model=str(tiny_model), backend="onnx")
+    with pytest.raises(ConfigError, match="model"):
+        ScoreConfig(date="2024-03-02", model=str(tmp_path))

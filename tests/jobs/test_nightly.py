@@ -1,0 +1,63 @@
+"""`relevance nightly`: two nights on the tests-size world (prepare with Spark, score with the tiny policy,
+validate, publish), re-running a night changes nothing, and a night whose table fails validation exits
+non-zero and publishes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from jobs.cli import app
+from jobs.nightly import NightlyConfig, run
+from schemas.storage import partitions, read_table, write_table
+from schemas.tables import CANDIDATE_PAIRS, RELEVANCE, SEARCH_IMPRESSIONS
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from jobs.world.run import GenerateConfig
+    from jobs.world.run import run as generate
+
+    out = tmp_path_factory.mktemp("nightly_world")
+    generate(GenerateConfig(out=out, preset="tests", seed=5))
+    return out
+
+
+def test_two_nights_rerun_and_a_failed_validation(world, tiny_model, tmp_path, spark):
+    first, second = (day.isoformat() for day in partitions(SEARCH_IMPRESSIONS, world)[-2:])
+    settings = {"data": str(world), "out": str(tmp_path), "model": str(tiny_model), "reasoning": "none", "score": {"prompt_tokens": 40},
+                "prepare": {"run_suite": False}}  # the GE certification of the inputs is tested with prepare
+    run(NightlyConfig(date=first, **settings))
+    report = run(NightlyConfig(date=second, **settings))
+    scored = report["steps"]["score"]["report"]
+    candidates = read_table(CANDIDATE_PAIRS, tmp_path / "prepared", days=[partitions(CANDIDATE_PAIRS, tmp_path / "prepared")[-1]])
+    assert scored["candidates"] == candidates.num_rows == scored["scored"] + scored["reused"]
+    assert scored["reused"] > 0, "pairs seen the night before are not scored again"
+    published = tmp_path / "published" / "relevance" / f"ds={second}"
+    assert pq.read_table(published / "relevance.parquet").num_rows == candidates.num_rows
+    assert json.loads((published / "manifest.json").read_text())["ds"] == second
+    assert json.loads((published / "churn.json").read_text())["previous_ds"] == first
+
+    before = pq.read_table(published / "relevance.parquet")
+    again = run(NightlyConfig(date=second, **settings))
+    assert again["steps"]["score"]["report"]["scored"] == 0
+    assert pq.read_table(published / "relevance.parquet").equals(before)
+
+    # a corrupted cache: tonight's stored scores no longer sum to one; the re-run reuses them, validation stops it
+    stored = read_table(RELEVANCE, tmp_path / "scores", days=[before["ds"][0].as_py()])
+    halved = [[(label, p / 2) for label, p in probs] for probs in stored["label_probs"].to_pylist()]
+    probs_type = RELEVANCE.arrow_schema().field("label_probs").type
+    write_table(RELEVANCE, stored.set_column(stored.schema.get_field_index("label_probs"), "label_probs", pa.array(halved, probs_type)),
+                tmp_path / "scores")
+    latest = (tmp_path / "published" / "relevance" / "_LATEST").read_text()
+    result = CliRunner().invoke(app, ["nightly", "--date", second, "--data", str(world), "--out", str(tmp_path), "--model", str(tiny_model),
+                                      "--set", "reasoning=none", "--set", "score.prompt_tokens=40",
+                                      "--set", "prepare.run_suite=false"])
+    assert result.exit_code == 1
+    assert "validation failed, nothing published" in result.output and "label_probs" in result.output
+    assert pq.read_table(published / "relevance.parquet").equals(before), "the published night is untouched"
+    assert (tmp_path / "published" / "relevance" / "_LATEST").read_text() == latest
