@@ -18,6 +18,12 @@ are missing and what was wrong. Two modes:
 `node_spans` / `token_nodes` map characters and then tokenizer offsets to nodes: every token that
 overlaps a node's line (tag, colon and value) belongs to that node; the newline separators and
 tokens with empty offsets (special tokens such as EOS) belong to none.
+
+`cot_regex` is the format as a regular expression (Python `re` and xgrammar syntax alike), for
+constrained decoding: every text `render_cot` writes for valid values matches it (text values, facet
+keys and facet values up to `VALUE_MAX_CHARS` characters), and every text it matches is `well_formed`
+under the strict parse, except one rule a regular expression cannot state: a facets value whose keys
+repeat (`color=red; color=blue`) matches but does not parse.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from schemas.graph import ReasoningGraph, parse_facets
+from schemas.graph import FACETS_NONE, ReasoningGraph, parse_facets
 
 SEPARATOR = ": "
 MODES = ("strict", "lenient")
+VALUE_MAX_CHARS = 64
+# The characters str.strip() removes (str.isspace()) as the body of a regex class: a value neither starts nor ends with one.
+STRIP_CLASS = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_REGEX_SPECIAL = "\\.^$*+?{}[]|()"
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,33 @@ def render_cot(values: Mapping[str, str], graph: ReasoningGraph, order: str) -> 
             raise ValueError(f"render_cot: node {node!r} value {value!r} must be one non-empty line without edge spaces")
         lines.append(f"{node}{SEPARATOR}{value}")
     return "\n".join(lines)
+
+
+def _literal(text: str) -> str:
+    """`text` as a regex matching exactly it (only metacharacters escaped: xgrammar warns on `re.escape`'s `\\ `)."""
+    return "".join("\\" + char if char in _REGEX_SPECIAL else char for char in text)
+
+
+def _trimmed(excluded: str) -> str:
+    """Regex of 1 to VALUE_MAX_CHARS characters outside `excluded` and newlines, not starting or ending with whitespace."""
+    edge = f"[^{excluded}{STRIP_CLASS}]"
+    return f"{edge}(?:[^{excluded}\\n]{{0,{VALUE_MAX_CHARS - 2}}}{edge})?"
+
+
+def cot_regex(graph: ReasoningGraph, labels: Sequence[str], order: str) -> str:
+    """The regex of a whole CoT of `graph` in the named order with the label set's names `labels` (see the module doc)."""
+    entry = f"{_trimmed('=;')}={_trimmed(';')}"  # the key ends at the first '=' (parse_facets), the value may hold more
+    patterns = {
+        "text": _trimmed(""),
+        "facets": f"(?:{_literal(FACETS_NONE)}|{entry}(?:; {entry})*)",
+        "label": "(?:" + "|".join(map(_literal, labels)) + ")",
+    }
+    lines = []
+    for name in graph.order(order):
+        node = graph.node(name)
+        value = "(?:" + "|".join(map(_literal, node.values)) + ")" if node.kind == "choice" else patterns[node.kind]
+        lines.append(_literal(f"{name}{SEPARATOR}") + value)
+    return "\\n".join(lines)
 
 
 def _value_problem(node: str, value: str, graph: ReasoningGraph, labels: Sequence[str] | None) -> str | None:

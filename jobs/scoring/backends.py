@@ -3,7 +3,8 @@
 - `hf`: the policy through transformers (`training.predict.relevance_rows`): greedy CoT where it is
   needed, the label distribution read at the label step.
 - `vllm`: the same policy and the same distribution through vLLM's offline engine
-  (`jobs.scoring.vllm_scorer`), with structured outputs so every generated CoT parses.
+  (`jobs.scoring.vllm_scorer`), with structured outputs so every generated CoT follows the CoT format
+  (a regex cannot forbid a facets line from repeating a key, which the strict parser rejects).
 - `student`: the distilled multi-head student (`training.student.student_rows`): one encoder pass,
   node decisions from its heads, no reasoning text.
 

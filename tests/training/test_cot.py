@@ -5,14 +5,16 @@ Expected texts and spans are written out by hand; the property tests draw random
 
 from __future__ import annotations
 
+import re
 import string
+import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.graph import LabelSet, ReasoningGraph, format_facets
-from training.cot import node_spans, parse_cot, render_cot, token_nodes
+from training.cot import SEPARATOR, STRIP_CLASS, VALUE_MAX_CHARS, cot_regex, node_spans, parse_cot, render_cot, token_nodes
 
 GRAPH = ReasoningGraph.load("relevance7")
 LABELS = LabelSet.load("wands").names
@@ -150,3 +152,95 @@ def test_every_token_of_a_line_maps_to_its_node(tokenizer, values, order):
         assert covered == line
     unowned = "".join(text[s:e] for (s, e), owner in zip(encoded["offset_mapping"], nodes) if owner is None)
     assert unowned == "\n" * (len(lines) - 1)
+
+
+# ---------------------------------------------------------------- cot_regex
+
+
+def gold_cots(world, order: str) -> list[str]:
+    from training.sft import load_pairs
+
+    pairs = load_pairs(world, "wands", "train") + load_pairs(world, "wands", "validation")
+    assert len(pairs) == 48
+    return [render_cot(pair["gold"], GRAPH, order) for pair in pairs]
+
+
+NOT_COTS = [
+    LABEL_FIRST.replace("ms: match", "ms: maybe"),  # not a choice value
+    LABEL_FIRST.replace("y: Exact", "y: Great"),  # not a label
+    LABEL_FIRST.replace("\nma: match", ""),  # a missing line
+    LABEL_FIRST + "\nqs: lamp",  # a line after the last node
+    LABEL_FIRST + " ",  # trailing text
+    LABEL_FIRST + "\n",
+    render_cot(VALUES, GRAPH, "reasoning_first"),  # the other order
+    LABEL_FIRST.replace("qs: sofa", "qs:  sofa"),  # a space at the edge of a value
+    LABEL_FIRST.replace("qs: sofa", "qs: sofa\u00a0"),
+    LABEL_FIRST.replace("qs: sofa", "qs: " + "s" * (VALUE_MAX_CHARS + 1)),  # over the length bound
+    LABEL_FIRST.replace("qa: color=gray", "qa: gray"),  # facets without '='
+    LABEL_FIRST.replace("qa: color=gray", "qa: color=gray;material=wool"),  # not as format_facets writes it
+    LABEL_FIRST.replace("qa: color=gray", "qa: color=gray; "),
+]
+
+
+def test_strip_class_is_the_whitespace_str_strip_removes():
+    every_character = "".join(map(chr, range(sys.maxunicode + 1)))
+    assert re.findall(f"[{STRIP_CLASS}]", every_character) == [char for char in every_character if char.isspace()]
+
+
+@pytest.mark.parametrize("order", ["label_first", "reasoning_first"])
+def test_cot_regex_matches_the_gold_cots_of_the_tiny_world(tiny_world, order):
+    regex = cot_regex(GRAPH, LABELS, order)
+    for text in gold_cots(tiny_world, order):
+        assert re.fullmatch(regex, text), text
+
+
+@pytest.mark.parametrize("text", NOT_COTS)
+def test_cot_regex_refuses_other_texts(text):
+    assert re.fullmatch(cot_regex(GRAPH, LABELS, "label_first"), text) is None
+
+
+def test_xgrammar_reads_cot_regex_as_python_re_does(tiny_world):
+    """vLLM's structured outputs (xgrammar backend) accept the gold CoTs and refuse the other texts."""
+    xgr = pytest.importorskip("xgrammar")
+    regex = cot_regex(GRAPH, LABELS, "label_first")
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_regex(regex)
+
+    def accepts(text: str) -> bool:
+        matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+        return matcher.accept_string(text) and matcher.is_terminated()
+
+    assert all(accepts(text) for text in gold_cots(tiny_world, "label_first"))
+    assert not any(accepts(text) for text in NOT_COTS)
+
+
+LINE = st.text(st.characters(exclude_characters="\n"), min_size=1, max_size=VALUE_MAX_CHARS).filter(lambda text: text == text.strip())
+
+
+def text_node_values():
+    """Node values whose text nodes are any single line without edge whitespace (any Unicode inside)."""
+    return node_values().flatmap(lambda values: st.fixed_dictionaries(
+        {**{name: st.just(value) for name, value in values.items()}, **{node.name: LINE for node in GRAPH.nodes if node.kind == "text"}}
+    ))
+
+
+@given(text_node_values(), st.sampled_from(["label_first", "reasoning_first"]))
+@settings(max_examples=100, deadline=None)
+def test_cot_regex_matches_every_rendered_cot(values, order):
+    assert re.fullmatch(cot_regex(GRAPH, LABELS, order), render_cot(values, GRAPH, order))
+
+
+FACETS_NODES = [node.name for node in GRAPH.nodes if node.kind == "facets"]
+
+
+@given(node_values(), st.integers(min_value=0), st.text(max_size=2), st.integers(min_value=0, max_value=2))
+@settings(max_examples=300, deadline=None)
+def test_what_cot_regex_matches_parses_strictly(values, position, insert, delete):
+    """Edits of a rendered CoT: whatever the regex still matches is well formed, unless a facets value repeats a key."""
+    text = render_cot(values, GRAPH, "reasoning_first")
+    cut = position % (len(text) + 1)
+    edited = text[:cut] + insert + text[cut + delete:]
+    if re.fullmatch(cot_regex(GRAPH, LABELS, "reasoning_first"), edited):
+        parsed = parse_cot(edited, GRAPH, "reasoning_first", LABELS, "strict")
+        facets = [line.partition(SEPARATOR)[2] for line in edited.split("\n") if line.split(SEPARATOR)[0] in FACETS_NODES]
+        keys = [[entry.partition("=")[0] for entry in value.split("; ")] for value in facets]
+        assert parsed.well_formed or any(len(set(names)) < len(names) for names in keys), (edited, parsed.problems)

