@@ -124,3 +124,16 @@ def test_config_errors_name_the_field(tmp_path, tiny_model):
         ScoreConfig(date="2024-03-02", model=str(tiny_model), backend="onnx")
     with pytest.raises(ConfigError, match="model"):
         ScoreConfig(date="2024-03-02", model=str(tmp_path))
+
+
+def test_the_spark_engine_writes_the_rows_the_local_engine_writes(tmp_path, tiny_world, tiny_model, spark):
+    write_candidates(tmp_path / "prepared", tiny_world, DAY)
+    local = run(config(tmp_path / "local", tiny_world, tiny_model, pairs=str(tmp_path / "prepared")))
+    on_spark = run(config(tmp_path / "spark", tiny_world, tiny_model, pairs=str(tmp_path / "prepared"), engine="spark", spark_partitions=2,
+                          shard_size=30))
+    assert (on_spark["scored"], on_spark["shards"], on_spark["model_version"]) == (local["scored"], 2, local["model_version"])
+    expected, got = day_rows(tmp_path / "local" / "scores", DAY), day_rows(tmp_path / "spark" / "scores", DAY)
+    assert got.select(["query", "product_id", "label", "node_decisions"]).equals(expected.select(["query", "product_id", "label", "node_decisions"]))
+    for mine, theirs in zip(got["label_probs"].to_pylist(), expected["label_probs"].to_pylist()):
+        assert [label for label, _ in mine] == [label for label, _ in theirs]
+        assert [p for _, p in mine] == pytest.approx([p for _, p in theirs], abs=1e-5)
