@@ -6,6 +6,12 @@ session builder (`jobs.spark.get_spark`) keeps them. Ship the code with `--py-fi
 
     spark-submit --master yarn --py-files relevance.zip jobs/submit.py prepare \\
         --set date=2024-03-03 --set data=hdfs:///relevance/world --set out=hdfs:///relevance/prepared
+
+Scoring on GPU executors (one engine per GPU, see jobs/scoring/spark.py for the resource settings):
+
+    spark-submit --master yarn --py-files relevance.zip --conf spark.executor.resource.gpu.amount=1 \
+        --conf spark.task.resource.gpu.amount=1 jobs/submit.py score --set engine=spark --set backend=vllm \
+        --set date=2024-03-03 --set model=/shared/models/policy --set pairs=hdfs:///relevance/prepared ...
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ import argparse
 
 from schemas.config import load_config
 
-JOBS = {"prepare": ("jobs.prepare", "PrepareConfig"), "datasets": ("jobs.datasets", "DatasetsConfig")}
+JOBS = {
+    "prepare": ("jobs.prepare", "PrepareConfig"),
+    "datasets": ("jobs.datasets", "DatasetsConfig"),
+    "score": ("jobs.scoring.run", "ScoreConfig"),
+    "nightly": ("jobs.nightly", "NightlyConfig"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:

