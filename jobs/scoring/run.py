@@ -67,7 +67,7 @@ class ScoreConfig:
     reasoning_sample: float = help_field("Share of pairs whose reasoning is generated and kept with reasoning=sample.", 0.05)
     batch_size: int = help_field("Pairs per forward/generate batch (hf, student).", 64)
     max_new_tokens: int = help_field("Longest generated CoT.", 96)
-    device: str = help_field("cpu, cuda or cuda:N (hf, student; vllm picks its own).", "cpu")
+    device: str = help_field("cpu, cuda or cuda:N (vllm: cuda:N makes only that GPU visible to the engine).", "cpu")
     dtype: str = help_field("Weights dtype of a policy: float32, bfloat16 or float16.", "float32")
     kv_cache_gib: float = help_field("vLLM: KV cache size in GiB.", 1.0)
     shard_size: int = help_field("Pairs per shard: the most work a killed job loses.", 2000)
