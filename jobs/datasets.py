@@ -84,7 +84,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from schemas.config import ConfigError, config_to_dict, help_field
+from schemas.config import ConfigError, config_date, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.storage import table_path
 from schemas.tables import (
@@ -463,10 +463,7 @@ class DatasetsConfig:
             if value:
                 if not self.weak_from:
                     raise ConfigError(f"{name}: only meaningful with weak_from (the prepare output root)")
-                try:
-                    dt.date.fromisoformat(value)
-                except ValueError:
-                    raise ConfigError(f"{name}: must look like YYYY-MM-DD, got {value!r}") from None
+                config_date(value, name)
         if self.weak_start and self.weak_end and self.weak_start > self.weak_end:
             raise ConfigError(f"weak_start {self.weak_start} is after weak_end {self.weak_end}")
 

@@ -27,7 +27,7 @@
    into a hidden staging folder that is then renamed into place, so a reader sees the previous
    export of D or the new one, never part of one (while a re-export swaps folders, for the instant
    between two renames, no folder), and re-exporting D replaces it whole. After the
-   rename, `<out>/relevance/_LATEST` is rewritten (temp file + os.replace) with the newest published
+   rename, `<out>/relevance/_LATEST` is rewritten (`schemas.storage.replace_file`) with the newest published
    ds, so a backfill of an older day never moves it backwards.
 
 Files of a published partition:
@@ -55,8 +55,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,10 +64,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.config import ConfigError, help_field
+from schemas.config import ConfigError, config_date, help_field
 from schemas.expectations import ExpectationOutcome, SuiteResult, expectations_for, validate_with_gx
 from schemas.graph import LabelSet
-from schemas.storage import partitions, read_table, replace_folder
+from schemas.storage import partitions, read_table, replace_file, replace_folder
 from schemas.tables import QUERIES, RELEVANCE
 
 PARQUET_FILE = "relevance.parquet"
@@ -108,10 +106,7 @@ class ExportConfig:
     max_prob_sum_error: float = help_field("Largest accepted |sum of label_probs - 1| per row.", 1e-4)
 
     def __post_init__(self) -> None:
-        try:
-            dt.date.fromisoformat(self.date)
-        except ValueError:
-            raise ConfigError(f"date must look like YYYY-MM-DD, got {self.date!r}") from None
+        config_date(self.date)
         if not self.relevance or not self.out:
             raise ConfigError("relevance (the data root to read) and out (the publish root) are both required")
         # <out>/relevance/ds=D is where the input partition lives when both roots are one folder.
@@ -129,7 +124,7 @@ class ExportConfig:
 
     @property
     def day(self) -> dt.date:
-        return dt.date.fromisoformat(self.date)
+        return config_date(self.date)
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -623,9 +618,7 @@ def published_days(root: Path) -> list[dt.date]:
 def write_latest(root: Path) -> str:
     """Point `_LATEST` at the newest published day (temp file + atomic replace); returns that day."""
     newest = max(published_days(root)).isoformat()
-    temporary = root / f".{LATEST_FILE}-{uuid.uuid4().hex[:8]}"
-    temporary.write_text(newest + "\n")
-    os.replace(temporary, root / LATEST_FILE)
+    replace_file(root / LATEST_FILE, lambda staging: staging.write_text(newest + "\n"))
     return newest
 
 

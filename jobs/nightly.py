@@ -10,14 +10,13 @@ code 1, and the published folder is left as it was.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.config import ConfigError, help_field
+from schemas.config import ConfigError, config_date, help_field, load_config
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,7 @@ class NightlyConfig:
     prepare: dict[str, Any] = help_field("More `relevance prepare` settings (synonyms, spark_master, ...).", {})
 
     def __post_init__(self) -> None:
-        try:
-            dt.date.fromisoformat(self.date)
-        except (TypeError, ValueError):
-            raise ConfigError(f"date must look like YYYY-MM-DD, got {self.date!r}") from None
+        config_date(self.date)
         clashes = {"date", "pairs", "catalog", "out", "backend", "model", "reasoning", "engine"} & set(self.score)
         if clashes:
             raise ConfigError(f"score: {sorted(clashes)} are set by the nightly job itself; use its own keys")
@@ -50,7 +46,6 @@ def run(config: NightlyConfig) -> dict:
     from jobs.prepare import run as prepare
     from jobs.scoring.run import ScoreConfig
     from jobs.scoring.run import run as score
-    from schemas.config import load_config
 
     out = Path(config.out)
     steps: dict[str, Any] = {}

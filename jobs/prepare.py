@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from schemas.config import ConfigError, help_field
+from schemas.config import ConfigError, config_date, help_field
 from schemas.storage import table_path
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, QUARANTINE, QUERY_PRODUCT_STATS, SEARCH_IMPRESSIONS
 
@@ -257,10 +257,7 @@ class PrepareConfig:
     spark_conf: dict[str, str] = help_field("Extra Spark conf for this job (key: value).", {})
 
     def __post_init__(self) -> None:
-        try:
-            dt.date.fromisoformat(self.date)
-        except ValueError:
-            raise ConfigError(f"date must look like YYYY-MM-DD, got {self.date!r}") from None
+        config_date(self.date)
         for key, value in self.synonyms.items():
             if key != normalise_text(key) or " " in key:
                 raise ConfigError(f"synonyms: key {key!r} must be one normalised token, e.g. {normalise_text(key)!r}")
@@ -269,7 +266,7 @@ class PrepareConfig:
 
     @property
     def day(self) -> dt.date:
-        return dt.date.fromisoformat(self.date)
+        return config_date(self.date)
 
 
 def write_day(spark, frame, table, root: str, day: dt.date, rows: int) -> str:

@@ -10,6 +10,7 @@ and rejects unknown keys by name. It lives in `schemas/` (the ground floor) so t
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names it and says what is accepted."""
+
+
+def config_date(value: Any, field: str = "date") -> dt.date:
+    """A config field's YYYY-MM-DD value as a date; a ConfigError naming the field otherwise."""
+    try:
+        return dt.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}: must look like YYYY-MM-DD, got {value!r}") from None
 
 
 def help_field(help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:

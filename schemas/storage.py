@@ -9,6 +9,7 @@ renamed into place, so a reader never sees half of it and rewriting a day replac
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -57,6 +58,23 @@ def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    return final
+
+
+def replace_file(final: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(staging)` on a hidden sibling file of `final`, then rename it over `final`; returns `final`.
+
+    A reader sees the old file or the new one, never part of either; if `write` fails, `final` is
+    left as it was and the staging file is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(staging)
+        os.replace(staging, final)
+    finally:
+        staging.unlink(missing_ok=True)
     return final
 
 

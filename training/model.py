@@ -9,6 +9,8 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +59,20 @@ class ModelInitConfig:
 
 
 def model_version(folder: str | Path) -> str:
-    """The first 12 hex digits of the sha256 of the folder's `model.safetensors`: the version scores are cached under."""
-    import hashlib
+    """The first 12 hex digits of the sha256 of the folder's `model.safetensors`: the version scores are cached under.
 
+    Hashed once per file state in a process (the job and the scorer it opens both ask; weights can be GBs).
+    """
+    weights = (Path(folder) / "model.safetensors").resolve()
+    state = weights.stat()
+    return _weights_digest(weights, state.st_mtime_ns, state.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_digest(weights: Path, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
-    with open(Path(folder) / "model.safetensors", "rb") as weights:
-        for block in iter(lambda: weights.read(1 << 24), b""):
+    with open(weights, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
 

@@ -30,17 +30,18 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.scoring.backends import BACKENDS, ScorerSpec, open_scorer, scorer_version
-from schemas.config import ConfigError, config_to_dict, help_field
-from schemas.storage import read_table, table_path, write_table
+from schemas.config import ConfigError, config_date, config_to_dict, help_field
+from schemas.storage import read_table, replace_file, table_path, write_table
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, PAIRS_TO_SCORE, QUARANTINE, RELEVANCE
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,7 @@ class ScoreConfig:
     spark_partitions: int = help_field("Spark partitions per shard with engine=spark (0: Spark's default parallelism).", 0)
 
     def __post_init__(self) -> None:
-        try:
-            dt.date.fromisoformat(self.date)
-        except (TypeError, ValueError):
-            raise ConfigError(f"date must look like YYYY-MM-DD, got {self.date!r}") from None
+        config_date(self.date)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.engine not in ENGINES:
@@ -94,7 +92,7 @@ class ScoreConfig:
 
     @property
     def day(self) -> dt.date:
-        return dt.date.fromisoformat(self.date)
+        return config_date(self.date)
 
     def spec(self) -> ScorerSpec:
         return ScorerSpec(
@@ -119,18 +117,16 @@ ORDER BY c.query, c.product_id
 
 
 def pairs_to_score(candidates: pa.Table, catalog: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(pairs with product text, candidates whose product the catalog lacks), both sorted by key."""
+    """(pairs with product text, the candidates whose product the catalog lacks), both sorted by key."""
     import duckdb
 
     con = duckdb.connect()
     con.register("candidates", candidates)
     con.register("catalog", catalog)
     joined = con.sql(PAIRS_SQL).to_arrow_table()
-    missing = joined["missing_product"].to_pylist()
-    found = joined.filter(pa.array([not m for m in missing]))
-    lost = candidates.select(["query", "product_id"]).join(
-        joined.filter(pa.array(missing)).select(["query", "product_id"]), ["query", "product_id"], join_type="inner")
-    return PAIRS_TO_SCORE.conform(found), lost
+    missing = joined["missing_product"]
+    lost = joined.filter(missing).select(["query", "query_id", "product_id", "product_content_hash"])
+    return PAIRS_TO_SCORE.conform(joined.filter(pc.invert(missing))), lost
 
 
 def quarantine_rows(lost: pa.Table, source_file: str) -> pa.Table:
@@ -179,9 +175,7 @@ def fingerprint(pairs: pa.Table) -> str:
 
 
 def write_json_atomically(path: Path, value: dict) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(staging, path)
+    replace_file(path, lambda staging: staging.write_text(json.dumps(value, indent=2, default=str)))
 
 
 class ShardManifest:
@@ -223,10 +217,7 @@ class ShardManifest:
         self.save()
 
     def finished(self, shard: dict, rows: pa.Table, seconds: float) -> None:
-        target = self.file(shard)
-        staging = target.with_name(f".{target.name}.tmp")
-        pq.write_table(RELEVANCE.conform(rows), staging)
-        os.replace(staging, target)
+        replace_file(self.file(shard), lambda staging: pq.write_table(RELEVANCE.conform(rows), staging))
         shard.update(done=True, rows=rows.num_rows, seconds=round(seconds, 3))
         self.save()
 
@@ -235,10 +226,7 @@ class ShardManifest:
         return pa.concat_tables(parts) if parts else RELEVANCE.empty_arrow()
 
     def remove_shards(self) -> None:
-        for shard in self.manifest["shards"]:
-            self.file(shard).unlink(missing_ok=True)
-        self.path.unlink(missing_ok=True)
-        self.folder.rmdir()
+        shutil.rmtree(self.folder)  # shards, manifest and any staging file a killed attempt left
 
 
 def pair_dicts(pairs: pa.Table) -> list[dict]:
@@ -257,6 +245,7 @@ def score_shards(config: ScoreConfig, manifest: ShardManifest, todo: pa.Table) -
     spec = config.spec()
     spark = scorer = None
     if config.engine == "spark":
+        from jobs.scoring.spark import score_with_spark
         from jobs.spark import get_spark
 
         spark = get_spark("relevance-score", master=config.spark_master)
@@ -270,8 +259,6 @@ def score_shards(config: ScoreConfig, manifest: ShardManifest, todo: pa.Table) -
             pairs = todo.slice(shard["start"], shard["stop"] - shard["start"])
             started = time.perf_counter()
             if spark is not None:
-                from jobs.scoring.spark import score_with_spark
-
                 rows = score_with_spark(spark, pairs, spec, config.day, partitions=config.spark_partitions or None)
             else:
                 rows = scorer.score(pair_dicts(pairs), config.day)

@@ -293,7 +293,7 @@ def test_a_pinned_label_set_must_be_the_rows(roots):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"date": "2024-5-1"}, "date must look like YYYY-MM-DD"),
+        ({"date": "2024-5-1"}, "date: must look like YYYY-MM-DD"),
         ({"out": "DATA"}, "out must differ from the relevance data root"),
         ({"max_prob_sum_error": 0.0}, "max_prob_sum_error must be in"),
         ({"label_set": "nope"}, "label_set: unknown label set 'nope'"),
