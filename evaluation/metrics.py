@@ -13,7 +13,10 @@ Conventions
 
 Algorithmic choices
 - Macro-F1 averages F1 over the labels present in the gold or the predicted labels of the sample
-  (scikit-learn's `labels=None`), so a label absent from a segment does not count as F1 = 0.
+  (scikit-learn's `labels=None`), so a label absent from a segment does not count as F1 = 0. This is
+  the project's one definition: training validation, benchmarks and evaluation all call
+  `scores_from_confusion` (label strings through `label_scores`). A pair whose prediction is no label
+  of the set (an unparsed CoT) counts against its gold label's recall and predicts no label.
 - ROC-AUC counts ties as one half; PR-AUC is average precision (step interpolation, one step per
   distinct score), both as in scikit-learn.
 - NDCG@k uses linear gains from the label set and the log2 discount 1/log2(rank + 1); products with
@@ -29,6 +32,7 @@ Algorithmic choices
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,11 +84,15 @@ class ClassScores:
     support: np.ndarray
 
 
-def scores_from_confusion(confusion: np.ndarray) -> ClassScores:
-    """Accuracy, macro-F1 and per-class precision/recall/F1 of `(..., C, C)` confusion matrices."""
+def scores_from_confusion(confusion: np.ndarray, unlabelled: np.ndarray | None = None) -> ClassScores:
+    """Accuracy, macro-F1 and per-class precision/recall/F1 of `(..., C, C)` confusion matrices.
+
+    `unlabelled`: `(..., C)` counts of gold pairs whose prediction is no label of the set (an
+    unparsed CoT); they are wrong, count in each gold label's support and predict nothing.
+    """
     confusion = np.asarray(confusion, dtype=float)
     true_positive = np.diagonal(confusion, axis1=-2, axis2=-1)
-    support = confusion.sum(axis=-1)
+    support = confusion.sum(axis=-1) + (0.0 if unlabelled is None else np.asarray(unlabelled, dtype=float))
     predicted = confusion.sum(axis=-2)
     total = support.sum(axis=-1)
     f1 = ratio(2 * true_positive, support + predicted, 0.0)
@@ -97,6 +105,24 @@ def scores_from_confusion(confusion: np.ndarray) -> ClassScores:
         f1=f1,
         support=support,
     )
+
+
+def label_scores(gold: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str]) -> ClassScores:
+    """`scores_from_confusion` of label strings: `labels` is the label set's order, every gold label
+    is one of them, and a prediction outside them (None, an unparsed CoT) is an unlabelled pair."""
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({label for label in gold if label not in index})
+    if unknown:
+        raise ValueError(f"label_scores: gold labels {unknown} are not in the label set {list(labels)}")
+    n_classes = len(labels)
+    confusion = np.zeros((n_classes, n_classes))
+    unlabelled = np.zeros(n_classes)
+    for truth, guess in zip(gold, predicted, strict=True):
+        if guess in index:
+            confusion[index[truth], index[guess]] += 1
+        else:
+            unlabelled[index[truth]] += 1
+    return scores_from_confusion(confusion, unlabelled)
 
 
 # ---------------------------------------------------------------- binary view (relevant vs not)
