@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(BIN)/relevance demo --out $(DEMO_DIR)
 
 test: $(VLLM_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

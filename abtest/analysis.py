@@ -16,15 +16,31 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
 from abtest import stats
-from abtest.aggregate import (ALL, COV_DEN, COV_NUM, DAY, DEN, NUM, QUERY_SEGMENT, USER_TYPE, Exclusion,
-                              InputError, Prepared, SliceKey, Source, column, prepare)
+from abtest.aggregate import (
+    ALL,
+    COV_DEN,
+    COV_NUM,
+    DAY,
+    DEN,
+    NUM,
+    QUERY_SEGMENT,
+    USER_TYPE,
+    Exclusion,
+    InputError,
+    Prepared,
+    SliceKey,
+    Source,
+    column,
+    prepare,
+)
 from abtest.metrics import DEFAULT_METRICS, Metric, check_unique_names
 from schemas.config import ConfigError
 

@@ -25,9 +25,10 @@ Built-in metrics (`DEFAULT_METRICS`):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import yaml
 
@@ -209,7 +210,7 @@ class RatioOfMeans(_MetricBase):
         return self.covariate
 
 
-Metric = Union[Mean, RatioOfMeans]
+Metric = Mean | RatioOfMeans
 
 
 def _default_name(text: str) -> str:

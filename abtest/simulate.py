@@ -11,9 +11,9 @@ experiment. Treatment effects are multipliers per variant on `requests`, `ctr`, 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pyarrow as pa

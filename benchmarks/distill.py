@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from schemas.config import config_to_dict  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph  # noqa: E402
 from training.distill import TEACHER_CACHE, DistillConfig, run  # noqa: E402
-from training.sft import load_pairs  # noqa: E402
+from training.examples import load_pairs  # noqa: E402
+from training.policy_format import PolicyFormat  # noqa: E402
 from training.student import OnnxStudent, default_encoder, export_onnx, load_student, product_text, quantize_onnx, student_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
@@ -56,31 +57,32 @@ def best_rate(score, n: int, repeats: int) -> float:
     return n / min(seconds)
 
 
-def label_scores(gold: list[str], predicted: list[str], names: list[str]) -> dict:
-    from sklearn.metrics import f1_score
+def label_quality(gold: list[str], predicted: list[str], names: list[str]) -> dict:
+    """Macro-F1, accuracy and per-class F1 by the project's one definition (`evaluation.metrics.label_scores`)."""
+    from evaluation.metrics import label_scores
 
-    per_class = f1_score(gold, predicted, labels=names, average=None, zero_division=0)
+    scores = label_scores(gold, predicted, names)
     return {
-        "macro_f1": float(f1_score(gold, predicted, labels=names, average="macro", zero_division=0)),
-        "accuracy": sum(g == p for g, p in zip(gold, predicted)) / len(gold),
-        "per_class_f1": {name: float(value) for name, value in zip(names, per_class)},
+        "macro_f1": float(scores.macro_f1),
+        "accuracy": float(scores.accuracy),
+        "per_class_f1": {name: float(value) for name, value in zip(names, scores.f1)},
     }
 
 
-def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labels: LabelSet, config: DistillConfig, batch_size: int):
+def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labels: LabelSet, policy: PolicyFormat, batch_size: int):
     """A callable that labels `pairs` with the teacher from text (prompt building included) and returns its RELEVANCE rows."""
+    from training.examples import prompt_ids
     from training.model import load_model
     from training.predict import relevance_rows
     from training.prompt import build_prompt, prompt_offsets
-    from training.sft import prompt_ids
 
     model, tokenizer = load_model(teacher)
     offsets = prompt_offsets(tokenizer)
 
     def score(chosen=pairs):
         prompts = [prompt_ids(tokenizer, build_prompt(p["query"], p["title"], p["product_type"], p["attributes"], p["description"], offsets,
-                                                      config.prompt_tokens).text) for p in chosen]
-        return relevance_rows(model, tokenizer, chosen, prompts, graph, labels, config.order, reasoning="none", model_name="teacher",
+                                                      policy.prompt_tokens).text) for p in chosen]
+        return relevance_rows(model, tokenizer, chosen, prompts, graph, labels, policy.order, reasoning="none", model_name="teacher",
                               model_version="teacher", ds=dt.date.today(), batch_size=batch_size)
 
     return score
@@ -131,7 +133,8 @@ def main() -> None:
                   val_items=args.val_items, checkpoint_every=0, resume=False, threads=args.threads)
     configs = {"student_multi_head": DistillConfig(out=work / "multi", **common),
                "student_single_head": DistillConfig(out=work / "single", single_head=True, **common)}
-    graph, labels = ReasoningGraph.load(configs["student_multi_head"].graph), LabelSet.load(configs["student_multi_head"].label_set)
+    policy = configs["student_multi_head"].teacher_format()
+    graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     runs = {}
     for name, config in configs.items():
         if name == "student_single_head" and (work / "multi" / TEACHER_CACHE).exists():  # same pairs drawn: reuse the teacher's targets
@@ -148,8 +151,8 @@ def main() -> None:
     gold = [pair["gold"][graph.label_node] for pair in pairs]
     config = configs["student_multi_head"]
 
-    score_teacher = teacher_scorer(teacher, pairs, graph, labels, config, args.batch_size)
-    test = {"teacher": label_scores(gold, score_teacher().column("label").to_pylist(), labels.names)}
+    score_teacher = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size)
+    test = {"teacher": label_quality(gold, score_teacher().column("label").to_pylist(), labels.names)}
     students = {name: load_student(run_config.out / "model") for name, run_config in configs.items()}
     model, tokenizer, meta = students["student_multi_head"]
     onnx_path = export_onnx(model, tokenizer, work / "multi" / "student.onnx", meta["max_length"])
@@ -163,7 +166,7 @@ def main() -> None:
                                 model_version="bench", ds=dt.date.today(), batch_size=args.batch_size)
 
         rows = score().to_pylist()
-        test[name] = label_scores(gold, [row["label"] for row in rows], labels.names)
+        test[name] = label_quality(gold, [row["label"] for row in rows], labels.names)
         test[name]["share_of_teacher_macro_f1"] = test[name]["macro_f1"] / test["teacher"]["macro_f1"]
         heads = [head for head in meta["heads"] if head != graph.label_node]
         test[name]["node_accuracy"] = {head: sum(dict(row["node_decisions"])[head] == pair["gold"][head] for row, pair in zip(rows, pairs)) / len(pairs)

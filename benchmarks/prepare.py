@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "jobs"))
 
+from prepare_reference import duckdb_prepare  # noqa: E402
+
 from jobs.prepare import PrepareConfig, run  # noqa: E402
 from jobs.world.config import WorldConfig  # noqa: E402
 from jobs.world.generate import generate_world, write_world  # noqa: E402
-from prepare_reference import duckdb_prepare  # noqa: E402
 from schemas.storage import partitions, table_path  # noqa: E402
 from schemas.tables import SEARCH_IMPRESSIONS  # noqa: E402
 

@@ -63,7 +63,7 @@ def with_reasoning(scorer, reasoning: str) -> None:
 
 def split_pairs(root: Path) -> list[dict]:
     """The test split's pairs with gold nodes as scorers take them (`load_pairs` names the facets `attributes`)."""
-    from training.sft import load_pairs
+    from training.examples import load_pairs
 
     return [{**{key: value for key, value in pair.items() if key != "gold"}, "product_content_hash": None}
             for pair in load_pairs(root / "datasets", "wands", "test")]
@@ -102,21 +102,21 @@ def generation_only(scorer, pairs: list[dict], repeats: int) -> dict:
                              ("without_regex", None)):
         params = SamplingParams(temperature=0.0, max_tokens=spec.max_new_tokens, stop_token_ids=[scorer.tokenizer.eos_token_id],
                                 detokenize=False, structured_outputs=constraint)
-        rate, outputs = best_rate(lambda chosen: scorer.engine.generate(requests[: len(chosen)], params, use_tqdm=False), pairs, repeats)
+        rate, outputs = best_rate(lambda chosen, params=params: scorer.engine.generate(requests[: len(chosen)], params, use_tqdm=False), pairs, repeats)
         tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
         result[name] = {"pairs_per_s": rate, "tokens_per_s": rate * tokens / len(pairs), "tokens_per_pair": tokens / len(pairs)}
     return result
 
 
 def hf_generation_only(policy: Path, pairs: list[dict], batch_size: int, max_new_tokens: int, prompt_tokens: int, repeats: int) -> dict:
-    """Pairs/s of transformers' greedy CoT generation alone (`training.sft.generate`), the counterpart of `generation_only`."""
+    """Pairs/s of transformers' greedy CoT generation alone (`training.decoding.generate`), the counterpart of `generation_only`."""
+    from training.decoding import generate
     from training.model import load_model
     from training.predict import pair_prompts
-    from training.sft import generate
 
     model, tokenizer = load_model(policy)
     prompts = pair_prompts(tokenizer, pairs, prompt_tokens)
-    rate, _ = best_rate(lambda chosen: generate(model, tokenizer, prompts[: len(chosen)], max_new_tokens, batch_size), pairs, repeats)
+    rate, _ = best_rate(lambda chosen: generate(model, tokenizer, prompts[: len(chosen)], max_new_tokens=max_new_tokens, batch_size=batch_size), pairs, repeats)
     return {"pairs_per_s": rate, "batch_size": batch_size, "policy_parameters": sum(param.numel() for param in model.parameters())}
 
 
@@ -164,7 +164,7 @@ def main() -> None:
 
     import torch
 
-    from jobs.scoring.backends import ScorerSpec
+    from jobs.scoring.spec import ScorerSpec
 
     torch.set_num_threads(args.threads)  # here, not at import: vLLM's engine processes re-import this module
     pairs = split_pairs(args.root)
@@ -182,7 +182,7 @@ def main() -> None:
         for setting, scorer in scorers:
             for mode, reasoning in modes.items():
                 with_reasoning(scorer, reasoning)
-                rate, table = best_rate(lambda chosen_pairs: scorer.score(chosen_pairs, DAY), chosen[mode], args.repeats)
+                rate, table = best_rate(lambda chosen_pairs, scorer=scorer: scorer.score(chosen_pairs, DAY), chosen[mode], args.repeats)
                 result["settings"][name][mode][setting] = rate
                 rows[(name, setting, mode)] = table.to_pylist()
             if setting == VLLM_DEFAULTS:

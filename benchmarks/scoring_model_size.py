@@ -43,8 +43,8 @@ def fastest(run, repeats: int) -> float:
 def hf_seconds(model_dir: Path, prompts: list[list[int]], new_tokens: int, batch_size: int, repeats: int) -> float:
     import torch
 
+    from training.decoding import left_padded
     from training.model import load_model
-    from training.sft import left_padded
 
     model, tokenizer = load_model(model_dir)
     model.eval()
@@ -95,9 +95,9 @@ def main() -> None:
 
     import torch
 
+    from training.examples import load_pairs
     from training.model import ModelInitConfig, init_tiny_model, load_model
     from training.predict import pair_prompts
-    from training.sft import load_pairs
 
     torch.set_num_threads(args.threads)  # here, not at import: vLLM's engine processes re-import this module
     pairs = load_pairs(args.root / "datasets", "wands", "test")[: args.prompts]

@@ -17,8 +17,8 @@ only on (`n_queries`, `n_replicates`, `seed`): the same seed gives the same repl
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 

@@ -180,7 +180,7 @@ class ModelEvaluation:
     reliability: M.Reliability
     node_names: tuple[str, ...]
     node_counts: np.ndarray
-    segments: tuple[tuple[str, str, "ModelEvaluation"], ...] = ()
+    segments: tuple[tuple[str, str, ModelEvaluation], ...] = ()
 
 
 def evaluate_pairs(

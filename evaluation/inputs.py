@@ -276,7 +276,7 @@ def predictions_from_judgments(
     model_name: str = "judgments",
     model_version: str = "1",
     queries: pa.Table | None = None,
-    scored_at: dt.datetime = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc),
+    scored_at: dt.datetime = dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
 ) -> pa.Table:
     """A RELEVANCE-schema table whose "model" is a set of judgments (e.g. human ratings).
 
@@ -336,7 +336,7 @@ class ScoredPairs:
     query_segment: np.ndarray
     product_type: np.ndarray
 
-    def subset(self, mask: np.ndarray) -> "ScoredPairs":
+    def subset(self, mask: np.ndarray) -> ScoredPairs:
         per_pair = {
             name: getattr(self, name)[mask]
             for name in (

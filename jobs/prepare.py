@@ -45,12 +45,13 @@ import json
 import time
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 
+from jobs import hadoop_fs
+from jobs.hadoop_fs import table_uri
+from jobs.quarantine import REASON, Rule, first_failure, quarantine_frame, record_json
 from schemas.config import ConfigError, config_date, help_field
-from schemas.storage import table_path
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, QUARANTINE, QUERY_PRODUCT_STATS, SEARCH_IMPRESSIONS
 
 HASH_SEPARATOR = "\u001f"
@@ -108,30 +109,19 @@ def check_impressions(impressions, products, day: dt.date, source_file: str, qua
 
     known = products.select(F.col("product_id"), F.lit(True).alias("_known"))
     joined = impressions.join(F.broadcast(known), on="product_id", how="left")
-    checks = [
-        ("product_id", F.col("_known").isNull(), "product_id not in the catalog"),
-        ("added_to_cart", F.col("added_to_cart") & ~F.col("clicked"), "added to cart without a click"),
-        ("ordered", F.col("ordered") & ~F.col("added_to_cart"), "ordered without an add-to-cart"),
-        ("quantity", F.col("ordered") != (F.col("quantity") > 0), "quantity must be > 0 exactly when ordered"),
-        ("ts", F.to_date(F.col("ts")) > F.lit(day), f"ts after the partition day {day.isoformat()}"),
+    rules = [
+        Rule(F.col("_known").isNull(), "product_id not in the catalog", "product_id"),
+        Rule(F.col("added_to_cart") & ~F.col("clicked"), "added to cart without a click", "added_to_cart"),
+        Rule(F.col("ordered") & ~F.col("added_to_cart"), "ordered without an add-to-cart", "ordered"),
+        Rule(F.col("ordered") != (F.col("quantity") > 0), "quantity must be > 0 exactly when ordered", "quantity"),
+        Rule(F.to_date(F.col("ts")) > F.lit(day), f"ts after the partition day {day.isoformat()}", "ts"),
     ]
-    reason = F.lit(None).cast("string")
-    field = F.lit(None).cast("string")
-    for name, failed, message in reversed(checks):
-        reason = F.when(failed, F.lit(message)).otherwise(reason)
-        field = F.when(failed, F.lit(name)).otherwise(field)
-    checked = joined.withColumn("_reason", reason).withColumn("_field", field)
-    kept = checked.where(F.col("_reason").isNull()).select(*SEARCH_IMPRESSIONS.names)
-    quarantine = checked.where(F.col("_reason").isNotNull()).select(
-        F.lit(SEARCH_IMPRESSIONS.name).alias("source_table"),
-        F.lit(source_file).alias("source_file"),
-        F.lit(None).cast("bigint").alias("row_number"),
-        F.col("_field").alias("field"),
-        F.col("_reason").alias("reason"),
-        F.to_json(F.struct(*SEARCH_IMPRESSIONS.names), {"ignoreNullFields": "false"}).alias("record"),
-        F.lit(quarantined_at).cast("timestamp").alias("quarantined_at"),
+    checked = joined.select("*", *first_failure(rules))
+    kept = checked.where(F.col(REASON).isNull()).select(*SEARCH_IMPRESSIONS.names)
+    quarantine = quarantine_frame(
+        checked, SEARCH_IMPRESSIONS.name, quarantined_at, record_json(*SEARCH_IMPRESSIONS.names), source_file=source_file
     )
-    return kept, quarantine.select(*QUARANTINE.names)
+    return kept, quarantine
 
 
 def normalise_queries(raw_queries, synonyms: dict[str, str]):
@@ -271,61 +261,89 @@ class PrepareConfig:
 
 def write_day(spark, frame, table, root: str, day: dt.date, rows: int) -> str:
     """Replace `day`'s partition of `table` under `root` with `frame` (exactly the day; none if empty)."""
-    path = str(table_path(root, table))
+    path = table_uri(root, table)
     if rows:
         frame.write.mode("overwrite").option("partitionOverwriteMode", "dynamic").partitionBy("ds").parquet(path)
     else:
-        jvm = spark.sparkContext._jvm
-        partition = jvm.org.apache.hadoop.fs.Path(f"{path}/ds={day.isoformat()}")
-        partition.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(partition, True)
+        hadoop_fs.delete(spark, hadoop_fs.join(path, f"ds={day.isoformat()}"))
     return path
+
+
+class _Laps:
+    """Seconds spent in each named phase since the previous one ended."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        self.seconds[phase] = time.perf_counter() - self.started - sum(self.seconds.values())
+
+
+def _validated_inputs(spark, data: str, day: dt.date, run_suite: bool):
+    """(catalog, the day's impressions), each split by its table's rules and suite (`Validated`)."""
+    from pyspark.sql import functions as F
+
+    from jobs.validate import read_with_provenance, validate_spark
+
+    catalog = validate_spark(CATALOG, read_with_provenance(spark, CATALOG, table_uri(data, CATALOG)), run_suite)
+    raw = read_with_provenance(spark, SEARCH_IMPRESSIONS, table_uri(data, SEARCH_IMPRESSIONS)).where(F.col("ds") == F.lit(day))
+    return catalog, validate_spark(SEARCH_IMPRESSIONS, raw, run_suite)
+
+
+def _checked_day(catalog, validated, day: dt.date, source_file: str):
+    """(kept impressions, every quarantine row of the day, counts, late rows kept, quarantined rows by reason)."""
+    from pyspark.sql import functions as F
+
+    from jobs.validate import ValidationCounts
+
+    now = dt.datetime.now(dt.UTC)
+    kept, job_quarantine = check_impressions(validated.accepted, catalog.accepted, day, source_file, now)
+    is_late = F.to_date(F.col("ts")) < F.lit(day)
+    kept_counts = kept.agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(is_late, F.lit(1))).alias("late")).first()
+    quarantine = validated.quarantine.unionByName(job_quarantine)
+    by_reason = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+    counts = ValidationCounts(SEARCH_IMPRESSIONS.name, validated.counts.rows_in, kept_counts["rows"], sum(by_reason.values()))
+    return kept, quarantine, counts, kept_counts["late"], by_reason
+
+
+def _pair_cells(kept, synonyms: dict[str, str]):
+    """Persisted (position cells, examination rates, pair aggregates) of the kept impressions."""
+    from pyspark.sql import functions as F
+
+    raw_queries = kept.select(F.col("query").alias(RAW_QUERY)).distinct()
+    impressions = with_normalised_query(kept, normalise_queries(raw_queries, synonyms))
+    cells = position_cells(impressions).persist()
+    rates = examination_rates(cells).persist()
+    return cells, rates, pair_aggregates(cells, rates).persist()
 
 
 def run(config: PrepareConfig) -> dict:
     """Prepare one day; returns (and writes as prepare.json) the counts, rates and output paths."""
-    from pyspark.sql import functions as F
-
     from jobs.spark import get_spark
-    from jobs.validate import ValidationCounts, read_with_provenance, validate_spark
 
-    started = time.perf_counter()
+    laps = _Laps(time.perf_counter())
     day = config.day
     out = config.out or config.data
     spark = get_spark("relevance-prepare", master=config.spark_master, conf=config.spark_conf)
-    catalog_raw = read_with_provenance(spark, CATALOG, str(table_path(config.data, CATALOG)))
-    catalog = validate_spark(CATALOG, catalog_raw, config.run_suite)
-    impressions_path = str(table_path(config.data, SEARCH_IMPRESSIONS))
-    raw = read_with_provenance(spark, SEARCH_IMPRESSIONS, impressions_path).where(F.col("ds") == F.lit(day))
-    validated = validate_spark(SEARCH_IMPRESSIONS, raw, config.run_suite)
-    phases = {"read_and_validate": time.perf_counter() - started}
-    now = dt.datetime.now(dt.timezone.utc)
-    kept, job_quarantine = check_impressions(
-        validated.accepted, catalog.accepted, day, f"{impressions_path}/ds={day.isoformat()}", now
-    )
-    is_late = F.to_date(F.col("ts")) < F.lit(day)
-    kept_counts = kept.agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(is_late, F.lit(1))).alias("late")).first()
-    accepted, late = kept_counts["rows"], kept_counts["late"]
-    quarantine = validated.quarantine.unionByName(job_quarantine)
-    by_reason = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
-    counts = ValidationCounts(SEARCH_IMPRESSIONS.name, validated.counts.rows_in, accepted, sum(by_reason.values()))
-    phases["job_checks"] = time.perf_counter() - started - sum(phases.values())
+    catalog, validated = _validated_inputs(spark, config.data, day, config.run_suite)
+    laps.lap("read_and_validate")
+    source_file = hadoop_fs.join(table_uri(config.data, SEARCH_IMPRESSIONS), f"ds={day.isoformat()}")
+    kept, quarantine, counts, late, by_reason = _checked_day(catalog, validated, day, source_file)
+    laps.lap("job_checks")
 
-    raw_queries = kept.select(F.col("query").alias(RAW_QUERY)).distinct()
-    impressions = with_normalised_query(kept, normalise_queries(raw_queries, config.synonyms))
-    cells = position_cells(impressions).persist()
-    rates = examination_rates(cells).persist()
+    cells, rates, aggregates = _pair_cells(kept, config.synonyms)
     rate_rows = sorted((r["position"], r[EXAMINATION_RATE]) for r in rates.collect())
-    aggregates = pair_aggregates(cells, rates).persist()
     pairs = aggregates.count()
-    phases["normalise_rates_aggregates"] = time.perf_counter() - started - sum(phases.values())
+    laps.lap("normalise_rates_aggregates")
     hashes = content_hashes(catalog.accepted)
     paths = {
         table.name: write_day(spark, build(aggregates, hashes, day), table, out, day, pairs)
         for table, build in ((QUERY_PRODUCT_STATS, query_product_stats), (CANDIDATE_PAIRS, candidate_pairs))
     }
-    report_dir = f"{out}/_prepare/ds={day.isoformat()}"
-    quarantine.coalesce(1).write.mode("overwrite").parquet(str(table_path(report_dir, QUARANTINE)))
-    phases["write"] = time.perf_counter() - started - sum(phases.values())
+    report_dir = hadoop_fs.join(out, "_prepare", f"ds={day.isoformat()}")
+    quarantine.coalesce(1).write.mode("overwrite").parquet(table_uri(report_dir, QUARANTINE))
+    laps.lap("write")
     summary = {
         "date": day.isoformat(),
         "catalog": catalog.counts.line(),
@@ -335,12 +353,11 @@ def run(config: PrepareConfig) -> dict:
         },
         "pairs": pairs,
         "examination_rates": {str(position): rate for position, rate in rate_rows},
-        "outputs": {**paths, "quarantine": str(table_path(report_dir, QUARANTINE))},
-        "seconds": round(time.perf_counter() - started, 2),
-        "seconds_by_phase": {phase: round(seconds, 2) for phase, seconds in phases.items()},
+        "outputs": {**paths, "quarantine": table_uri(report_dir, QUARANTINE)},
+        "seconds": round(time.perf_counter() - laps.started, 2),
+        "seconds_by_phase": {phase: round(seconds, 2) for phase, seconds in laps.seconds.items()},
     }
-    Path(report_dir).mkdir(parents=True, exist_ok=True)
-    (Path(report_dir) / "prepare.json").write_text(json.dumps(summary, indent=2))
+    hadoop_fs.write_report(spark, hadoop_fs.join(report_dir, "prepare.json"), json.dumps(summary, indent=2))
     for frame in (cells, rates, aggregates):
         frame.unpersist()
     for split in (validated, catalog):

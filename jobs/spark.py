@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+
+from schemas.table import Table
 
 LOG4J2_FILE = Path(__file__).parent / "conf" / "log4j2.properties"
 
@@ -79,11 +82,34 @@ def get_spark(app_name: str = "relevance", master: str | None = None, conf: dict
 
 def stop_spark(spark) -> None:
     """Stop the session and shut the py4j gateway down (spark.stop() alone leaves the JVM running)."""
-    from pyspark import SparkContext
+    from jobs.hadoop_fs import close_gateway
 
     spark.stop()
-    gateway = SparkContext._gateway
-    if gateway is not None:
-        gateway.shutdown()
-        SparkContext._gateway = None
-        SparkContext._jvm = None
+    close_gateway()
+
+
+def spark_schema(table: Table, without: Iterable[str] = ()):
+    """The Spark `StructType` of a declared table (its `spark_ddl` types), built without a JVM."""
+    from pyspark.sql import types as T
+
+    scalars = {
+        "STRING": T.StringType(), "INT": T.IntegerType(), "BIGINT": T.LongType(),
+        "DOUBLE": T.DoubleType(), "BOOLEAN": T.BooleanType(), "DATE": T.DateType(),
+        "TIMESTAMP": T.TimestampType(),
+    }
+
+    def spark_type(ddl: str):
+        if ddl.startswith("ARRAY<"):
+            return T.ArrayType(spark_type(ddl[6:-1]))
+        if ddl.startswith("MAP<STRING, "):
+            return T.MapType(T.StringType(), spark_type(ddl[len("MAP<STRING, ") : -1]))
+        return scalars[ddl]
+
+    skip = set(without)
+    return T.StructType(
+        [
+            T.StructField(column.name, spark_type(column.spark_ddl_type), nullable=column.nullable)
+            for column in table.columns
+            if column.name not in skip
+        ]
+    )

@@ -14,15 +14,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from typing import Any
-
+from functools import reduce
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
+from jobs import hadoop_fs
+from jobs.quarantine import FIELD, REASON, Rule, first_failure, quarantine_frame, quarantine_table, record_json
+from jobs.spark import spark_schema
 from schemas.config import ConfigError, help_field
 from schemas.expectations import SuiteResult, validate_with_gx
 from schemas.storage import read_table, table_path, write_table
@@ -114,21 +117,6 @@ def _pandas_violation(column: Column, kind: str, values: pd.Series) -> np.ndarra
     return present & (numeric > column.max_value)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (dt.date, dt.datetime, pd.Timestamp)):
-        return value.isoformat()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def _record_json(row: dict[str, Any]) -> str:
-    clean = {k: (None if (not isinstance(v, (list, dict, np.ndarray)) and pd.isna(v)) else v) for k, v in row.items()}
-    return json.dumps(clean, default=_json_default, sort_keys=False)
-
-
 def split_pandas(table: Table, frame: pd.DataFrame, source_file: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(accepted rows, quarantine rows) of a pandas frame; row numbers are 1-based positions."""
     check_columns(table, list(frame.columns), source_file or table.name)
@@ -147,20 +135,15 @@ def split_pandas(table: Table, frame: pd.DataFrame, source_file: str | None = No
         reason[duplicate] = f"duplicate key {list(table.key)}"
         field[duplicate] = ",".join(table.key)
     rejected = reason != None  # noqa: E711
-    now = pd.Timestamp.now(tz="UTC")
-    records = frame.loc[rejected, table.names].to_dict(orient="records")
-    quarantine = pd.DataFrame(
-        {
-            "source_table": table.name,
-            "source_file": source_file,
-            "row_number": np.flatnonzero(rejected) + 1,
-            "field": field[rejected],
-            "reason": reason[rejected],
-            "record": [_record_json(r) for r in records],
-            "quarantined_at": now,
-        },
-        columns=QUARANTINE.names,
-    )
+    quarantine = quarantine_table(
+        table.name,
+        frame.loc[rejected, table.names].to_dict(orient="records"),
+        field[rejected],
+        reason[rejected],
+        dt.datetime.now(dt.UTC),
+        source_file=source_file,
+        row_number=np.flatnonzero(rejected) + 1,
+    ).to_pandas()
     accepted = frame.loc[~rejected, table.names].reset_index(drop=True)
     return accepted, quarantine
 
@@ -214,7 +197,7 @@ def _mark_duplicates(table: Table, checked, has_provenance: bool):
         else F.struct(F.monotonically_increasing_id().alias("_id"))
     )
     checked = checked.withColumn("_order", order)
-    clean = F.col("_reason").isNull()
+    clean = F.col(REASON).isNull()
     repeated = (
         checked.where(clean)
         .groupBy(*table.key)
@@ -227,26 +210,22 @@ def _mark_duplicates(table: Table, checked, has_provenance: bool):
     marked = checked.join(F.broadcast(repeated) if few else repeated, on=list(table.key), how="left")
     is_duplicate = clean & F.col("_first").isNotNull() & (F.col("_order") != F.col("_first"))
     return (
-        marked.withColumn("_field", F.when(is_duplicate, F.lit(",".join(table.key))).otherwise(F.col("_field")))
-        .withColumn("_reason", F.when(is_duplicate, F.lit(f"duplicate key {list(table.key)}")).otherwise(F.col("_reason")))
+        marked.withColumn(FIELD, F.when(is_duplicate, F.lit(",".join(table.key))).otherwise(F.col(FIELD)))
+        .withColumn(REASON, F.when(is_duplicate, F.lit(f"duplicate key {list(table.key)}")).otherwise(F.col(REASON)))
         .drop("_order", "_first")
     )
 
 
 def mark_rows(table: Table, frame):
     """`frame` plus `_reason` / `_field`: null on rows that pass every rule, else the first broken one."""
-    from pyspark.sql import functions as F
-
     check_columns(table, frame.columns, table.name)
-    reason = F.lit(None).cast("string")
-    field = F.lit(None).cast("string")
-    # Build a CASE chain in reverse so the first declared rule wins, as in the pandas split.
-    for column in reversed(table.columns):
-        for kind, message in reversed(_rule_messages(column)):
-            violated = _spark_violation(column, kind)
-            reason = F.when(violated, F.lit(message)).otherwise(reason)
-            field = F.when(violated, F.lit(column.name)).otherwise(field)
-    checked = frame.withColumn("_reason", reason).withColumn("_field", field)
+    # The declared order, as in the pandas split: the first broken rule names the row's reason.
+    rules = [
+        Rule(_spark_violation(column, kind), message, column.name)
+        for column in table.columns
+        for kind, message in _rule_messages(column)
+    ]
+    checked = frame.select("*", *first_failure(rules))
     if table.key:
         checked = _mark_duplicates(table, checked, _has_provenance(checked))
     return checked
@@ -265,18 +244,14 @@ def split_marked(table: Table, checked, quarantined_at: dt.datetime | None = Non
     from pyspark.sql import functions as F
 
     has_provenance = _has_provenance(checked)
-    source_file = F.col(SOURCE_FILE_COL) if has_provenance else F.lit(None).cast("string")
-    row_number = (F.col(ROW_INDEX_COL) + 1) if has_provenance else F.lit(None).cast("bigint")
-    accepted = checked.where(F.col("_reason").isNull()).select(*table.names)
-    stamp = F.lit(quarantined_at or dt.datetime.now(dt.timezone.utc)).cast("timestamp")
-    quarantine = checked.where(F.col("_reason").isNotNull()).select(
-        F.lit(table.name).alias("source_table"),
-        source_file.alias("source_file"),
-        row_number.cast("bigint").alias("row_number"),
-        F.col("_field").alias("field"),
-        F.col("_reason").alias("reason"),
-        F.to_json(F.struct(*table.names), {"ignoreNullFields": "false"}).alias("record"),
-        stamp.alias("quarantined_at"),
+    accepted = checked.where(F.col(REASON).isNull()).select(*table.names)
+    quarantine = quarantine_frame(
+        checked,
+        table.name,
+        quarantined_at or dt.datetime.now(dt.UTC),
+        record_json(*table.names),
+        source_file=F.col(SOURCE_FILE_COL) if has_provenance else None,
+        row_number=(F.col(ROW_INDEX_COL) + 1) if has_provenance else None,
     )
     return accepted, quarantine
 
@@ -295,7 +270,7 @@ def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
     from pyspark.sql import functions as F
 
     checked = mark_rows(table, frame).persist()
-    tally = checked.agg(F.count(F.lit(1)).alias("rows"), F.count(F.col("_reason")).alias("rejected")).first()
+    tally = checked.agg(F.count(F.lit(1)).alias("rows"), F.count(F.col(REASON)).alias("rejected")).first()
     accepted, quarantine = split_marked(table, checked)
     counts = ValidationCounts(table.name, tally["rows"], tally["rows"] - tally["rejected"], tally["rejected"])
     suite = validate_with_gx(table, accepted, "spark") if run_suite else None
@@ -308,7 +283,7 @@ def read_with_provenance(spark, table: Table, path: str):
     """Read a parquet table with its declared schema plus the file and row index of every row."""
     from pyspark.sql import functions as F
 
-    frame = spark.read.schema(table.spark_schema()).parquet(path)
+    frame = spark.read.schema(spark_schema(table)).parquet(path)
     return frame.select(
         *table.names,
         F.col("_metadata.file_path").alias(SOURCE_FILE_COL),
@@ -337,37 +312,55 @@ class ValidateConfig:
 
 def run(config: ValidateConfig) -> list[ValidationCounts]:
     """Validate every chosen table under `config.data`; write quarantine rows and a JSON summary."""
+    if config.engine == "spark":
+        return _run_spark(config)
+    return _run_pandas(config)
+
+
+def _chosen_tables(config: ValidateConfig, is_present) -> list[str]:
+    names = config.tables or [name for name in INPUT_TABLES if is_present(table(name))]
+    if not names:
+        raise FileNotFoundError(f"{config.data}: no input tables found (expected folders named {list(INPUT_TABLES)})")
+    return names
+
+
+def _run_pandas(config: ValidateConfig) -> list[ValidationCounts]:
     data_root = Path(config.data)
     out = Path(config.out) if config.out else data_root / "_validation"
-    names = config.tables or [name for name in INPUT_TABLES if table_path(data_root, table(name)).is_dir()]
-    if not names:
-        raise FileNotFoundError(f"{data_root}: no input tables found (expected folders named {list(INPUT_TABLES)})")
-    spark = None
-    if config.engine == "spark":
-        from jobs.spark import get_spark
-
-        spark = get_spark("relevance-validate", master=config.spark_master)
-    results, quarantines = [], []
-    for name in tqdm(names, desc=f"validate ({config.engine})", unit="table"):
+    results = []
+    for name in tqdm(_chosen_tables(config, lambda t: table_path(data_root, t).is_dir()), desc="validate (pandas)", unit="table"):
         declared = table(name)
-        if spark is None:
-            frame = read_table(declared, data_root).to_pandas(maps_as_pydicts="strict")
-            validated = validate_pandas(declared, frame, source_file=str(table_path(data_root, declared)))
-        else:
-            frame = read_with_provenance(spark, declared, str(table_path(data_root, declared)))
-            validated = validate_spark(declared, frame)
-        results.append(validated)
-        quarantines.append(validated.quarantine)
-        print(validated.counts.line())
-    if spark is None:
-        write_table(QUARANTINE, pa.concat_tables([QUARANTINE.from_pandas(q) for q in quarantines]), out)
-    else:
-        union = quarantines[0]
-        for other in quarantines[1:]:
-            union = union.unionByName(other)
-        union.coalesce(1).write.mode("overwrite").parquet(str(table_path(out, QUARANTINE)))
+        frame = read_table(declared, data_root).to_pandas(maps_as_pydicts="strict")
+        results.append(validate_pandas(declared, frame, source_file=str(table_path(data_root, declared))))
+        print(results[-1].counts.line())
+    write_table(QUARANTINE, pa.concat_tables([QUARANTINE.from_pandas(r.quarantine) for r in results]), out)
+    (out / "validation.json").write_text(_summary_json(config.engine, results))
+    print(f"quarantine and validation.json written to {out}")
+    return [r.counts for r in results]
+
+
+def _run_spark(config: ValidateConfig) -> list[ValidationCounts]:
+    from jobs.spark import get_spark
+
+    spark = get_spark("relevance-validate", master=config.spark_master)
+    out = config.out or hadoop_fs.join(config.data, "_validation")
+    names = _chosen_tables(config, lambda t: hadoop_fs.exists(spark, hadoop_fs.table_uri(config.data, t)))
+    results = []
+    for name in tqdm(names, desc="validate (spark)", unit="table"):
+        declared = table(name)
+        frame = read_with_provenance(spark, declared, hadoop_fs.table_uri(config.data, declared))
+        results.append(validate_spark(declared, frame))
+        print(results[-1].counts.line())
+    quarantine = reduce(lambda union, other: union.unionByName(other), [r.quarantine for r in results])
+    quarantine.coalesce(1).write.mode("overwrite").parquet(hadoop_fs.table_uri(out, QUARANTINE))
+    hadoop_fs.write_report(spark, hadoop_fs.join(out, "validation.json"), _summary_json(config.engine, results))
+    print(f"quarantine and validation.json written to {out}")
+    return [r.counts for r in results]
+
+
+def _summary_json(engine: str, results: list[Validated]) -> str:
     summary = {
-        "engine": config.engine,
+        "engine": engine,
         "tables": {
             r.counts.table: {
                 "rows_in": r.counts.rows_in,
@@ -379,6 +372,4 @@ def run(config: ValidateConfig) -> list[ValidationCounts]:
             for r in results
         },
     }
-    (out / "validation.json").write_text(json.dumps(summary, indent=2))
-    print(f"quarantine and validation.json written to {out}")
-    return [r.counts for r in results]
+    return json.dumps(summary, indent=2)

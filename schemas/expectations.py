@@ -11,8 +11,9 @@ to import.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from schemas.table import Table
 

@@ -85,7 +85,7 @@ class ReasoningGraph:
                 raise ValueError(f"{where}: order {order_name!r} must list every node once, got {list(order)}")
 
     @classmethod
-    def load(cls, name_or_path: str | Path = "relevance7") -> "ReasoningGraph":
+    def load(cls, name_or_path: str | Path = "relevance7") -> ReasoningGraph:
         path = _resolve(name_or_path, "graphs", "graph")
         raw = yaml.safe_load(path.read_text())
         where = str(path)
@@ -168,7 +168,7 @@ class LabelSet:
             raise ValueError(f"{where}: unknown labels {unknown}; labels are {names}")
 
     @classmethod
-    def load(cls, name_or_path: str | Path) -> "LabelSet":
+    def load(cls, name_or_path: str | Path) -> LabelSet:
         path = _resolve(name_or_path, "labelsets", "label set")
         raw = yaml.safe_load(path.read_text())
         where = str(path)

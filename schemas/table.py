@@ -5,14 +5,15 @@ DuckDB), nullability and row rules (allowed values, bounds, a regex). The row ru
 quarantine split and the great-expectations suites are both compiled from them, so the contract is
 stated once.
 
-pyspark is imported lazily inside `Table.spark_schema` so that importing `schemas` stays light for
-notebooks that never touch Spark.
+The Spark `StructType` is built from `Table.spark_ddl` types by `jobs.spark.spark_schema`: pyspark
+is imported only under `jobs/`, so importing `schemas` stays light for notebooks that never touch Spark.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -129,32 +130,6 @@ class Table:
             f"`{column.name}` {column.spark_ddl_type}{'' if column.nullable else ' NOT NULL'}"
             for column in self.columns
             if column.name not in skip
-        )
-
-    def spark_schema(self, without: Iterable[str] = ()):
-        """The Spark `StructType`, built without a JVM (pyspark imported here, lazily)."""
-        from pyspark.sql import types as T
-
-        scalars = {
-            "STRING": T.StringType(), "INT": T.IntegerType(), "BIGINT": T.LongType(),
-            "DOUBLE": T.DoubleType(), "BOOLEAN": T.BooleanType(), "DATE": T.DateType(),
-            "TIMESTAMP": T.TimestampType(),
-        }
-
-        def spark_type(ddl: str):
-            if ddl.startswith("ARRAY<"):
-                return T.ArrayType(spark_type(ddl[6:-1]))
-            if ddl.startswith("MAP<STRING, "):
-                return T.MapType(T.StringType(), spark_type(ddl[len("MAP<STRING, ") : -1]))
-            return scalars[ddl]
-
-        skip = set(without)
-        return T.StructType(
-            [
-                T.StructField(column.name, spark_type(column.spark_ddl_type), nullable=column.nullable)
-                for column in self.columns
-                if column.name not in skip
-            ]
         )
 
     def empty_arrow(self) -> pa.Table:

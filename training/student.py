@@ -193,8 +193,8 @@ def score_split(folder: str | Path, data: str | Path, split: str, *, model_name:
 
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
     """
+    from training.examples import load_pairs
     from training.model import model_version
-    from training.sft import load_pairs
 
     model, tokenizer, meta = load_student(folder)
     labels, graph = LabelSet.load(meta["label_set"]), ReasoningGraph.load(meta["graph"])

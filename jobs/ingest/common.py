@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 from tqdm import tqdm
 
-from schemas.tables import QUARANTINE
+from jobs.quarantine import quarantine_table
 
 # CATALOG.product_type is required; a product whose source gives no class (every ESCI product,
 # a WANDS product with an empty product_class) gets this value and no `ps` gold node.
@@ -78,17 +77,22 @@ class IngestResult:
         return {name: data for name, data in produced.items() if data is not None}
 
 
-def _json_default(value: Any) -> str:
-    return str(value)
+class _Rejected(NamedTuple):
+    source_table: str
+    source_file: str
+    row_number: int
+    field: str | None
+    reason: str
+    record: dict[str, Any] | list[Any]
 
 
 class Quarantine:
-    """Collects rejected rows as QUARANTINE rows; under `strict` the first one raises instead."""
+    """Collects rejected rows for the QUARANTINE table; under `strict` the first one raises instead."""
 
     def __init__(self, strict: bool, now: dt.datetime | None = None) -> None:
         self.strict = strict
-        self.now = now or dt.datetime.now(dt.timezone.utc)
-        self._rows: list[dict[str, Any]] = []
+        self.now = now or dt.datetime.now(dt.UTC)
+        self._rows: list[_Rejected] = []
 
     def add(
         self,
@@ -102,20 +106,19 @@ class Quarantine:
         if self.strict:
             where = f"field {field_name!r}" if field_name else "the whole row"
             raise IngestError(f"{source_file}: row {row_number}, {where}: {reason}")
-        self._rows.append(
-            {
-                "source_table": source_table,
-                "source_file": str(source_file),
-                "row_number": row_number,
-                "field": field_name,
-                "reason": reason,
-                "record": json.dumps(record, ensure_ascii=False, default=_json_default),
-                "quarantined_at": self.now,
-            }
-        )
+        self._rows.append(_Rejected(source_table, str(source_file), row_number, field_name, reason, record))
 
     def to_table(self) -> pa.Table:
-        return pa.Table.from_pylist(self._rows, schema=QUARANTINE.arrow_schema())
+        rows = self._rows
+        return quarantine_table(
+            [r.source_table for r in rows],
+            [r.record for r in rows],
+            [r.field for r in rows],
+            [r.reason for r in rows],
+            self.now,
+            source_file=[r.source_file for r in rows],
+            row_number=[r.row_number for r in rows],
+        )
 
 
 def require_file(path: Path) -> Path:

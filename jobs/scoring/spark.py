@@ -10,7 +10,7 @@
   record batches conformed to RELEVANCE, one row per pair. The scorer is opened on a task's first
   chunk, so empty partitions load no model.
 - `scored_frame` is the DataFrame -> DataFrame transform underneath: a day whose pairs do not fit on
-  the driver is read by Spark (`spark.read.schema(PAIRS_TO_SCORE.spark_schema()).parquet(...)`) and
+  the driver is read by Spark (`spark.read.schema(spark_schema(PAIRS_TO_SCORE)).parquet(...)`) and
   written by Spark, without `score_with_spark`'s Arrow round trip through the driver.
 - Threads and devices come from the task: torch uses `spark.task.cpus` threads (1 by default, so
   the scorers of one executor do not oversubscribe its cores); a spec with device `cuda` is placed
@@ -45,8 +45,8 @@ from collections.abc import Iterator, Sequence
 
 import pyarrow as pa
 
-from jobs.scoring.backends import Scorer, ScorerSpec, open_scorer
-from jobs.scoring.run import pair_dicts
+from jobs.scoring.spec import Scorer, ScorerSpec, open_scorer, pair_dicts
+from jobs.spark import spark_schema
 from schemas.tables import PAIRS_TO_SCORE, RELEVANCE
 
 # Chunk = this many scorer batches: enough for length sorting to pay, few enough to stay in memory.
@@ -58,7 +58,7 @@ _WORKER_SCORERS: dict[ScorerSpec, Scorer] = {}
 
 def score_with_spark(spark, pairs: pa.Table, spec: ScorerSpec, ds: dt.date, partitions: int | None = None) -> pa.Table:
     """RELEVANCE rows (one per pair of `pairs`, a PAIRS_TO_SCORE table) scored by `spec` on Spark's workers."""
-    frame = spark.createDataFrame(PAIRS_TO_SCORE.conform(pairs), schema=PAIRS_TO_SCORE.spark_schema())
+    frame = spark.createDataFrame(PAIRS_TO_SCORE.conform(pairs), schema=spark_schema(PAIRS_TO_SCORE))
     partitions = partitions or spark.sparkContext.defaultParallelism
     return RELEVANCE.conform(scored_frame(frame, spec, ds, partitions).toArrow())
 
@@ -69,7 +69,7 @@ def scored_frame(pairs, spec: ScorerSpec, ds: dt.date, partitions: int):
     def score_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         return score_batches(batches, spec, ds)
 
-    return pairs.repartition(partitions).mapInArrow(score_partition, RELEVANCE.spark_schema())
+    return pairs.repartition(partitions).mapInArrow(score_partition, spark_schema(RELEVANCE))
 
 
 def score_batches(batches: Iterator[pa.RecordBatch], spec: ScorerSpec, ds: dt.date) -> Iterator[pa.RecordBatch]:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.scoring.backends import ScorerSpec, scorer_version
+from jobs.scoring.spec import ScorerSpec, scorer_version
 
 # Tokens the engine holds beyond the prompt budget and the generation: the chat template around the
 # prompt, the label tag after the reasoning, and a query longer than the budget (it is never cut).
@@ -75,8 +75,7 @@ class VLLMScorer:
 
     def score(self, pairs: Sequence[dict], ds: dt.date) -> pa.Table:
         from training.cot import cot_regex
-        from training.predict import (generation_needed, label_prefix, label_steps, node_decisions, pair_prompts, reasoning_wanted,
-                                      relevance_table)
+        from training.predict import generation_needed, label_prefix, label_steps, node_decisions, pair_prompts, reasoning_wanted, relevance_table
 
         spec, graph, labels = self.spec, self.graph, self.labels
         prompts = pair_prompts(self.tokenizer, pairs, spec.prompt_tokens)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from abtest_testdata import START
 
 from abtest.simulate import SimulationSpec, simulate
-from abtest_testdata import START
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ import duckdb
 import numpy as np
 import pytest
 import tea_tasting as tt
+from abtest_testdata import START
 from statsmodels.stats.weightstats import CompareMeans, DescrStatsW, ttest_ind
 
 from abtest import Experiment, Mean, RatioOfMeans
-from abtest_testdata import START
 
 TOL = dict(rel=1e-9, abs=1e-12)
 

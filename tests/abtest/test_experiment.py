@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from abtest_testdata import START
 
 from abtest import Experiment, Mean, RatioOfMeans, load_metrics
 from abtest.simulate import SimulationSpec, simulate
-from abtest_testdata import START
 from schemas.config import ConfigError
 
 

@@ -9,11 +9,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from abtest_testdata import START
 
 from abtest import Experiment, Mean, RatioOfMeans
 from abtest.aggregate import InputError
 from abtest.simulate import SimulationSpec, simulate
-from abtest_testdata import START
 
 METRICS = (RatioOfMeans("clicks", "impressions", covariate=True, name="ctr"), Mean("orders", name="orders"))
 

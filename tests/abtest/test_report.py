@@ -7,10 +7,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from abtest_testdata import START
 
 from abtest.run import AbtestConfig, config_from_manifest, run
 from abtest.simulate import SimulationSpec, simulate, write
-from abtest_testdata import START
 from schemas.config import ConfigError, load_config
 
 

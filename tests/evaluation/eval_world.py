@@ -15,7 +15,7 @@ from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES, RELEVANCE
 
 WANDS = LabelSet.load("wands")
 MS_OF_LABEL = {"Exact": "match", "Partial": "related", "Irrelevant": "mismatch"}
-SCORED_AT = dt.datetime(2024, 1, 2, tzinfo=dt.timezone.utc)
+SCORED_AT = dt.datetime(2024, 1, 2, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,14 @@ def make_predictions(
     rows = []
     for query_id, product_id in keys:
         true = gold.get((query_id, product_id), "Irrelevant")
-        label = true if rng.random() < accuracy else rng.choice([l for l in labels if l != true])
+        label = true if rng.random() < accuracy else rng.choice([other for other in labels if other != true])
         top = rng.uniform(0.5, 0.9)
         rest = rng.dirichlet([1.0, 1.0]) * (1 - top)
-        probs = dict(zip([l for l in labels if l != label], rest)) | {label: top}
+        probs = dict(zip([other for other in labels if other != label], rest)) | {label: top}
         rows.append({
             "query": query_id, "query_id": query_id, "product_id": product_id, "label": label, "label_set": "wands",
             "label_probs": list(probs.items()),
-            "expected_gain": sum(p * WANDS.gains[l] for l, p in probs.items()),
+            "expected_gain": sum(p * WANDS.gains[name] for name, p in probs.items()),
             "node_decisions": [("ms", MS_OF_LABEL[label])] + ([("qa", "size=L;color=Red")] if rng.random() < 0.5 else []),
             "reasoning": None, "product_content_hash": None, "model_name": name, "model_version": "1",
             "scored_at": SCORED_AT, "ds": SCORED_AT.date(),

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from eval_world import WANDS, make_predictions
 
 from evaluation.evaluate import evaluate_model
 from evaluation.inputs import (
@@ -23,8 +24,6 @@ from schemas import storage
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import JUDGMENTS, RELEVANCE
 
-from eval_world import WANDS, make_predictions
-
 GRAPH = ReasoningGraph.load("relevance7")
 
 
@@ -35,8 +34,8 @@ def set_column(table: pa.Table, name: str, values: list) -> pa.Table:
 
 def judgment_rows(rows: list[tuple[str, str, str, str]]) -> pa.Table:
     return pa.Table.from_pylist(
-        [{"query_id": q, "product_id": p, "label": l, "label_set": "wands", "annotator": a, "is_weak": a.startswith("weak")}
-         for q, p, l, a in rows],
+        [{"query_id": q, "product_id": p, "label": label, "label_set": "wands", "annotator": a, "is_weak": a.startswith("weak")}
+         for q, p, label, a in rows],
         schema=JUDGMENTS.arrow_schema(),
     )
 

@@ -10,9 +10,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from eval_world import WANDS, make_predictions
 from sklearn import metrics as skm
 
-from eval_world import WANDS, make_predictions
 from evaluation.command import EvaluateConfig, run
 from evaluation.inputs import judgments_from_gold_nodes, predictions_from_judgments
 from schemas import storage
@@ -53,7 +53,7 @@ def test_run_writes_reports_with_numbers_from_an_independent_computation(written
 
     metrics = json.loads((out / "metrics.json").read_text())
     a = metrics["models"][0]
-    gold = pd.DataFrame([(q, p, l) for (q, p), l in world.gold.items()], columns=["query_id", "product_id", "gold"])
+    gold = pd.DataFrame([(q, p, label) for (q, p), label in world.gold.items()], columns=["query_id", "product_id", "gold"])
     joined = gold.merge(models["a"].select(["query_id", "product_id", "label"]).to_pandas(), how="inner")
     assert a["n_gold_pairs"] == len(gold) and a["n_covered"] == len(gold) - 6
     assert a["n_predictions_without_gold"] == 2
@@ -75,7 +75,7 @@ def test_run_writes_reports_with_numbers_from_an_independent_computation(written
 def test_judgments_as_a_model_and_a_single_parquet_file(world, tmp_path):
     # the demo's first evaluation: noisy human ratings (as one-hot predictions) against gold
     rng = np.random.default_rng(0)
-    flipped = [l if rng.random() < 0.8 else "Irrelevant" for l in world.judgments["label"].to_pylist()]
+    flipped = [label if rng.random() < 0.8 else "Irrelevant" for label in world.judgments["label"].to_pylist()]
     humans = world.judgments.set_column(2, "label", pa.array(flipped))
     table = predictions_from_judgments(humans, WANDS, model_name="humans", queries=world.queries)
     pq.write_table(table, tmp_path / "humans.parquet")
@@ -116,7 +116,7 @@ def test_gold_from_nodes_rates_the_noisy_rater_against_noise_free_gold(written, 
     # the synthetic world's situation: noisy judgments, noise-free gold in gold_nodes
     root, _ = written
     rng = np.random.default_rng(1)
-    noisy = [l if rng.random() < 0.7 else "Partial" for l in world.judgments["label"].to_pylist()]
+    noisy = [label if rng.random() < 0.7 else "Partial" for label in world.judgments["label"].to_pylist()]
     rater = predictions_from_judgments(world.judgments.set_column(2, "label", pa.array(noisy)), WANDS, "rater")
     storage.write_table(RELEVANCE, rater, tmp_path / "rater")
     out = tmp_path / "out"

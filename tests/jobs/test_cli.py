@@ -64,7 +64,7 @@ def test_evaluate_reads_wands_labels_through_the_ingest_reader(tmp_path):
             "label": label, "label_set": "wands", "label_probs": [(name, float(name == label)) for name in labels.names],
             "expected_gain": labels.gains[label], "node_decisions": [], "reasoning": None,
             "product_content_hash": None, "model_name": "m", "model_version": "1",
-            "scored_at": dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc), "ds": dt.date(2026, 11, 1),
+            "scored_at": dt.datetime(2026, 11, 1, tzinfo=dt.UTC), "ds": dt.date(2026, 11, 1),
         })
     write_table(RELEVANCE, pa.Table.from_pylist(rows, schema=RELEVANCE.arrow_schema()), tmp_path / "pred")
     out = tmp_path / "report"

@@ -16,16 +16,11 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from jobs.datasets import (
-    SUPERSEDED,
-    DatasetsConfig,
-    SplitFractions,
-    WeakRule,
-    assign_splits,
-    replace_folder,
-    run,
-    with_splits,
-)
+from jobs.datasets import DatasetsConfig, run
+from jobs.hadoop_fs import replace_folder
+from jobs.spark import spark_schema
+from jobs.training_data.labels import SUPERSEDED, WeakRule
+from jobs.training_data.splits import SplitFractions, assign_splits, with_splits
 from jobs.world.config import WorldConfig
 from jobs.world.generate import generate_world, write_world
 from schemas.config import ConfigError, load_config
@@ -252,8 +247,8 @@ def test_hand_made_edge_cases(spark, built):
         "q1": "validation", "q2": "train", "q3": "train", "q5": "train"
     }
     path = str(table_path(built["out"], TRAINING_EXAMPLES))
-    examples = spark.read.schema(TRAINING_EXAMPLES.spark_schema()).parquet(path)
-    expected = spark.createDataFrame(EXPECTED_EXAMPLES, TRAINING_EXAMPLES.spark_schema())
+    examples = spark.read.schema(spark_schema(TRAINING_EXAMPLES)).parquet(path)
+    expected = spark.createDataFrame(EXPECTED_EXAMPLES, spark_schema(TRAINING_EXAMPLES))
     assertDataFrameEqual(examples.where(F.col("query_id").isin(*EDGE_QUERIES)), expected, checkRowOrder=False)
 
     quarantine = read_table(QUARANTINE, built["out"] / "_datasets").to_pylist()

@@ -15,17 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.export import (
-    CHURN_PLOT,
-    CSV_FILE,
-    DUCKDB_FILE,
-    LATEST_FILE,
-    MANIFEST_FILE,
-    PARQUET_FILE,
-    ExportConfig,
-    ExportValidationError,
-    run,
-)
+from jobs.export import ExportConfig, ExportValidationError, run
+from jobs.publishing.churn import CHURN_PLOT
+from jobs.publishing.publish import CSV_FILE, DUCKDB_FILE, LATEST_FILE, MANIFEST_FILE, PARQUET_FILE
 from schemas.config import ConfigError
 from schemas.storage import write_table
 from schemas.tables import QUERIES, RELEVANCE
@@ -34,7 +26,7 @@ NIGHT_1 = dt.date(2024, 5, 1)
 NIGHT_2 = dt.date(2024, 5, 2)
 WANDS = ("Exact", "Partial", "Irrelevant")
 ESCI = ("E", "S", "C", "I")
-SCORED_AT = dt.datetime(2024, 5, 2, 1, 2, 3, 456789, tzinfo=dt.timezone.utc)
+SCORED_AT = dt.datetime(2024, 5, 2, 1, 2, 3, 456789, tzinfo=dt.UTC)
 QUERY_IDS = {"sofa": "q1", "lamp": "q2", "rug": "q3"}  # q3 is not in the queries table: segment unknown
 
 

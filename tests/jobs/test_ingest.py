@@ -27,7 +27,7 @@ from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUARANTINE, QUERIES
 
 WANDS_FIXTURE = Path(__file__).parents[1] / "data" / "wands"
 WANDS_REAL = Path("/work/shared/data/wands")
-NOW = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 T = "\t"
 
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.nightly import NightlyConfig, run
+from jobs.nightly import NightlyConfig, PrepareSettings, ScoreSettings, run
 from schemas.storage import partitions, read_table, write_table
 from schemas.tables import CANDIDATE_PAIRS, RELEVANCE, SEARCH_IMPRESSIONS
 
@@ -29,8 +29,8 @@ def world(tmp_path_factory):
 
 def test_two_nights_rerun_and_a_failed_validation(world, tiny_model, tmp_path, spark):
     first, second = (day.isoformat() for day in partitions(SEARCH_IMPRESSIONS, world)[-2:])
-    settings = {"data": str(world), "out": str(tmp_path), "model": str(tiny_model), "reasoning": "none", "score": {"prompt_tokens": 40},
-                "prepare": {"run_suite": False}}  # the GE certification of the inputs is tested with prepare
+    settings = {"data": str(world), "out": str(tmp_path), "model": str(tiny_model), "reasoning": "none", "score": ScoreSettings(prompt_tokens=40),
+                "prepare": PrepareSettings(run_suite=False)}  # the GE certification of the inputs is tested with prepare
     run(NightlyConfig(date=first, **settings))
     report = run(NightlyConfig(date=second, **settings))
     scored = report["steps"]["score"]["report"]

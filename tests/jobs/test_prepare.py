@@ -9,19 +9,20 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from prepare_reference import duckdb_prepare
 from pyspark.testing import assertDataFrameEqual
 
 from jobs.prepare import PrepareConfig, content_hashes, normalise_queries, run
+from jobs.spark import spark_schema
 from jobs.world.config import WorldConfig
 from jobs.world.generate import generate_world, write_world
-from prepare_reference import duckdb_prepare
 from schemas.config import ConfigError
 from schemas.storage import partitions, read_table, table_path, write_table
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, QUERY_PRODUCT_STATS, SEARCH_IMPRESSIONS
 
 DAY = dt.date(2024, 5, 2)
 OTHER_DAY = dt.date(2024, 5, 1)
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _product(product_id: str, attributes: dict[str, str], description: str | None = "soft") -> dict:
@@ -88,7 +89,7 @@ def test_day_hand_worked_with_quarantine_rerun_and_empty_day(spark, tmp_path):
     report = Path(summary["outputs"]["quarantine"])
     assert json.loads((report.parent / "prepare.json").read_text())["pairs"] == 2
 
-    stats = spark.read.schema(QUERY_PRODUCT_STATS.spark_schema()).parquet(str(table_path(tmp_path, QUERY_PRODUCT_STATS)))
+    stats = spark.read.schema(spark_schema(QUERY_PRODUCT_STATS)).parquet(str(table_path(tmp_path, QUERY_PRODUCT_STATS)))
     expected_examinations = 2 * 1.0 + 2 * (1 / 3)
     expected = spark.createDataFrame(
         [
@@ -96,7 +97,7 @@ def test_day_hand_worked_with_quarantine_rerun_and_empty_day(spark, tmp_path):
             ("q", "B", 4, 1, 0, 0, 0.0, expected_examinations, 1 / expected_examinations, _hash(PRODUCTS[1]), DAY),
             ("q", "B", 1, 0, 0, 0, 0.0, 1.0, 0.0, "h", OTHER_DAY),
         ],
-        QUERY_PRODUCT_STATS.spark_schema(),
+        spark_schema(QUERY_PRODUCT_STATS),
     )
     assertDataFrameEqual(stats, expected, rtol=1e-12, checkRowOrder=False)
     pairs = read_table(CANDIDATE_PAIRS, tmp_path, days=[DAY]).to_pylist()
@@ -128,7 +129,7 @@ def test_normalise_queries_unicode_whitespace_synonyms(spark):
 
 
 def test_content_hash_sorts_attributes_and_reads_null_as_empty(spark):
-    catalog = spark.createDataFrame(PRODUCTS, CATALOG.spark_schema())
+    catalog = spark.createDataFrame(PRODUCTS, spark_schema(CATALOG))
     hashes = {row["product_id"]: row["product_content_hash"] for row in content_hashes(catalog).collect()}
     assert hashes == {"A": _hash(PRODUCTS[0]), "B": _hash(PRODUCTS[1])}
 
@@ -153,7 +154,7 @@ def test_tests_world_day_equals_duckdb_reference(spark, tmp_path):
         {str(r["position"]): r["examination_rate"] for r in reference["rates"].to_pylist()}, rel=1e-9
     )
     for table in (QUERY_PRODUCT_STATS, CANDIDATE_PAIRS):
-        ours = spark.read.schema(table.spark_schema()).parquet(str(table_path(tmp_path / "out", table)))
-        theirs = spark.createDataFrame(reference[table.name].cast(table.arrow_schema()).to_pylist(), table.spark_schema())
+        ours = spark.read.schema(spark_schema(table)).parquet(str(table_path(tmp_path / "out", table)))
+        theirs = spark.createDataFrame(reference[table.name].cast(table.arrow_schema()).to_pylist(), spark_schema(table))
         assert ours.count() == reference[table.name].num_rows > 100
         assertDataFrameEqual(ours, theirs, rtol=1e-9, checkRowOrder=False)

@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,7 +37,7 @@ def test_yaml_then_overrides_then_values(tmp_path):
 
 def test_configs_are_frozen():
     config = load_config(Example)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.out = "x"
 
 

@@ -3,6 +3,7 @@ import datetime as dt
 import pyarrow as pa
 import pytest
 
+from jobs.spark import spark_schema
 from schemas.storage import partitions, read_table, write_table
 from schemas.table import Column, Table
 from schemas.tables import ALL_TABLES, INPUT_TABLES, RELEVANCE, SEARCH_IMPRESSIONS, table
@@ -23,7 +24,7 @@ def test_every_table_has_arrow_and_spark_types_from_one_declaration():
         pa.map_(pa.string(), pa.float64()): T.MapType(T.StringType(), T.DoubleType()),
     }
     for declared in ALL_TABLES.values():
-        arrow, spark = declared.arrow_schema(), declared.spark_schema()
+        arrow, spark = declared.arrow_schema(), spark_schema(declared)
         assert arrow.names == spark.fieldNames() == declared.names
         for arrow_field, spark_field in zip(arrow, spark.fields):
             assert arrow_to_spark[arrow_field.type] == spark_field.dataType, (declared.name, arrow_field.name)
@@ -64,7 +65,7 @@ def _impressions(days):
             "ordered": [False] * n,
             "quantity": pa.array([0] * n, pa.int32()),
             "price": [10.0] * n,
-            "ts": pa.array([dt.datetime(d.year, d.month, d.day, 12, tzinfo=dt.timezone.utc) for d in days],
+            "ts": pa.array([dt.datetime(d.year, d.month, d.day, 12, tzinfo=dt.UTC) for d in days],
                            pa.timestamp("us", tz="UTC")),
             "ds": pa.array(days, pa.date32()),
         }
@@ -88,6 +89,6 @@ def test_spark_reads_what_storage_writes_with_the_declared_schema(spark, tmp_pat
     days = [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
     data = _impressions(days)
     write_table(SEARCH_IMPRESSIONS, data, tmp_path)
-    frame = spark.read.schema(SEARCH_IMPRESSIONS.spark_schema()).parquet(str(tmp_path / "search_impressions"))
-    expected = spark.createDataFrame(data.to_pylist(), schema=SEARCH_IMPRESSIONS.spark_schema())
+    frame = spark.read.schema(spark_schema(SEARCH_IMPRESSIONS)).parquet(str(tmp_path / "search_impressions"))
+    expected = spark.createDataFrame(data.to_pylist(), schema=spark_schema(SEARCH_IMPRESSIONS))
     assertDataFrameEqual(frame, expected)

@@ -158,7 +158,7 @@ def test_every_token_of_a_line_maps_to_its_node(tokenizer, values, order):
 
 
 def gold_cots(world, order: str) -> list[str]:
-    from training.sft import load_pairs
+    from training.examples import load_pairs
 
     pairs = load_pairs(world, "wands", "train") + load_pairs(world, "wands", "validation")
     assert len(pairs) == 48

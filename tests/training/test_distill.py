@@ -252,3 +252,14 @@ def test_resume_continues_bit_for_bit(tiny_world, tiny_model, tiny_encoder, tmp_
     a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_format_comes_from_the_teacher_and_a_contradiction_is_refused(tmp_path):
+    from schemas.config import ConfigError
+    from training.policy_format import PolicyFormat
+
+    teacher_format = PolicyFormat(order="reasoning_first", prompt_tokens=40)
+    teacher_format.save(tmp_path / "teacher")
+    assert DistillConfig(teacher=tmp_path / "teacher").teacher_format() == teacher_format
+    with pytest.raises(ConfigError, match="order='label_first'.*order='reasoning_first'"):
+        DistillConfig(teacher=tmp_path / "teacher", order="label_first")

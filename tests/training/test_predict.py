@@ -12,8 +12,7 @@ from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import RELEVANCE
 from training.cot import parse_cot
 from training.model import load_model
-from training.predict import (candidate_completions, label_prefix, label_step_probabilities, label_steps, reasoning_wanted,
-                              relevance_rows)
+from training.predict import candidate_completions, label_prefix, label_step_probabilities, label_steps, reasoning_wanted, relevance_rows
 
 GRAPH = ReasoningGraph.load("relevance7")
 LABELS = LabelSet.load("wands")

@@ -11,17 +11,10 @@ from safetensors.torch import load_file
 
 from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
-from training.sft import (
-    IGNORE,
-    Example,
-    SFTConfig,
-    cot_metrics,
-    draw_masked_nodes,
-    example_tensors,
-    learning_rate,
-    micro_batch_indices,
-    run,
-)
+from training.examples import IGNORE, Example
+from training.loop import learning_rate, micro_batch_indices
+from training.sft import SFTConfig, draw_masked_nodes, example_tensors, run
+from training.validation import cot_metrics
 
 GRAPH = ReasoningGraph.load("relevance7")
 EXAMPLE = Example(
@@ -82,7 +75,7 @@ def test_metrics_by_hand():
 
 
 def test_majority_baseline_by_hand():
-    from training.sft import majority_baseline
+    from training.validation import majority_baseline
 
     labels = LabelSet.load("wands")
     baseline = majority_baseline(["Exact", "Exact", "Partial"], ["Exact", "Partial", "Irrelevant"], labels)
@@ -144,18 +137,24 @@ def test_lora_trains_only_the_adapted_modules(tiny_world, tiny_model, tmp_path):
 
 
 def test_left_padded_batches_decode_like_single_prompts(tiny_model):
+    from training.decoding import generate as generations
     from training.model import load_model
-    from training.sft import generate
 
     model, tokenizer = load_model(tiny_model)
+
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size):  # (text, ended) per prompt
+        out = generations(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return list(zip(out.texts, out.ended))
+
     prompts = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14], [1, 20]]
     batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     assert batched == [generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
 
 
 def test_pairs_are_the_split_rows_with_nodes_and_brand_as_a_facet(tiny_world):
-    from training.sft import load_pairs
     from training_world import VALIDATION_QUERIES
+
+    from training.examples import load_pairs
 
     train = {(p["query_id"], p["product_id"]): p for p in load_pairs(tiny_world, "wands", "train")}
     validation = load_pairs(tiny_world, "wands", "validation")
@@ -172,7 +171,7 @@ def test_pairs_are_the_split_rows_with_nodes_and_brand_as_a_facet(tiny_world):
 def test_device_and_precision_resolution_on_this_machine():
     import torch
 
-    from training.sft import resolve_device
+    from training.loop import resolve_device
 
     assert resolve_device("cpu", "auto") == (torch.device("cpu"), None)
     assert resolve_device("cpu", "fp32") == (torch.device("cpu"), None)
@@ -180,3 +179,12 @@ def test_device_and_precision_resolution_on_this_machine():
         resolve_device("cpu", "bf16")
     with pytest.raises(ConfigError, match="precision"):
         SFTConfig(precision="fp8")
+
+
+def test_the_saved_policy_says_how_it_was_trained(tiny_world, tiny_model, tmp_path):
+    from training.policy_format import PolicyFormat
+
+    run(_config(tiny_world, tiny_model, tmp_path / "run", max_steps=1, order="reasoning_first", prompt_tokens=40))
+    assert PolicyFormat.load(tmp_path / "run" / "model") == PolicyFormat(
+        graph="relevance7", label_set="wands", order="reasoning_first", prompt_tokens=40
+    )

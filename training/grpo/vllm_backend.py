@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.grpo.rollout import Rollouts, Sampling, split_at_eos
+from training.decoding import split_at_eos
+from training.grpo.rollout import Rollouts, Sampling
 
 if TYPE_CHECKING:
     from torch import Tensor

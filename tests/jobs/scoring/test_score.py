@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +16,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from typer.testing import CliRunner
 
-from jobs.scoring.run import ScoreConfig, run
+from jobs.cli import app
+from jobs.scoring.config import ScoreConfig
+from jobs.scoring.run import run
+from schemas.config import ConfigError
 from schemas.storage import read_table, write_table
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, QUARANTINE, QUERIES, RELEVANCE
+from training.policy_format import PolicyFormat
 
 DAY = dt.date(2024, 3, 2)
 REPO = Path(__file__).resolve().parents[3]
@@ -137,3 +143,43 @@ def test_the_spark_engine_writes_the_rows_the_local_engine_writes(tmp_path, tiny
     for mine, theirs in zip(got["label_probs"].to_pylist(), expected["label_probs"].to_pylist()):
         assert [label for label, _ in mine] == [label for label, _ in theirs]
         assert [p for _, p in mine] == pytest.approx([p for _, p in theirs], abs=1e-5)
+
+
+def test_a_contradicting_format_is_refused_naming_both_values(tmp_path, tiny_model):
+    policy = shutil.copytree(tiny_model, tmp_path / "policy")
+    PolicyFormat(order="reasoning_first", prompt_tokens=40).save(policy)
+    with pytest.raises(ConfigError, match="order='label_first'.*order='reasoning_first'"):
+        ScoreConfig(date="2024-03-02", model=str(policy), order="label_first")
+    agreeing = ScoreConfig(date="2024-03-02", model=str(policy), order="reasoning_first", prompt_tokens=40)
+    assert (agreeing.spec().order, agreeing.spec().prompt_tokens) == ("reasoning_first", 40)
+
+
+def test_the_cli_reports_a_contradicting_format_as_a_usage_error(tmp_path, tiny_model):
+    policy = shutil.copytree(tiny_model, tmp_path / "policy")
+    PolicyFormat(prompt_tokens=40).save(policy)
+    result = CliRunner().invoke(app, ["score", "--date", "2024-03-02", "--model", str(policy), "--set", "prompt_tokens=48"])
+    assert result.exit_code == 2
+    assert "prompt_tokens=48" in result.output and "prompt_tokens=40" in result.output
+
+
+def test_a_policy_is_scored_with_the_format_of_its_folder(tmp_path, tiny_world, tiny_model):
+    write_candidates(tmp_path / "prepared", tiny_world, DAY)
+    policy = shutil.copytree(tiny_model, tmp_path / "policy")
+    PolicyFormat(order="reasoning_first", prompt_tokens=40).save(policy)
+    from_folder = run(config(tmp_path / "from_folder", tiny_world, policy, pairs=str(tmp_path / "prepared"), max_new_tokens=16))
+    restated = run(config(tmp_path / "restated", tiny_world, tiny_model, pairs=str(tmp_path / "prepared"), max_new_tokens=16,
+                          order="reasoning_first", prompt_tokens=40))
+    assert from_folder["model_version"] == restated["model_version"]
+    assert day_rows(tmp_path / "from_folder" / "scores", DAY).select(["query", "product_id", "label", "label_probs"]).equals(
+        day_rows(tmp_path / "restated" / "scores", DAY).select(["query", "product_id", "label", "label_probs"]))
+
+
+def test_a_student_is_scored_with_the_graph_and_label_set_of_its_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "student.json").write_text(json.dumps({"graph": "relevance7", "label_set": "esci", "max_length": 64}))
+    spec = ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student").spec()
+    assert (spec.graph, spec.label_set) == ("relevance7", "esci")
+    with pytest.raises(ConfigError, match="label_set='wands'.*label_set='esci'"):
+        ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student", label_set="wands")
+    with pytest.raises(ConfigError, match="order='label_first' does not apply to the student backend"):
+        ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student", order="label_first")

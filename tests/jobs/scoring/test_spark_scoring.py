@@ -9,9 +9,8 @@ import pyarrow as pa
 import pytest
 
 from jobs.scoring import spark as spark_scoring
-from jobs.scoring.backends import ScorerSpec, open_scorer
-from jobs.scoring.run import pair_dicts
 from jobs.scoring.spark import score_with_spark, task_device, task_scorer
+from jobs.scoring.spec import ScorerSpec, open_scorer, pair_dicts
 from schemas.storage import read_table
 from schemas.tables import CATALOG, PAIRS_TO_SCORE, QUERIES, RELEVANCE
 
@@ -81,9 +80,9 @@ def test_hf_scores_on_spark_equal_the_in_process_scores(spark, pairs, tiny_model
     spec = ScorerSpec(backend="hf", model=str(tiny_model), order="label_first", reasoning="none", batch_size=1)
     spark.conf.set("spark.sql.session.timeZone", "America/New_York")  # scored_at must still come back as the UTC instant
     try:
-        before = dt.datetime.now(dt.timezone.utc)
+        before = dt.datetime.now(dt.UTC)
         on_spark = score_with_spark(spark, pairs, spec, DS, partitions=PARTITIONS)
-        after = dt.datetime.now(dt.timezone.utc)
+        after = dt.datetime.now(dt.UTC)
     finally:
         spark.conf.set("spark.sql.session.timeZone", "UTC")
     assert_same_scores(on_spark, in_process(pairs, spec))

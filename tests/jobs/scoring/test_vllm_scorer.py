@@ -18,7 +18,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from jobs.scoring.backends import HFScorer, ScorerSpec, scorer_version  # noqa: E402
+from jobs.scoring.backends import HFScorer  # noqa: E402
+from jobs.scoring.spec import ScorerSpec, scorer_version  # noqa: E402
 from schemas.tables import RELEVANCE  # noqa: E402
 from training.cot import parse_cot  # noqa: E402
 from training.predict import reasoning_wanted  # noqa: E402
@@ -31,7 +32,7 @@ PROB_TOL = 1e-3
 @pytest.fixture(scope="module")
 def pairs(tiny_world) -> list[dict]:
     """Every judged pair of the tiny world as the scorers take it (load_pairs already names the facets `attributes`)."""
-    from training.sft import load_pairs
+    from training.examples import load_pairs
 
     judged = load_pairs(tiny_world, "wands", "train") + load_pairs(tiny_world, "wands", "validation")
     return [{**{key: value for key, value in pair.items() if key != "gold"}, "product_content_hash": f"{pair['product_id']}-v1"}

@@ -15,8 +15,9 @@ import torch
 
 from schemas.graph import LabelSet, ReasoningGraph
 from training.cot import node_spans, parse_cot, render_cot, token_nodes
+from training.grpo.batch import token_node_index
 from training.grpo.credit import CreditGraph
-from training.grpo.estimators import ESTIMATORS, AdvantageBatch, AdvantageParams, get_estimator, token_node_index
+from training.grpo.estimators import ESTIMATORS, AdvantageBatch, AdvantageParams, get_estimator
 from training.grpo.rewards import NodeRewards, score_rollouts
 
 GRAPH = ReasoningGraph.load("relevance7")

@@ -4,6 +4,7 @@ the metrics the issue asks for, LoRA with the adapters-off reference, and resume
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from safetensors.torch import load_file
 
 from schemas.config import ConfigError
 from schemas.graph import ReasoningGraph
+from training.examples import encode_example, load_pairs, token_node_map
 from training.grpo.estimators import ESTIMATORS
-from training.grpo.trainer import GRPOConfig, response_token_nodes, run
+from training.grpo.trainer import GRPOConfig, run
+from training.policy_format import PolicyFormat
 
 GRAPH = ReasoningGraph.load("relevance7")
 
@@ -37,12 +40,11 @@ def _train_records(out: Path) -> list[dict]:
 
 def test_token_nodes_of_sampled_ids_match_the_renderer(sft_policy, tiny_world):
     from training.model import load_model
-    from training.sft import encode_example, load_pairs
 
     _, tokenizer = load_model(sft_policy)
     for pair in load_pairs(tiny_world, "wands", "train")[:5]:
         example = encode_example(pair, tokenizer, GRAPH, "label_first", 48)
-        assert tuple(response_token_nodes(tokenizer, example.target_ids, GRAPH)) == example.target_nodes
+        assert tuple(token_node_map(tokenizer, example.target_ids, GRAPH)) == example.target_nodes
 
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
@@ -104,3 +106,20 @@ def test_config_errors_say_how_to_fix(tmp_path):
         GRPOConfig(group_size=1)
     with pytest.raises(ConfigError, match="mini_batches"):
         GRPOConfig(prompts_per_step=3, group_size=3, mini_batches=2)
+
+
+def test_start_policy_format_is_used_and_a_contradiction_is_refused(tmp_path):
+    PolicyFormat(graph="relevance7", label_set="wands", order="reasoning_first", prompt_tokens=40).save(tmp_path)
+    config = GRPOConfig(model=tmp_path)
+    assert (config.graph, config.label_set, config.order, config.prompt_tokens) == ("relevance7", "wands", "reasoning_first", 40)
+    with pytest.raises(ConfigError, match=r"order='label_first'.*order='reasoning_first'"):
+        GRPOConfig(model=tmp_path, order="label_first")
+
+
+def test_saved_policy_carries_the_start_policys_format(tiny_world, sft_policy, tmp_path):
+    start = tmp_path / "start"
+    shutil.copytree(sft_policy, start)
+    start_format = PolicyFormat(graph="relevance7", label_set="wands", order="label_first", prompt_tokens=40)
+    start_format.save(start)
+    run(_config(tiny_world, start, tmp_path / "run", estimator="grpo", steps=1))
+    assert PolicyFormat.load(tmp_path / "run" / "model") == start_format

@@ -17,10 +17,10 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 from schemas.graph import ReasoningGraph  # noqa: E402
+from training.examples import encode_example, load_pairs  # noqa: E402
 from training.grpo.rollout import Sampling  # noqa: E402
 from training.grpo.vllm_backend import VLLMBackend  # noqa: E402
 from training.model import load_model  # noqa: E402
-from training.sft import encode_example, load_pairs  # noqa: E402
 
 # Largest |vLLM - HF| logprob measured on this policy: 1e-5 (both fp32; the matmul and attention kernels
 # differ). The margin covers other CPUs' kernels; bf16 anywhere would be ~1e-2, and what the tests must

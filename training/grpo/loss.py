@@ -1,4 +1,7 @@
-"""The policy-gradient step shared by every estimator (GRAPH_GRPO.md, "The policy-gradient step").
+"""The policy-gradient loss shared by every estimator (GRAPH_GRPO.md, "The policy-gradient step").
+
+Pure functions of tensors and scalars; packing rollouts and the model's forward pass are in
+`training.grpo.batch`.
 
 Shapes: B rollouts, T response tokens (right-padded), `mask` (B, T) bool True on generated tokens.
 All losses reduce through `aggregation_weights`, so the per-token loss that enters the total is
@@ -15,7 +18,6 @@ All losses reduce through `aggregation_weights`, so the per-token loss that ente
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,74 +105,3 @@ def surrogate_token_losses(logprobs: Tensor, sampling_logprobs: Tensor, mask: Te
     Inside the clip range (always so at the first PPO epoch) the PPO-clip loss is exactly this sum, so
     its gradient is what the controller's look-ahead needs (GRAPH_GRPO.md, the controller)."""
     return -torch.exp(logprobs - sampling_logprobs) * aggregation_weights(mask, aggregation)
-
-
-@dataclass(frozen=True)
-class PackedBatch:
-    """Rollouts as tensors for one forward pass: prompts left-padded to width P, responses after them.
-
-    input_ids, attention_mask, position_ids: (B, P + T); response_ids, mask, sampling_logprobs: (B, T).
-    Response token t of row i sits at position P + t and is predicted by the logits at P + t - 1.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    response_ids: Tensor
-    mask: Tensor
-    sampling_logprobs: Tensor
-    prompt_width: int
-
-    def rows(self, index: Tensor) -> "PackedBatch":
-        return PackedBatch(
-            self.input_ids[index], self.attention_mask[index], self.position_ids[index], self.response_ids[index],
-            self.mask[index], self.sampling_logprobs[index], self.prompt_width,
-        )
-
-
-def pack_rollouts(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], sampling_logprobs: Sequence[Sequence[float]], pad_id: int
-) -> PackedBatch:
-    """Pack B (prompt ids, response ids, sampling logprobs) triples; position ids skip the left padding,
-    as `generate` numbers them, so teacher-forced logprobs equal the sampled ones."""
-    if not len(prompts) == len(responses) == len(sampling_logprobs):
-        raise ValueError(f"pack_rollouts: {len(prompts)} prompts, {len(responses)} responses, {len(sampling_logprobs)} logprob rows")
-    batch = len(prompts)
-    prompt_width = max(len(p) for p in prompts)
-    width = max(1, max(len(r) for r in responses))
-    input_ids = torch.full((batch, prompt_width + width), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, prompt_width + width), dtype=torch.long)
-    response_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.bool)
-    old = torch.zeros((batch, width), dtype=torch.float32)
-    for i, (prompt, response, lps) in enumerate(zip(prompts, responses, sampling_logprobs)):
-        n = len(response)
-        input_ids[i, prompt_width - len(prompt) : prompt_width] = torch.tensor(prompt, dtype=torch.long)
-        attention[i, prompt_width - len(prompt) : prompt_width + n] = 1
-        if n:
-            input_ids[i, prompt_width : prompt_width + n] = torch.tensor(response, dtype=torch.long)
-            response_ids[i, :n] = torch.tensor(response, dtype=torch.long)
-            old[i, :n] = torch.tensor(lps, dtype=torch.float32)
-        mask[i, :n] = True
-    position_ids = (attention.cumsum(1) - 1).clamp_min(0)
-    return PackedBatch(input_ids, attention, position_ids, response_ids, mask, old, prompt_width)
-
-
-def response_logprobs(model, packed: PackedBatch, temperature: float, with_entropy: bool = False, params=None) -> tuple[Tensor, Tensor | None]:
-    """((B, T) log_softmax(logits / T) of the response tokens, (B, T) entropy or None).
-
-    `params`: optional {name: tensor} to run the model functionally with (the controller's perturbed
-    weights); otherwise the module's own parameters.
-    """
-    inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask, "position_ids": packed.position_ids}
-    if params is None:
-        logits = model(**inputs).logits
-    else:
-        logits = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs).logits
-    width = packed.response_ids.shape[1]
-    start = packed.prompt_width - 1
-    scaled = logits[:, start : start + width].float() / temperature
-    logp_all = torch.log_softmax(scaled, dim=-1)
-    logprobs = logp_all.gather(2, packed.response_ids.unsqueeze(2)).squeeze(2)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    return logprobs, entropy

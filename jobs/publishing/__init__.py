@@ -1,0 +1,1 @@
+"""The steps of `relevance export` (jobs/export.py): validate a night, report its churn, publish it."""

@@ -1,0 +1,145 @@
+"""Publish one validated night (`jobs/export.py`, step 4): data files, churn files, manifest, `_LATEST`.
+
+Every file is written into a hidden staging folder renamed into place (`schemas.storage.replace_folder`),
+the manifest last; `_LATEST` is rewritten after the rename with the newest published day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.publishing.churn import write_churn
+from schemas.graph import LabelSet
+from schemas.storage import replace_file, replace_folder
+from schemas.tables import RELEVANCE
+
+PARQUET_FILE = "relevance.parquet"
+DUCKDB_FILE = "relevance.duckdb"
+CSV_FILE = "relevance.csv"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "_LATEST"
+DATA_FILES = (PARQUET_FILE, DUCKDB_FILE, CSV_FILE)
+
+CSV_SQL = """
+COPY (
+    SELECT * REPLACE (
+        to_json(label_probs) AS label_probs,
+        to_json(node_decisions) AS node_decisions,
+        strftime(scored_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS scored_at
+    ) FROM relevance
+) TO '{path}' (FORMAT csv, HEADER true, DELIMITER ',', QUOTE '"', ESCAPE '"')
+"""
+CSV_COUNT_SQL = """SELECT count(*) FROM read_csv('{path}', header = true, all_varchar = true, quote = '"', escape = '"')"""
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_data_files(data: pa.Table, folder: Path) -> dict[str, int]:
+    """relevance.parquet, relevance.duckdb and relevance.csv under `folder`; rows read back from each."""
+    import duckdb
+
+    pq.write_table(data, folder / PARQUET_FILE)
+    database = folder / DUCKDB_FILE
+    with duckdb.connect(str(database)) as con:
+        con.execute("SET TimeZone = 'UTC'")  # strftime renders scored_at in UTC for the CSV
+        con.register("published_rows", data)
+        con.execute("CREATE TABLE relevance AS SELECT * FROM published_rows")
+        con.execute(CSV_SQL.format(path=str(folder / CSV_FILE).replace("'", "''")))
+        database_rows = con.execute("SELECT count(*) FROM relevance").fetchone()[0]
+        csv_rows = con.execute(CSV_COUNT_SQL.format(path=str(folder / CSV_FILE).replace("'", "''"))).fetchone()[0]
+    parquet_rows = pq.read_metadata(folder / PARQUET_FILE).num_rows
+    rows = {PARQUET_FILE: parquet_rows, DUCKDB_FILE: database_rows, CSV_FILE: csv_rows}
+    wrong = {name: count for name, count in rows.items() if count != len(data)}
+    if wrong:
+        raise OSError(f"{folder}: files read back with {wrong} rows, {len(data)} were written")
+    return rows
+
+
+def models_summary(data: pa.Table, label_sets: dict[str, LabelSet]) -> list[dict]:
+    """Per (model_name, model_version, label_set): rows and the count of each label (label-set order)."""
+    keys = ["model_name", "model_version", "label_set"]
+    counts = data.group_by([*keys, "label"]).aggregate([("label", "count")]).to_pylist()
+    models: dict[tuple, dict] = {}
+    for row in sorted(counts, key=lambda r: tuple(r[k] for k in keys)):
+        key = tuple(row[k] for k in keys)
+        if key not in models:
+            names = label_sets[row["label_set"]].names
+            models[key] = {**dict(zip(keys, key)), "rows": 0, "label_counts": dict.fromkeys(names, 0)}
+        models[key]["rows"] += row["label_count"]
+        models[key]["label_counts"][row["label"]] = row["label_count"]
+    return list(models.values())
+
+
+def published_days(root: Path) -> list[dt.date]:
+    """Days fully published under `<out>/relevance` (a manifest is the last file a publish writes)."""
+    complete = [folder for folder in root.glob("ds=*") if (folder / MANIFEST_FILE).is_file()]
+    return sorted(dt.date.fromisoformat(folder.name[3:]) for folder in complete)
+
+
+def write_latest(root: Path) -> str:
+    """Point `_LATEST` at the newest published day (temp file + atomic replace); returns that day."""
+    newest = max(published_days(root)).isoformat()
+    replace_file(root / LATEST_FILE, lambda staging: staging.write_text(newest + "\n"))
+    return newest
+
+
+def read_published(root: Path, day: dt.date) -> pa.Table:
+    return pq.read_table(root / f"ds={day.isoformat()}" / PARQUET_FILE, schema=RELEVANCE.arrow_schema())
+
+
+def manifest_of(
+    folder: Path, data: pa.Table, day: dt.date, source: str, rows: dict[str, int], churn_files: list[str],
+    label_sets: dict[str, LabelSet], validation: dict, churn: dict,
+) -> dict[str, Any]:
+    """manifest.json of a partition whose other files are written under `folder`."""
+    return {
+        "table": RELEVANCE.name,
+        "schema_version": RELEVANCE.version,
+        "ds": day.isoformat(),
+        "rows": len(data),
+        "source": source,
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(),
+        "files": {
+            name: {
+                **({"rows": rows[name]} if name in rows else {}),
+                "bytes": (folder / name).stat().st_size,
+                "sha256": sha256_of(folder / name),
+            }
+            for name in [*DATA_FILES, *churn_files]
+        },
+        "models": models_summary(data, label_sets),
+        "validation": validation,
+        "churn": {
+            "previous_ds": churn["previous_ds"],
+            "label_changed_share": {name: m["label_changed"]["share"] for name, m in churn["models"].items()},
+            "model_version_changed": {name: m["model_version_changed"] for name, m in churn["models"].items()},
+        },
+    }
+
+
+def publish_partition(
+    root: Path, day: dt.date, data: pa.Table, source: str, label_sets: dict[str, LabelSet], validation: dict, churn: dict
+) -> tuple[Path, dict[str, Any]]:
+    """Write the day's files into a staging folder, manifest last, and swap it in as `root/ds=D`.
+
+    Returns the published folder and the manifest.
+    """
+    manifest: dict[str, Any] = {}
+
+    def write(folder: Path) -> None:
+        rows = write_data_files(data, folder)
+        churn_files = write_churn(churn, folder)
+        manifest.update(manifest_of(folder, data, day, source, rows, churn_files, label_sets, validation, churn))
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False))
+
+    return replace_folder(root / f"ds={day.isoformat()}", write), manifest

@@ -1,0 +1,126 @@
+"""What every scoring backend shares: the spec a scorer is opened with, the `Scorer` interface, the
+backends by name, and the model version scores are cached under.
+
+The backends (`jobs.scoring.backends`: hf, student; `jobs.scoring.vllm_scorer`: vllm), the Spark path
+(`jobs.scoring.spark`) and the job (`jobs.scoring.run`) import from here and not from each other.
+
+`ScorerSpec` is a plain frozen dataclass holding concrete values (the policy's format already
+resolved from its folder), so the Spark path ships it to executors and each Python worker opens its
+own scorer (one engine per executor) with `open_scorer`. `SCORERS` names each backend's class as
+"module:Class", imported only when a scorer of that backend is opened, so vLLM is loaded only for
+`vllm`.
+
+The model version that scores are cached under (`Scorer.model_version`) is the weights' hash plus a
+short hash of the settings that change the label distribution (CoT order, graph, label set, prompt
+budget; the student's input length): the hf and vllm backends compute the same distribution, so
+they share a version and each other's cached scores; the reasoning mode is not part of it (a cached
+row keeps the reasoning it was scored with).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from schemas.config import help_field
+
+SCORERS = {
+    "hf": "jobs.scoring.backends:HFScorer",
+    "vllm": "jobs.scoring.vllm_scorer:VLLMScorer",
+    "student": "jobs.scoring.backends:StudentScorer",
+}
+BACKENDS = tuple(SCORERS)
+STUDENT_FILE = "student.json"  # training.student.STUDENT_FILE, not imported: that module loads torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScorerSettings:
+    """How a scorer runs, whatever the model: `relevance score` passes these to the spec as they are."""
+
+    model_name: str = help_field("Name written to the rows; default: the model folder's name.", "")
+    reasoning: str = help_field("Reasoning text kept: none (label_first: label step only), sample or all.", "none")
+    reasoning_sample: float = help_field("Share of pairs whose reasoning is generated and kept with reasoning=sample.", 0.05)
+    batch_size: int = help_field("Pairs per forward/generate batch (hf, student).", 64)
+    max_new_tokens: int = help_field("Longest generated CoT.", 96)
+    device: str = help_field("cpu, cuda or cuda:N (vllm: cuda:N makes only that GPU visible to the engine).", "cpu")
+    dtype: str = help_field("Weights dtype of a policy: float32, bfloat16 or float16.", "float32")
+
+
+def scorer_settings(config: ScorerSettings) -> dict[str, Any]:
+    """The `ScorerSettings` fields of `config` (a ScorerSettings or any subclass) by name."""
+    return {field.name: getattr(config, field.name) for field in fields(ScorerSettings)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScorerSpec(ScorerSettings):
+    """What a scorer needs; everything the Spark path sends to executors."""
+
+    backend: str
+    model: str
+    graph: str = "relevance7"
+    label_set: str = "wands"
+    order: str = "label_first"
+    prompt_tokens: int = 48
+    seed: int = 0
+    kv_cache_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.backend not in SCORERS:
+            raise ValueError(f"unknown scoring backend {self.backend!r}; known: {sorted(SCORERS)}")
+        if not (Path(self.model) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"model folder {self.model} has no model.safetensors (train one or point at a checkpoint folder)")
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.model).name
+
+
+class Scorer(Protocol):
+    model_name: str
+    model_version: str
+
+    def score(self, pairs: Sequence[dict], ds: dt.date) -> pa.Table:
+        """RELEVANCE rows of `pairs` (in their order), partition `ds`."""
+
+    def close(self) -> None:
+        """Free the model (and the engine's processes)."""
+
+
+def open_scorer(spec: ScorerSpec) -> Scorer:
+    """The scorer of `spec.backend` (a known one: the spec checks), its module imported now (vLLM only when asked for)."""
+    module, name = SCORERS[spec.backend].split(":")
+    return getattr(importlib.import_module(module), name)(spec)
+
+
+def pair_dicts(pairs: pa.Table) -> list[dict]:
+    """Scorer input: one dict per pair, the facets as a dict."""
+    return [{**row, "attributes": dict(row["attributes"])} for row in pairs.to_pylist()]
+
+
+def student_meta(folder: str | Path) -> dict:
+    """The student folder's `student.json` (graph, label set, input length, heads)."""
+    return json.loads((Path(folder) / STUDENT_FILE).read_text())
+
+
+def settings_version(weights_version: str, settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+    return f"{weights_version}-{digest}"
+
+
+def scorer_version(spec: ScorerSpec) -> str:
+    """The version `spec`'s scores are cached under, without loading the model (see the module doc)."""
+    from training.model import model_version
+
+    weights = model_version(spec.model)
+    if spec.backend == "student":
+        return settings_version(weights, {"max_length": student_meta(spec.model)["max_length"]})
+    return settings_version(weights, {"graph": spec.graph, "label_set": spec.label_set, "order": spec.order,
+                                      "prompt_tokens": spec.prompt_tokens})

@@ -1,0 +1,57 @@
+"""The one generate loop: greedy and sampled decoding of left-padded batches on the tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from training.decoding import generate, left_padded
+
+PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14], [1, 20]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model):
+    from training.model import load_model
+
+    return load_model(tiny_model)
+
+
+def test_left_padding_by_hand():
+    ids, attention = left_padded([[5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[5, 6], [0, 7]] and attention.tolist() == [[1, 1], [0, 1]]
+
+
+def test_greedy_responses_stop_at_eos_and_keep_no_logprobs(policy):
+    model, tokenizer = policy
+    out = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2)
+    assert out.logprobs is None and len(out.response_ids) == len(out.ended) == len(out.texts) == 3
+    for ids, ended, text in zip(out.response_ids, out.ended, out.texts):
+        assert ended == (tokenizer.eos_token_id in ids) and (not ended or ids[-1] == tokenizer.eos_token_id)
+        assert text == tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=False)
+
+
+def test_sampling_is_seeded_and_scores_each_drawn_token(policy):
+    model, tokenizer = policy
+    model.train()
+    first = generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, sampling=Sampling(), seed=3)
+    assert model.training  # the caller's mode comes back
+    assert first == generate(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, sampling=Sampling(), seed=3)
+    assert [len(lps) for lps in first.logprobs] == [len(ids) for ids in first.response_ids]
+    # each logprob is log_softmax(logits / T) of the drawn token after the prompt and the tokens before it
+    model.eval()
+    prompt, ids, logprobs = PROMPTS[1], first.response_ids[1], first.logprobs[1]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + list(ids)])).logits[0, len(prompt) - 1 : -1].float()
+    expected = torch.log_softmax(logits / Sampling.temperature, dim=-1).gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1)
+    assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="seed"):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=2, sampling=Sampling())

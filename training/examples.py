@@ -1,0 +1,104 @@
+"""Training examples: judged pairs from `training_examples`, and their encoding into prompt and target ids.
+
+A pair's prompt is the chat-templated `training.prompt.build_prompt` text (the brand joins the
+attributes, as in gold `pa`); its target is the gold CoT (`training.cot.render_cot`, y from the
+gold nodes so the CoT is self-consistent) followed by EOS. Each target token carries its node from
+`token_node_map`, the one token-to-node map of the project: SFT's node masking and GRPO's per-node
+advantages both read it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.graph import ReasoningGraph
+from schemas.storage import read_table
+from schemas.tables import TRAINING_EXAMPLES
+from training.cot import node_spans, render_cot, token_nodes
+from training.prompt import build_prompt, prompt_offsets
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # the label of a token the loss skips
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized pair: prompt ids (chat template applied) and target ids (CoT + EOS).
+
+    `target_nodes[i]` is the node of target token i (None: separators and EOS), from `token_node_map`.
+    """
+
+    query_id: str
+    product_id: str
+    prompt_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]
+    target_nodes: tuple[str | None, ...]
+    gold: dict[str, str]
+
+
+def load_pairs(data: Path, label_set: str, split: str) -> list[dict]:
+    """The `split` rows of `label_set` in `training_examples` (written by `relevance datasets`) that
+    have gold node values, sorted by key. Rows without nodes (weak labels) have no CoT to imitate
+    and are skipped, with a count in the log."""
+    rows = read_table(TRAINING_EXAMPLES, data).to_pylist()
+    chosen = [row for row in rows if row["split"] == split and row["label_set"] == label_set]
+    if not chosen:
+        raise ValueError(f"{data}: training_examples has no {split!r} rows with label_set={label_set!r} (run `relevance datasets`)")
+    pairs = [
+        {
+            "query_id": row["query_id"],
+            "product_id": row["product_id"],
+            "query": row["query"],
+            "title": row["title"],
+            "product_type": row["product_type"],
+            "attributes": dict(row["facets"]),
+            "description": row["description"],
+            "gold": dict(row["nodes"]),
+        }
+        for row in sorted(chosen, key=lambda row: (row["query_id"], row["product_id"]))
+        if row["nodes"] is not None
+    ]
+    if len(pairs) < len(chosen):
+        log.warning("%s: %d of %d %s rows have no gold nodes (weak labels) and are skipped", data, len(chosen) - len(pairs), len(chosen), split)
+    return pairs
+
+
+def prompt_ids(tokenizer, prompt_text: str) -> list[int]:
+    """The token ids of the chat-templated user turn `prompt_text`, ending where the assistant's answer starts."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt_text}], add_generation_prompt=True, tokenize=True
+    )
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def token_node_map(tokenizer, ids: Sequence[int], graph: ReasoningGraph) -> list[str | None]:
+    """The node of each token of a CoT (strict spans: a node's first line); EOS and tokens of no node get None.
+
+    Character offsets come from decoding growing prefixes of `ids`, so they describe the tokens
+    given (sampled ones included), not a re-tokenisation of the decoded text.
+    """
+    text_ids = [token for token in ids if token != tokenizer.eos_token_id]
+    ends = [len(prefix) for prefix in tokenizer.batch_decode([text_ids[: k + 1] for k in range(len(text_ids))], skip_special_tokens=False)]
+    offsets = list(zip([0, *ends[:-1]], ends))
+    text_nodes = iter(token_nodes(offsets, node_spans(tokenizer.decode(text_ids, skip_special_tokens=False), graph)))
+    return [None if token == tokenizer.eos_token_id else next(text_nodes) for token in ids]
+
+
+def encode_example(pair: dict, tokenizer, graph: ReasoningGraph, order: str, prompt_tokens: int) -> Example:
+    """The pair's prompt ids and its gold CoT's ids plus EOS, each target token with its node."""
+    prompt = build_prompt(
+        pair["query"], pair["title"], pair["product_type"], pair["attributes"], pair["description"],
+        prompt_offsets(tokenizer), prompt_tokens,
+    )
+    target_ids = tuple(tokenizer(render_cot(pair["gold"], graph, order), add_special_tokens=False)["input_ids"]) + (tokenizer.eos_token_id,)
+    return Example(
+        query_id=pair["query_id"],
+        product_id=pair["product_id"],
+        prompt_ids=tuple(prompt_ids(tokenizer, prompt.text)),
+        target_ids=target_ids,
+        target_nodes=tuple(token_node_map(tokenizer, target_ids, graph)),
+        gold=pair["gold"],
+    )
