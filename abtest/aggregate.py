@@ -31,6 +31,7 @@ import duckdb
 import pyarrow as pa
 
 from abtest.metrics import Metric, UserValue
+from abtest.sql import identifier, literal
 from abtest.stats import SuffStats
 from schemas import storage
 from schemas.table import Table
@@ -112,21 +113,28 @@ def _parquet_scan(table: Table, path: Path) -> str:
         if not any(folder.glob(str(pattern.relative_to(folder)))):
             raise InputError(f"{folder}: no parquet files ({pattern})")
         hive = ", hive_partitioning = true, hive_types = {'ds': DATE}" if partitioned else ", hive_partitioning = false"
-        return f"read_parquet('{pattern}'{hive})"
+        return f"read_parquet({literal(str(pattern))}{hive})"
     if path.suffix != ".parquet":
         raise InputError(f"{path}: expected a parquet file, a folder or a DuckDB database ({', '.join(DUCKDB_SUFFIXES)})")
-    return f"read_parquet('{path}', hive_partitioning = false)"
+    return f"read_parquet({literal(str(path))}, hive_partitioning = false)"
 
 
 def register_source(con: duckdb.DuckDBPyConnection, table: Table, source: Source, view: str) -> None:
-    """Make `view` a DuckDB view of `source` with exactly `table`'s columns, cast to its types."""
+    """Make `view` a DuckDB view of `source` with exactly `table`'s columns, cast to its types.
+
+    A path reaches SQL only as a bound parameter (ATTACH) or a quoted literal (the view's
+    `read_parquet`), so a file name is never read as SQL; a file DuckDB cannot read is an `InputError`
+    naming it."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
             raise InputError(f"{table.name}: {path} does not exist")
         if path.is_file() and path.suffix in DUCKDB_SUFFIXES:
             alias = f"src_{view}"
-            con.execute(f"ATTACH '{path}' AS {alias} (READ_ONLY)")
+            try:
+                con.execute(f"ATTACH ? AS {alias} (READ_ONLY)", [str(path)])
+            except duckdb.Error as error:
+                raise InputError(f"{path}: not a readable DuckDB database ({error})") from None
             found = con.execute(
                 "SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = ?", [alias, table.name]
             ).fetchall()[0][0]
@@ -135,7 +143,10 @@ def register_source(con: duckdb.DuckDBPyConnection, table: Table, source: Source
             scan = f"{alias}.{table.name}"
         else:
             scan = _parquet_scan(table, path)
-        have = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()]
+        try:
+            have = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()]
+        except duckdb.Error as error:
+            raise InputError(f"{path}: cannot read {table.name} ({error})") from None
         missing = [c for c in table.names if c not in have]
         if missing:
             raise InputError(f"{path}: {table.name} needs columns {missing}; the data has {have}")
@@ -168,7 +179,7 @@ def _rule_checks(table: Table) -> list[tuple[str, str, str]]:
         if not c.nullable:
             checks.append((c.name, f"{c.name} is null", f"{c.name} IS NULL"))
         if c.allowed is not None:
-            values = ", ".join("'" + str(v) + "'" for v in c.allowed)
+            values = ", ".join(literal(str(v)) for v in c.allowed)
             checks.append((c.name, f"{c.name} not one of {list(c.allowed)}", f"{c.name} NOT IN ({values})"))
         if c.min_value is not None:
             checks.append((c.name, f"{c.name} below {c.min_value:g}", f"{c.name} < {c.min_value!r}"))
@@ -177,13 +188,9 @@ def _rule_checks(table: Table) -> list[tuple[str, str, str]]:
     return checks
 
 
-def _sql_text(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _case(checks: Sequence[tuple[str, str, str]], pick: int) -> str:
     """SQL giving the field (pick 0) or reason (pick 1) of the first rule a row breaks, else NULL."""
-    whens = " ".join(f"WHEN {check[2]} THEN {_sql_text(check[pick])}" for check in checks)
+    whens = " ".join(f"WHEN {check[2]} THEN {literal(check[pick])}" for check in checks)
     return f"CASE {whens} END" if checks else "NULL"
 
 
@@ -254,7 +261,7 @@ def prepare(
         con.execute(f"SET threads = {int(threads)}")
     register_source(con, EXPERIMENT_ASSIGNMENT, assignment, "assignment_src")
     register_source(con, EXPERIMENT_EVENTS, events, "events_src")
-    start = f"DATE '{experiment_start.isoformat()}'"
+    start = f"DATE {literal(experiment_start.isoformat())}"
 
     experiment_id = _pick_experiment(con, experiment_id)
     _check_assignment(con, experiment_id)
@@ -290,7 +297,7 @@ def prepare(
     """)
     con.execute(f"""
         CREATE TEMP VIEW users_segment AS
-        SELECT {list(segments)}[p.key % 4] AS value, a.variant, {cast}
+        SELECT [{', '.join(literal(s) for s in segments)}][p.key % 4] AS value, a.variant, {cast}
         FROM per_user_segment p JOIN assign a ON a.uid = p.key // 4
     """)
     con.execute(f"""
@@ -325,7 +332,7 @@ def prepare(
     stats: dict[SliceKey, SuffStats] = {}
     active: dict[SliceKey, int] = {}
     queries = (
-        ("users_all", f"'{ALL}'", "variant", parts),
+        ("users_all", literal(ALL), "variant", parts),
         ("users_all", "user_type", "variant, user_type", parts),
         ("users_segment", "value", "variant, value", parts),
         ("users_day", "value", "variant, value", exp_parts),
@@ -355,8 +362,8 @@ def _moments(con: duckdb.DuckDBPyConnection, source: str, value: str, group: str
     Cross-products are only taken within a metric (all any statistic needs)."""
     names = sorted(parts)
     pairs = [(a, b) for a in names for b in names if a <= b and a.split("__")[0] == b.split("__")[0]]
-    projected = ", ".join(f"{expr} AS \"{c}\"" for c, expr in parts.items())
-    select = [f"sum(\"{c}\")" for c in names] + [f"sum(\"{a}\" * \"{b}\")" for a, b in pairs]
+    projected = ", ".join(f"{expr} AS {identifier(c)}" for c, expr in parts.items())
+    select = [f"sum({identifier(c)})" for c in names] + [f"sum({identifier(a)} * {identifier(b)})" for a, b in pairs]
     rows = con.execute(f"""
         SELECT {value} AS value, variant, count(*), count(*) FILTER (WHERE {ACTIVE} > 0), {', '.join(select)}
         FROM (SELECT *, {projected} FROM {source}) GROUP BY {value}, variant
@@ -424,7 +431,8 @@ def _check_events(con: duckdb.DuckDBPyConnection, start: str) -> None:
     """`ev`: every event row, slim, with the user's integer `uid`, `query_segment`,
     `is_exp`, `day` since exposure and the `reason` it is rejected (NULL when usable);
     `events_classified` has the full rows with `field` and `reason`, for the quarantine.
-    `query_segment` is an ENUM, so metric filters on it stay cheap.
+    `query_segment` is an ENUM, so metric filters on it stay cheap; a value outside it is NULL there
+    and its row is rejected by the allowed-values rule (quarantined, counted), never a failed cast.
 
     The first build checks the assignment-related reasons per row and only counts rows breaking a
     row rule and repeated request ids (by hash); when there are any, `ev` is rebuilt with every
@@ -459,7 +467,7 @@ def _build_ev(con: duckdb.DuckDBPyConnection, start: str, rules: list[tuple[str,
     """)
     con.execute(f"""
         CREATE TEMP TABLE ev AS
-        SELECT uid, CAST(query_segment AS ENUM ({', '.join(f"'{v}'" for v in segments)})) AS query_segment,
+        SELECT uid, TRY_CAST(query_segment AS ENUM ({', '.join(literal(v) for v in segments)})) AS query_segment,
                impressions, clicks, add_to_carts, orders, gmv, ds, ds >= {start} AS is_exp,
                date_diff('day', exposure_date, ds) AS day, reason{', ' + extra if extra else ''}
         FROM events_classified

@@ -45,6 +45,7 @@ from abtest.metrics import DEFAULT_METRICS, Metric, check_unique_names
 from schemas.config import ConfigError
 
 CORRECTION_LABELS = {"holm": "Holm", "bh": "Benjamini-Hochberg", "bonferroni": "Bonferroni", "none": "no correction"}
+CUPED_OFF_NO_PRE_PERIOD = "CUPED off: no pre-period data"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class MetricResult:
     of the effect's variance removed by CUPED; `pvalue_adjusted`/`significant` after the
     correction (None outside the corrected families); `mde*` the effect detectable with `power` at
     the current sample; `seq_*` the always-valid mSPRT p-value and confidence sequence;
-    `ni_*` the guardrail's non-inferiority test.
+    `ni_*` the guardrail's non-inferiority test. `note` says why a metric has no estimate (all
+    numbers NaN) or, beside an estimate, that CUPED was turned off for lack of pre-period data.
     """
 
     metric: str
@@ -168,17 +170,19 @@ def format_p(x: float | None) -> str:
 
 
 def sentence(r: MetricResult, correction: str, name_variant: bool = False) -> str:
-    """E.g. 'ctr +1.3% [+0.4%, +2.2%], p=0.004, significant after Holm'."""
-    head = f"{r.metric}{f' ({r.variant})' if name_variant else ''} {_pct(r.rel_effect)} [{_pct(r.rel_ci_low)}, {_pct(r.rel_ci_high)}], p={format_p(r.pvalue)}"
-    if r.note:
+    """E.g. 'ctr +1.3% [+0.4%, +2.2%], p=0.004, significant after Holm' (and the note, if any, in
+    brackets: 'ctr ..., significant after Holm (CUPED off: no pre-period data)')."""
+    if math.isnan(r.effect):
         return f"{r.metric}: {r.note}"
+    head = f"{r.metric}{f' ({r.variant})' if name_variant else ''} {_pct(r.rel_effect)} [{_pct(r.rel_ci_low)}, {_pct(r.rel_ci_high)}], p={format_p(r.pvalue)}"
+    note = f" ({r.note})" if r.note else ""
     if r.ni_verdict is not None:
         words = {"pass": "within", "fail": "beyond", "inconclusive": "not shown within"}[r.ni_verdict]
-        return f"{head}; guardrail {r.ni_verdict}: {words} the -{r.ni_margin:.1%} non-inferiority margin"
+        return f"{head}; guardrail {r.ni_verdict}: {words} the -{r.ni_margin:.1%} non-inferiority margin{note}"
     label = CORRECTION_LABELS.get(correction, correction)
     if r.significant:
-        return f"{head}, significant after {label}"
-    return f"{head}, not significant after {label}"
+        return f"{head}, significant after {label}{note}"
+    return f"{head}, not significant after {label}{note}"
 
 
 def metric_columns(metric: Metric, cuped: bool = True) -> stats.MetricColumns:
@@ -206,8 +210,12 @@ def compare(
     slice_value: str = ALL,
     cuped: bool = True,
 ) -> MetricResult:
-    """One metric, treatment vs control, from sufficient statistics only."""
+    """One metric, treatment vs control, from sufficient statistics only; without pre-period data
+    for its covariate the metric is estimated without CUPED and says so in `note`."""
     cols = metric_columns(metric, cuped)
+    note = ""
+    if cols.has_covariate and not stats.covariate_observed(control, treatment, cols):
+        cols, note = metric_columns(metric, cuped=False), CUPED_OFF_NO_PRE_PERIOD
     base = dict(metric=metric.name, tier=metric.tier, variant=variant, control_variant=control_variant,
                 slice_kind=slice_kind, slice_value=slice_value, n_control=control.n, n_treatment=treatment.n)
     try:
@@ -233,7 +241,7 @@ def compare(
         df=welch.df, pvalue=welch.pvalue, rel_effect=lift.lift, rel_ci_low=lift.ci_low, rel_ci_high=lift.ci_high,
         rel_method=lift.method, cuped=cols.has_covariate, theta=theta, variance_reduction=reduction,
         mde=detectable.effect, mde_relative=detectable.relative, seq_pvalue=seq.pvalue,
-        seq_ci_low=seq.ci_low, seq_ci_high=seq.ci_high, **ni,
+        seq_ci_low=seq.ci_low, seq_ci_high=seq.ci_high, note=note, **ni,
     )
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from abtest.sql import literal
 from schemas.config import ConfigError
 from schemas.tables import EXPERIMENT_EVENTS
 
@@ -115,13 +116,9 @@ class _MetricBase:
     def filter_sql(self) -> str:
         """SQL condition on events for this metric's filter ('TRUE' without one)."""
         parts = [
-            f"{column} IN ({', '.join(_quote(v) for v in values)})" for column, values in self.filter
+            f"{column} IN ({', '.join(literal(v) for v in values)})" for column, values in self.filter
         ]
         return " AND ".join(parts) if parts else "TRUE"
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True, init=False)

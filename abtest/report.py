@@ -25,7 +25,9 @@ METHOD_NOTES = (
     "Welch's t-test on per-user values (ratio metrics linearised with the delta method); p-values from the "
     "t survival function.",
     "CUPED: the pre-period value of each metric (events before the experiment start) is the covariate; "
-    "theta is fitted on both variants pooled. 'Var. red.' is the share of the effect's variance it removed.",
+    "theta is fitted on both variants pooled. 'Var. red.' is the share of the effect's variance it removed. "
+    "A metric without pre-period data (e.g. an experiment starting on the first logged day) is estimated "
+    "without CUPED, and its summary line says so.",
     "Relative lifts: CI on the log scale of treatment / control, both variants' variance included.",
     "Query good rate: requests with at least one click / requests, pooled over a user's requests "
     "(ratio of means, delta method). UCVR: share of users with an order.",

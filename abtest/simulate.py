@@ -77,7 +77,9 @@ def simulate(spec: SimulationSpec) -> tuple[pa.Table, pa.Table]:
     user = np.concatenate([np.repeat(np.arange(n), pre_count), np.repeat(np.arange(n), exp_count)])
     is_exp = np.concatenate([np.zeros(pre_count.sum(), bool), np.ones(exp_count.sum(), bool)])
     m = len(user)
-    day = np.where(is_exp, rng.integers(0, spec.exp_days, m), rng.integers(-spec.pre_days, 0, m))
+    exp_day = rng.integers(0, spec.exp_days, m)
+    pre_day = rng.integers(-spec.pre_days, 0, m) if spec.pre_days else np.zeros(m, int)  # unused without a pre-period
+    day = np.where(is_exp, exp_day, pre_day)
     seconds = rng.integers(0, 86_400, m)
     segment = rng.choice(3, size=m, p=SEGMENT_SHARE)
 

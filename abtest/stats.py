@@ -12,7 +12,8 @@ et al. 2020):
 - A ratio of means sum(y)/sum(x) over users is linearised by the delta method:
   `r + (y_u - r * x_u) / mean(x)`, whose variance is `ratio_var` below.
 - CUPED: `theta = cov(metric, covariate) / var(covariate)` on the pooled sample (both variants
-  together), the covariate centred on its pooled mean; the variance reduction is reported.
+  together), the covariate centred on its pooled mean; the variance reduction is reported. Without
+  pre-period data for the covariate (`covariate_observed`) the plain estimate is used.
 - The relative lift CI is computed on the log scale (Welch on log ratio with the delta method,
   both variants' variance included); when a mean is zero or negative it falls back to the delta
   method for the ratio itself, and to "undefined" when the control mean is zero.
@@ -160,6 +161,18 @@ def estimate(s: SuffStats, cols: MetricColumns, theta: float, covariate_center: 
         var_unadjusted=var,
         n=s.n,
     )
+
+
+def covariate_observed(control: SuffStats, treatment: SuffStats, cols: MetricColumns) -> bool:
+    """Whether the CUPED covariate has pre-period data to use: a ratio covariate needs a non-zero
+    denominator in each variant (else it is undefined there); any covariate needs a non-zero value
+    somewhere (all zeros, as with no pre-period at all, carry nothing to adjust with)."""
+    if not cols.has_covariate:
+        return False
+    cn, cd = cols.covariate_numerator, cols.covariate_denominator
+    if cd is not None:
+        return control.sums[cd] != 0 and treatment.sums[cd] != 0
+    return control.cross[(cn, cn)] + treatment.cross[(cn, cn)] != 0
 
 
 def estimate_pair(control: SuffStats, treatment: SuffStats, cols: MetricColumns) -> tuple[Estimate, Estimate, float]:

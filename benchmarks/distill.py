@@ -177,7 +177,7 @@ def main() -> None:
 
     encoder = config.encoder or default_encoder()
     cross_encoder = CrossEncoder(str(encoder), num_labels=len(labels.names), max_length=config.max_length, local_files_only=True, device="cpu")
-    texts = [(pair["query"], product_text(pair)) for pair in pairs]
+    texts = [(pair["query"], product_text(pair, config.max_length)) for pair in pairs]
     scorers["cross_encoder_same_encoder"] = lambda chosen=texts: cross_encoder.predict(chosen, batch_size=args.batch_size, show_progress_bar=False)
     scorers["teacher"] = score_teacher
     throughput = {}

@@ -4,21 +4,83 @@ Every command body is the same three lines: load its typed config (YAML `--confi
 key=value` overrides plus the command's own options), call the job's `run(config)`. Heavy modules
 (pyspark, torch, great_expectations) are imported inside the commands so `relevance --help` is
 instant.
+
+The error contract, for every command (`ErrorContract`): a failed job prints one line to stderr,
+`relevance <command>: <ErrorType>: <first line of its message>` (the jobs' messages name the file,
+row and field they know), and exits 1; a Spark or py4j error is cut to its first meaningful line (the
+JVM's message, not its stack). Bad usage (an unknown option, a wrong config value: `ConfigError`)
+exits 2. The full traceback is printed only with `relevance --debug <command>`, and appended to the
+file `$RELEVANCE_LOG` names, when set.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import sys
+import traceback
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
+
+LOG_VARIABLE = "RELEVANCE_LOG"
+USAGE_ERROR, JOB_ERROR = 2, 1
+
+
+def error_line(error: BaseException) -> str:
+    """`<ErrorType>: <the first meaningful line of the message>`; a py4j error's first line only says which
+    JVM call failed, so the Java exception's own line (`: java.io...: message`) is taken instead."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if type(error).__module__.startswith("py4j") and len(lines) > 1:
+        lines = [lines[1].removeprefix(": ")]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def log_trace(path: str, error: BaseException) -> None:
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"--- {dt.datetime.now(dt.UTC).isoformat()} {' '.join(sys.argv)}\n")
+        log.write("".join(traceback.format_exception(error)))
+
+
+class ErrorContract(TyperGroup):
+    """The `relevance` group: runs the command and turns any error it raises into the one-line message and
+    exit code of the module's error contract."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors and deliberate exits: click reports them (exit 2, or the code given)
+        except Exception as error:
+            if ctx.params.get("debug"):
+                raise
+            from schemas.config import ConfigError
+
+            if isinstance(error, ConfigError):  # bad usage: the message says what to change, a trace adds nothing
+                typer.echo(f"relevance {ctx.invoked_subcommand}: {error_line(error)}", err=True)
+                raise typer.Exit(USAGE_ERROR) from None
+            log = os.environ.get(LOG_VARIABLE)
+            if log:
+                log_trace(log, error)
+            where = f"trace in {log}" if log else "relevance --debug shows the trace"
+            typer.echo(f"relevance {ctx.invoked_subcommand}: {error_line(error)} ({where})", err=True)
+            raise typer.Exit(JOB_ERROR) from None
+
 
 app = typer.Typer(
+    cls=ErrorContract,
     name="relevance",
     help="LLM relevance labeling for e-commerce search: data, Graph-GRPO training, scoring, A/B analysis.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="On an error, print the full traceback (default: one line).")) -> None:
+    """LLM relevance labeling for e-commerce search: data, Graph-GRPO training, scoring, A/B analysis."""
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML file with this command's config.")
 SetOption = typer.Option(
@@ -27,14 +89,12 @@ SetOption = typer.Option(
 
 
 def _load(config_class, config_path: Path | None, sets: list[str] | None, **options):
-    """The command's config: YAML file, then --set overrides, then options given on the command line."""
-    from schemas.config import ConfigError, load_config
+    """The command's config: YAML file, then --set overrides, then options given on the command line. A wrong
+    value raises ConfigError, which `ErrorContract` reports in one line with exit code 2."""
+    from schemas.config import load_config
 
     given = {key: str(value) if isinstance(value, Path) else value for key, value in options.items() if value is not None}
-    try:
-        return load_config(config_class, config_path, sets or [], given)
-    except ConfigError as error:
-        raise typer.BadParameter(str(error)) from None
+    return load_config(config_class, config_path, sets or [], given)
 
 
 @app.command()

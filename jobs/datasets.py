@@ -66,7 +66,9 @@ folder, else local), so the counts, the quarantine and the write re-plan only wh
 instead of the whole lineage. The only Python per row is the rendering UDF (vectorised, per batch).
 
 Outputs: `<out>/training_examples` (TRAINING_EXAMPLES, unpartitioned, written into a hidden sibling
-folder and renamed into place, so a failed run leaves the previous table whole), and under
+folder and renamed into place, so a failed run leaves the previous table whole; a run that would
+write no example at all fails with EmptyDatasetError naming the top quarantine reasons, and writes
+nothing: an empty table never replaces a good one), and under
 `<out>/_datasets/`: the quarantine table and `datasets.json` (written last) with counts per split x
 segment x label, the judgments' reconciliation (rows in = written + quarantined + other label sets +
 weak rows held out), the duplicate and weak-label counts.
@@ -115,6 +117,10 @@ from schemas.tables import (
     QUERY_PRODUCT_STATS,
     TRAINING_EXAMPLES,
 )
+
+
+class EmptyDatasetError(ValueError):
+    """The run would write no example: bad input data, not a dataset to publish."""
 
 
 @dataclass(frozen=True)
@@ -365,6 +371,14 @@ def run(config: DatasetsConfig) -> dict:
     judgments_in = raw_judgments.count()
     other_label_sets = judgments.where(~_in_label_set(label_set.name)).count()
     counts = summarise(tally, query_counts, by_reason, judgments_in, other_label_sets, weak_counts)  # reconciles
+    if counts["written"] == 0:
+        for frame in persisted:
+            frame.unpersist()
+        reasons = "; ".join(f"{source}: {reason} ({n} rows)" for (source, reason), n in by_reason.most_common(3))
+        raise EmptyDatasetError(
+            f"relevance datasets: no example to write from {judgments_in} judgments ({other_label_sets} of other "
+            f"label sets; quarantined: {reasons or 'none'}); {table_uri(out, TRAINING_EXAMPLES)} is left as it was"
+        )
 
     # Write: quarantine, then the table (atomic swap), then datasets.json (the run's last word).
     outputs = _write(spark, examples, quarantine, out)

@@ -31,7 +31,9 @@ The steps live in `jobs/publishing/`: `validation` (step 2), `churn` (step 3), `
    export of D or the new one, never part of one (while a re-export swaps folders, for the instant
    between two renames, no folder), and re-exporting D replaces it whole. After the
    rename, `<out>/relevance/_LATEST` is rewritten (`schemas.storage.replace_file`) with the newest published
-   ds, so a backfill of an older day never moves it backwards.
+   ds, so a backfill of an older day never moves it backwards. Before step 1, hidden copies of the
+   day's folder left by a killed export are cleaned up (`schemas.storage.clear_stale_staging`,
+   under the day's lock; a copy retired mid-swap is restored when the day's folder is missing).
 
 Files of a published partition:
 - `relevance.parquet`: the RELEVANCE schema, `ds` included (a reader of one file has it).
@@ -47,7 +49,9 @@ Files of a published partition:
 
 The published root is not a `schemas.storage` data root (each day holds several formats): read a day
 with `pyarrow.parquet.read_table(".../ds=D/relevance.parquet")` or all days with DuckDB's
-`read_parquet('<out>/relevance/ds=*/relevance.parquet')`.
+`read_parquet('<out>/relevance/ds=*/relevance.parquet')`. The newest day is
+`jobs.publishing.publish.read_published(<out>/relevance)`: the day `_LATEST` names, or the newest
+complete one when that folder is missing (mid re-export).
 
 Scale: the suite runs on one machine's pandas frame of the partition (a 200k-row night exports in
 about 5 s on 2 cores, churn included); derived columns, churn joins and file writes run in DuckDB.
@@ -61,12 +65,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from jobs.lock import date_lock
 from jobs.publishing.churn import churn_lines, churn_report, query_segments
 from jobs.publishing.publish import LATEST_FILE, publish_partition, published_days, read_published, write_latest
 from jobs.publishing.validation import ExportValidationError, label_sets_of, validate_relevance, validation_summary
 from schemas.config import ConfigError, config_date, help_field
 from schemas.graph import LabelSet
-from schemas.storage import partitions, read_table
+from schemas.storage import clear_stale_staging, partitions, read_table
 from schemas.tables import QUERIES, RELEVANCE
 
 # The command's public names (the CLI and the nightly job import them from here).
@@ -132,15 +137,24 @@ def _churn(config: ExportConfig, published_root: Path, data: pa.Table, label_set
 
 
 def run(config: ExportConfig) -> dict:
-    """Validate the day's relevance partition, publish it with its churn report; returns the manifest."""
+    """Validate the day's relevance partition, publish it with its churn report; returns the manifest. Holds
+    the lock of `out` and the day (`jobs.lock`): a second export of that day fails at once."""
+    with date_lock(config.out, config.day, "export"):
+        return validate_and_publish(config)
+
+
+def validate_and_publish(config: ExportConfig) -> dict:
     day = config.day
+    published_root = Path(config.out) / RELEVANCE.name
+    # The day's lock is held, so hidden copies of its folder are a killed export's, not a live one's.
+    for line in clear_stale_staging(published_root / f"ds={day.isoformat()}"):
+        print(line)
     data, source = _read_partition(config.relevance, day)
     label_sets = label_sets_of(data, config.label_set)
     required_label_set = next(iter(label_sets)) if config.label_set is not None else None
     partition = f"ds={day.isoformat()} ({source})"
     suite = validate_relevance(data, label_sets, config.max_prob_sum_error, partition, required_label_set)
 
-    published_root = Path(config.out) / RELEVANCE.name
     churn = _churn(config, published_root, data, label_sets)
     validation = validation_summary(suite, config.max_prob_sum_error)
     final, manifest = publish_partition(published_root, day, data, str(source), label_sets, validation, churn)

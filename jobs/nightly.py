@@ -9,7 +9,10 @@ code 1, and the published folder is left as it was.
 
 The `prepare` and `score` sections are the steps' own config fields less the ones the night sets
 (`--set score.shard_size=500`, `--set prepare.run_suite=false`); both step configs are built, and so
-checked, when the nightly config is.
+checked, when the nightly config is. Before any Spark work the model folder is checked (files present,
+weights complete) and the inputs looked for, so a bad folder or a missing table fails the night in a
+second. The night holds the lock of `out` and the date (`jobs.lock`) across its steps; a second
+night of that root and date fails at once naming the holder.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from typing import Any
 
 from jobs.export import ExportConfig
 from jobs.export import run as export
+from jobs.lock import date_lock
 from jobs.prepare import PrepareConfig
 from jobs.prepare import run as prepare
 from jobs.scoring.config import ScoreConfig
 from jobs.scoring.run import run as score
+from jobs.scoring.spec import check_model_folder
 from schemas.config import config_date, help_field
+from schemas.storage import partitions, table_path
+from schemas.tables import CATALOG, QUERIES, SEARCH_IMPRESSIONS
 
 
 def settings_section(name: str, config_class: type, set_by_nightly: set[str]) -> type:
@@ -78,8 +85,26 @@ class NightlyConfig:
                            model=self.model, reasoning=self.reasoning, engine=self.engine, **section_values(self.score))
 
 
+def check_inputs(data: str, day) -> None:
+    """The tables the night reads, present under `data` (the day's search impressions included)."""
+    missing = [str(table_path(data, table)) for table in (CATALOG, QUERIES) if not table_path(data, table).is_dir()]
+    if day not in partitions(SEARCH_IMPRESSIONS, data):
+        missing.append(str(table_path(data, SEARCH_IMPRESSIONS) / f"ds={day.isoformat()}"))
+    if missing:
+        raise FileNotFoundError(f"nightly {day}: input not found: {', '.join(missing)}")
+
+
 def run(config: NightlyConfig) -> dict:
-    """Run the night; returns (and writes as `nightly/ds=D.json`) each step's report and timing."""
+    """Run the night under the lock of `out` and the date; returns (and writes as `nightly/ds=D.json`) each
+    step's report and timing."""
+    score_config = config.score_config()
+    check_model_folder(score_config.spec())
+    check_inputs(config.data, score_config.day)
+    with date_lock(config.out, score_config.day, "nightly"):
+        return run_steps(config, score_config)
+
+
+def run_steps(config: NightlyConfig, score_config: ScoreConfig) -> dict:
     out = Path(config.out)
     steps: dict[str, Any] = {}
 
@@ -91,7 +116,7 @@ def run(config: NightlyConfig) -> dict:
         return result
 
     timed("prepare", prepare, config.prepare_config())
-    timed("score", score, config.score_config())
+    timed("score", score, score_config)
     timed("validate and export", export, ExportConfig(relevance=str(out / "scores"), date=config.date, out=str(out / "published"),
                                                       queries=config.data))
     report = {"date": config.date, "steps": steps}

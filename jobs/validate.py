@@ -7,6 +7,16 @@ the table runs on the accepted rows: a failure there means the split and the sui
 is a bug, and is raised.
 
 Duplicate keys are quarantined too (every occurrence after the first in file order), not dropped.
+
+Both engines give the same split of the same file:
+- The file's own schema must be the table's (`schemas.storage.check_file_schema`, strict: missing,
+  renamed, extra columns and other types are refused with SchemaMismatchError before any row is
+  read). So a price written as the string "12.5" where a double is declared refuses the file in both
+  engines: neither parses numbers out of strings.
+- A string value that is not valid UTF-8 quarantines its row (reason "invalid UTF-8", checked before
+  the column's other rules); the quarantine record shows it with the invalid bytes replaced by U+FFFD.
+  Pandas holds such a value as `bytes` (`arrow_to_pandas`), Spark tests it with `is_valid_utf8`.
+  Only top-level string columns are checked (not the strings inside maps and lists).
 """
 
 from __future__ import annotations
@@ -28,17 +38,21 @@ from jobs.quarantine import FIELD, REASON, Rule, first_failure, quarantine_frame
 from jobs.spark import spark_schema
 from schemas.config import ConfigError, help_field
 from schemas.expectations import SuiteResult, validate_with_gx
-from schemas.storage import read_table, table_path, write_table
+from schemas.storage import (
+    check_column_names,
+    check_file_schema,
+    read_table,
+    table_path,
+    write_table,
+)
 from schemas.table import Column, Table
 from schemas.tables import INPUT_TABLES, QUARANTINE, table
+
+INVALID_UTF8 = "invalid UTF-8"
 
 # Columns a Spark reader attaches so quarantined rows can name their file and row.
 SOURCE_FILE_COL = "_source_file"
 ROW_INDEX_COL = "_row_index"
-
-
-class SchemaMismatchError(ValueError):
-    """The input's columns are not the table's: a whole-file problem, not a row problem."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,8 @@ class Validated:
 def _rule_messages(column: Column) -> list[tuple[str, str]]:
     """(rule kind, human reason) pairs in the order they are checked."""
     rules = []
+    if column.type == "string":
+        rules.append(("utf8", INVALID_UTF8))
     if not column.nullable:
         rules.append(("not_null", "null in a non-nullable column"))
     if column.allowed is not None:
@@ -88,18 +104,50 @@ def _rule_messages(column: Column) -> list[tuple[str, str]]:
 
 
 def check_columns(table: Table, columns: list[str], source: str) -> None:
-    """Raise naming the source and the missing or unexpected columns."""
-    data_columns = [c for c in columns if c not in (SOURCE_FILE_COL, ROW_INDEX_COL)]
-    missing = [name for name in table.names if name not in data_columns]
-    extra = [name for name in data_columns if name not in table.names]
-    if missing or extra:
-        raise SchemaMismatchError(
-            f"{source}: columns do not match table {table.name!r}: missing {missing}, unexpected {extra}; "
-            f"expected {table.names}"
-        )
+    """Raise SchemaMismatchError naming the source and the missing or unexpected columns."""
+    check_column_names(table, [c for c in columns if c not in (SOURCE_FILE_COL, ROW_INDEX_COL)], source)
 
 
 # --- pandas ---------------------------------------------------------------------------------------
+
+
+def arrow_to_pandas(data: pa.Table) -> pd.DataFrame:
+    """`data` as pandas (maps as dicts); a string that is not valid UTF-8 becomes `bytes`, which the
+    "utf8" rule quarantines (pyarrow cannot convert it to `str`)."""
+    undecodable = {}
+    for index, field in enumerate(data.schema):
+        if pa.types.is_string(field.type) and not _valid_utf8(data.column(index)):
+            undecodable[field.name] = data.column(index).cast(pa.binary()).to_pylist()
+            data = data.set_column(index, field, pa.nulls(data.num_rows, pa.string()))
+    frame = data.to_pandas(maps_as_pydicts="strict")
+    for name, raw in undecodable.items():
+        frame[name] = pd.Series([_decoded(value) for value in raw], index=frame.index, dtype=object)
+    return frame
+
+
+def _valid_utf8(column: pa.ChunkedArray) -> bool:
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _decoded(value: bytes | None) -> str | bytes | None:
+    try:
+        return None if value is None else value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
+def _undecodable(values: pd.Series) -> np.ndarray:
+    if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
+        return np.zeros(len(values), dtype=bool)
+    return values.map(lambda value: isinstance(value, bytes)).to_numpy(dtype=bool)
+
+
+def _printable(value: Any) -> Any:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
 def _pandas_violation(column: Column, kind: str, values: pd.Series) -> np.ndarray:
@@ -124,8 +172,13 @@ def split_pandas(table: Table, frame: pd.DataFrame, source_file: str | None = No
     reason = np.full(len(frame), None, dtype=object)
     field = np.full(len(frame), None, dtype=object)
     for column in table.columns:
+        values = frame[column.name]
+        undecodable = _undecodable(values) if column.type == "string" else None
+        if undecodable is not None and undecodable.any():
+            values = values.mask(undecodable)  # the rules after "utf8" see text only
         for kind, message in _rule_messages(column):
-            bad = _pandas_violation(column, kind, frame[column.name]) & (reason == None)  # noqa: E711
+            violated = undecodable if kind == "utf8" else _pandas_violation(column, kind, values)
+            bad = violated & (reason == None)  # noqa: E711
             reason[bad] = message
             field[bad] = column.name
     if table.key:
@@ -135,9 +188,13 @@ def split_pandas(table: Table, frame: pd.DataFrame, source_file: str | None = No
         reason[duplicate] = f"duplicate key {list(table.key)}"
         field[duplicate] = ",".join(table.key)
     rejected = reason != None  # noqa: E711
+    records = [
+        {name: _printable(value) for name, value in record.items()}
+        for record in frame.loc[rejected, table.names].to_dict(orient="records")
+    ]
     quarantine = quarantine_table(
         table.name,
-        frame.loc[rejected, table.names].to_dict(orient="records"),
+        records,
         field[rejected],
         reason[rejected],
         dt.datetime.now(dt.UTC),
@@ -167,6 +224,8 @@ def _spark_violation(column: Column, kind: str):
     from pyspark.sql import functions as F
 
     value = F.col(column.name)
+    if kind == "utf8":
+        return value.isNotNull() & ~F.is_valid_utf8(value)
     if kind == "not_null":
         return value.isNull()
     if kind == "allowed":
@@ -249,11 +308,20 @@ def split_marked(table: Table, checked, quarantined_at: dt.datetime | None = Non
         checked,
         table.name,
         quarantined_at or dt.datetime.now(dt.UTC),
-        record_json(*table.names),
+        record_json(*(_printable_column(column) for column in table.columns)),
         source_file=F.col(SOURCE_FILE_COL) if has_provenance else None,
         row_number=(F.col(ROW_INDEX_COL) + 1) if has_provenance else None,
     )
     return accepted, quarantine
+
+
+def _printable_column(column: Column):
+    """The column for a quarantine record: a string with invalid UTF-8 bytes replaced by U+FFFD."""
+    from pyspark.sql import functions as F
+
+    if column.type == "string":
+        return F.make_valid_utf8(F.col(column.name)).alias(column.name)
+    return F.col(column.name)
 
 
 def split_spark(table: Table, frame, quarantined_at: dt.datetime | None = None):
@@ -280,15 +348,47 @@ def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
 
 
 def read_with_provenance(spark, table: Table, path: str):
-    """Read a parquet table with its declared schema plus the file and row index of every row."""
+    """Read a parquet table with its declared schema plus the file and row index of every row.
+
+    Each file's own schema is checked first (`schemas.storage.check_file_schema`, as the pyarrow
+    reader does): given a schema, Spark would fill an absent column with nulls.
+    """
     from pyspark.sql import functions as F
 
     frame = spark.read.schema(spark_schema(table)).parquet(path)
+    check_spark_files(spark, table, path, frame.inputFiles())
     return frame.select(
         *table.names,
         F.col("_metadata.file_path").alias(SOURCE_FILE_COL),
         F.col("_metadata.row_index").alias(ROW_INDEX_COL),
     )
+
+
+def check_spark_files(spark, table: Table, path: str, files: list[str]) -> None:
+    """`check_file_schema` on the footer of each file, read with pyarrow's filesystem for its URI.
+
+    Where pyarrow cannot open the filesystem (HDFS without libhdfs, a scheme it does not know),
+    Spark's merged view of the footers stands in: it misses only a column absent from some files
+    and present in others.
+    """
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            filesystem, inner = pafs.FileSystem.from_uri(file)
+        except (pa.ArrowException, OSError):
+            check_file_schema(table, _merged_footer_schema(spark, table, path), path)
+            return
+        check_file_schema(table, pq.read_schema(inner, filesystem=filesystem), file)
+
+
+def _merged_footer_schema(spark, table: Table, path: str) -> pa.Schema:
+    """The Arrow schema of Spark's merged footers under `path`, without the partition columns of the path."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    merged = to_arrow_schema(spark.read.option("mergeSchema", "true").parquet(path).schema)
+    return pa.schema([field for field in merged if field.name not in table.partition_by])
 
 
 # --- the `relevance validate` command -------------------------------------------------------------
@@ -330,7 +430,7 @@ def _run_pandas(config: ValidateConfig) -> list[ValidationCounts]:
     results = []
     for name in tqdm(_chosen_tables(config, lambda t: table_path(data_root, t).is_dir()), desc="validate (pandas)", unit="table"):
         declared = table(name)
-        frame = read_table(declared, data_root).to_pandas(maps_as_pydicts="strict")
+        frame = arrow_to_pandas(read_table(declared, data_root))
         results.append(validate_pandas(declared, frame, source_file=str(table_path(data_root, declared))))
         print(results[-1].counts.line())
     write_table(QUARANTINE, pa.concat_tables([QUARANTINE.from_pandas(r.quarantine) for r in results]), out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,11 +27,15 @@ class ConfigError(ValueError):
 
 
 def config_date(value: Any, field: str = "date") -> dt.date:
-    """A config field's YYYY-MM-DD value as a date; a ConfigError naming the field otherwise."""
-    try:
-        return dt.date.fromisoformat(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{field}: must look like YYYY-MM-DD, got {value!r}") from None
+    """A config field's YYYY-MM-DD value as a date; a ConfigError naming the field otherwise.
+
+    Exactly that form: `date.fromisoformat` alone also takes `20240313` and `2024-W11-3`."""
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value, flags=re.ASCII):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            pass  # the form is right, the day is not (2024-02-30)
+    raise ConfigError(f"{field}: must look like YYYY-MM-DD, got {value!r}")
 
 
 def help_field(help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -85,6 +90,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if annotation in (int, float, str, Path):
+        if annotation in (int, float) and isinstance(value, bool):  # int(True) would pass as 1
+            raise ConfigError(f"{where}: expected {'a whole number' if annotation is int else 'a number'}, got {value!r}")
         if annotation is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{where}: expected a whole number, got {value!r}")
         try:

@@ -4,12 +4,19 @@ Layout under a data root: `<root>/<table>/part-*.parquet`, or for a table partit
 `<root>/<table>/ds=YYYY-MM-DD/part-*.parquet` (hive style, the partition column only in the path),
 which Spark, DuckDB and pyarrow all read. A partition is written into a hidden temporary folder and
 renamed into place, so a reader never sees half of it and rewriting a day replaces exactly that day.
+
+The reader contract, for every engine (pyarrow here, Spark in `jobs.validate.read_with_provenance`):
+each file's own schema (its parquet footer) is compared with the declaration by `check_file_schema`
+before any row is read, and a file whose columns differ is refused. A reader given a schema fills an
+absent column with nulls, so without this check a catalog without `brand` would read as a catalog
+whose brands are all unknown.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -25,8 +32,79 @@ from schemas.table import Table
 PART_FILE = "part-00000.parquet"
 
 
+class SchemaMismatchError(ValueError):
+    """A file's columns are not its table's: a whole-file problem, refused before any row is read."""
+
+
+def _comparable(data_type: pa.DataType) -> pa.DataType:
+    """`data_type` without what does not change the values read: large/dictionary encodings, the names
+    and nullability of nested fields, the name of a timestamp's time zone (an instant is an instant)."""
+    if pa.types.is_dictionary(data_type):
+        return _comparable(data_type.value_type)
+    if pa.types.is_large_string(data_type):
+        return pa.string()
+    if pa.types.is_large_list(data_type) or pa.types.is_list(data_type):
+        return pa.list_(_comparable(data_type.value_type))
+    if pa.types.is_map(data_type):
+        return pa.map_(_comparable(data_type.key_type), _comparable(data_type.item_type))
+    if pa.types.is_timestamp(data_type) and data_type.tz is not None:
+        return pa.timestamp(data_type.unit, tz="UTC")
+    return data_type
+
+
+def check_file_schema(table: Table, file_schema: pa.Schema, source: str) -> None:
+    """Refuse (SchemaMismatchError, one line naming `source`) a file whose columns are not `table`'s.
+
+    Strict: a missing column, an unexpected one (a renamed column is both) and a column of another
+    type are all refused; nothing is filled with nulls, dropped or cast. Nullability is not compared
+    (a null where the table forbids one is a row problem, quarantined by validation), and a partition
+    column may be in the file or only in its path.
+    """
+    declared = table.arrow_schema()
+    wrong_types = [
+        f"{field.name}: {field.type} (expected {declared.field(field.name).type})"
+        for field in file_schema
+        if field.name in declared.names and _comparable(field.type) != _comparable(declared.field(field.name).type)
+    ]
+    _refuse_mismatch(table, file_schema.names, source, optional=table.partition_by, wrong_types=wrong_types)
+
+
+def check_column_names(table: Table, names: list[str], source: str) -> None:
+    """Refuse (SchemaMismatchError naming `source`) columns that are not exactly `table`'s, in any order."""
+    _refuse_mismatch(table, names, source)
+
+
+def _refuse_mismatch(
+    table: Table, names: list[str], source: str, optional: tuple[str, ...] = (), wrong_types: list[str] | None = None
+) -> None:
+    missing = [name for name in table.names if name not in names and name not in optional]
+    unexpected = [name for name in names if name not in table.names]
+    problems = [
+        f"{what} {found}"
+        for what, found in (("missing", missing), ("unexpected", unexpected), ("wrong types", wrong_types))
+        if found
+    ]
+    if problems:
+        expected = ", ".join(f"{field.name} {field.type}" for field in table.arrow_schema())
+        raise SchemaMismatchError(
+            f"{source}: columns do not match table {table.name!r}: {', '.join(problems)}; expected schema: {expected}"
+        )
+
+
 def table_path(root: str | Path, table: Table) -> Path:
     return Path(root) / table.name
+
+
+def _write_naming(final: Path, write: Callable[[Path], None], staging: Path) -> None:
+    """`write(staging)`, its OSError made to name `final` when it names no file: pyarrow's write errors
+    say only "Error writing bytes to file ... No space left on device"."""
+    try:
+        write(staging)
+    except OSError as error:
+        if error.filename or str(final.parent) in str(error):
+            raise
+        message = f"writing {final}: {error.strerror or error}"
+        raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
 
 
 def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
@@ -43,7 +121,7 @@ def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
     staging = final.parent / f".staging-{final.name}-{tag}"
     staging.mkdir()
     try:
-        write(staging)
+        _write_naming(final, write, staging)
         if final.exists():
             retired = final.parent / f".retired-{final.name}-{tag}"
             final.rename(retired)
@@ -61,6 +139,28 @@ def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+def clear_stale_staging(final: str | Path) -> list[str]:
+    """Clean up what `replace_folder` runs of `final` that were killed left beside it; a line per folder.
+
+    Only for `final`'s sole writer (one holding its lock), so that no such folder is a live run's. A
+    `.staging-` copy is removed; a `.retired-` copy is renamed back when `final` is missing (its run
+    died between the two renames: the retired copy is the last complete one) and removed otherwise.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    left_by_a_run = re.compile(rf"\.(staging|retired)-{re.escape(final.name)}-[0-9a-f]{{8}}")
+    lines = []
+    for folder in sorted(path for path in final.parent.iterdir() if path.is_dir() and left_by_a_run.fullmatch(path.name)):
+        if folder.name.startswith(".retired-") and not final.exists():
+            folder.rename(final)
+            lines.append(f"{final}: restored from {folder.name}, left by a run killed while swapping it in")
+        else:
+            shutil.rmtree(folder)
+            lines.append(f"{final}: removed {folder.name}, left by a run that was killed")
+    return lines
+
+
 def replace_file(final: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(staging)` on a hidden sibling file of `final`, then rename it over `final`; returns `final`.
 
@@ -71,7 +171,7 @@ def replace_file(final: str | Path, write: Callable[[Path], None]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        write(staging)
+        _write_naming(final, write, staging)
         os.replace(staging, final)
     finally:
         staging.unlink(missing_ok=True)
@@ -111,7 +211,17 @@ def partitions(table: Table, root: str | Path) -> list[dt.date]:
 
 
 def dataset(table: Table, root: str | Path) -> ds.Dataset:
-    """A pyarrow dataset over the table's files with the declared schema (never inferred)."""
+    """A pyarrow dataset over the table's files with the declared schema (never inferred).
+
+    Every file's own schema is checked first (`check_file_schema`): a mismatch raises SchemaMismatchError.
+    """
+    data = _declared_dataset(table, root)
+    for fragment in data.get_fragments():
+        check_file_schema(table, fragment.physical_schema, fragment.path)
+    return data
+
+
+def _declared_dataset(table: Table, root: str | Path) -> ds.Dataset:
     folder = table_path(root, table)
     if not folder.is_dir():
         raise FileNotFoundError(f"table {table.name!r} not found: {folder} does not exist")
@@ -130,7 +240,7 @@ def dataset(table: Table, root: str | Path) -> ds.Dataset:
 def read_table(
     table: Table, root: str | Path, days: list[dt.date] | None = None, columns: list[str] | None = None
 ) -> pa.Table:
-    """Read a table (optionally some `ds` days and columns) with its declared schema."""
+    """Read a table (optionally some `ds` days and columns) with its declared schema; see `dataset`."""
     data = dataset(table, root)
     expression = None
     if days is not None:

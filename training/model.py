@@ -88,7 +88,8 @@ def load_model(path: str | Path, dtype: str = "float32"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    # safetensors only: a pickled pytorch_model.bin in a model folder is never unpickled
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True)
     return model, tokenizer
 
 

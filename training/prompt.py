@@ -11,12 +11,19 @@ brand (`product_facets`).
 
 The prompt is held to a token budget. When it is over, fields are shortened from the least useful
 up: the description first (cut at a token boundary, then dropped), then the title (free text that
-restates the type and facets), the attributes and the type. The query is never cut; a query alone
-over the budget gives a prompt with only the query (over budget, `truncated` says so).
+restates the type and facets), the attributes and the type. The query is never cut (but by the clip
+below); a query alone over the budget gives a prompt with only the query (over budget, `truncated` says so).
+
+Before any tokenizing, each field is clipped to `max_tokens * MAX_CHARS_PER_TOKEN` characters, so one
+huge field (a 10 MB title) costs what a full-budget one does. A prompt keeps at most `max_tokens`
+tokens of a field, so the clip could only remove kept text if those tokens averaged over
+MAX_CHARS_PER_TOKEN characters; text averages about 4, and the longest tokens of common BPE
+vocabularies are a few dozen characters of repeated punctuation.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +31,7 @@ from schemas.graph import format_facets
 
 FIELDS = ("query", "title", "type", "attributes", "description")
 CUT_ORDER = ("description", "title", "attributes", "type")
+MAX_CHARS_PER_TOKEN = 64  # well above any real text's characters per token (the tiny model's longest token: 13)
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,18 @@ def product_facets(product: Mapping) -> dict[str, str]:
     if product["brand"] and "brand" not in facets:
         facets["brand"] = product["brand"]
     return facets
+
+
+def normalized_prefix(text: str, max_chars: int) -> str:
+    """`" ".join(text.split())[:max_chars]`, reading `text` only as far as that needs."""
+    words: list[str] = []
+    length = -1
+    for word in re.finditer(r"\S+", text):  # \S is str.split's notion of whitespace
+        words.append(word.group())
+        length += 1 + len(words[-1])
+        if length >= max_chars:
+            break
+    return " ".join(words)[:max_chars]
 
 
 def render_fields(fields: Mapping[str, str]) -> str:
@@ -59,14 +79,17 @@ def build_prompt(
 
     `offsets` is `prompt_offsets(tokenizer)` in practice; a pure callable keeps this testable.
     """
+    clip = max_tokens * MAX_CHARS_PER_TOKEN
+    # Read one character past the clip: a field that reaches it was longer and counts as truncated.
     fields = {
-        "query": " ".join(query.split()),
-        "title": " ".join(title.split()),
-        "type": product_type.strip(),
-        "attributes": format_facets(dict(attributes)),
-        "description": " ".join((description or "").split()),
+        "query": normalized_prefix(query, clip + 1),
+        "title": normalized_prefix(title, clip + 1),
+        "type": product_type.strip()[: clip + 1],
+        "attributes": format_facets(dict(attributes))[: clip + 1],
+        "description": normalized_prefix(description or "", clip + 1),
     }
-    truncated: list[str] = []
+    truncated = [name for name in FIELDS if len(fields[name]) > clip]
+    fields.update({name: fields[name][:clip].rstrip() for name in truncated})
     text = render_fields(fields)
     n_tokens = len(offsets(text))
     for name in CUT_ORDER:

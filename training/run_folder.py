@@ -3,15 +3,24 @@ with its `step`) and `checkpoints/step-NNNNNN/state.pt` (whatever state the trai
 
 Resuming loads the latest checkpoint and drops the metric records written after its step, so the
 resumed run's log reads as if it had never stopped; a fresh run starts an empty log.
+
+A checkpoint is loaded with `torch.load(weights_only=True)`: only tensors, containers and plain scalars
+are unpickled, so a `state.pt` planted in a run folder cannot run code. Everything the trainers save
+(model, optimizer, grad scaler and edge-controller state dicts, the step) is of those kinds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely: not tensors and plain data, or not a torch file at all."""
 
 
 class RunFolder:
@@ -33,7 +42,14 @@ class RunFolder:
         if checkpoint is None:
             self.metrics.unlink(missing_ok=True)
             return None
-        state = torch.load(checkpoint, weights_only=False)
+        try:
+            state = torch.load(checkpoint, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(f"{checkpoint}: refused to resume: it holds objects other than tensors and plain data, "
+                                  "and unpickling them could run code; delete it or run with resume=false") from error
+        except (RuntimeError, EOFError) as error:
+            raise CheckpointError(f"{checkpoint}: cannot resume: not a readable torch checkpoint (truncated or corrupt); "
+                                  "delete it or run with resume=false") from error
         lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
         kept = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]]
         self.metrics.write_text("".join(line + "\n" for line in kept))

@@ -32,7 +32,7 @@ from torch import nn
 
 from schemas.graph import LabelSet, ReasoningGraph, format_facets
 from training.predict import relevance_table
-from training.prompt import render_fields
+from training.prompt import MAX_CHARS_PER_TOKEN, normalized_prefix, render_fields
 
 STUDENT_FILE = "student.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,13 +58,19 @@ def head_vocabularies(graph: ReasoningGraph, labels: LabelSet, classes: Sequence
     return heads
 
 
-def product_text(pair: Mapping) -> str:
-    """The product side of the student's input: the prompt's product lines, without the query."""
+def product_text(pair: Mapping, max_length: int) -> str:
+    """The product side of the student's input: the prompt's product lines, without the query.
+
+    Title and description are clipped to `max_length * MAX_CHARS_PER_TOKEN` characters before the
+    tokenizer sees them (it truncates only after tokenizing everything), so a huge field costs what
+    a full-length one does; the clip never reaches text the `max_length` tokens would keep.
+    """
+    max_chars = max_length * MAX_CHARS_PER_TOKEN
     return render_fields({
-        "title": " ".join(pair["title"].split()),
+        "title": normalized_prefix(pair["title"], max_chars),
         "type": pair["product_type"].strip(),
         "attributes": format_facets(dict(pair["attributes"])),
-        "description": " ".join((pair["description"] or "").split()),
+        "description": normalized_prefix(pair["description"] or "", max_chars),
     })
 
 
@@ -95,7 +101,8 @@ def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], d
     """(MultiHeadStudent with fresh heads, tokenizer) on the pre-trained encoder in `encoder_dir`."""
     from transformers import AutoModel, AutoTokenizer
 
-    encoder = AutoModel.from_pretrained(encoder_dir, add_pooling_layer=False) if _is_bert(encoder_dir) else AutoModel.from_pretrained(encoder_dir)
+    options = {"use_safetensors": True, **({"add_pooling_layer": False} if _is_bert(encoder_dir) else {})}  # never unpickle weights
+    encoder = AutoModel.from_pretrained(encoder_dir, **options)
     return MultiHeadStudent(encoder, heads, dropout), AutoTokenizer.from_pretrained(encoder_dir)
 
 
@@ -140,8 +147,9 @@ def load_student(folder: str | Path):
 
 def tokenize_pairs(tokenizer, pairs: Sequence[Mapping], max_length: int) -> list[dict[str, list[int]]]:
     """Unpadded encodings (input_ids, attention_mask, token_type_ids when the tokenizer makes them) of each pair."""
-    encoded = tokenizer([pair["query"] for pair in pairs], [product_text(pair) for pair in pairs], truncation="only_second",
-                        max_length=max_length)
+    max_chars = max_length * MAX_CHARS_PER_TOKEN
+    encoded = tokenizer([pair["query"][:max_chars] for pair in pairs], [product_text(pair, max_length) for pair in pairs],
+                        truncation="only_second", max_length=max_length)
     keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
     return [{key: encoded[key][i] for key in keys} for i in range(len(pairs))]
 

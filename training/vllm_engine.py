@@ -30,6 +30,8 @@ def build_engine(model_dir: str | Path, *, seed: int, max_model_len: int, dtype:
         "enable_chunked_prefill": False,
         "enable_prefix_caching": True,
         "kv_cache_memory_bytes": kv_cache_bytes,
+        "load_format": "safetensors",  # never unpickle a `.bin` checkpoint
+        "trust_remote_code": False,
         **engine_options,
     }
     return LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len, logprobs_mode=logprobs_mode, **options)

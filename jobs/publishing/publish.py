@@ -36,7 +36,11 @@ COPY (
     ) FROM relevance
 ) TO '{path}' (FORMAT csv, HEADER true, DELIMITER ',', QUOTE '"', ESCAPE '"')
 """
-CSV_COUNT_SQL = """SELECT count(*) FROM read_csv('{path}', header = true, all_varchar = true, quote = '"', escape = '"')"""
+# No record is longer than the file holding it, so that bound lets a cell of any size read back
+# (DuckDB's default refuses lines over 2 MB, e.g. a long `reasoning`).
+CSV_COUNT_SQL = """
+SELECT count(*) FROM read_csv($path, header = true, all_varchar = true, quote = '"', escape = '"', max_line_size = $max_line_size)
+"""
 
 
 def sha256_of(path: Path) -> str:
@@ -56,7 +60,8 @@ def write_data_files(data: pa.Table, folder: Path) -> dict[str, int]:
         con.execute("CREATE TABLE relevance AS SELECT * FROM published_rows")
         con.execute(CSV_SQL.format(path=str(folder / CSV_FILE).replace("'", "''")))
         database_rows = con.execute("SELECT count(*) FROM relevance").fetchone()[0]
-        csv_rows = con.execute(CSV_COUNT_SQL.format(path=str(folder / CSV_FILE).replace("'", "''"))).fetchone()[0]
+        csv_file = folder / CSV_FILE
+        csv_rows = con.execute(CSV_COUNT_SQL, {"path": str(csv_file), "max_line_size": csv_file.stat().st_size + 1}).fetchone()[0]
     parquet_rows = pq.read_metadata(folder / PARQUET_FILE).num_rows
     rows = {PARQUET_FILE: parquet_rows, DUCKDB_FILE: database_rows, CSV_FILE: csv_rows}
     wrong = {name: count for name, count in rows.items() if count != len(data)}
@@ -93,7 +98,28 @@ def write_latest(root: Path) -> str:
     return newest
 
 
-def read_published(root: Path, day: dt.date) -> pa.Table:
+def latest_published_day(root: Path) -> dt.date | None:
+    """The day `_LATEST` names, when its folder is complete; else the newest complete day (None: none is).
+
+    `_LATEST` can name a missing folder: while that day is re-exported, for the instant between the two
+    renames of `replace_folder`, or after a run killed there until the next export restores it.
+    """
+    try:
+        named = dt.date.fromisoformat((root / LATEST_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        named = None
+    if named is not None and (root / f"ds={named.isoformat()}" / MANIFEST_FILE).is_file():
+        return named
+    days = published_days(root)
+    return days[-1] if days else None
+
+
+def read_published(root: Path, day: dt.date | None = None) -> pa.Table:
+    """The rows published for `day` under `root` (`<out>/relevance`); by default the latest complete day."""
+    if day is None:
+        day = latest_published_day(root)
+        if day is None:
+            raise FileNotFoundError(f"{root}: no day is published yet (no ds=*/{MANIFEST_FILE})")
     return pq.read_table(root / f"ds={day.isoformat()}" / PARQUET_FILE, schema=RELEVANCE.arrow_schema())
 
 

@@ -18,10 +18,16 @@ Steps:
    manifest (also replaced atomically). A job killed at any point (SIGKILL included) loses at most the
    shard in progress: the re-run finds the same fingerprint, skips the done shards and scores the
    rest. A different fingerprint (new candidates, new product text) starts the work folder afresh.
-4. Reused rows + shard rows, each candidate exactly once (checked), replace the `ds=D` partition of
-   `relevance` atomically; then the shards are removed and `score.json` reports the counts.
+4. Reused rows + shard rows, each candidate exactly once (checked), replace this model's rows of the
+   `ds=D` partition of `relevance`: a night may hold several models (a policy and its student), so the
+   rows other model names hold there are kept, and the partition folder is replaced atomically with
+   both. Then the shards are removed and `score.json` reports the counts.
 
-Re-running a finished day scores nothing and rewrites the same rows: idempotent per date.
+The model folder is checked (files present, weights complete) before anything is read, and the job
+holds the lock of its `out` root and date (`jobs.lock`) from then on: a second `score`, `nightly` step
+or `export` of that root and date fails at once instead of scoring the same pairs or removing
+shards the other is reading. Re-running a finished day scores nothing and rewrites the same rows:
+idempotent per date.
 """
 
 from __future__ import annotations
@@ -36,12 +42,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.lock import date_lock
 from jobs.quarantine import quarantine_table
 from jobs.scoring.config import ScoreConfig
 from jobs.scoring.shards import ShardManifest, write_json_atomically
-from jobs.scoring.spec import ScorerSpec, open_scorer, pair_dicts, scorer_version
+from jobs.scoring.spec import ScorerSpec, check_model_folder, open_scorer, pair_dicts, scorer_version
 from schemas.config import config_to_dict
-from schemas.storage import read_table, table_path, write_table
+from schemas.storage import partitions, read_table, table_path, write_table
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, PAIRS_TO_SCORE, QUARANTINE, RELEVANCE
 
 log = logging.getLogger(__name__)
@@ -75,12 +82,11 @@ def pairs_to_score(candidates: pa.Table, catalog: pa.Table) -> tuple[pa.Table, p
     return PAIRS_TO_SCORE.conform(joined.filter(pc.invert(missing))), lost
 
 
-def reusable_scores(out: str | Path, day: dt.date, cache_days: int, version: str, pairs: pa.Table) -> pa.Table:
+def reusable_scores(out: str | Path, day: dt.date, cache_days: int, version: str, model_name: str, pairs: pa.Table) -> pa.Table:
     """The latest RELEVANCE row of each pair in `pairs` scored under `version` with the same content hash
-    within the last `cache_days` days (tonight's partition included), re-dated to `day`."""
+    within the last `cache_days` days (tonight's partition included), re-dated to `day` and named `model_name`
+    (the same weights may have been scored under another name)."""
     import duckdb
-
-    from schemas.storage import partitions
 
     days = [d for d in partitions(RELEVANCE, out) if day - dt.timedelta(days=cache_days) <= d <= day] if cache_days else []
     if not days:
@@ -90,12 +96,12 @@ def reusable_scores(out: str | Path, day: dt.date, cache_days: int, version: str
     con.register("history", history)
     con.register("pairs", pairs.select(["query", "product_id", "product_content_hash"]))
     reused = con.sql(f"""
-        SELECT h.* REPLACE (DATE '{day.isoformat()}' AS ds)
+        SELECT h.* REPLACE (DATE '{day.isoformat()}' AS ds, $model_name AS model_name)
         FROM history h JOIN pairs p
           ON h.query = p.query AND h.product_id = p.product_id AND h.product_content_hash = p.product_content_hash
         WHERE h.model_version = $version
         QUALIFY row_number() OVER (PARTITION BY h.query, h.product_id ORDER BY h.scored_at DESC, h.ds DESC) = 1
-    """, params={"version": version}).to_arrow_table()
+    """, params={"version": version, "model_name": model_name}).to_arrow_table()
     return RELEVANCE.conform(reused)
 
 
@@ -177,14 +183,32 @@ def day_rows(reused: pa.Table, scored: pa.Table, n_pairs: int, work_folder: Path
     return rows
 
 
+def with_other_models(out: str | Path, day: dt.date, model_name: str, rows: pa.Table) -> pa.Table:
+    """`rows` (one model's rows of `day`) plus the rows other model names hold in the stored partition of `day`."""
+    if day not in partitions(RELEVANCE, out):
+        return rows
+    stored = read_table(RELEVANCE, out, days=[day])
+    others = stored.filter(pc.not_equal(stored["model_name"], model_name))
+    return pa.concat_tables([RELEVANCE.conform(others), rows]).sort_by(
+        [("query", "ascending"), ("product_id", "ascending"), ("model_name", "ascending")])
+
+
 def run(config: ScoreConfig) -> dict:
-    """Score the day; returns (and writes as `_scoring/ds=D/score.json`) the counts and timings."""
+    """Score the day under the lock of `out` and the day; returns (and writes as `_scoring/ds=D/score.json`) the
+    counts and timings."""
+    spec = config.spec()
+    check_model_folder(spec)
+    with date_lock(config.out, config.day, "score"):
+        return score_day(config, spec)
+
+
+def score_day(config: ScoreConfig, spec: ScorerSpec) -> dict:
     started = time.perf_counter()
-    day, spec = config.day, config.spec()
+    day = config.day
     day_folder = Path(config.out) / WORK_FOLDER / f"ds={day.isoformat()}"
     candidates, pairs, lost = day_pairs(config, day_folder)
     version = scorer_version(spec)
-    reused = reusable_scores(config.out, day, config.cache_days, version, pairs)
+    reused = reusable_scores(config.out, day, config.cache_days, version, spec.name, pairs)
     todo = without_reused(pairs, reused)
     print(f"score: {candidates.num_rows} candidate pairs for {day}: {reused.num_rows} reused (model version {version}), "
           f"{todo.num_rows} to score, {lost.num_rows} quarantined", flush=True)
@@ -192,7 +216,8 @@ def run(config: ScoreConfig) -> dict:
                              {"ds": day.isoformat(), "model_version": version, "config": config_to_dict(config)})
     score_shards(config, spec, manifest, todo)
     scored = manifest.rows()
-    write_table(RELEVANCE, day_rows(reused, scored, pairs.num_rows, manifest.folder), config.out)
+    rows = day_rows(reused, scored, pairs.num_rows, manifest.folder)
+    write_table(RELEVANCE, with_other_models(config.out, day, spec.name, rows), config.out)
     shard_stats = manifest.manifest["shards"]
     manifest.remove_shards()
     seconds_scoring = sum(shard.get("seconds", 0.0) for shard in shard_stats)

@@ -39,6 +39,9 @@ SCORERS = {
 }
 BACKENDS = tuple(SCORERS)
 STUDENT_FILE = "student.json"  # training.student.STUDENT_FILE, not imported: that module loads torch
+WEIGHTS_FILE = "model.safetensors"
+# What every model folder needs to load (save_pretrained writes them for a policy and a student alike).
+MODEL_FILES = ("config.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,8 +78,8 @@ class ScorerSpec(ScorerSettings):
     def __post_init__(self) -> None:
         if self.backend not in SCORERS:
             raise ValueError(f"unknown scoring backend {self.backend!r}; known: {sorted(SCORERS)}")
-        if not (Path(self.model) / "model.safetensors").is_file():
-            raise FileNotFoundError(f"model folder {self.model} has no model.safetensors (train one or point at a checkpoint folder)")
+        if not (Path(self.model) / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"model folder {self.model} has no {WEIGHTS_FILE} (train one or point at a checkpoint folder)")
 
     @property
     def name(self) -> str:
@@ -98,6 +101,29 @@ def open_scorer(spec: ScorerSpec) -> Scorer:
     """The scorer of `spec.backend` (a known one: the spec checks), its module imported now (vLLM only when asked for)."""
     module, name = SCORERS[spec.backend].split(":")
     return getattr(importlib.import_module(module), name)(spec)
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot load: a file missing, or weights truncated or corrupt."""
+
+
+def check_model_folder(spec: ScorerSpec) -> None:
+    """Refuse, naming the file, a model folder that would fail to load: called before any data work, so a
+    bad folder fails a night in a second rather than after its Spark steps. Reads only the weights' header
+    (safetensors checks it covers the whole file, which a truncated copy does not)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(spec.model)
+    needed = MODEL_FILES + ((STUDENT_FILE,) if spec.backend == "student" else ())
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise ModelFolderError(f"model folder {folder} lacks {', '.join(missing)}: not a complete saved model")
+    weights = folder / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise ModelFolderError(f"{weights}: unreadable weights ({error}); the file is truncated or not safetensors") from None
 
 
 def pair_dicts(pairs: pa.Table) -> list[dict]:

@@ -169,3 +169,19 @@ def test_msprt_stays_valid_under_peeking_where_fixed_horizon_does_not():
     seq_fpr = (seq_p < alpha).any(axis=1).mean()
     assert fixed_fpr > 0.15  # peeking breaks the fixed-horizon test
     assert seq_fpr <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / sims)
+
+
+def test_covariate_observed_needs_pre_period_data_in_each_variant():
+    rng = np.random.default_rng(5)
+    y, x = rng.poisson(3, 50).astype(float), rng.poisson(9, 50).astype(float)
+    ratio = MetricColumns("y", "x", "cy", "cx")
+    mean = MetricColumns("y", None, "cy", None)
+
+    def sample(cy, cx):
+        return suff_stats_from_arrays({"y": y, "x": x, "cy": cy, "cx": cx})
+
+    observed, empty = sample(y + 1, x + 1), sample(np.zeros(50), np.zeros(50))
+    assert stats.covariate_observed(observed, observed, ratio) and stats.covariate_observed(observed, empty, mean)
+    assert not stats.covariate_observed(observed, empty, ratio)  # undefined in the treatment: 0 / 0
+    assert not stats.covariate_observed(empty, empty, mean)  # all zeros: nothing to adjust with
+    assert not stats.covariate_observed(observed, observed, MetricColumns("y", "x"))

@@ -16,7 +16,7 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.testing import assertDataFrameEqual
 
-from jobs.datasets import DatasetsConfig, run
+from jobs.datasets import DatasetsConfig, EmptyDatasetError, run
 from jobs.hadoop_fs import replace_folder
 from jobs.spark import spark_schema
 from jobs.training_data.labels import SUPERSEDED, WeakRule
@@ -25,7 +25,7 @@ from jobs.world.config import WorldConfig
 from jobs.world.generate import generate_world, write_world
 from schemas.config import ConfigError, load_config
 from schemas.graph import LabelSet, ReasoningGraph
-from schemas.storage import read_table, table_path, write_table
+from schemas.storage import SchemaMismatchError, read_table, table_path, write_table
 from schemas.tables import (
     CANDIDATE_PAIRS,
     CATALOG,
@@ -399,3 +399,35 @@ def test_config_rejects_bad_values_by_name(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load_config(DatasetsConfig, overrides=["data=x", *overrides])
     assert WeakRule().top_orders == 1
+
+
+def _small_inputs(root: Path, label_set: str = "wands") -> None:
+    queries = [dict(query_id=q, query=text, query_class=None, segment=segment, frequency=None, locale=None, source="own")
+               for q, text, segment in QUERY_ROWS]
+    labels = {"wands": "Exact", "esci": "E"}
+    judgments = [_judgment(q, p, "rater_a", labels[label_set], label_set=label_set)
+                 for q, p in (("q1", "p1"), ("q2", "p2"), ("q5", "p5"))]
+    for table, rows in ((CATALOG, PRODUCTS[:5]), (QUERIES, queries), (JUDGMENTS, judgments)):
+        write_table(table, pa.Table.from_pylist(rows, schema=table.arrow_schema()), root)
+
+
+def test_bad_inputs_never_replace_good_training_examples(spark, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    _small_inputs(data)
+    config = DatasetsConfig(data=str(data), out=str(out), spark_master="local[2]")
+    assert run(config)["written"] == 3
+    examples = table_path(out, TRAINING_EXAMPLES)
+    good = {path.name: path.read_bytes() for path in examples.iterdir()}
+
+    # a catalog without `title`: refused when read, before any work (it used to quarantine every judgment)
+    catalog = table_path(data, CATALOG) / "part-00000.parquet"
+    pq.write_table(pq.read_table(catalog).drop_columns(["title"]), catalog)
+    with pytest.raises(SchemaMismatchError, match=rf"{catalog}: columns do not match table 'catalog': missing \['title'\]"):
+        run(config)
+    assert {path.name: path.read_bytes() for path in examples.iterdir()} == good
+
+    # valid inputs that leave no example (every judgment of another label set): an error, not an empty table
+    _small_inputs(data, label_set="esci")
+    with pytest.raises(EmptyDatasetError, match=r"no example to write from 3 judgments \(3 of other label sets"):
+        run(config)
+    assert {path.name: path.read_bytes() for path in examples.iterdir()} == good

@@ -17,7 +17,15 @@ import pytest
 
 from jobs.export import ExportConfig, ExportValidationError, run
 from jobs.publishing.churn import CHURN_PLOT
-from jobs.publishing.publish import CSV_FILE, DUCKDB_FILE, LATEST_FILE, MANIFEST_FILE, PARQUET_FILE
+from jobs.publishing.publish import (
+    CSV_FILE,
+    DUCKDB_FILE,
+    LATEST_FILE,
+    MANIFEST_FILE,
+    PARQUET_FILE,
+    latest_published_day,
+    read_published,
+)
 from schemas.config import ConfigError
 from schemas.storage import write_table
 from schemas.tables import QUERIES, RELEVANCE
@@ -227,6 +235,43 @@ def test_reexporting_a_night_is_idempotent(roots):
     assert sorted(p.name for p in (out / "relevance").iterdir()) == [LATEST_FILE, "ds=2024-05-01"]
 
 
+def test_copies_left_by_a_killed_export_are_cleaned_up_by_the_next(roots, capsys):
+    data, out = roots
+    run(_config(data, out, NIGHT_1))
+    run(_config(data, out, NIGHT_2))
+    published = out / "relevance"
+    # Killed between the two renames of a re-export of night 2: its folder retired, the new copy staged.
+    (published / "ds=2024-05-02").rename(published / ".retired-ds=2024-05-02-0123abcd")
+    (published / ".staging-ds=2024-05-02-0123abcd").mkdir()
+    (published / ".staging-ds=2024-05-02-0123abcd" / PARQUET_FILE).write_bytes(b"half")
+    capsys.readouterr()
+
+    run(_config(data, out, NIGHT_2))
+    printed = capsys.readouterr().out
+    assert "restored from .retired-ds=2024-05-02-0123abcd" in printed
+    assert "removed .staging-ds=2024-05-02-0123abcd" in printed
+    assert _hidden_entries(out) == []
+    assert read_published(published).equals(_sorted(_relevance(NIGHT_2_ROWS)))
+
+
+def test_readers_fall_back_to_the_newest_complete_day_when_latest_names_a_missing_folder(roots):
+    data, out = roots
+    published = out / "relevance"
+    assert latest_published_day(published) is None
+    with pytest.raises(FileNotFoundError, match="no day is published yet"):
+        read_published(published)
+    run(_config(data, out, NIGHT_1))
+    run(_config(data, out, NIGHT_2))
+    assert latest_published_day(published) == NIGHT_2
+    # The instant between the two renames of a re-export of night 2: _LATEST names a missing folder.
+    (published / "ds=2024-05-02").rename(published / ".retired-ds=2024-05-02-0123abcd")
+    assert (published / LATEST_FILE).read_text() == "2024-05-02\n"
+    assert latest_published_day(published) == NIGHT_1
+    assert read_published(published).equals(_sorted(_relevance(NIGHT_1_ROWS)))
+    (published / LATEST_FILE).unlink()  # a first publish killed before writing it
+    assert latest_published_day(published) == NIGHT_1
+
+
 def test_a_broken_night_names_each_defect_and_publishes_nothing(tmp_path):
     data, out = tmp_path / "data", tmp_path / "published"
     broken = [
@@ -297,3 +342,15 @@ def test_config_errors_say_what_is_wrong(tmp_path, overrides, message):
         values["out"] = str(tmp_path)
     with pytest.raises(ConfigError, match=message):
         ExportConfig(**values)
+
+
+def test_a_3_mb_reasoning_cell_publishes_and_reads_back_in_every_format(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "published"
+    reasoning = "the title names the queried type; " * 90_000  # 3 MB in one CSV cell
+    rows = [{**NIGHT_1_ROWS[0], "reasoning": reasoning}, *NIGHT_1_ROWS[1:]]
+    write_table(RELEVANCE, _relevance(rows), data)
+    manifest = run(ExportConfig(relevance=str(data), date=NIGHT_1.isoformat(), out=str(out)))
+    assert manifest["files"][CSV_FILE]["rows"] == 7
+    csv.field_size_limit(len(reasoning) + 1)
+    with (out / "relevance" / "ds=2024-05-01" / CSV_FILE).open(newline="", encoding="utf-8") as handle:
+        assert max(len(record["reasoning"]) for record in csv.DictReader(handle)) == len(reasoning)

@@ -61,3 +61,49 @@ def test_two_nights_rerun_and_a_failed_validation(world, tiny_model, tmp_path, s
     assert "validation failed, nothing published" in result.output and "label_probs" in result.output
     assert pq.read_table(published / "relevance.parquet").equals(before), "the published night is untouched"
     assert (tmp_path / "published" / "relevance" / "_LATEST").read_text() == latest
+
+
+def test_a_truncated_model_or_a_missing_input_fails_the_night_before_prepare(world, tiny_model, tmp_path):
+    import shutil
+
+    from schemas.storage import partitions as days_of
+
+    day = days_of(SEARCH_IMPRESSIONS, world)[-1].isoformat()
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    night = ["nightly", "--date", day, "--data", str(world), "--out", str(tmp_path / "night")]
+    result = CliRunner().invoke(app, [*night, "--model", str(model)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [result.output.strip()], "one line"
+    assert f"{weights}: unreadable weights" in result.output and "truncated" in result.output
+    assert not (tmp_path / "night" / "prepared").exists(), "nothing prepared"
+
+    (model / "tokenizer_config.json").unlink()
+    result = CliRunner().invoke(app, [*night, "--model", str(model)])
+    assert result.exit_code == 1 and "lacks tokenizer_config.json" in result.output
+
+    result = CliRunner().invoke(app, [*night, "--model", str(tiny_model), "--date", "1999-01-01"])
+    assert result.exit_code == 1
+    assert f"input not found: {world / 'search_impressions' / 'ds=1999-01-01'}" in result.output
+    assert not (tmp_path / "night" / "prepared").exists()
+
+
+def test_a_night_whose_date_another_process_holds_fails_at_once_naming_it(world, tiny_model, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    day = partitions(SEARCH_IMPRESSIONS, world)[-1]
+    hold = ("import sys, datetime as dt; from jobs.lock import date_lock\n"
+            f"with date_lock(sys.argv[1], dt.date.fromisoformat('{day}'), 'nightly'):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(app, ["nightly", "--date", day.isoformat(), "--data", str(world), "--out", str(tmp_path),
+                                          "--model", str(tiny_model)])
+    finally:
+        holder.communicate("", timeout=30)
+    assert result.exit_code == 1
+    assert f"locked by pid {holder.pid} on {socket.gethostname()} (nightly since" in result.output
+    assert not (tmp_path / "prepared").exists()

@@ -2,12 +2,22 @@ import json
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.validate import SchemaMismatchError, read_with_provenance, split_pandas, validate_pandas, validate_spark
+from jobs.validate import (
+    INVALID_UTF8,
+    ValidateConfig,
+    check_spark_files,
+    read_with_provenance,
+    run,
+    split_pandas,
+    validate_pandas,
+    validate_spark,
+)
 from schemas.expectations import validate_with_gx
-from schemas.storage import read_table, write_table
-from schemas.tables import CATALOG, JUDGMENTS
+from schemas.storage import SchemaMismatchError, read_table, write_table
+from schemas.tables import CATALOG, JUDGMENTS, QUARANTINE
 
 
 def _judgments() -> pd.DataFrame:
@@ -96,3 +106,70 @@ def test_bounds_on_numbers_and_maps_survive(tmp_path):
     assert json.loads(validated.quarantine.record.iloc[0])["attributes"] == {"material": "oak"}
     write_table(CATALOG, CATALOG.from_pandas(validated.accepted), tmp_path)
     assert read_table(CATALOG, tmp_path).to_pylist()[0]["attributes"] == [("color", "red")]
+
+
+# --- one reader contract, the same answer from both engines ---------------------------------------
+
+def _catalog_rows() -> list[dict]:
+    return [
+        dict(product_id="p1", title="oak table", description=None, product_type="table", category_path=None,
+             brand="acme", attributes=[("material", "oak")], price=12.5, source="own"),
+        dict(product_id="p2", title="red sofa", description="soft", product_type="sofa", category_path=None,
+             brand=None, attributes=[("color", "red")], price=10.0, source="own"),
+    ]
+
+
+def _write_catalog(root, data: pa.Table) -> None:
+    folder = root / CATALOG.name
+    folder.mkdir(parents=True)
+    pq.write_table(data, folder / "part-0.parquet")
+
+
+def _validate(root, engine: str) -> list:
+    return run(ValidateConfig(data=str(root), out=str(root / "_validation"), tables=["catalog"], engine=engine,
+                              spark_master="local[2]"))
+
+
+ENGINES = ["pandas", "spark"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_catalog_without_brand_is_refused_by_both_engines(spark, tmp_path, engine):
+    _write_catalog(tmp_path, pa.Table.from_pylist(_catalog_rows(), schema=CATALOG.arrow_schema()).drop_columns(["brand"]))
+    with pytest.raises(SchemaMismatchError, match=r"part-0.parquet: columns do not match table 'catalog': missing \['brand'\];"):
+        _validate(tmp_path, engine)
+    assert not (tmp_path / "_validation").exists()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_renamed_price_is_refused_naming_both_names(spark, tmp_path, engine):
+    data = pa.Table.from_pylist(_catalog_rows(), schema=CATALOG.arrow_schema())
+    _write_catalog(tmp_path, data.rename_columns(["pric" if name == "price" else name for name in data.column_names]))
+    with pytest.raises(SchemaMismatchError, match=r"missing \['price'\], unexpected \['pric'\]; expected schema: "):
+        _validate(tmp_path, engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_numeric_string_where_a_double_is_declared_is_refused_by_both_engines(spark, tmp_path, engine):
+    data = pa.Table.from_pylist(_catalog_rows(), schema=CATALOG.arrow_schema())
+    _write_catalog(tmp_path, data.set_column(7, "price", pa.array(["12.5", "10"])))
+    with pytest.raises(SchemaMismatchError, match=r"wrong types \['price: string \(expected double\)'\]"):
+        _validate(tmp_path, engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_invalid_utf8_quarantines_the_row_in_both_engines(spark, tmp_path, engine):
+    data = pa.Table.from_pylist(_catalog_rows(), schema=CATALOG.arrow_schema())
+    titles = pa.array([b"oak \xff table", b"red sofa"], pa.binary()).view(pa.string())  # bytes no encoder writes
+    _write_catalog(tmp_path, data.set_column(1, "title", titles))
+    assert [c.line() for c in _validate(tmp_path, engine)] == ["catalog: 2 in = 1 accepted + 1 quarantined"]
+    quarantine = read_table(QUARANTINE, tmp_path / "_validation").to_pylist()
+    assert [(q["row_number"], q["field"], q["reason"]) for q in quarantine] == [(1, "title", INVALID_UTF8)]
+    assert json.loads(quarantine[0]["record"])["title"].startswith("oak \ufffd")
+
+
+def test_spark_files_pyarrow_cannot_open_are_checked_on_sparks_merged_footers(spark, tmp_path):
+    data = pa.Table.from_pylist(_catalog_rows(), schema=CATALOG.arrow_schema())
+    _write_catalog(tmp_path, data.drop_columns(["brand"]))
+    with pytest.raises(SchemaMismatchError, match=r"catalog: columns do not match table 'catalog': missing \['brand'\];"):
+        check_spark_files(spark, CATALOG, str(tmp_path / "catalog"), ["nosuchscheme://bucket/catalog/part-0.parquet"])

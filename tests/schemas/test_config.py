@@ -1,10 +1,11 @@
 import dataclasses
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from schemas.config import ConfigError, config_to_dict, help_field, load_config
+from schemas.config import ConfigError, config_date, config_to_dict, help_field, load_config
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,25 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(Example, bad)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["scale.n_products=true"], r"scale.n_products: expected a whole number, got True"),
+        (["scale.share=false"], r"scale.share: expected a number, got False"),
+        (["seed=true"], r"seed: True fits none of"),
+        (["dry_run=1"], r"dry_run: expected true or false, got 1"),
+        (["dry_run=0.5"], r"dry_run: expected true or false, got 0.5"),
+    ],
+)
+def test_a_bool_is_not_a_number_and_a_number_is_not_a_bool(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Example, None, overrides)
+
+
+def test_dates_must_be_exactly_yyyy_mm_dd():
+    assert config_date("2024-03-13") == dt.date(2024, 3, 13)
+    for wrong in ("20240313", "2024-W11-3", "2024-03-1", "2024-02-30", " 2024-03-13", "２０２４-03-13", None, 20240313):
+        with pytest.raises(ConfigError, match=r"when: must look like YYYY-MM-DD"):
+            config_date(wrong, "when")

@@ -263,3 +263,22 @@ def test_the_format_comes_from_the_teacher_and_a_contradiction_is_refused(tmp_pa
     assert DistillConfig(teacher=tmp_path / "teacher").teacher_format() == teacher_format
     with pytest.raises(ConfigError, match="order='label_first'.*order='reasoning_first'"):
         DistillConfig(teacher=tmp_path / "teacher", order="label_first")
+
+
+def test_a_huge_title_costs_the_student_tokenizer_no_more_than_a_full_length_one():
+    from transformers import AutoTokenizer
+
+    from training.prompt import MAX_CHARS_PER_TOKEN
+
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder())
+    seen: list[int] = []
+
+    def counting(queries, products, **options):
+        seen.extend(len(text) for text in [*queries, *products])
+        return tokenizer(queries, products, **options)
+
+    huge = {**PAIRS[0], "title": "sofa " * 2_000_000}  # 10 MB
+    encodings = tokenize_pairs(counting, [huge, PAIRS[1]], max_length=48)
+    assert max(seen) <= 4 * 48 * MAX_CHARS_PER_TOKEN  # title and description clipped, plus the short lines
+    assert len(encodings[0]["input_ids"]) == 48
+    assert tokenize_pairs(tokenizer, [PAIRS[1]], max_length=48)[0] == encodings[1]

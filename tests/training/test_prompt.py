@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from training.prompt import build_prompt, product_facets
+from training.prompt import FIELDS, MAX_CHARS_PER_TOKEN, build_prompt, normalized_prefix, product_facets
 
 
 def words(text: str) -> list[tuple[int, int]]:
@@ -46,3 +46,30 @@ def test_product_facets_add_the_brand():
     assert product_facets({"attributes": [("color", "gray")], "brand": "Acme"}) == {"color": "gray", "brand": "Acme"}
     assert product_facets({"attributes": [("color", "gray")], "brand": None}) == {"color": "gray"}
     assert product_facets({"attributes": [("brand", "Own")], "brand": "Acme"}) == {"brand": "Own"}
+
+
+def test_a_huge_field_costs_no_more_tokenizing_than_a_full_budget_one():
+    tokenized: list[int] = []
+
+    def counting_words(text: str) -> list[tuple[int, int]]:
+        tokenized.append(len(text))
+        return words(text)
+
+    huge_title = "Acme gray wool sofa " * 500_000  # 10 MB
+    prompt = build_prompt("gray sofa", huge_title, "sofa", {"color": "gray"}, "A soft sofa.", counting_words, 40)
+    assert prompt.text == "query: gray sofa\ntitle: " + " ".join(["Acme gray wool sofa"] * 8) + "\ntype: sofa\nattributes: color=gray"
+    assert prompt.n_tokens == 40 and prompt.truncated == ("title", "description")
+    clip = 40 * MAX_CHARS_PER_TOKEN
+    assert max(tokenized) <= len(FIELDS) * (clip + 20) and sum(tokenized) <= 10 * len(FIELDS) * (clip + 20)
+
+
+def test_a_huge_query_is_clipped_and_marked():
+    prompt = build_prompt("sofa " * 2_000_000, "t", "sofa", {}, None, words, 3)
+    assert prompt.text == "query: " + ("sofa " * 2_000_000)[: 3 * MAX_CHARS_PER_TOKEN]
+    assert prompt.truncated[0] == "query"
+
+
+def test_normalized_prefix_equals_split_and_join_then_cut():
+    for text in ("  a\tb\n\x1fc  ", "one", "", " ", "αβ  γ\u2003δ"):
+        for max_chars in range(0, 12):
+            assert normalized_prefix(text, max_chars) == " ".join(text.split())[:max_chars]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -183,3 +184,86 @@ def test_a_student_is_scored_with_the_graph_and_label_set_of_its_folder(tmp_path
         ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student", label_set="wands")
     with pytest.raises(ConfigError, match="order='label_first' does not apply to the student backend"):
         ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student", order="label_first")
+
+
+def test_a_second_model_keeps_the_first_models_rows_and_export_publishes_both(tmp_path, tiny_world, tiny_model):
+    from jobs.export import ExportConfig
+    from jobs.export import run as export
+
+    n = write_candidates(tmp_path / "prepared", tiny_world, DAY)
+    first = run(config(tmp_path, tiny_world, tiny_model, model_name="policy-a"))
+    first_rows = day_rows(tmp_path / "scores", DAY)
+    second = run(config(tmp_path, tiny_world, tiny_model, model_name="policy-b", prompt_tokens=40))
+    assert first["model_version"] != second["model_version"]
+    rows = read_table(RELEVANCE, tmp_path / "scores", days=[DAY])
+    by_model = {name: rows.filter(pc.equal(rows["model_name"], name)) for name in ("policy-a", "policy-b")}
+    assert {name: part.num_rows for name, part in by_model.items()} == {"policy-a": n, "policy-b": n}
+    kept = by_model["policy-a"].sort_by([("query", "ascending"), ("product_id", "ascending")])
+    assert kept.equals(first_rows), "the first model's rows are kept as they were"
+
+    again = run(config(tmp_path, tiny_world, tiny_model, model_name="policy-a"))  # re-scoring one model replaces only its rows
+    assert (again["scored"], again["reused"]) == (0, n)
+    assert read_table(RELEVANCE, tmp_path / "scores", days=[DAY]).num_rows == 2 * n
+
+    export(ExportConfig(relevance=str(tmp_path / "scores"), date=DAY.isoformat(), out=str(tmp_path / "published")))
+    published = pq.read_table(tmp_path / "published" / "relevance" / f"ds={DAY}" / "relevance.parquet")
+    assert sorted(pc.unique(published["model_name"]).to_pylist()) == ["policy-a", "policy-b"]
+    assert published.num_rows == 2 * n
+
+
+def wait_for_lock_holder(lock: Path, pid: int, job: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while job.poll() is None and time.monotonic() < deadline:
+        if lock.is_file() and f'"pid": {pid},' in lock.read_text():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the job never held {lock}: {job.stderr.read().decode()[-2000:] if job.poll() is not None else 'timeout'}")
+
+
+def score_command(tmp_path: Path, world: Path, model: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "score", "--date", DAY.isoformat(), "--model", str(model), "--pairs",
+            str(tmp_path / "prepared"), "--catalog", str(world), "--out", str(tmp_path / "scores"), "--set", "shard_size=4"]
+
+
+def test_two_score_processes_on_one_day_and_root_the_second_fails_naming_the_first(tmp_path, tiny_world, tiny_model):
+    from jobs.lock import lock_path
+
+    n = write_candidates(tmp_path / "prepared", tiny_world, DAY)
+    lock = lock_path(tmp_path / "scores", DAY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(score_command(tmp_path, tiny_world, tiny_model), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        wait_for_lock_holder(lock, first.pid, first)
+        first.send_signal(signal.SIGSTOP)  # the first job holds the lock, frozen mid-run
+        second = subprocess.run(score_command(tmp_path, tiny_world, tiny_model), cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 1
+    assert f"locked by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    rows = day_rows(tmp_path / "scores", DAY)
+    assert rows.num_rows == n == len(set(keys_of(rows)))
+
+
+def keys_of(rows: pa.Table) -> list[tuple[str, str]]:
+    return list(zip(rows["query"].to_pylist(), rows["product_id"].to_pylist()))
+
+
+def test_the_lock_of_a_killed_score_is_taken_over_with_a_message(tmp_path, tiny_world, tiny_model):
+    from jobs.lock import lock_path
+
+    n = write_candidates(tmp_path / "prepared", tiny_world, DAY)
+    lock = lock_path(tmp_path / "scores", DAY)
+    killed = subprocess.Popen(score_command(tmp_path, tiny_world, tiny_model), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_lock_holder(lock, killed.pid, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    rerun = subprocess.run(score_command(tmp_path, tiny_world, tiny_model), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"taking over the lock left by pid {killed.pid}" in rerun.stdout
+    assert day_rows(tmp_path / "scores", DAY).num_rows == n
+    assert lock.read_text() == "", "released cleanly"

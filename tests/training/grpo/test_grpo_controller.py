@@ -146,7 +146,7 @@ def test_state_dict_round_trip_continues_identically():
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     second = EdgeController(edges, ControllerParams(lr=0.1))
-    second.load_state_dict(torch.load(buffer, weights_only=False))
+    second.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(first.phi(), second.phi()) and int(second.updates) == 3
     first.update(torch.tensor([0.2, -0.7]))
     second.update(torch.tensor([0.2, -0.7]))

@@ -1,0 +1,49 @@
+"""The fault and abuse suite: every test here tries a hostile input or injects a fault, and records what
+happened in the session's ledger; the terminal summary prints the totals (inputs tried, faults injected,
+rows lost, outputs half-written, injected commands run), which must stay 0 where they count damage.
+
+A test records after its own asserts, so a recorded entry is a checked one: `ledger.input(...)` for a
+hostile input, `ledger.fault(...)` for an injected fault (SIGKILL point, full disk), each with the
+damage it measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+DAMAGE = ("rows_lost", "half_written", "commands_run")
+
+
+@dataclass
+class Ledger:
+    inputs: list[dict] = field(default_factory=list)
+    faults: list[dict] = field(default_factory=list)
+
+    def input(self, name: str, *, rows_lost: int = 0, half_written: int = 0, commands_run: int = 0) -> None:
+        """A hostile input tried (a file name, a field, a checkpoint, a config value) and the damage measured."""
+        self.inputs.append({"name": name, "rows_lost": rows_lost, "half_written": half_written, "commands_run": commands_run})
+
+    def fault(self, name: str, *, rows_lost: int = 0, half_written: int = 0, commands_run: int = 0) -> None:
+        """A fault injected (a SIGKILL point, a full disk) and the damage measured after recovery."""
+        self.faults.append({"name": name, "rows_lost": rows_lost, "half_written": half_written, "commands_run": commands_run})
+
+    def totals(self) -> dict[str, int]:
+        entries = self.inputs + self.faults
+        return {"inputs_tried": len(self.inputs), "faults_injected": len(self.faults),
+                **{key: sum(entry[key] for entry in entries) for key in DAMAGE}}
+
+
+LEDGER = Ledger()
+
+
+@pytest.fixture
+def ledger() -> Ledger:
+    return LEDGER
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if LEDGER.inputs or LEDGER.faults:
+        totals = LEDGER.totals()
+        terminalreporter.write_line("fault and abuse suite: " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in totals.items()))

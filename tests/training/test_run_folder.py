@@ -1,0 +1,82 @@
+"""The run folder loads checkpoints without running code: a planted `state.pt` is refused, naming the file,
+while every state the trainers save (model, optimizer, grad scaler, edge controller) still round-trips."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from training.grpo.controller import ControllerParams, EdgeController
+from training.loop import resume_state
+from training.run_folder import CheckpointError, RunFolder
+
+
+class _TouchOnUnpickle:
+    """Unpickling it creates `marker`: stands in for any code a hostile pickle would run."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def test_a_planted_checkpoint_is_refused_naming_the_file_and_runs_nothing(tmp_path):
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "run" / "checkpoints" / "step-000009" / "state.pt"
+    planted.parent.mkdir(parents=True)
+    torch.save({"step": 9, "model": _TouchOnUnpickle(marker)}, planted)
+    with pytest.raises(CheckpointError, match=f"{planted}.*could run code"):
+        resume_state(RunFolder(tmp_path / "run"), True, model=torch.nn.Linear(2, 1))
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    folder = RunFolder(tmp_path)
+    saved = folder.save_checkpoint(2, {"model": torch.nn.Linear(2, 1).state_dict()}) / "state.pt"
+    saved.write_bytes(saved.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=f"{saved}.*truncated or corrupt"):
+        folder.start(resume=True)
+
+
+def test_optimizer_scaler_and_controller_states_round_trip_under_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # creates the scale tensor a state dict reads
+    controller = EdgeController([("a", "y"), ("b", "y")], ControllerParams(lr=0.1))
+    controller.update(torch.tensor([1.0, -2.0]))
+    RunFolder(tmp_path).save_checkpoint(1, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "scaler": scaler.state_dict(), "controller": controller.state_dict()})
+
+    restored = torch.nn.Linear(3, 2)
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=0.1)
+    restored_scaler = torch.amp.GradScaler("cpu")
+    restored_controller = EdgeController([("a", "y"), ("b", "y")], ControllerParams(lr=0.1))
+    step = resume_state(RunFolder(tmp_path), True, model=restored, optimizer=restored_optimizer,
+                        scaler=restored_scaler, controller=restored_controller)
+
+    assert step == 1
+    assert restored_scaler.state_dict() == scaler.state_dict()
+    assert torch.equal(restored_controller.phi(), controller.phi()) and int(restored_controller.updates) == 1
+    assert str(restored_optimizer.state_dict()) == str(optimizer.state_dict())
+    controller.update(torch.tensor([0.2, -0.7]))
+    restored_controller.update(torch.tensor([0.2, -0.7]))
+    assert torch.equal(restored_controller.theta, controller.theta)
+
+
+def test_a_model_folder_with_pickled_weights_only_is_refused(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from training.model import load_model
+
+    pickled = shutil.copytree(tiny_model, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        load_model(pickled)
