@@ -168,19 +168,61 @@ class TsvRow:
     values: dict[str, str] | None
     fields: list[str]
     width: int
+    problem: str | None = None  # why the row cannot be read, when it is not its field count
+
+    def reason(self) -> str:
+        """Why `values` is None."""
+        return self.problem or f"expected {self.width} tab-separated fields, got {len(self.fields)}"
+
+
+class _ConsumedLines:
+    """The file's lines, decoded one by one as `csv.reader` pulls them (so a non-UTF-8 byte is reported
+    with its line number), remembering those of the record being read."""
+
+    def __init__(self, handle, path: Path) -> None:
+        self.handle = handle
+        self.path = path
+        self.number = 0
+        self.lines: list[str] = []
+
+    def __iter__(self) -> _ConsumedLines:
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self.handle)
+        self.number += 1
+        try:
+            line = raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{self.path}: line {self.number} is not UTF-8 text ({error.reason} at byte {error.start} of the line); "
+                             "re-encode the file as UTF-8") from None
+        self.lines.append(line)
+        return line
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+UNBALANCED_QUOTE = "unbalanced quote: this row's quoted field ran into the rows after it, which are read on their own"
 
 
 @contextmanager
 def tsv_rows(path: Path, required: Sequence[str], desc: str) -> Iterator[Iterator[TsvRow]]:
     """Open a tab-separated file with a header (CSV quoting, doubled quotes) and check its columns.
 
-    Yields an iterator of `TsvRow`s (1-based data row numbers, header excluded). Raises a
-    ValueError naming the file and the column when a required column is missing, and naming the
-    file and the line when the quoting is broken beyond recovery.
+    Yields an iterator of `TsvRow`s (1-based data row numbers, header excluded). A quoted field may
+    hold tabs and newlines; but a record whose every line after the first is a whole row on its own
+    (the header's field count) is an unbalanced quote that swallowed those rows: its first line becomes one bad row
+    (`UNBALANCED_QUOTE`) and every following line is read as a row of its own, so one stray quote
+    costs one row. Raises a ValueError naming the file when it is not UTF-8, a required column is
+    missing, or the quoting is broken beyond recovery.
     """
-    with path.open(newline="", encoding="utf-8-sig") as handle, _csv_field_size_limit(_FIELD_SIZE_LIMIT):
-        reader = csv.reader(handle, delimiter="\t", quotechar='"', doublequote=True)
+    with path.open("rb") as handle, _csv_field_size_limit(_FIELD_SIZE_LIMIT):
+        lines = _ConsumedLines(handle, path)
+        reader = csv.reader(lines, delimiter="\t", quotechar='"', doublequote=True)
         header = next(reader, None)
+        lines.take()
         if header is None:
             raise ValueError(f"{path}: the file is empty; expected a header with columns {list(required)}")
         duplicated = sorted({name for name in header if header.count(name) > 1})
@@ -190,13 +232,24 @@ def tsv_rows(path: Path, required: Sequence[str], desc: str) -> Iterator[Iterato
         if missing:
             raise missing_columns_error(path, missing, header)
 
+        def row(number: int, fields: list[str]) -> TsvRow:
+            return TsvRow(number, dict(zip(header, fields)) if len(fields) == len(header) else None, fields, len(header))
+
         def rows() -> Iterator[TsvRow]:
             number = 0
             try:
                 for fields in tqdm(reader, desc=desc, unit=" rows", disable=None, leave=False):
+                    consumed = lines.take()
+                    swallowed = [next(csv.reader([line], delimiter="\t", quotechar='"', doublequote=True), []) for line in consumed[1:]]
+                    if swallowed and all(len(line_fields) == len(header) for line_fields in swallowed):
+                        number += 1
+                        yield TsvRow(number, None, [consumed[0].rstrip("\r\n")], len(header), UNBALANCED_QUOTE)
+                        for line_fields in swallowed:
+                            number += 1
+                            yield row(number, line_fields)
+                        continue
                     number += 1
-                    values = dict(zip(header, fields)) if len(fields) == len(header) else None
-                    yield TsvRow(number, values, fields, len(header))
+                    yield row(number, fields)
             except csv.Error as error:
                 raise ValueError(f"{path}: line {reader.line_num} (data row {number + 1}): {error}") from None
 

@@ -99,9 +99,13 @@ def read_parquet_as_text(path: Path, columns: dict[str, str]) -> pa.Table:
     """The named columns of a parquet file, each as `string` after checking its declared kind.
 
     `columns`: name -> "id" (integer or string typed) or "text" (string typed). Raises a
-    ValueError naming the file and the column when a column is missing or of another type.
+    ValueError naming the file (and the column) when it is not readable parquet, or a column is missing or
+    of another type.
     """
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: not a readable parquet file (truncated or not parquet: {error})") from None
     missing = [name for name in columns if name not in schema.names]
     if missing:
         raise missing_columns_error(path, missing, schema.names)
@@ -111,7 +115,10 @@ def read_parquet_as_text(path: Path, columns: dict[str, str]) -> pa.Table:
         if not fits:
             expected = "an integer or string column" if kind == ID else "a string column"
             raise ValueError(f"{path}: column {name!r} has type {arrow_type}; expected {expected}")
-    data = pq.read_table(path, columns=list(columns))
+    try:
+        data = pq.read_table(path, columns=list(columns))
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: its data cannot be read (a truncated or corrupt parquet file: {error})") from None
     return pa.table({name: pc.cast(data[name], pa.string()) for name in columns})
 
 

@@ -258,8 +258,7 @@ def _read_file(
         for row in rows:
             read += 1
             if row.values is None:
-                reason = f"expected {row.width} tab-separated fields, got {len(row.fields)}"
-                quarantine.add(table, path, row.number, None, reason, row.fields)
+                quarantine.add(table, path, row.number, None, row.reason(), row.fields)
                 rejected += 1
                 continue
             try:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.ingest.common import IngestError, parse_count, parse_id
+from jobs.ingest.common import UNBALANCED_QUOTE, IngestError, parse_count, parse_id
 from jobs.ingest.esci import read_esci
 from jobs.ingest.run import IngestConfig, format_counts, run
 from jobs.ingest.wands import gold_nodes_for_pair, parse_features, read_wands
@@ -453,6 +453,32 @@ def test_esci_reads_what_is_there_and_rejects_wrong_columns(tmp_path):
     pq.write_table(pa.table({"product_id": ["B1"], "product_title": ["t"]}),
                    folder / "shopping_queries_dataset_products.parquet")
     with pytest.raises(ValueError, match=r"products\.parquet: missing required columns 'product_description'"):
+        read_esci(folder, files=["products"])
+
+
+
+def test_an_unbalanced_quote_costs_its_own_row_only(tmp_path):
+    rows = [["id", "query_id", "product_id", "label"]] + [[str(i), "0", str(i), "Exact"] for i in range(40)]
+    rows[5][3] = '"Exact'  # data row 5: a quote that never closes
+    _tsv(tmp_path / "label.csv", rows)
+    result = read_wands(tmp_path, files=["label"])
+    assert result.judgments.num_rows == 39
+    quarantined = result.quarantine.to_pylist()
+    assert [(row["row_number"], row["reason"]) for row in quarantined] == [(5, UNBALANCED_QUOTE)]
+    assert sorted(result.judgments.column("product_id").to_pylist(), key=int) == [str(i) for i in range(40) if i != 4]
+
+
+def test_a_wands_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "query.csv").write_bytes("query_id\tquery\tquery_class\n0\tsofa\tSofas\n1\tb\xe9d\tBeds\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"query\.csv: line 3 is not UTF-8 text"):
+        read_wands(tmp_path, files=["query"])
+
+
+def test_a_truncated_esci_parquet_is_named(tmp_path):
+    folder = _write_esci(tmp_path / "esci")
+    products = folder / "shopping_queries_dataset_products.parquet"
+    products.write_bytes(products.read_bytes()[: products.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"products\.parquet: not a readable parquet file"):
         read_esci(folder, files=["products"])
 
 
