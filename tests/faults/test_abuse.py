@@ -27,7 +27,17 @@ from abtest.metrics import DEFAULT_METRICS
 from abtest.simulate import SimulationSpec, simulate, write
 from jobs.cli import app
 from schemas.storage import read_table, table_path, write_table
-from schemas.tables import CANDIDATE_PAIRS, CATALOG, EXPERIMENT_ASSIGNMENT, EXPERIMENT_EVENTS, QUARANTINE, QUERIES, RELEVANCE, TRAINING_EXAMPLES
+from schemas.tables import (
+    CANDIDATE_PAIRS,
+    CATALOG,
+    EXPERIMENT_ASSIGNMENT,
+    EXPERIMENT_EVENTS,
+    JUDGMENTS,
+    QUARANTINE,
+    QUERIES,
+    RELEVANCE,
+    TRAINING_EXAMPLES,
+)
 
 START = dt.date(2024, 3, 1)
 DAY = dt.date(2024, 3, 2)
@@ -365,3 +375,50 @@ def test_a_bad_config_value_is_a_one_line_usage_error(tmp_path, monkeypatch, led
     half_written = len(list(tmp_path.iterdir()))
     assert half_written == 0
     ledger.input(f"config: {case}", half_written=half_written)
+
+
+# --- public dataset files: encodings, truncation, stray quotes ------------------------------------
+
+
+def wands_labels(folder: pathlib.Path, rows: int) -> pathlib.Path:
+    """A WANDS label.csv of `rows` judgments whose data row 5 opens a quote it never closes."""
+    folder.mkdir()
+    labels = ['"Exact' if i == 4 else "Exact" for i in range(rows)]
+    lines = ["id\tquery_id\tproduct_id\tlabel"] + [f"{i}\t0\t{i}\t{label}" for i, label in enumerate(labels)]
+    (folder / "label.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_a_stray_quote_in_a_wands_file_costs_its_own_row(tmp_path, ledger):
+    source = wands_labels(tmp_path / "wands", 40)
+    result = invoke("ingest", "--format", "wands", "--source", source, "--out", tmp_path / "out", "--files", "label")
+    assert result.exit_code == 0, result.output
+    written = read_table(JUDGMENTS, tmp_path / "out").num_rows
+    quarantined = read_table(QUARANTINE, tmp_path / "out").to_pylist()
+    assert written == 39 and [row["row_number"] for row in quarantined] == [5]
+    ledger.input("ingest: an unbalanced quote in row 5 of a WANDS file", rows_lost=40 - written - len(quarantined))
+
+
+def not_utf8_wands(folder: pathlib.Path) -> tuple[pathlib.Path, str, str]:
+    folder.mkdir()
+    (folder / "query.csv").write_bytes("query_id\tquery\tquery_class\n0\tsofa\tSofas\n1\tb\xe9d\tBeds\n".encode("latin-1"))
+    return folder, "wands", "query.csv: line 3 is not UTF-8 text"
+
+
+def truncated_esci(folder: pathlib.Path) -> tuple[pathlib.Path, str, str]:
+    folder.mkdir()
+    products = folder / "shopping_queries_dataset_products.parquet"
+    pq.write_table(pa.table({name: ["B1", "B2"] for name in ("product_id", "product_title", "product_description", "product_bullet_point",
+                                                              "product_brand", "product_color", "product_locale")}), products)
+    products.write_bytes(products.read_bytes()[: products.stat().st_size // 2])
+    return folder, "esci", "products.parquet: not a readable parquet file"
+
+
+@pytest.mark.parametrize("source", [not_utf8_wands, truncated_esci], ids=lambda source: source.__name__)
+def test_an_unreadable_dataset_file_is_named_and_nothing_is_written(tmp_path, ledger, source):
+    folder, form, message = source(tmp_path / "source")
+    line = failure_line(invoke("ingest", "--format", form, "--source", folder, "--out", tmp_path / "out"), 1, "ingest")
+    assert message in line
+    half_written = len(list((tmp_path / "out").rglob("*"))) if (tmp_path / "out").exists() else 0
+    assert half_written == 0
+    ledger.input(f"ingest: {source.__name__.replace('_', ' ')}", half_written=half_written)
