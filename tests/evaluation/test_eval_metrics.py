@@ -202,3 +202,17 @@ def test_mcnemar_hand_worked():
     # 3 vs 9 discordant: exact two-sided p = 2 * P(X <= 3 | n=12, 1/2) = 2 * (1 + 12 + 66 + 220) / 4096
     result = M.mcnemar(np.r_[np.ones(3), np.zeros(9)].astype(bool), np.r_[np.zeros(3), np.ones(9)].astype(bool))
     assert result.p_value == pytest.approx(2 * 299 / 4096)
+
+
+def test_label_scores_are_sklearns_over_the_labels_present_and_count_unparsed_predictions_as_wrong():
+    rng = np.random.default_rng(5)
+    names = ["Exact", "Partial", "Irrelevant"]
+    for _ in range(100):
+        n = int(rng.integers(1, 40))
+        gold = [names[i] for i in rng.integers(0, int(rng.integers(1, 4)), n)]
+        predicted = [[*names, None][i] for i in rng.integers(0, 4, n)]
+        shown = [label or "<none>" for label in predicted]  # an unparsed CoT: a prediction of no label
+        present = [name for name in names if name in gold or name in shown]
+        scores = M.label_scores(gold, predicted, names)
+        assert scores.macro_f1 == pytest.approx(skm.f1_score(gold, shown, labels=present, average="macro", zero_division=0))
+        assert scores.accuracy == pytest.approx(skm.accuracy_score(gold, shown))
