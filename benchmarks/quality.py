@@ -1,0 +1,161 @@
+"""Where a policy's labels are lost: its greedy CoTs against gold, and against its own extracted nodes.
+
+    .venv/bin/python benchmarks/quality.py --demo demo_output [--split test] [--policies sft grpo]
+
+For each policy folder of a finished demo (`<demo>/sft/model`, `<demo>/grpo/model`), greedy CoTs of the
+split's pairs (`training_examples` of `<demo>/datasets`) are parsed strictly and compared twice:
+- with gold: per-node accuracy and label macro-F1 (the project's one definition);
+- with the policy's own extraction: the decisions the world's rules derive from the policy's own `qs`,
+  `ps`, `qa`, `pa` (`ms`: match when the subjects agree, related when the vocabulary relates them;
+  `ma`: how many of its own query constraints its own product attributes satisfy; `y`: the label set's
+  rule on its own `ms`, `ma`). A decision that differs from the one its own extraction implies is a
+  contradiction: the policy copied a decision instead of deriving it.
+The "composed" label is the label its own extraction implies; its macro-F1 is what the policy would
+score if it only extracted and the rules decided, which splits the loss between extraction and
+composition. Writes `benchmarks/results/quality_diagnosis.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.metrics import label_scores  # noqa: E402
+from jobs.world.vocabulary import load_vocabulary  # noqa: E402
+from schemas.graph import LabelSet, ReasoningGraph, parse_facets  # noqa: E402
+from training.cot import node_correct, parse_cot  # noqa: E402
+from training.decoding import generate  # noqa: E402
+from training.examples import encode_example, load_pairs  # noqa: E402
+from training.model import load_model  # noqa: E402
+from training.policy_format import PolicyFormat  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+EXTRACTED = ("qs", "ps", "qa", "pa")
+
+
+def facets(text: str | None) -> dict[str, str] | None:
+    """A facets node's key -> value ({} for `none`); None when missing or malformed."""
+    return None if text is None else parse_facets(text)
+
+
+def implied_ms(qs: str | None, ps: str | None, related: set[tuple[str, str]]) -> str | None:
+    if qs is None or ps is None:
+        return None
+    return "match" if qs == ps else ("related" if (qs, ps) in related else "mismatch")
+
+
+def implied_ma(qa: str | None, pa: str | None) -> str | None:
+    wanted, have = facets(qa), facets(pa)
+    if wanted is None or have is None:
+        return None
+    if not wanted:
+        return "none"
+    satisfied = sum(have.get(key) == value for key, value in wanted.items())
+    return "match" if satisfied == len(wanted) else ("partial" if satisfied else "mismatch")
+
+
+def implied_label(ms: str | None, ma: str | None, labels: LabelSet) -> str | None:
+    if ms is None or ma is None:
+        return None
+    try:
+        return labels.label_from_nodes({"ms": ms, "ma": ma})
+    except ValueError:
+        return None
+
+
+def diagnose(policy: Path, data: Path, split: str, related: set[tuple[str, str]], batch_size: int, max_new_tokens: int) -> dict:
+    """Node accuracy, contradictions and the composed label of one policy's greedy CoTs on `split`."""
+    policy_format = PolicyFormat.load(policy) or PolicyFormat()
+    graph, labels = ReasoningGraph.load(policy_format.graph), LabelSet.load(policy_format.label_set)
+    model, tokenizer = load_model(policy)
+    pairs = load_pairs(data, policy_format.label_set, split)
+    examples = [encode_example(pair, tokenizer, graph, policy_format.order, policy_format.prompt_tokens) for pair in pairs]
+    generations = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    parsed = [parse_cot(text, graph, policy_format.order, labels.names, "strict") for text in generations.texts]
+    golds = [pair["gold"] for pair in pairs]
+    n = len(pairs)
+    y = graph.label_node
+    node_accuracy = {node: sum(node_correct(graph.node(node).kind, p.get(node), g[node]) for p, g in zip(parsed, golds)) / n
+                     for node in graph.node_names}
+    own = [{"ms": implied_ms(p.get("qs"), p.get("ps"), related), "ma": implied_ma(p.get("qa"), p.get("pa"))} for p in parsed]
+    for implied in own:
+        implied["y"] = implied_label(implied["ms"], implied["ma"], labels)
+    contradictions = {}
+    for node in ("ms", "ma", y):
+        comparable = [(p.get(node), o[node]) for p, o in zip(parsed, own) if p.get(node) is not None and o[node] is not None]
+        contradictions[node] = {"pairs": len(comparable), "contradicted": sum(a != b for a, b in comparable)}
+    subjects_right = [i for i, (p, g) in enumerate(zip(parsed, golds)) if p.get("qs") == g["qs"] and p.get("ps") == g["ps"]]
+    attributes_right = [i for i, (p, g) in enumerate(zip(parsed, golds))
+                        if node_correct(graph.node("qa").kind, p.get("qa"), g["qa"]) and node_correct(graph.node("pa").kind, p.get("pa"), g["pa"])]
+    gold_labels = [g[y] for g in golds]
+    predicted = [p.get(y) for p in parsed]
+    composed = [o["y"] for o in own]
+    ms_confusion = Counter((g["ms"], p.get("ms")) for p, g in zip(parsed, golds))
+    return {
+        "policy": str(policy), "format": policy_format.__dict__, "pairs": n,
+        "parse_rate": sum(p.well_formed for p in parsed) / n,
+        "label_macro_f1": float(label_scores(gold_labels, predicted, labels.names).macro_f1),
+        "label_accuracy": sum(a == b for a, b in zip(predicted, gold_labels)) / n,
+        "composed_label_macro_f1": float(label_scores(gold_labels, composed, labels.names).macro_f1),
+        "composed_label_accuracy": sum(a == b for a, b in zip(composed, gold_labels)) / n,
+        "node_accuracy": node_accuracy,
+        "contradictions": contradictions,
+        "ms_wrong_where_both_subjects_right": {"pairs": len(subjects_right),
+                                               "wrong": sum(parsed[i].get("ms") != golds[i]["ms"] for i in subjects_right)},
+        "ma_wrong_where_both_facets_right": {"pairs": len(attributes_right),
+                                             "wrong": sum(parsed[i].get("ma") != golds[i]["ma"] for i in attributes_right)},
+        "ms_confusion_gold_to_predicted": {f"{g}->{p}": c for (g, p), c in sorted(ms_confusion.items(), key=str)},
+        "predicted_label_counts": dict(Counter(label or "<unparsed>" for label in predicted)),
+        "gold_label_counts": dict(Counter(gold_labels)),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Quality diagnosis ({result['split']} split of `{result['demo']}`, {result['machine']})", "",
+             "Greedy CoTs of each policy, parsed strictly, against gold and against the policy's own extraction "
+             "(`benchmarks/quality.py`; the module docstring defines every column).", "",
+             "| policy | order | parse | macro-F1 | composed macro-F1 | " + " | ".join(f"acc {n}" for n in ("qs", "ps", "qa", "pa", "ms", "ma", "y"))
+             + " | ms contradicts own qs/ps | ma contradicts own qa/pa | y contradicts own ms/ma | ms wrong with qs, ps right |",
+             "|---" * 15 + "|"]
+    for name, run in result["policies"].items():
+        contradiction = {node: f"{c['contradicted']}/{c['pairs']}" for node, c in run["contradictions"].items()}
+        wrong = run["ms_wrong_where_both_subjects_right"]
+        lines.append(
+            f"| {name} | {run['format']['order']} | {run['parse_rate']:.3f} | {run['label_macro_f1']:.3f} | {run['composed_label_macro_f1']:.3f} | "
+            + " | ".join(f"{run['node_accuracy'][n]:.3f}" for n in ("qs", "ps", "qa", "pa", "ms", "ma", "y"))
+            + f" | {contradiction['ms']} | {contradiction['ma']} | {contradiction['y']} | {wrong['wrong']}/{wrong['pairs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, required=True, help="A finished `relevance demo` output folder.")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--policies", nargs="+", default=["sft", "grpo"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    vocabulary = load_vocabulary()
+    related = {(a, b) for a, row in zip(vocabulary.type_names, vocabulary.related) for b, is_related in zip(vocabulary.type_names, row)
+               if is_related}
+    result = {"demo": str(args.demo), "split": args.split, "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
+              "policies": {name: diagnose(args.demo / name / "model", args.demo / "datasets", args.split, related, args.batch_size,
+                                          args.max_new_tokens) for name in args.policies}}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "quality_diagnosis.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / "quality_diagnosis.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
