@@ -8,8 +8,8 @@ split's pairs (`training_examples` of `<demo>/datasets`) are parsed strictly and
 - with the policy's own extraction: the decisions the world's rules derive from the policy's own `qs`,
   `ps`, `qa`, `pa` (`ms`: match when the subjects agree, related when the vocabulary relates them;
   `ma`: how many of its own query constraints its own product attributes satisfy; `y`: the label set's
-  rule on its own `ms`, `ma`). A decision that differs from the one its own extraction implies is a
-  contradiction: the policy copied a decision instead of deriving it.
+  rule on its own written `ms`, `ma`). A decision that differs from the one its own reasoning implies is
+  a contradiction: the policy copied a decision instead of deriving it.
 The "composed" label is the label its own extraction implies; its macro-F1 is what the policy would
 score if it only extracted and the rules decided, which splits the loss between extraction and
 composition. Writes `benchmarks/results/quality_diagnosis.{json,md}`.
@@ -83,9 +83,9 @@ def diagnose(policy: Path, data: Path, split: str, related: set[tuple[str, str]]
     y = graph.label_node
     node_accuracy = {node: sum(node_correct(graph.node(node).kind, p.get(node), g[node]) for p, g in zip(parsed, golds)) / n
                      for node in graph.node_names}
-    own = [{"ms": implied_ms(p.get("qs"), p.get("ps"), related), "ma": implied_ma(p.get("qa"), p.get("pa"))} for p in parsed]
-    for implied in own:
-        implied["y"] = implied_label(implied["ms"], implied["ma"], labels)
+    # what its own extraction implies: ms and ma from its qs/ps/qa/pa, y from its own written ms and ma
+    own = [{"ms": implied_ms(p.get("qs"), p.get("ps"), related), "ma": implied_ma(p.get("qa"), p.get("pa")),
+            y: implied_label(p.get("ms"), p.get("ma"), labels)} for p in parsed]
     contradictions = {}
     for node in ("ms", "ma", y):
         comparable = [(p.get(node), o[node]) for p, o in zip(parsed, own) if p.get(node) is not None and o[node] is not None]
@@ -95,7 +95,7 @@ def diagnose(policy: Path, data: Path, split: str, related: set[tuple[str, str]]
                         if node_correct(graph.node("qa").kind, p.get("qa"), g["qa"]) and node_correct(graph.node("pa").kind, p.get("pa"), g["pa"])]
     gold_labels = [g[y] for g in golds]
     predicted = [p.get(y) for p in parsed]
-    composed = [o["y"] for o in own]
+    composed = [implied_label(o["ms"], o["ma"], labels) for o in own]  # the label its own extraction implies
     ms_confusion = Counter((g["ms"], p.get("ms")) for p, g in zip(parsed, golds))
     return {
         "policy": str(policy), "format": policy_format.__dict__, "pairs": n,
