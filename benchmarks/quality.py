@@ -1,6 +1,10 @@
 """Where a policy's labels are lost: its greedy CoTs against gold, and against its own extracted nodes.
 
     .venv/bin/python benchmarks/quality.py --demo demo_output [--split test] [--policies sft grpo]
+    .venv/bin/python benchmarks/quality.py --curves runs/sft_a runs/sft_b   # SFT runs trained with eval_every
+
+`--curves` plots each SFT run's validation per-node accuracy and macro-F1 against steps (from its
+`metrics.jsonl`) into `benchmarks/results/quality_curves.{json,png}`.
 
 For each policy folder of a finished demo (`<demo>/sft/model`, `<demo>/grpo/model`), greedy CoTs of the
 split's pairs (`training_examples` of `<demo>/datasets`) are parsed strictly and compared twice:
@@ -133,15 +137,54 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curves(runs: list[Path], results: Path) -> dict:
+    """Validation metrics against steps of each SFT run folder (its `metrics.jsonl` records with `val/...`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {}
+    for run in runs:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        start = next(record for record in records if record.get("event") == "start")
+        evals = [record for record in records if "val/label_macro_f1" in record]
+        found[run.name] = {"order": start["config"]["order"], "steps": [r["step"] for r in evals],
+                           **{key[len("val/"):]: [r[key] for r in evals] for key in evals[-1] if key.startswith("val/")}}
+    nodes = ("qs", "ps", "qa", "pa", "ms", "ma", "y")
+    figure, axes = plt.subplots(1, len(nodes) + 1, figsize=(3 * (len(nodes) + 1), 3), sharex=True)
+    for name, run in found.items():
+        for axis, node in zip(axes, nodes):
+            axis.plot(run["steps"], run[f"node_accuracy/{node}"], marker="o", label=name)
+            axis.set_title(f"{node} accuracy")
+        axes[-1].plot(run["steps"], run["label_macro_f1"], marker="o", label=name)
+        axes[-1].set_title("label macro-F1")
+    axes[-1].legend(fontsize=7)
+    for axis in axes:
+        axis.set_xlabel("SFT step")
+        axis.set_ylim(0, 1)
+    figure.tight_layout()
+    results.mkdir(parents=True, exist_ok=True)
+    figure.savefig(results / "quality_curves.png", dpi=80)
+    (results / "quality_curves.json").write_text(json.dumps(found, indent=2) + "\n")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, required=True, help="A finished `relevance demo` output folder.")
+    parser.add_argument("--demo", type=Path, help="A finished `relevance demo` output folder.")
+    parser.add_argument("--curves", type=Path, nargs="+", help="SFT run folders trained with eval_every: plot their validation curves.")
     parser.add_argument("--split", default="test")
     parser.add_argument("--policies", nargs="+", default=["sft", "grpo"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.curves:
+        print(json.dumps(curves(args.curves, args.results), indent=1))
+        return
+    if args.demo is None:
+        parser.error("give --demo (a demo output folder) or --curves (SFT run folders)")
     import torch
 
     torch.set_num_threads(2)
