@@ -31,9 +31,9 @@ import duckdb
 import pyarrow as pa
 
 from abtest.metrics import Metric, UserValue
-from abtest.sql import identifier, literal
 from abtest.stats import SuffStats
 from schemas import storage
+from schemas.sql import identifier, literal
 from schemas.table import Table
 from schemas.tables import EXPERIMENT_ASSIGNMENT, EXPERIMENT_EVENTS, QUARANTINE
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import yaml
 
-from abtest.sql import literal
 from schemas.config import ConfigError
+from schemas.sql import literal
 from schemas.tables import EXPERIMENT_EVENTS
 
 TIERS: tuple[str, ...] = ("primary", "secondary", "guardrail")

@@ -8,9 +8,9 @@ configured like Spark's own.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 
+from schemas.storage import new_tag, sibling_copy
 from schemas.table import Table
 
 
@@ -57,13 +57,13 @@ def replace_folder(spark, final: str, write: Callable[[str], None]) -> None:
     """
     target, fs = _path_and_fs(spark, final)
     new_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path
-    parent, name, tag = target.getParent(), target.getName(), uuid.uuid4().hex[:8]
-    staging = new_path(parent, f".staging-{name}-{tag}")
+    parent, name, tag = target.getParent(), target.getName(), new_tag()
+    staging = new_path(parent, sibling_copy("staging", name, tag))
     fs.mkdirs(parent)
     try:
         write(staging.toString())
         if fs.exists(target):
-            retired = new_path(parent, f".retired-{name}-{tag}")
+            retired = new_path(parent, sibling_copy("retired", name, tag))
             if not fs.rename(target, retired):
                 raise OSError(f"could not move {final} aside to {retired.toString()}")
             if not fs.rename(staging, target):

@@ -282,12 +282,11 @@ class _Laps:
 
 def _validated_inputs(spark, data: str, day: dt.date, run_suite: bool):
     """(catalog, the day's impressions), each split by its table's rules and suite (`Validated`)."""
-    from pyspark.sql import functions as F
 
     from jobs.validate import read_with_provenance, validate_spark
 
     catalog = validate_spark(CATALOG, read_with_provenance(spark, CATALOG, table_uri(data, CATALOG)), run_suite)
-    raw = read_with_provenance(spark, SEARCH_IMPRESSIONS, table_uri(data, SEARCH_IMPRESSIONS)).where(F.col("ds") == F.lit(day))
+    raw = read_with_provenance(spark, SEARCH_IMPRESSIONS, table_uri(data, SEARCH_IMPRESSIONS), days=[day])
     return catalog, validate_spark(SEARCH_IMPRESSIONS, raw, run_suite)
 
 

@@ -347,16 +347,23 @@ def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
     return Validated(accepted, quarantine, counts, suite, checked)
 
 
-def read_with_provenance(spark, table: Table, path: str):
-    """Read a parquet table with its declared schema plus the file and row index of every row.
+def read_with_provenance(spark, table: Table, path: str, days: list[dt.date] | None = None):
+    """Read a parquet table (only its `days` partitions when given) with its declared schema plus the
+    file and row index of every row.
 
-    Each file's own schema is checked first (`schemas.storage.check_file_schema`, as the pyarrow
-    reader does): given a schema, Spark would fill an absent column with nulls.
+    The own schema of each file read is checked first (`schemas.storage.check_file_schema`, as the
+    pyarrow reader does): given a schema, Spark would fill an absent column with nulls.
     """
     from pyspark.sql import functions as F
 
     frame = spark.read.schema(spark_schema(table)).parquet(path)
-    check_spark_files(spark, table, path, frame.inputFiles())
+    files = frame.inputFiles()
+    if days is not None:
+        frame = frame.where(F.col("ds").isin(list(days)))
+        # Spark lists every partition's files; only those of the days read are checked (hive paths `ds=D`)
+        folders = tuple(f"/ds={day.isoformat()}/" for day in days)
+        files = [file for file in files if any(folder in file for folder in folders)]
+    check_spark_files(spark, table, path, files)
     return frame.select(
         *table.names,
         F.col("_metadata.file_path").alias(SOURCE_FILE_COL),

@@ -107,6 +107,16 @@ def _write_naming(final: Path, write: Callable[[Path], None], staging: Path) -> 
         raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
 
 
+def sibling_copy(kind: str, name: str, tag: str) -> str:
+    """The hidden name of a `staging` or `retired` copy of `name` beside it, `tag` 8 hex digits of its run;
+    `clear_stale_staging` and the Hadoop writer (`jobs.hadoop_fs`) use the same names."""
+    return f".{kind}-{name}-{tag}"
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
 def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(staging)` on a hidden sibling folder of `final`, then swap it in; returns `final`.
 
@@ -117,13 +127,13 @@ def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staging = final.parent / f".staging-{final.name}-{tag}"
+    tag = new_tag()
+    staging = final.parent / sibling_copy("staging", final.name, tag)
     staging.mkdir()
     try:
         _write_naming(final, write, staging)
         if final.exists():
-            retired = final.parent / f".retired-{final.name}-{tag}"
+            retired = final.parent / sibling_copy("retired", final.name, tag)
             final.rename(retired)
             try:
                 staging.rename(final)
@@ -149,7 +159,8 @@ def clear_stale_staging(final: str | Path) -> list[str]:
     final = Path(final)
     if not final.parent.is_dir():
         return []
-    left_by_a_run = re.compile(rf"\.(staging|retired)-{re.escape(final.name)}-[0-9a-f]{{8}}")
+    left_by_a_run = re.compile("|".join(re.escape(sibling_copy(kind, final.name, "TAG")).replace("TAG", "[0-9a-f]{8}")
+                                        for kind in ("staging", "retired")))
     lines = []
     for folder in sorted(path for path in final.parent.iterdir() if path.is_dir() and left_by_a_run.fullmatch(path.name)):
         if folder.name.startswith(".retired-") and not final.exists():
@@ -169,7 +180,7 @@ def replace_file(final: str | Path, write: Callable[[Path], None]) -> Path:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
+    staging = final.parent / sibling_copy("staging", final.name, new_tag())
     try:
         _write_naming(final, write, staging)
         os.replace(staging, final)
@@ -210,15 +221,20 @@ def partitions(table: Table, root: str | Path) -> list[dt.date]:
     return sorted(dt.date.fromisoformat(p.name[3:]) for p in folder.glob("ds=*") if p.is_dir())
 
 
-def dataset(table: Table, root: str | Path) -> ds.Dataset:
+def dataset(table: Table, root: str | Path, days: list[dt.date] | None = None) -> ds.Dataset:
     """A pyarrow dataset over the table's files with the declared schema (never inferred).
 
-    Every file's own schema is checked first (`check_file_schema`): a mismatch raises SchemaMismatchError.
+    The own schema of every file a read will touch (those of `days` when given) is checked first
+    (`check_file_schema`): a mismatch raises SchemaMismatchError.
     """
     data = _declared_dataset(table, root)
-    for fragment in data.get_fragments():
+    for fragment in data.get_fragments(filter=_day_filter(days)):
         check_file_schema(table, fragment.physical_schema, fragment.path)
     return data
+
+
+def _day_filter(days: list[dt.date] | None) -> ds.Expression | None:
+    return None if days is None else pc.field("ds").isin(pa.array(days, pa.date32()))
 
 
 def _declared_dataset(table: Table, root: str | Path) -> ds.Dataset:
@@ -241,8 +257,4 @@ def read_table(
     table: Table, root: str | Path, days: list[dt.date] | None = None, columns: list[str] | None = None
 ) -> pa.Table:
     """Read a table (optionally some `ds` days and columns) with its declared schema; see `dataset`."""
-    data = dataset(table, root)
-    expression = None
-    if days is not None:
-        expression = pc.field("ds").isin(pa.array(days, pa.date32()))
-    return data.to_table(columns=columns, filter=expression)
+    return dataset(table, root, days).to_table(columns=columns, filter=_day_filter(days))

@@ -89,10 +89,7 @@ class DistillConfig:
     threads: int = help_field("torch CPU threads.", 2)
 
     def __post_init__(self) -> None:
-        if Path(self.teacher).is_dir():
-            self.teacher_format()  # a setting that contradicts the teacher is a usage error, refused before any work
-        else:
-            self._check_format_settings()
+        self.teacher_format()  # a setting that contradicts the teacher (or names no graph) is a usage error, refused before any work
         for name in ("max_steps", "batch_size", "teacher_new_tokens", "teacher_batch_size", "max_length",
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:
@@ -114,17 +111,6 @@ class DistillConfig:
         """The teacher's CoT format: its folder's policy.json, with the settings given here checked against it."""
         return resolve_format(self.teacher, graph=self.graph, label_set=self.label_set, order=self.order,
                               prompt_tokens=self.prompt_tokens, source="teacher")
-
-    def _check_format_settings(self) -> None:
-        """Before the teacher folder exists, the given settings are checked on their own (the rest as the defaults)."""
-        defaults = PolicyFormat()
-        try:
-            ReasoningGraph.load(self.graph or defaults.graph).order(self.order or defaults.order)
-            LabelSet.load(self.label_set or defaults.label_set)
-        except ValueError as error:
-            raise ConfigError(f"graph/order/label_set: {error}") from None
-        if self.prompt_tokens is not None and self.prompt_tokens < 1:
-            raise ConfigError(f"prompt_tokens: must be a positive whole number, got {self.prompt_tokens}")
 
 
 # ---------------------------------------------------------------- the loss

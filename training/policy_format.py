@@ -21,6 +21,7 @@ from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
 
 POLICY_FORMAT_FILE = "policy.json"
+STUDENT_FILE = "student.json"  # a distilled student folder says the same in its own file
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class PolicyFormat:
             ReasoningGraph.load(self.graph).order(self.order)
             LabelSet.load(self.label_set)
         except ValueError as error:
-            raise ConfigError(f"graph/label_set/order: {error}") from None
+            raise ConfigError(f"graph/order/label_set: {error}") from None
         if self.prompt_tokens < 1:
             raise ConfigError(f"prompt_tokens: must be a positive whole number, got {self.prompt_tokens}")
 
@@ -74,12 +75,34 @@ def resolve_format(folder: str | Path, *, graph: str | None = None, label_set: s
     both values and the folder; `source` names the folder's role in the message (policy, teacher, ...).
     """
     given = {"graph": graph, "label_set": label_set, "order": order, "prompt_tokens": prompt_tokens}
-    given = {name: value for name, value in given.items() if value is not None}
     stored = PolicyFormat.load(folder)
     if stored is None:
-        return PolicyFormat(**given)
-    clashes = [f"{name}={value!r} but the {source} in {folder} was trained with {name}={getattr(stored, name)!r}"
-               for name, value in given.items() if value != getattr(stored, name)]
+        return PolicyFormat(**{name: value for name, value in given.items() if value is not None})
+    _refuse_clashes(given, asdict(stored), folder, source, ())
+    return stored
+
+
+def student_meta(folder: str | Path) -> dict:
+    """A distilled student folder's `student.json` (graph, label set, input length, heads; `training.student` writes it)."""
+    return json.loads((Path(folder) / STUDENT_FILE).read_text())
+
+
+def resolve_student_format(folder: str | Path, *, graph: str | None = None, label_set: str | None = None, order: str | None = None,
+                           prompt_tokens: int | None = None) -> PolicyFormat:
+    """The graph and label set of the student in `folder` (its student.json), checked as `resolve_format` checks
+    a policy's; the student reads no CoT and no prompt budget, so a given `order` or `prompt_tokens` is refused too."""
+    if not (Path(folder) / STUDENT_FILE).is_file():
+        raise ConfigError(f"model: {folder} has no {STUDENT_FILE}; the student backend scores a folder `relevance train distill` wrote")
+    meta = student_meta(folder)
+    given = {"graph": graph, "label_set": label_set, "order": order, "prompt_tokens": prompt_tokens}
+    _refuse_clashes(given, meta, folder, "student", ("order", "prompt_tokens"))
+    return PolicyFormat(graph=meta["graph"], label_set=meta["label_set"])
+
+
+def _refuse_clashes(given: dict, stored: dict, folder: str | Path, source: str, not_applying: tuple[str, ...]) -> None:
+    """ConfigError naming each given setting (not None) that differs from the folder's or does not apply to it."""
+    clashes = [f"{name}={value!r} does not apply to the {source} backend (it reads no CoT and no prompt budget)" if name in not_applying
+               else f"{name}={value!r} but the {source} in {folder} was trained with {name}={stored[name]!r}"
+               for name, value in given.items() if value is not None and (name in not_applying or value != stored[name])]
     if clashes:
         raise ConfigError("; ".join(clashes) + " (leave the setting out to use the folder's)")
-    return stored

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from schemas.graph import LabelSet, ReasoningGraph, format_facets
+from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import relevance_table
 from training.prompt import MAX_CHARS_PER_TOKEN, normalized_prefix, render_fields
 
-STUDENT_FILE = "student.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -134,7 +134,7 @@ def load_student(folder: str | Path):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     folder = Path(folder)
-    meta = json.loads((folder / STUDENT_FILE).read_text())
+    meta = student_meta(folder)
     config = AutoConfig.from_pretrained(folder)
     encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type == "bert" else AutoModel.from_config(config)
     model = MultiHeadStudent(encoder, meta["heads"], meta["dropout"])

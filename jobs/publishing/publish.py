@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from jobs.publishing.churn import write_churn
 from schemas.graph import LabelSet
+from schemas.sql import literal
 from schemas.storage import replace_file, replace_folder
 from schemas.tables import RELEVANCE
 
@@ -34,7 +35,7 @@ COPY (
         to_json(node_decisions) AS node_decisions,
         strftime(scored_at, '%Y-%m-%dT%H:%M:%S.%fZ') AS scored_at
     ) FROM relevance
-) TO '{path}' (FORMAT csv, HEADER true, DELIMITER ',', QUOTE '"', ESCAPE '"')
+) TO {path} (FORMAT csv, HEADER true, DELIMITER ',', QUOTE '"', ESCAPE '"')
 """
 # No record is longer than the file holding it, so that bound lets a cell of any size read back
 # (DuckDB's default refuses lines over 2 MB, e.g. a long `reasoning`).
@@ -58,9 +59,9 @@ def write_data_files(data: pa.Table, folder: Path) -> dict[str, int]:
         con.execute("SET TimeZone = 'UTC'")  # strftime renders scored_at in UTC for the CSV
         con.register("published_rows", data)
         con.execute("CREATE TABLE relevance AS SELECT * FROM published_rows")
-        con.execute(CSV_SQL.format(path=str(folder / CSV_FILE).replace("'", "''")))
-        database_rows = con.execute("SELECT count(*) FROM relevance").fetchone()[0]
         csv_file = folder / CSV_FILE
+        con.execute(CSV_SQL.format(path=literal(str(csv_file))))  # COPY takes no parameter
+        database_rows = con.execute("SELECT count(*) FROM relevance").fetchone()[0]
         csv_rows = con.execute(CSV_COUNT_SQL, {"path": str(csv_file), "max_line_size": csv_file.stat().st_size + 1}).fetchone()[0]
     parquet_rows = pq.read_metadata(folder / PARQUET_FILE).num_rows
     rows = {PARQUET_FILE: parquet_rows, DUCKDB_FILE: database_rows, CSV_FILE: csv_rows}

@@ -13,9 +13,9 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jobs.scoring.spec import BACKENDS, STUDENT_FILE, ScorerSettings, ScorerSpec, scorer_settings, student_meta
+from jobs.scoring.spec import BACKENDS, ScorerSettings, ScorerSpec, scorer_settings
 from schemas.config import ConfigError, config_date, help_field
-from training.policy_format import PolicyFormat, resolve_format
+from training.policy_format import PolicyFormat, resolve_format, resolve_student_format
 
 ENGINES = ("local", "spark")
 
@@ -54,7 +54,7 @@ class ScoreConfig(ScorerSettings):
             raise ConfigError("shard_size and batch_size must be positive")
         if self.cache_days < 0:
             raise ConfigError(f"cache_days must be >= 0, got {self.cache_days}")
-        resolve = student_format if self.backend == "student" else resolve_format
+        resolve = resolve_student_format if self.backend == "student" else resolve_format
         object.__setattr__(self, "policy_format", resolve(self.model, graph=self.graph, label_set=self.label_set, order=self.order,
                                                           prompt_tokens=self.prompt_tokens))
 
@@ -65,21 +65,3 @@ class ScoreConfig(ScorerSettings):
     def spec(self) -> ScorerSpec:
         return ScorerSpec(backend=self.backend, model=self.model, **asdict(self.policy_format), kv_cache_bytes=int(self.kv_cache_gib * (1 << 30)),
                           **scorer_settings(self))
-
-
-def student_format(folder: str | Path, *, graph: str | None = None, label_set: str | None = None, order: str | None = None,
-                   prompt_tokens: int | None = None) -> PolicyFormat:
-    """The graph and label set of the student in `folder` (its student.json), checked against the given ones.
-
-    The student reads no CoT and no prompt budget, so a given `order` or `prompt_tokens` is refused too.
-    """
-    if not (Path(folder) / STUDENT_FILE).is_file():
-        raise ConfigError(f"model: {folder} has no {STUDENT_FILE}; the student backend scores a folder `relevance train distill` wrote")
-    meta = student_meta(folder)
-    clashes = [f"{name}={value!r} but the student in {folder} was trained with {name}={meta[name]!r}"
-               for name, value in (("graph", graph), ("label_set", label_set)) if value is not None and value != meta[name]]
-    clashes += [f"{name}={value!r} does not apply to the student backend (it reads no CoT and no prompt budget)"
-                for name, value in (("order", order), ("prompt_tokens", prompt_tokens)) if value is not None]
-    if clashes:
-        raise ConfigError("; ".join(clashes) + " (leave the setting out to use the folder's)")
-    return PolicyFormat(graph=meta["graph"], label_set=meta["label_set"])

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from schemas.config import help_field
+from training.policy_format import STUDENT_FILE, student_meta
 
 SCORERS = {
     "hf": "jobs.scoring.backends:HFScorer",
@@ -38,7 +39,6 @@ SCORERS = {
     "student": "jobs.scoring.backends:StudentScorer",
 }
 BACKENDS = tuple(SCORERS)
-STUDENT_FILE = "student.json"  # training.student.STUDENT_FILE, not imported: that module loads torch
 WEIGHTS_FILE = "model.safetensors"
 # What every model folder needs to load (save_pretrained writes them for a policy and a student alike).
 MODEL_FILES = ("config.json", "tokenizer_config.json")
@@ -129,11 +129,6 @@ def check_model_folder(spec: ScorerSpec) -> None:
 def pair_dicts(pairs: pa.Table) -> list[dict]:
     """Scorer input: one dict per pair, the facets as a dict."""
     return [{**row, "attributes": dict(row["attributes"])} for row in pairs.to_pylist()]
-
-
-def student_meta(folder: str | Path) -> dict:
-    """The student folder's `student.json` (graph, label set, input length, heads)."""
-    return json.loads((Path(folder) / STUDENT_FILE).read_text())
 
 
 def settings_version(weights_version: str, settings: dict) -> str:
