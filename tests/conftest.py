@@ -14,3 +14,23 @@ def spark():
     session = get_spark("relevance-tests", master="local[2]", conf={"spark.sql.shuffle.partitions": "2"})
     yield session
     stop_spark(session)
+
+
+@pytest.fixture
+def drifted_impressions(tmp_path):
+    """search_impressions under tmp_path with a good day and a later day whose file lacks `price`:
+    (good day, drifted day)."""
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from schemas.storage import PART_FILE
+    from schemas.tables import SEARCH_IMPRESSIONS
+
+    good, drifted = dt.date(2024, 3, 1), dt.date(2024, 3, 2)
+    schema = SEARCH_IMPRESSIONS.arrow_schema(without=("ds",))
+    for day, day_schema in ((good, schema), (drifted, schema.remove(schema.get_field_index("price")))):
+        folder = tmp_path / SEARCH_IMPRESSIONS.name / f"ds={day.isoformat()}"
+        folder.mkdir(parents=True)
+        pq.write_table(day_schema.empty_table(), folder / PART_FILE)
+    return good, drifted

@@ -173,3 +173,15 @@ def test_spark_files_pyarrow_cannot_open_are_checked_on_sparks_merged_footers(sp
     _write_catalog(tmp_path, data.drop_columns(["brand"]))
     with pytest.raises(SchemaMismatchError, match=r"catalog: columns do not match table 'catalog': missing \['brand'\];"):
         check_spark_files(spark, CATALOG, str(tmp_path / "catalog"), ["nosuchscheme://bucket/catalog/part-0.parquet"])
+
+
+def test_spark_checks_the_files_of_the_days_it_reads_only(spark, tmp_path, drifted_impressions):
+    from jobs.hadoop_fs import table_uri
+    from schemas.tables import SEARCH_IMPRESSIONS
+
+    good, drifted = drifted_impressions
+    path = table_uri(str(tmp_path), SEARCH_IMPRESSIONS)
+    assert read_with_provenance(spark, SEARCH_IMPRESSIONS, path, days=[good]).count() == 0
+    for days in ([drifted], None):
+        with pytest.raises(SchemaMismatchError, match=r"missing \['price'\]"):
+            read_with_provenance(spark, SEARCH_IMPRESSIONS, path, days=days)

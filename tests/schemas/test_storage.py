@@ -137,3 +137,11 @@ def test_a_partition_column_may_be_in_the_file_or_only_in_the_path():
     nanoseconds = without_ds.set(without_ds.get_field_index("ts"), pa.field("ts", pa.timestamp("ns", tz="UTC")))
     with pytest.raises(SchemaMismatchError, match=r"ts: timestamp\[ns, tz=UTC\]"):
         check_file_schema(SEARCH_IMPRESSIONS, nanoseconds, "ns")
+
+
+def test_a_reader_checks_the_files_of_the_days_it_reads_only(tmp_path, drifted_impressions):
+    good, drifted = drifted_impressions
+    assert read_table(SEARCH_IMPRESSIONS, tmp_path, days=[good]).num_rows == 0
+    for days in ([drifted], None):
+        with pytest.raises(SchemaMismatchError, match=rf"ds={drifted.isoformat()}/{PART_FILE}: .*missing \['price'\]"):
+            read_table(SEARCH_IMPRESSIONS, tmp_path, days=days)
