@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/distill.py [--root demo_output] [--steps 300] [--test-pairs 1000] [--threads 2]
 
-From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), trains two students
+From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), trains three students
 with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
-(heads y, ms, ma) and the single-head student (y only). Then, on the same test pairs (whole queries,
+(heads y, ms, ma) with the default mix of teacher and gold targets, the same student by pure
+distillation (`gold_weight=0`: it never sees a gold label, so its quality is the teacher's to pass on),
+and the single-head student (y only). Then, on the same test pairs (whole queries,
 in key order): macro-F1, accuracy and per-class F1 of the teacher (its label distribution read by
 teacher forcing, `training.predict.relevance_rows`, label-first fast path), of both students and the
 share of the teacher's macro-F1 each keeps; the multi-head student's node accuracy; and throughput in
@@ -69,8 +71,10 @@ def label_quality(gold: list[str], predicted: list[str], names: list[str]) -> di
     }
 
 
-def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labels: LabelSet, policy: PolicyFormat, batch_size: int):
-    """A callable that labels `pairs` with the teacher from text (prompt building included) and returns its RELEVANCE rows."""
+def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labels: LabelSet, policy: PolicyFormat, batch_size: int,
+                   reasoning: str = "none"):
+    """A callable that labels `pairs` with the teacher from text (prompt building included) and returns its RELEVANCE rows
+    (with `reasoning="all"` its node decisions too: label_first then generates the CoT it otherwise skips)."""
     from training.examples import prompt_ids
     from training.model import load_model
     from training.predict import relevance_rows
@@ -82,7 +86,7 @@ def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labe
     def score(chosen=pairs):
         prompts = [prompt_ids(tokenizer, build_prompt(p["query"], p["title"], p["product_type"], p["attributes"], p["description"], offsets,
                                                       policy.prompt_tokens).text) for p in chosen]
-        return relevance_rows(model, tokenizer, chosen, prompts, graph, labels, policy.order, reasoning="none", model_name="teacher",
+        return relevance_rows(model, tokenizer, chosen, prompts, graph, labels, policy.order, reasoning=reasoning, model_name="teacher",
                               model_version="teacher", ds=dt.date.today(), batch_size=batch_size)
 
     return score
@@ -132,12 +136,13 @@ def main() -> None:
     common = dict(data=args.root / "datasets", teacher=teacher, max_steps=args.steps, batch_size=args.train_batch_size, warmup_steps=args.warmup_steps,
                   val_items=args.val_items, checkpoint_every=0, resume=False, threads=args.threads)
     configs = {"student_multi_head": DistillConfig(out=work / "multi", **common),
+               "student_multi_head_pure": DistillConfig(out=work / "pure", gold_weight=0.0, **common),
                "student_single_head": DistillConfig(out=work / "single", single_head=True, **common)}
     policy = configs["student_multi_head"].teacher_format()
     graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     runs = {}
     for name, config in configs.items():
-        if name == "student_single_head" and (work / "multi" / TEACHER_CACHE).exists():  # same pairs drawn: reuse the teacher's targets
+        if name != "student_multi_head" and (work / "multi" / TEACHER_CACHE).exists():  # same pairs drawn: reuse the teacher's targets
             config.out.mkdir(parents=True, exist_ok=True)
             shutil.copy(work / "multi" / TEACHER_CACHE, config.out / TEACHER_CACHE)
         load_before = _load()
@@ -152,7 +157,8 @@ def main() -> None:
     config = configs["student_multi_head"]
 
     score_teacher = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size)
-    test = {"teacher": label_quality(gold, score_teacher().column("label").to_pylist(), labels.names)}
+    teacher_rows = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size, reasoning="all")().to_pylist()
+    test = {"teacher": label_quality(gold, [row["label"] for row in teacher_rows], labels.names)}
     students = {name: load_student(run_config.out / "model") for name, run_config in configs.items()}
     model, tokenizer, meta = students["student_multi_head"]
     onnx_path = export_onnx(model, tokenizer, work / "multi" / "student.onnx", meta["max_length"])
@@ -186,7 +192,10 @@ def main() -> None:
         score(warm)
         throughput[name] = best_rate(score, len(pairs), args.repeats)
 
-    multi = test["student_multi_head"]
+    multi, pure = test["student_multi_head"], test["student_multi_head_pure"]
+    teacher_nodes = {head: sum(dict(row["node_decisions"]).get(head) == pair["gold"][head] for row, pair in zip(teacher_rows, pairs)) / len(pairs)
+                     for head in pure["node_accuracy"]}
+    test["teacher"]["node_accuracy"] = teacher_nodes
     result = {
         "root": str(args.root), "teacher": str(teacher), "encoder": str(encoder), "test_pairs": len(pairs), "batch_size": args.batch_size,
         "threads": args.threads,
@@ -194,6 +203,8 @@ def main() -> None:
         "runs": runs, "test": test, "throughput_pairs_per_s": throughput,
         "targets": {
             "multi_head_keeps_95pct_of_teacher_macro_f1": multi["share_of_teacher_macro_f1"] >= 0.95,
+            "pure_distillation_keeps_95pct_of_teacher_macro_f1": pure["share_of_teacher_macro_f1"] >= 0.95,
+            "pure_distillation_node_accuracy_minus_teacher": {head: pure["node_accuracy"][head] - teacher_nodes[head] for head in teacher_nodes},
             "multi_head_throughput_over_cross_encoder": throughput["student_multi_head"] / throughput["cross_encoder_same_encoder"],
             "multi_head_onnx_int8_throughput_over_cross_encoder":
                 throughput["student_multi_head_onnx_int8"] / throughput["cross_encoder_same_encoder"],

@@ -15,6 +15,12 @@ nodes in `ReasoningGraph.node_names` order.
   formatted rollouts j of the same group whose decision on v (its parsed value) equals i's;
   undefined (no local signal) when there is no such rollout.
 - The label node never has a local signal: its credit is R itself.
+- Class-balanced weights (`class_balanced_weights`): w[c] = n / (K n_c) from the training split's gold
+  label counts n_c (K classes present), so the mean weight over training pairs is 1. The trainer scales
+  each rollout's advantages by its prompt's w[gold]: the objective becomes the class-balanced expected
+  reward (mean per-class recall under 0/1), which macro-F1 tracks and plain accuracy does not. A
+  per-prompt factor cannot go into R itself: every rollout of a group shares its prompt's gold label,
+  so the group normalisation would divide it out again.
 """
 
 from __future__ import annotations
@@ -67,6 +73,20 @@ def outcome_rewards(predicted: Sequence[str | None], gold: Sequence[str], labels
         else:
             values.append(float(prediction == target))
     return torch.tensor(values, dtype=torch.float32)
+
+
+def class_balanced_weights(gold_labels: Sequence[str], labels: LabelSet) -> dict[str, float]:
+    """label -> n / (K n_label) over the gold labels of the training split (K: labels that occur); mean 1 per pair."""
+    counts = {name: 0 for name in labels.names}
+    for label in gold_labels:
+        if label not in counts:
+            raise ValueError(f"class_balanced_weights: gold label {label!r} is not one of {list(labels.names)}")
+        counts[label] += 1
+    present = {name: n for name, n in counts.items() if n}
+    if not present:
+        raise ValueError("class_balanced_weights: no gold labels to count")
+    total = sum(present.values())
+    return {name: total / (len(present) * n) for name, n in present.items()}
 
 
 def decision_ids(parsed: Sequence[ParsedCoT], graph: ReasoningGraph) -> Tensor:

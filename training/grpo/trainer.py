@@ -14,6 +14,9 @@ Algorithmic choices (GRAPH_GRPO.md): rewards are strict (format 0 unless the exa
 tokens of no node get the label node's advantage; the old policy of the ratio is the sampling policy
 (its logprobs come with the rollouts); the controller's main loss is the outcome-advantage surrogate
 on the label tokens; phi starts at `phi_init` for both graph estimators and only `graph_grpo` moves it.
+With `outcome_weighting=class_balanced` (the default) every rollout's advantages, and the controller's
+main loss with them, are scaled by its prompt's class weight (`rewards.class_balanced_weights` of the
+train split's gold labels), so RL serves macro-F1 rather than accuracy.
 The learning rate warms up linearly, then stays constant. Prompt order and sampling seeds are
 functions of (seed, step), so `--resume` continues the same run. The CoT format (graph, label set,
 order, prompt budget) is the start policy's `policy.json`, and the saved policy carries it on.
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
     from training.grpo.rollout import Rollouts, Sampling
 
 BACKENDS = ("hf", "vllm")
+OUTCOME_WEIGHTINGS = ("class_balanced", "uniform")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class GRPOConfig:
     max_advantage: float = help_field("Advantages are clipped to [-max_advantage, max_advantage].", 5.0)
     shaped_lambda: float = help_field("Weight of the mean verifier reward in the shaped estimator.", 0.5)
     ordinal: bool = help_field("Ordinal partial credit for the outcome reward instead of 0/1.", False)
+    outcome_weighting: str = help_field(
+        "class_balanced (each prompt's advantages scaled by n / (K n_label) of its gold label in the train split: the "
+        "objective serves macro-F1) or uniform (plain expected reward: serves accuracy).", "class_balanced")
     filter_uniform_groups: bool = help_field("Drop prompts whose G rollouts all got the same outcome (DAPO's dynamic sampling filter).", False)
     phi_init: float = help_field("Initial edge coefficient of graph_fixed and graph_grpo.", 0.5)
     controller_lr: float = help_field("Adam learning rate of the edge logits theta.", 0.05)
@@ -119,7 +126,7 @@ class GRPOConfig:
         except ValueError as error:
             raise ConfigError(f"graph/order: {error}") from None
         choices = {"estimator": sorted(ESTIMATORS), "backend": BACKENDS, "aggregation": AGGREGATIONS, "scale": SCALES,
-                   "controller_method": METHODS}
+                   "controller_method": METHODS, "outcome_weighting": OUTCOME_WEIGHTINGS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
@@ -175,6 +182,7 @@ class TrainingState:
     folder: RunFolder
     train: list[dict]
     val: list[Example]
+    class_weights: dict[str, float]  # gold label -> advantage scale (all 1.0 under uniform weighting)
     start_step: int = 0
     backend: Any = None
     encoded: dict[int, Example] = field(default_factory=dict)  # train pairs are tokenised when a step first draws them
@@ -198,6 +206,7 @@ class ScoredBatch:
     rewards: NodeRewards
     advantages: AdvantageBatch
     packed: PackedRollouts
+    weights: Tensor  # (B,) class weight of each rollout's prompt (gold label)
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -246,12 +255,16 @@ def start_run(config: GRPOConfig) -> TrainingState:
     from training.grpo.credit import CreditGraph
     from training.grpo.estimators import AdvantageParams, get_estimator
     from training.grpo.loss import StepParams
+    from training.grpo.rewards import class_balanced_weights
     from training.grpo.rollout import Sampling
 
     graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
     device, _ = resolve_device(config.device, "fp32")
     model, tokenizer, reference = load_policy(config, device)
     train = load_pairs(config.data, config.label_set, "train")
+    class_weights = class_balanced_weights([pair["gold"][graph.label_node] for pair in train], labels)
+    if config.outcome_weighting == "uniform":
+        class_weights = dict.fromkeys(class_weights, 1.0)
     val_pairs = validation_subsample(load_pairs(config.data, config.label_set, "validation"), config.val_items)
     val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -268,12 +281,12 @@ def start_run(config: GRPOConfig) -> TrainingState:
         step_params=StepParams(eps_low=config.eps_low, eps_high=config.eps_high, beta=config.beta, aggregation=config.aggregation),
         sampling=Sampling(group_size=config.group_size, temperature=config.temperature, top_p=config.top_p,
                           max_new_tokens=config.max_new_tokens),
-        folder=RunFolder(config.out), train=train, val=val,
+        folder=RunFolder(config.out), train=train, val=val, class_weights=class_weights,
     )
     state.start_step = resume_state(state.folder, config.resume, model=model, optimizer=state.optimizer, controller=state.controller)
     state.backend = make_backend(config, model, tokenizer)
     state.folder.append({"event": "start", "step": state.start_step, "train_pairs": len(train), "val_pairs": len(state.val),
-                         "estimator": state.estimator.name, "config": config_to_dict(config)})
+                         "estimator": state.estimator.name, "class_weights": class_weights, "config": config_to_dict(config)})
     if state.start_step == 0:
         state.folder.append({"step": 0, **val_entries(validation(state))})
     return state
@@ -317,7 +330,8 @@ def scored_batch(state: TrainingState, examples: list[Example], rollouts: Rollou
                            state.tokenizer.pad_token_id)
     token_nodes, response_mask = token_node_index(node_rows, graph.node_names, packed.mask.shape[1])
     advantages = AdvantageBatch(rewards=rewards, token_nodes=token_nodes, response_mask=response_mask, group=group, graph=state.credit_graph)
-    return ScoredBatch(rollouts=rollouts, rewards=rewards, advantages=advantages, packed=packed.to(state.device))
+    weights = torch.tensor([state.class_weights[gold[graph.label_node]] for gold in golds], dtype=torch.float32)
+    return ScoredBatch(rollouts=rollouts, rewards=rewards, advantages=advantages, packed=packed.to(state.device), weights=weights)
 
 
 def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, float]:
@@ -330,6 +344,7 @@ def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, flo
 
     config, packed = state.config, batch.packed
     outcome_tokens, _ = get_estimator("grpo")(batch.advantages, state.advantage_params)
+    outcome_tokens = outcome_tokens * batch.weights.unsqueeze(1)
     on_label = (batch.advantages.token_nodes == state.credit_graph.label).to(state.device)
 
     def token_losses(weights):
@@ -340,7 +355,7 @@ def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, flo
         return (token_losses(weights) * outcome_tokens.to(state.device) * on_label).sum()
 
     def advantages(phi):
-        return state.estimator(replace(batch.advantages, phi=phi), state.advantage_params)[0]
+        return state.estimator(replace(batch.advantages, phi=phi), state.advantage_params)[0] * batch.weights.unsqueeze(1)
 
     alignment = token_alignment(token_losses, main_loss, state.named_params, method=config.controller_method).cpu()
     grad_phi = lookahead_gradient(advantages, state.controller.phi(), alignment, config.controller_alpha)
@@ -351,7 +366,7 @@ def advantages_for(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, di
     """((B, T) token advantages on the training device, the estimator's metrics); graph estimators get the controller's phi."""
     phi = state.controller.phi() if state.estimator.needs_phi else None
     advantages, metrics = state.estimator(replace(batch.advantages, phi=phi), state.advantage_params)
-    return advantages.to(state.device), metrics
+    return (advantages * batch.weights.unsqueeze(1)).to(state.device), metrics
 
 
 def kept_rollouts(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, dict[str, float]]:

@@ -11,7 +11,14 @@ import torch
 
 from schemas.graph import LabelSet, ReasoningGraph
 from training.cot import parse_cot, render_cot
-from training.grpo.rewards import decision_ids, monte_carlo_values, outcome_rewards, reward_metrics, score_rollouts
+from training.grpo.rewards import (
+    class_balanced_weights,
+    decision_ids,
+    monte_carlo_values,
+    outcome_rewards,
+    reward_metrics,
+    score_rollouts,
+)
 
 GRAPH = ReasoningGraph.load("relevance7")
 WANDS = LabelSet.load("wands")
@@ -100,6 +107,17 @@ def test_outcome_rewards_exact_and_ordinal():
     predicted = ["Exact", "Partial", "Irrelevant", None, "Maybe"]
     assert outcome_rewards(predicted, ["Exact"] * 5, WANDS).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert outcome_rewards(predicted, ["Exact"] * 5, WANDS, ordinal=True).tolist() == [1.0, 0.5, 0.0, 0.0, 0.0]
+
+
+def test_class_balanced_weights_by_hand():
+    gold = ["Exact"] * 6 + ["Partial"] * 3 + ["Irrelevant"]
+    weights = class_balanced_weights(gold, WANDS)
+    # n / (K n_c) = 10 / (3 * 6), 10 / (3 * 3), 10 / (3 * 1): every class carries a third of the total weight
+    assert weights == pytest.approx({"Exact": 10 / 18, "Partial": 10 / 9, "Irrelevant": 10 / 3})
+    assert sum(weights[label] for label in gold) / len(gold) == pytest.approx(1.0)
+    assert class_balanced_weights(["Exact", "Exact", "Partial"], WANDS) == pytest.approx({"Exact": 0.75, "Partial": 1.5})
+    with pytest.raises(ValueError, match="'Maybe' is not one of"):
+        class_balanced_weights(["Exact", "Maybe"], WANDS)
 
 
 def test_bad_inputs_name_what_is_wrong():

@@ -15,7 +15,7 @@ from schemas.config import ConfigError
 from schemas.graph import ReasoningGraph
 from training.examples import encode_example, load_pairs, token_node_map
 from training.grpo.estimators import ESTIMATORS
-from training.grpo.trainer import GRPOConfig, run
+from training.grpo.trainer import GRPOConfig, advantages_for, rollout_batch, run, scored_batch, start_run
 from training.policy_format import PolicyFormat
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -69,6 +69,28 @@ def test_graph_grpo_moves_phi_and_graph_fixed_does_not(tiny_world, sft_policy, t
     assert all(value == pytest.approx(0.5) for value in fixed["phi"].values())
     assert any(abs(value - 0.5) > 1e-3 for value in learned["phi"].values())
     assert any("phi_grad/ms->y" in record for record in _train_records(tmp_path / "learned"))
+
+
+def test_class_balanced_advantages_are_the_uniform_ones_scaled_by_the_gold_labels_weight(tiny_world, sft_policy, tmp_path):
+    batches, states = {}, {}
+    for weighting in ("uniform", "class_balanced"):
+        state = start_run(_config(tiny_world, sft_policy, tmp_path / weighting, estimator="graph_fixed", outcome_weighting=weighting))
+        examples, rollouts = rollout_batch(state, 0)
+        batches[weighting], states[weighting] = (examples, scored_batch(state, examples, rollouts)), state
+    examples, balanced = batches["class_balanced"]
+    gold = [examples[k].gold["y"] for k in balanced.rollouts.group]
+    counts = {label: sum(pair["gold"]["y"] == label for pair in states["class_balanced"].train) for label in set(gold)}
+    total = len(states["class_balanced"].train)
+    n_classes = len({pair["gold"]["y"] for pair in states["class_balanced"].train})
+    expected = torch.tensor([total / (n_classes * counts[label]) for label in gold])
+    assert torch.allclose(balanced.weights, expected)
+    assert torch.equal(batches["uniform"][1].weights, torch.ones(len(gold)))
+    uniform_advantages, _ = advantages_for(states["uniform"], batches["uniform"][1])
+    balanced_advantages, _ = advantages_for(states["class_balanced"], balanced)
+    assert batches["uniform"][1].rollouts.texts == balanced.rollouts.texts  # same seed, same start: same rollouts
+    assert torch.allclose(balanced_advantages, uniform_advantages * expected.unsqueeze(1))
+    assert balanced_advantages.abs().sum() > 0
+    assert _records(tmp_path / "class_balanced")[0]["class_weights"] == pytest.approx(states["class_balanced"].class_weights)
 
 
 def test_resume_continues_bit_for_bit(tiny_world, sft_policy, tmp_path):
