@@ -40,6 +40,7 @@ from schemas.tables import GOLD_NODES, RELEVANCE  # noqa: E402
 from training.grpo.estimators import ESTIMATORS  # noqa: E402
 from training.grpo.trainer import GRPOConfig  # noqa: E402
 from training.grpo.trainer import run as train_grpo  # noqa: E402
+from training.policy_format import resolve_format  # noqa: E402
 from training.sft import SFTConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -98,9 +99,9 @@ def curves(run_dir: Path, graph: ReasoningGraph) -> dict[str, list]:
 def label_test_split(model: Path, datasets: Path, name: str, target: Path, test_pairs: int) -> Path:
     from training.predict import score_split
 
-    defaults = SFTConfig()
-    rows = score_split(model, datasets, "test", label_set=defaults.label_set, graph=defaults.graph, order=defaults.order,
-                       prompt_tokens=defaults.prompt_tokens, reasoning="all", model_name=name, max_pairs=test_pairs)
+    policy = resolve_format(model)
+    rows = score_split(model, datasets, "test", label_set=policy.label_set, graph=policy.graph, order=policy.order,
+                       prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name, max_pairs=test_pairs)
     write_table(RELEVANCE, rows, target)
     return target
 

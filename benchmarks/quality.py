@@ -1,6 +1,7 @@
 """Where a policy's labels are lost: its greedy CoTs against gold, and against its own extracted nodes.
 
-    .venv/bin/python benchmarks/quality.py --demo demo_output [--split test] [--policies sft grpo]
+    .venv/bin/python benchmarks/quality.py --demo demo_output [--split test] [--policies sft grpo] [--unseen other_world/datasets]
+    .venv/bin/python benchmarks/quality.py --data datasets --policy sft=runs/sft/model --policy rf=runs/rf/model [--unseen ...]
     .venv/bin/python benchmarks/quality.py --curves runs/sft_a runs/sft_b   # SFT runs trained with eval_every
 
 `--curves` plots each SFT run's validation per-node accuracy and macro-F1 against steps (from its
@@ -16,7 +17,13 @@ split's pairs (`training_examples` of `<demo>/datasets`) are parsed strictly and
   a contradiction: the policy copied a decision instead of deriving it.
 The "composed" label is the label its own extraction implies; its macro-F1 is what the policy would
 score if it only extracted and the rules decided, which splits the loss between extraction and
-composition. Writes `benchmarks/results/quality_diagnosis.{json,md}`.
+composition. Beside quality, each policy's scoring throughput: pairs/s of `training.predict.relevance_rows`
+with no reasoning kept (the nightly path: one forward pass per pair in `label_first`, the whole CoT
+generated in `reasoning_first`), prompt building included, on the first `--throughput-pairs` pairs.
+
+`--unseen DATA` runs the same diagnosis on the test split of another world's `relevance datasets`
+output (generated with a seed the policies never saw, same vocabulary): generalisation, not memory.
+Writes `benchmarks/results/quality_diagnosis.{json,md}`.
 """
 
 from __future__ import annotations
@@ -73,6 +80,23 @@ def implied_label(ms: str | None, ma: str | None, labels: LabelSet) -> str | Non
         return None
 
 
+def throughput(policy: Path, pairs: list[dict], batch_size: int) -> float:
+    """Pairs/s of the nightly scoring path (label distribution, no reasoning kept) on `pairs`, prompts built from text."""
+    import datetime as dt
+    import time
+
+    from training.predict import pair_prompts, relevance_rows
+
+    policy_format = PolicyFormat.load(policy) or PolicyFormat()
+    graph, labels = ReasoningGraph.load(policy_format.graph), LabelSet.load(policy_format.label_set)
+    model, tokenizer = load_model(policy)
+    started = time.perf_counter()
+    prompts = pair_prompts(tokenizer, pairs, policy_format.prompt_tokens)
+    relevance_rows(model, tokenizer, pairs, prompts, graph, labels, policy_format.order, reasoning="none", model_name="bench",
+                   model_version="bench", ds=dt.date.today(), batch_size=batch_size)
+    return len(pairs) / (time.perf_counter() - started)
+
+
 def diagnose(policy: Path, data: Path, split: str, related: set[tuple[str, str]], batch_size: int, max_new_tokens: int) -> dict:
     """Node accuracy, contradictions and the composed label of one policy's greedy CoTs on `split`."""
     policy_format = PolicyFormat.load(policy) or PolicyFormat()
@@ -121,7 +145,7 @@ def diagnose(policy: Path, data: Path, split: str, related: set[tuple[str, str]]
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Quality diagnosis ({result['split']} split of `{result['demo']}`, {result['machine']})", "",
+    lines = [f"# Quality diagnosis ({result['split']} split of `{result['data']}`, {result['machine']})", "",
              "Greedy CoTs of each policy, parsed strictly, against gold and against the policy's own extraction "
              "(`benchmarks/quality.py`; the module docstring defines every column).", "",
              "| policy | order | parse | macro-F1 | composed macro-F1 | " + " | ".join(f"acc {n}" for n in ("qs", "ps", "qa", "pa", "ms", "ma", "y"))
@@ -134,6 +158,16 @@ def markdown(result: dict) -> str:
             f"| {name} | {run['format']['order']} | {run['parse_rate']:.3f} | {run['label_macro_f1']:.3f} | {run['composed_label_macro_f1']:.3f} | "
             + " | ".join(f"{run['node_accuracy'][n]:.3f}" for n in ("qs", "ps", "qa", "pa", "ms", "ma", "y"))
             + f" | {contradiction['ms']} | {contradiction['ma']} | {contradiction['y']} | {wrong['wrong']}/{wrong['pairs']} |")
+    if any("unseen" in run for run in result["policies"].values()):
+        lines += ["", f"Generalisation: the test split of a world the policies never saw (`{result['unseen']}`, same vocabulary).", "",
+                  "| policy | macro-F1 own test | macro-F1 unseen world | difference | " + " | ".join(f"unseen acc {n}" for n in ("qs", "ps", "qa", "pa", "ms", "ma"))
+                  + " |", "|---" * 10 + "|"]
+        for name, run in result["policies"].items():
+            unseen = run["unseen"]
+            lines.append(f"| {name} | {run['label_macro_f1']:.3f} | {unseen['label_macro_f1']:.3f} | {unseen['label_macro_f1'] - run['label_macro_f1']:+.3f} | "
+                         + " | ".join(f"{unseen['node_accuracy'][n]:.3f}" for n in ("qs", "ps", "qa", "pa", "ms", "ma")) + " |")
+    lines += ["", "Scoring throughput (pairs/s, nightly path, no reasoning kept): "
+              + ", ".join(f"{name} {run['throughput_pairs_per_s']:.1f}" for name, run in result["policies"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -172,7 +206,11 @@ def curves(runs: list[Path], results: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, help="A finished `relevance demo` output folder.")
+    parser.add_argument("--demo", type=Path, help="A finished `relevance demo` output folder (its datasets/ and <name>/model policies).")
+    parser.add_argument("--data", type=Path, help="A `relevance datasets` output folder (with --policy, instead of --demo).")
+    parser.add_argument("--policy", action="append", default=[], metavar="NAME=FOLDER", help="A policy folder to diagnose (repeatable).")
+    parser.add_argument("--unseen", type=Path, help="`relevance datasets` output of a world with a seed the policies never saw.")
+    parser.add_argument("--throughput-pairs", type=int, default=512)
     parser.add_argument("--curves", type=Path, nargs="+", help="SFT run folders trained with eval_every: plot their validation curves.")
     parser.add_argument("--split", default="test")
     parser.add_argument("--policies", nargs="+", default=["sft", "grpo"])
@@ -183,17 +221,28 @@ def main() -> None:
     if args.curves:
         print(json.dumps(curves(args.curves, args.results), indent=1))
         return
-    if args.demo is None:
-        parser.error("give --demo (a demo output folder) or --curves (SFT run folders)")
+    if args.demo is not None:
+        data, policies = args.demo / "datasets", {name: args.demo / name / "model" for name in args.policies}
+    elif args.data is not None and args.policy:
+        data, policies = args.data, dict(entry.split("=", 1) for entry in args.policy)
+    else:
+        parser.error("give --demo (a demo output folder), --data with --policy NAME=FOLDER, or --curves (SFT run folders)")
     import torch
 
     torch.set_num_threads(2)
     vocabulary = load_vocabulary()
     related = {(a, b) for a, row in zip(vocabulary.type_names, vocabulary.related) for b, is_related in zip(vocabulary.type_names, row)
                if is_related}
-    result = {"demo": str(args.demo), "split": args.split, "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
-              "policies": {name: diagnose(args.demo / name / "model", args.demo / "datasets", args.split, related, args.batch_size,
-                                          args.max_new_tokens) for name in args.policies}}
+    result = {"data": str(data), "split": args.split, "unseen": str(args.unseen) if args.unseen else None, "policies": {}}
+    label_set = (PolicyFormat.load(Path(next(iter(policies.values())))) or PolicyFormat()).label_set
+    timed = load_pairs(data, label_set, args.split)[: args.throughput_pairs]
+    for name, folder in policies.items():
+        run = diagnose(Path(folder), data, args.split, related, args.batch_size, args.max_new_tokens)
+        run["throughput_pairs_per_s"] = throughput(Path(folder), timed, args.batch_size)
+        if args.unseen:
+            run["unseen"] = diagnose(Path(folder), args.unseen, "test", related, args.batch_size, args.max_new_tokens)
+        result["policies"][name] = run
+    result["machine"] = f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "quality_diagnosis.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / "quality_diagnosis.md").write_text(markdown(result))

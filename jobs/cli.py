@@ -256,7 +256,7 @@ def train_sft(
     data: Path | None = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Model folder to start from (any local HF causal LM)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
-    order: str | None = typer.Option(None, help="CoT order: label_first or reasoning_first."),
+    order: str | None = typer.Option(None, help="CoT order: one of the graph's orders (relevance7: label_first, reasoning_first, product_first)."),
     p_mask: float | None = typer.Option(None, help="Probability of dropping each reasoning node from the loss."),
     max_steps: int | None = typer.Option(None, help="Optimizer steps."),
     resume: bool | None = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),

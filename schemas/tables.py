@@ -243,7 +243,7 @@ TRAINING_EXAMPLES = Table(
             "target", "string", nullable=True,
             doc="The SFT target CoT (training.cot.render_cot of `nodes`, `cot_order`); null without nodes.",
         ),
-        Column("cot_order", "string", allowed=("label_first", "reasoning_first")),
+        Column("cot_order", "string", allowed=("label_first", "reasoning_first", "product_first")),
     ),
 )
 

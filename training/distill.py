@@ -8,8 +8,9 @@ Algorithmic choices:
   it is refused when the config is made.
 - Teacher targets, per training pair: the label distribution read from the label tokens'
   log-probabilities by teacher forcing and the node decisions parsed (strict, then lenient) from a
-  short greedy generation (`training.predict.relevance_rows` with `teacher_new_tokens`: in the
-  label-first order 16 tokens cover the y, ms and ma lines). Only the pairs the run will draw are
+  greedy generation (`training.predict.relevance_rows` with `teacher_new_tokens`: when the label
+  comes first, 16 tokens cover the y, ms and ma lines; when it comes last, the whole CoT is
+  generated, 96 tokens by default). Only the pairs the run will draw are
   scored. They are cached in `out/teacher.parquet` (RELEVANCE schema) and a re-run scores only the
   pairs missing there or scored by another teacher version (the hash of its weights).
 - Heads (`training.student.head_vocabularies`): y over the label set, every choice node (ms, ma),
@@ -64,7 +65,9 @@ class DistillConfig:
     teacher_scores: Path | None = help_field(
         "Data root of a RELEVANCE table the teacher already wrote (e.g. by the demo's scoring stage); its rows of the same teacher version "
         "are used instead of scoring those pairs again.", None)
-    teacher_new_tokens: int = help_field("Tokens the teacher generates for its node decisions (label_first: 16 cover y, ms, ma).", 16)
+    teacher_new_tokens: int | None = help_field(
+        "Tokens the teacher generates for its node decisions (default: 16 when its order starts with the label, which cover y, ms "
+        "and ma; 96, the whole CoT, when the label comes last).", None)
     teacher_batch_size: int = help_field("Prompts the teacher scores at once.", 64)
     single_head: bool = help_field("Train the label head only (the single-head baseline).", False)
     class_heads: bool = help_field("Add heads for the text nodes (qs, ps) over the train split's product types.", False)
@@ -89,7 +92,11 @@ class DistillConfig:
     threads: int = help_field("torch CPU threads.", 2)
 
     def __post_init__(self) -> None:
-        self.teacher_format()  # a setting that contradicts the teacher (or names no graph) is a usage error, refused before any work
+        teacher = self.teacher_format()  # a setting that contradicts the teacher (or names no graph) is a usage error, refused before any work
+        if self.teacher_new_tokens is None:
+            graph = ReasoningGraph.load(teacher.graph)
+            label_first = graph.order(teacher.order)[0] == graph.label_node
+            object.__setattr__(self, "teacher_new_tokens", 16 if label_first else 96)  # frozen: filled once, while the config is built
         for name in ("max_steps", "batch_size", "teacher_new_tokens", "teacher_batch_size", "max_length",
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:

@@ -12,7 +12,11 @@ Algorithmic choices:
   probability `p_mask` (its tokens' labels -> -100, from the same token->node map the RL
   advantages use, `training.examples.token_node_map`); with `mask_input` those tokens are also
   replaced in the input by `<|mask|>`. The label node is always supervised. One optimizer step =
-  `grad_accum` micro-batches, loss the token mean over all of them.
+  `grad_accum` micro-batches, loss the weighted token mean over all of them: the tokens of the
+  decisions (the graph's choice nodes and the label: ms, ma, y) weigh `decision_weight`, every other
+  token 1. Those are three one-word lines among ~50 target tokens that mostly copy the prompt, and
+  they are what the label is made of; at weight 1 a small model spends its first thousands of steps
+  on the copying and learns the comparisons last.
 - Optimizer: AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`; full fine-tuning by
   default, LoRA (peft) optional, merged into the saved model at the end.
 - Determinism: the sample order (a permutation per epoch) and the masks are functions of
@@ -30,7 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +46,7 @@ from training.policy_format import PolicyFormat
 from training.run_folder import RunFolder
 from training.validation import evaluate, majority_baseline
 
-Rows = list[tuple[list[int], list[int]]]  # one micro-batch: (input ids, labels) per example
+Rows = list[tuple[list[int], list[int], list[float]]]  # one micro-batch: (input ids, labels, loss weights) per example
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,10 @@ class SFTConfig:
     out: Path = help_field("Output folder: checkpoints/, metrics.jsonl, summary.json, model/.", Path("runs/sft"))
     graph: str = help_field("Reasoning graph name or YAML path.", "relevance7")
     label_set: str = help_field("Label set of the judgments to train on (wands or esci).", "wands")
-    order: str = help_field("CoT order: label_first or reasoning_first (the graph's orders).", "label_first")
+    order: str = help_field("CoT order, one of the graph's orders (relevance7: label_first, reasoning_first, product_first).", "label_first")
     prompt_tokens: int = help_field("Token budget of the prompt text (the description is cut first, then the title).", 48)
     p_mask: float = help_field("Probability of dropping each reasoning node's span from the loss.", 0.3)
+    decision_weight: float = help_field("Loss weight of the decision nodes' tokens (ms, ma and the label); other tokens weigh 1.", 1.0)
     mask_input: bool = help_field("Also replace the dropped nodes' input tokens by <|mask|>.", False)
     lora: bool = help_field("Train LoRA adapters instead of all weights.", False)
     lora_rank: int = help_field("LoRA rank.", 8)
@@ -87,6 +92,8 @@ class SFTConfig:
             ReasoningGraph.load(self.graph).order(self.order)
         except ValueError as error:
             raise ConfigError(f"graph/order: {error}") from None
+        if self.decision_weight <= 0:
+            raise ConfigError(f"decision_weight: must be > 0, got {self.decision_weight}")
         if not 0.0 <= self.p_mask <= 1.0:
             raise ConfigError(f"p_mask: must be a probability in [0, 1], got {self.p_mask}")
         for name in ("max_steps", "batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "threads", "lora_rank"):
@@ -116,10 +123,12 @@ def draw_masked_nodes(reasoning_nodes: Sequence[str], p_mask: float, generator) 
     return [node for node, draw in zip(reasoning_nodes, draws.tolist()) if draw < p_mask]
 
 
-def example_tensors(example: Example, masked: Sequence[str], mask_input_id: int | None) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one example: labels -100 on the prompt and on masked nodes' tokens.
+def example_tensors(example: Example, masked: Sequence[str], mask_input_id: int | None,
+                    node_weights: Mapping[str, float] | None = None) -> tuple[list[int], list[int], list[float]]:
+    """(input ids, labels, loss weights) of one example: labels -100 on the prompt and on masked nodes' tokens.
 
-    With `mask_input_id`, the masked nodes' input tokens are replaced by it as well.
+    With `mask_input_id`, the masked nodes' input tokens are replaced by it as well. A target token weighs
+    `node_weights[its node]` (1 for nodes not named and for tokens of no node); prompt tokens weigh 0.
     """
     drop = set(masked)
     target_inputs = [
@@ -127,11 +136,14 @@ def example_tensors(example: Example, masked: Sequence[str], mask_input_id: int 
         for token, node in zip(example.target_ids, example.target_nodes)
     ]
     target_labels = [IGNORE if node in drop else token for token, node in zip(example.target_ids, example.target_nodes)]
-    return list(example.prompt_ids) + target_inputs, [IGNORE] * len(example.prompt_ids) + target_labels
+    weights = node_weights or {}
+    target_weights = [0.0 if node in drop else weights.get(node, 1.0) for node in example.target_nodes]
+    return (list(example.prompt_ids) + target_inputs, [IGNORE] * len(example.prompt_ids) + target_labels,
+            [0.0] * len(example.prompt_ids) + target_weights)
 
 
 def masked_micro_batches(step: int, config: SFTConfig, example_at: Callable[[int], Example], n_train: int,
-                         reasoning_nodes: Sequence[str], mask_input_id: int | None) -> list[Rows]:
+                         reasoning_nodes: Sequence[str], mask_input_id: int | None, node_weights: Mapping[str, float]) -> list[Rows]:
     """The `grad_accum` micro-batches of optimizer step `step`; sample order and masks are functions of (seed, micro-batch)."""
     import torch
 
@@ -139,33 +151,36 @@ def masked_micro_batches(step: int, config: SFTConfig, example_at: Callable[[int
     for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
         masks = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
         indices = micro_batch_indices(micro, n_train, config.batch_size, config.seed)
-        batches.append([example_tensors(example_at(i), draw_masked_nodes(reasoning_nodes, config.p_mask, masks), mask_input_id)
-                        for i in indices])
+        batches.append([example_tensors(example_at(i), draw_masked_nodes(reasoning_nodes, config.p_mask, masks), mask_input_id,
+                                        node_weights) for i in indices])
     return batches
 
 
 def collate(rows: Rows, pad_id: int):
-    """Right-padded (input_ids, attention_mask, labels) LongTensors of shape (batch, longest)."""
+    """Right-padded (input_ids, attention_mask, labels, loss weights) of shape (batch, longest)."""
     import torch
 
-    width = max(len(ids) for ids, _ in rows)
+    width = max(len(ids) for ids, _, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, row_labels) in enumerate(rows):
+    weights = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, (ids, row_labels, row_weights) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(ids)] = torch.tensor(row_labels)
+        weights[i, : len(ids)] = torch.tensor(row_weights)
         attention[i, : len(ids)] = 1
-    return input_ids, attention, labels
+    return input_ids, attention, labels, weights
 
 
-def token_mean_loss(logits, labels, n_tokens: int):
-    """Sum of next-token cross-entropy over labelled positions / n_tokens (the step's token count)."""
+def weighted_token_loss(logits, labels, weights, total_weight: float):
+    """Sum over labelled positions of weight x next-token cross-entropy / total_weight (the step's summed weight)."""
     import torch.nn.functional as F
 
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shifted_labels = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE, reduction="sum") / n_tokens
+    losses = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE, reduction="none")
+    return (losses * weights[:, 1:].reshape(-1)).sum() / total_weight
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -193,9 +208,9 @@ class Optimisation:
         scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
         return cls(model, params, optimizer, scaler, device, autocast_dtype)
 
-    def step(self, batches: Sequence[Rows], n_tokens: int, lr: float, pad_id: int, max_grad_norm: float) -> tuple[float, float]:
-        """Accumulate the loss over the micro-batches (each a sum over its tokens / the step's `n_tokens`), clip,
-        step; returns (loss, gradient norm)."""
+    def step(self, batches: Sequence[Rows], total_weight: float, lr: float, pad_id: int, max_grad_norm: float) -> tuple[float, float]:
+        """Accumulate the loss over the micro-batches (each a weighted sum over its tokens / the step's `total_weight`),
+        clip, step; returns (loss, gradient norm)."""
         import torch
 
         for group in self.optimizer.param_groups:
@@ -203,10 +218,10 @@ class Optimisation:
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
         for batch in batches:
-            input_ids, attention, batch_labels = (t.to(self.device) for t in collate(batch, pad_id))
+            input_ids, attention, batch_labels, weights = (t.to(self.device) for t in collate(batch, pad_id))
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-            loss = token_mean_loss(logits, batch_labels, n_tokens)
+            loss = weighted_token_loss(logits, batch_labels, weights, total_weight)
             self.scaler.scale(loss).backward()
             loss_value += loss.item()
         self.scaler.unscale_(self.optimizer)
@@ -281,14 +296,16 @@ def train_steps(config: SFTConfig, training: Optimisation, tokenizer, train: Seq
 
     example_at = functools.cache(lambda index: encode_example(train[index], tokenizer, graph, config.order, config.prompt_tokens))
     reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
+    node_weights = dict.fromkeys([*graph.decision_nodes, graph.label_node], config.decision_weight)
     board = tensorboard_writer(config, start_step)
     bar = tqdm(range(start_step, config.max_steps), desc="sft", unit="step", initial=start_step, total=config.max_steps)
     for step in bar:
         training.model.train()
-        batches = masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, mask_input_id)
-        n_tokens = sum(label != IGNORE for batch in batches for _, row_labels in batch for label in row_labels[1:])  # labels shift by one
+        batches = masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, mask_input_id, node_weights)
+        n_tokens = sum(label != IGNORE for batch in batches for _, row_labels, _ in batch for label in row_labels[1:])  # labels shift by one
+        total_weight = sum(sum(row_weights[1:]) for batch in batches for _, _, row_weights in batch)
         lr = learning_rate(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        loss_value, grad_norm = training.step(batches, n_tokens, lr, tokenizer.pad_token_id, config.max_grad_norm)
+        loss_value, grad_norm = training.step(batches, total_weight, lr, tokenizer.pad_token_id, config.max_grad_norm)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:

@@ -32,7 +32,7 @@ class ScoreConfig(ScorerSettings):
     model: str = help_field("Model folder: a causal-LM policy (hf, vllm) or a distilled student folder.", "")
     graph: str | None = help_field("Reasoning graph; default: the model folder's (policy.json, student.json).", None)
     label_set: str | None = help_field("Label set; default: the model folder's (policy.json, student.json).", None)
-    order: str | None = help_field("CoT order (label_first or reasoning_first); default: the policy folder's policy.json.", None)
+    order: str | None = help_field("CoT order (one of the graph's orders); default: the policy folder's policy.json.", None)
     prompt_tokens: int | None = help_field("Prompt token budget; default: the policy folder's policy.json.", None)
     kv_cache_gib: float = help_field("vLLM: KV cache size in GiB.", 1.0)
     shard_size: int = help_field("Pairs per shard: the most work a killed job loses.", 2000)

@@ -13,7 +13,7 @@ from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
 from training.examples import IGNORE, Example
 from training.loop import learning_rate, micro_batch_indices
-from training.sft import SFTConfig, draw_masked_nodes, example_tensors, run
+from training.sft import SFTConfig, draw_masked_nodes, example_tensors, run, weighted_token_loss
 from training.validation import cot_metrics
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -24,15 +24,32 @@ EXAMPLE = Example(
 
 
 def test_prompt_is_ignored_and_masked_nodes_drop_out():
-    ids, labels = example_tensors(EXAMPLE, [], None)
+    ids, labels, weights = example_tensors(EXAMPLE, [], None)
     assert ids == [1, 2, 3, 10, 11, 12, 13, 14, 15, 2]
     assert labels == [IGNORE] * 3 + [10, 11, 12, 13, 14, 15, 2]
-    ids, labels = example_tensors(EXAMPLE, ["ms", "qs"], None)
+    assert weights == [0.0] * 3 + [1.0] * 7
+    ids, labels, weights = example_tensors(EXAMPLE, ["ms", "qs"], None)
     assert ids == [1, 2, 3, 10, 11, 12, 13, 14, 15, 2]
     assert labels == [IGNORE] * 3 + [10, 11, 12, IGNORE, 14, IGNORE, 2]
-    ids, labels = example_tensors(EXAMPLE, ["qs"], 99)
+    assert weights == [0.0] * 3 + [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    ids, labels, _ = example_tensors(EXAMPLE, ["qs"], 99)
     assert ids == [1, 2, 3, 10, 11, 12, 13, 14, 99, 2]
     assert labels == [IGNORE] * 3 + [10, 11, 12, 13, 14, IGNORE, 2]
+
+
+def test_decision_tokens_weigh_more_and_the_loss_is_their_weighted_mean():
+    _, labels, weights = example_tensors(EXAMPLE, [], None, {"y": 4.0, "ms": 4.0})
+    assert weights == [0.0] * 3 + [4.0, 4.0, 1.0, 4.0, 1.0, 1.0, 1.0]
+    logits = torch.randn(1, len(labels), 20)
+    labels_tensor, weights_tensor = torch.tensor([labels]), torch.tensor([weights])
+    per_token = torch.nn.functional.cross_entropy(logits[0, :-1], labels_tensor[0, 1:], ignore_index=IGNORE, reduction="none")
+    expected = (per_token * weights_tensor[0, 1:]).sum() / weights_tensor[0, 1:].sum()
+    assert weighted_token_loss(logits, labels_tensor, weights_tensor, float(weights_tensor[0, 1:].sum())) == pytest.approx(float(expected))
+    unweighted = torch.ones_like(weights_tensor) * (labels_tensor != IGNORE)
+    mean = torch.nn.functional.cross_entropy(logits[0, :-1], labels_tensor[0, 1:], ignore_index=IGNORE)
+    assert weighted_token_loss(logits, labels_tensor, unweighted, float(unweighted[0, 1:].sum())) == pytest.approx(float(mean))
+    with pytest.raises(ConfigError, match="decision_weight"):
+        SFTConfig(decision_weight=0)
 
 
 def test_mask_draws_never_include_y_and_follow_p_mask():

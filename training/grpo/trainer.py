@@ -62,7 +62,7 @@ class GRPOConfig:
     estimator: str = help_field("Advantage estimator: grpo, sam, process, shaped, graph_fixed or graph_grpo.", "graph_grpo")
     graph: str | None = help_field("Reasoning graph name or YAML path (default: the start policy's policy.json).", None)
     label_set: str | None = help_field("Label set of the judgments, wands or esci (default: the start policy's policy.json).", None)
-    order: str | None = help_field("CoT order, label_first or reasoning_first (default: the start policy's policy.json).", None)
+    order: str | None = help_field("CoT order, one of the graph's orders (default: the start policy's policy.json).", None)
     prompt_tokens: int | None = help_field("Token budget of the prompt text (default: the start policy's policy.json).", None)
     backend: str = help_field("Rollout backend: hf (transformers generate) or vllm (needs the vllm extra).", "hf")
     steps: int = help_field("RL steps (one rollout batch each).", 100)
