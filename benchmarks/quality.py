@@ -171,27 +171,31 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def curves(runs: list[Path], results: Path) -> dict:
-    """Validation metrics against steps of each SFT run folder (its `metrics.jsonl` records with `val/...`)."""
+def curves(runs: list[Path], results: Path, keep_previous: bool = False) -> dict:
+    """Validation metrics against steps of each SFT run folder (its `metrics.jsonl` records with `val/...`), with the
+    model size and order of each; `keep_previous` keeps the curves of earlier runs already in quality_curves.json."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    found = {}
+    previous = results / "quality_curves.json"
+    found = json.loads(previous.read_text()) if keep_previous and previous.exists() else {}
     for run in runs:
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         start = next(record for record in records if record.get("event") == "start")
         evals = [record for record in records if "val/label_macro_f1" in record]
-        found[run.name] = {"order": start["config"]["order"], "steps": [r["step"] for r in evals],
+        model_config = json.loads((Path(start["config"]["model"]) / "config.json").read_text())
+        size = f"{model_config['num_hidden_layers']}x{model_config['hidden_size']}"
+        found[run.name] = {"order": start["config"]["order"], "model": size, "steps": [r["step"] for r in evals],
                            **{key[len("val/"):]: [r[key] for r in evals] for key in evals[-1] if key.startswith("val/")}}
     nodes = ("qs", "ps", "qa", "pa", "ms", "ma", "y")
     figure, axes = plt.subplots(1, len(nodes) + 1, figsize=(3 * (len(nodes) + 1), 3), sharex=True)
     for name, run in found.items():
         for axis, node in zip(axes, nodes):
-            axis.plot(run["steps"], run[f"node_accuracy/{node}"], marker="o", label=name)
+            axis.plot(run["steps"], run[f"node_accuracy/{node}"], marker="o", label=f"{name} ({run.get('model', '2x128')}, {run['order']})")
             axis.set_title(f"{node} accuracy")
-        axes[-1].plot(run["steps"], run["label_macro_f1"], marker="o", label=name)
+        axes[-1].plot(run["steps"], run["label_macro_f1"], marker="o", label=f"{name} ({run.get('model', '2x128')}, {run['order']})")
         axes[-1].set_title("label macro-F1")
     axes[-1].legend(fontsize=7)
     for axis in axes:
@@ -212,6 +216,7 @@ def main() -> None:
     parser.add_argument("--unseen", type=Path, help="`relevance datasets` output of a world with a seed the policies never saw.")
     parser.add_argument("--throughput-pairs", type=int, default=512)
     parser.add_argument("--curves", type=Path, nargs="+", help="SFT run folders trained with eval_every: plot their validation curves.")
+    parser.add_argument("--keep-previous", action="store_true", help="with --curves: keep the runs already in quality_curves.json")
     parser.add_argument("--split", default="test")
     parser.add_argument("--policies", nargs="+", default=["sft", "grpo"])
     parser.add_argument("--batch-size", type=int, default=128)
@@ -219,7 +224,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.curves:
-        print(json.dumps(curves(args.curves, args.results), indent=1))
+        print(json.dumps(curves(args.curves, args.results, args.keep_previous), indent=1))
         return
     if args.demo is not None:
         data, policies = args.demo / "datasets", {name: args.demo / name / "model" for name in args.policies}

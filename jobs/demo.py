@@ -26,7 +26,8 @@ class DemoConfig:
     seed: int = help_field("Random seed of the world.", 0)
     engine: str = help_field("Validation engine: spark (the production path) or pandas.", "spark")
     wands: str = help_field("WANDS folder ingested as the public-format example.", str(EMBEDDED_WANDS))
-    sft_steps: int = help_field("SFT optimizer steps (0: the SFT default).", 0)
+    sft_steps: int = help_field(
+        "SFT optimizer steps (0: the SFT default, 4000, about 20 minutes here; the demo trains fewer to stay within its budget).", 2000)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
@@ -119,15 +120,15 @@ def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
     """Each trained policy labels the same test pairs: label probabilities, node decisions, reasoning."""
     from schemas.storage import write_table
     from schemas.tables import RELEVANCE
+    from training.policy_format import resolve_format
     from training.predict import score_split
-    from training.sft import SFTConfig
 
-    defaults = SFTConfig()
     outputs = {}
     for name, folder in POLICIES.items():
+        policy = resolve_format(out / folder)
         rows = score_split(
-            out / folder, out / "datasets", "test", label_set=defaults.label_set, graph=defaults.graph,
-            order=defaults.order, prompt_tokens=defaults.prompt_tokens, reasoning="all", model_name=name,
+            out / folder, out / "datasets", "test", label_set=policy.label_set, graph=policy.graph,
+            order=policy.order, prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name,
             max_pairs=config.eval_pairs,
         )
         target = out / "models" / name

@@ -121,7 +121,7 @@ def sft_policy(tiny_world, tiny_model, tmp_path_factory) -> Path:
     from training.sft import SFTConfig, run
 
     out = tmp_path_factory.mktemp("sft_policy")
-    run(SFTConfig(data=tiny_world, model=tiny_model, out=out, batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
+    run(SFTConfig(data=tiny_world, model=tiny_model, out=out, order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
                   val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"
 
@@ -135,6 +135,6 @@ def vllm_policy(tiny_world, tmp_path_factory) -> Path:
 
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base")))
     out = tmp_path_factory.mktemp("vllm_sft")
-    run(SFTConfig(data=tiny_world, model=base, out=out, batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
+    run(SFTConfig(data=tiny_world, model=base, out=out, order="label_first", batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
                   max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"

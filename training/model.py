@@ -37,10 +37,10 @@ class ModelInitConfig:
     label_set: str = help_field("Label set name or YAML path (its labels join the vocabulary).", "wands")
     vocab_size: int = help_field("BPE vocabulary size, special tokens included.", 1024)
     hidden_size: int = help_field("Transformer width.", 128)
-    num_layers: int = help_field("Transformer layers.", 2)
+    num_layers: int = help_field("Transformer layers.", 4)
     num_heads: int = help_field("Attention heads (must divide hidden_size; vLLM on CPU needs a head size of 32, 64, 80, 96, 112, 128, ...).", 4)
     num_kv_heads: int = help_field("Key/value heads (grouped-query attention; must divide num_heads).", 2)
-    intermediate_size: int = help_field("MLP width.", 256)
+    intermediate_size: int = help_field("MLP width.", 384)
     max_positions: int = help_field("Longest sequence (prompt + CoT) in tokens.", 512)
     seed: int = help_field("Seed of the weight initialisation.", 0)
 

@@ -265,6 +265,15 @@ def test_the_format_comes_from_the_teacher_and_a_contradiction_is_refused(tmp_pa
         DistillConfig(teacher=tmp_path / "teacher", order="label_first")
 
 
+def test_the_teacher_generates_the_whole_cot_when_its_label_comes_last(tmp_path):
+    from training.policy_format import PolicyFormat
+
+    for order, tokens in (("label_first", 16), ("reasoning_first", 96), ("product_first", 96)):
+        PolicyFormat(order=order).save(tmp_path / order)
+        assert DistillConfig(teacher=tmp_path / order).teacher_new_tokens == tokens
+    assert DistillConfig(teacher=tmp_path / "product_first", teacher_new_tokens=70).teacher_new_tokens == 70
+
+
 def test_a_huge_title_costs_the_student_tokenizer_no_more_than_a_full_length_one():
     from transformers import AutoTokenizer
 
