@@ -92,7 +92,7 @@ def curves(run_dir: Path, graph: ReasoningGraph) -> dict[str, list]:
         "val_label_accuracy": [r["val/label_accuracy"] for r in evals],
         "val_macro_f1": [r["val/label_macro_f1"] for r in evals],
         "val_node_accuracy": [float(np.mean([r[f"val/node_accuracy/{node}"] for node in reasoning])) for r in evals],
-        "seconds_per_step": float(np.mean([r["time/generate"] + r["time/train"] for r in train])),
+        "seconds_per_step": float(np.mean([r["time/step"] for r in train])),
     }
 
 
@@ -141,15 +141,21 @@ def summarise(runs: list[dict], evaluation: dict, graph: ReasoningGraph) -> dict
     by_estimator: dict[str, dict] = {}
     for run in runs:
         model = evaluation["models"][run["name"]]
-        entry = by_estimator.setdefault(run["estimator"], {"seeds": [], "macro_f1": [], "accuracy": [], "node_accuracy": []})
+        entry = by_estimator.setdefault(run["estimator"], {"seeds": [], "macro_f1": [], "accuracy": [], "node_accuracy": [],
+                                                           "seconds_per_step": [], "vs_sft": []})
         entry["seeds"].append(run["seed"])
+        entry["seconds_per_step"].append(run["curves"]["seconds_per_step"])
+        entry["vs_sft"].append(model.get("vs_sft", ""))
         entry["macro_f1"].append(model["macro_f1"][0])
         entry["accuracy"].append(model["accuracy"][0])
         entry["node_accuracy"].append(float(np.mean([value[0] for node, value in model["node_accuracy"].items() if node != graph.label_node])))
     for entry in by_estimator.values():
-        for key in ("macro_f1", "accuracy", "node_accuracy"):
+        for key in ("macro_f1", "accuracy", "node_accuracy", "seconds_per_step"):
             entry[f"{key}_mean"] = float(np.mean(entry[key]))
             entry[f"{key}_sd"] = float(np.std(entry[key], ddof=1)) if len(entry[key]) > 1 else 0.0
+    if "grpo" in by_estimator:
+        for entry in by_estimator.values():
+            entry["step_cost_over_grpo"] = entry["seconds_per_step_mean"] / by_estimator["grpo"]["seconds_per_step_mean"]
     return by_estimator
 
 
@@ -165,10 +171,12 @@ def markdown(result: dict, graph: ReasoningGraph) -> str:
                  *[f"{model['f1'][label][0]:.3f}" for label in labels], *[f"{model['node_accuracy'][node][0]:.3f}" for node in nodes],
                  model.get("vs_sft", "")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| estimator | seeds | test macro-F1 mean (sd) | accuracy mean | reasoning-node accuracy mean |", "|---|---|---|---|---|"]
+    lines += ["", "| estimator | seeds | test macro-F1 mean (sd) | accuracy mean | reasoning-node accuracy mean | s/step (x grpo) |",
+              "|---|---|---|---|---|---|"]
     for name, entry in result["by_estimator"].items():
+        cost = f"{entry['seconds_per_step_mean']:.2f} ({entry.get('step_cost_over_grpo', float('nan')):.2f}x)"
         lines.append(f"| {name} | {entry['seeds']} | {entry['macro_f1_mean']:.3f} ({entry['macro_f1_sd']:.3f}) | "
-                     f"{entry['accuracy_mean']:.3f} | {entry['node_accuracy_mean']:.3f} |")
+                     f"{entry['accuracy_mean']:.3f} | {entry['node_accuracy_mean']:.3f} | {cost} |")
     return "\n".join(lines) + "\n"
 
 

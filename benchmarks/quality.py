@@ -190,18 +190,19 @@ def curves(runs: list[Path], results: Path, keep_previous: bool = False) -> dict
         found[run.name] = {"order": start["config"]["order"], "model": size, "steps": [r["step"] for r in evals],
                            **{key[len("val/"):]: [r[key] for r in evals] for key in evals[-1] if key.startswith("val/")}}
     nodes = ("qs", "ps", "qa", "pa", "ms", "ma", "y")
-    figure, axes = plt.subplots(1, len(nodes) + 1, figsize=(3 * (len(nodes) + 1), 3), sharex=True)
+    figure, grid = plt.subplots(2, 4, figsize=(15, 7.5), sharex=True)
+    axes = list(grid.flat)
     for name, run in found.items():
         for axis, node in zip(axes, nodes):
             axis.plot(run["steps"], run[f"node_accuracy/{node}"], marker="o", label=f"{name} ({run.get('model', '2x128')}, {run['order']})")
             axis.set_title(f"{node} accuracy")
         axes[-1].plot(run["steps"], run["label_macro_f1"], marker="o", label=f"{name} ({run.get('model', '2x128')}, {run['order']})")
         axes[-1].set_title("label macro-F1")
-    axes[-1].legend(fontsize=7)
+    figure.legend(*axes[-1].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
     for axis in axes:
         axis.set_xlabel("SFT step")
         axis.set_ylim(0, 1)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     results.mkdir(parents=True, exist_ok=True)
     figure.savefig(results / "quality_curves.png", dpi=80)
     (results / "quality_curves.json").write_text(json.dumps(found, indent=2) + "\n")

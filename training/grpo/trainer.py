@@ -487,7 +487,7 @@ def run(config: GRPOConfig) -> dict:
     bar = tqdm(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
                total=config.steps)
     for step in bar:
-        timer = time.perf_counter()
+        step_started = timer = time.perf_counter()
         examples, rollouts = rollout_batch(state, step)
         generate_seconds = time.perf_counter() - timer
         batch = scored_batch(state, examples, rollouts)
@@ -505,6 +505,7 @@ def run(config: GRPOConfig) -> dict:
         state.backend.sync(state.model)
         record["time/generate"] = generate_seconds
         record["time/train"] = time.perf_counter() - timer
+        record["time/step"] = time.perf_counter() - step_started  # rollouts, rewards, controller, update and sync
         bar.set_postfix(reward=f"{record['reward/outcome']:.3f}", kl=f"{record.get('train/kl', 0.0):.4f}")
         log_step(state, step, record)
     bar.close()
