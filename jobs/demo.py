@@ -26,6 +26,8 @@ class DemoConfig:
     seed: int = help_field("Random seed of the world.", 0)
     engine: str = help_field("Validation engine: spark (the production path) or pandas.", "spark")
     wands: str = help_field("WANDS folder ingested as the public-format example.", str(EMBEDDED_WANDS))
+    order: str = help_field("CoT order of the policy the demo trains (one of the graph's orders; label_first is the one-forward-pass "
+                            "scoring path, the default product_first labels better).", "product_first")
     sft_steps: int = help_field(
         "SFT optimizer steps (0: the SFT default, 4000, about 20 minutes here; the demo trains fewer to stay within its budget).", 2000)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
@@ -97,7 +99,7 @@ def _train_policy(config: DemoConfig, out: Path) -> dict[str, str]:
     init_model(ModelInitConfig(world=out / "world", out=initial))
     steps = {"max_steps": config.sft_steps} if config.sft_steps else {}
     run_dir = out / "sft"
-    sft(SFTConfig(data=out / "datasets", model=initial, out=run_dir, **steps))
+    sft(SFTConfig(data=out / "datasets", model=initial, out=run_dir, order=config.order, **steps))
     return {"initial policy": str(initial), "SFT policy": str(run_dir / "model"), "SFT metrics": str(run_dir / "metrics.jsonl"),
             "SFT summary": str(run_dir / "summary.json")}
 
