@@ -128,12 +128,13 @@ def sft_policy(tiny_world, tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_policy(tiny_world, tmp_path_factory) -> Path:
-    """`relevance model init`'s default policy, briefly SFT-trained (not the `tiny_model` fixture: its head
+    """A `relevance model init` policy of width 128, briefly SFT-trained (not the `tiny_model` fixture: its head
     size of 16 has no kernel in vLLM's CPU attention, which takes 32, 64, 80, ...)."""
     from training.model import ModelInitConfig, init_tiny_model
     from training.sft import SFTConfig, run
 
-    base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base")))
+    # 2 layers x 128 (head size 32): the smallest shape vLLM's CPU attention runs, trained as briefly as before
+    base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base"), num_layers=2, intermediate_size=256))
     out = tmp_path_factory.mktemp("vllm_sft")
     run(SFTConfig(data=tiny_world, model=base, out=out, order="label_first", batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
                   max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
