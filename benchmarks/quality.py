@@ -33,6 +33,7 @@ import json
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,28 +81,41 @@ def implied_label(ms: str | None, ma: str | None, labels: LabelSet) -> str | Non
         return None
 
 
-def throughput(policy: Path, pairs: list[dict], batch_size: int) -> float:
+@dataclass(frozen=True)
+class Policy:
+    """A policy folder loaded once: its format, graph, label set, model and tokenizer."""
+
+    folder: Path
+    format: PolicyFormat
+    graph: ReasoningGraph
+    labels: LabelSet
+    model: object
+    tokenizer: object
+
+    @classmethod
+    def load(cls, folder: Path) -> Policy:
+        policy_format = PolicyFormat.load(folder) or PolicyFormat()
+        return cls(folder, policy_format, ReasoningGraph.load(policy_format.graph), LabelSet.load(policy_format.label_set),
+                   *load_model(folder))
+
+
+def throughput(policy: Policy, pairs: list[dict], batch_size: int) -> float:
     """Pairs/s of the nightly scoring path (label distribution, no reasoning kept) on `pairs`, prompts built from text."""
     import datetime as dt
     import time
 
     from training.predict import pair_prompts, relevance_rows
 
-    policy_format = PolicyFormat.load(policy) or PolicyFormat()
-    graph, labels = ReasoningGraph.load(policy_format.graph), LabelSet.load(policy_format.label_set)
-    model, tokenizer = load_model(policy)
     started = time.perf_counter()
-    prompts = pair_prompts(tokenizer, pairs, policy_format.prompt_tokens)
-    relevance_rows(model, tokenizer, pairs, prompts, graph, labels, policy_format.order, reasoning="none", model_name="bench",
-                   model_version="bench", ds=dt.date.today(), batch_size=batch_size)
+    prompts = pair_prompts(policy.tokenizer, pairs, policy.format.prompt_tokens)
+    relevance_rows(policy.model, policy.tokenizer, pairs, prompts, policy.graph, policy.labels, policy.format.order, reasoning="none",
+                   model_name="bench", model_version="bench", ds=dt.date.today(), batch_size=batch_size)
     return len(pairs) / (time.perf_counter() - started)
 
 
-def diagnose(policy: Path, data: Path, split: str, related: set[tuple[str, str]], batch_size: int, max_new_tokens: int) -> dict:
+def diagnose(policy: Policy, data: Path, split: str, related: set[tuple[str, str]], batch_size: int, max_new_tokens: int) -> dict:
     """Node accuracy, contradictions and the composed label of one policy's greedy CoTs on `split`."""
-    policy_format = PolicyFormat.load(policy) or PolicyFormat()
-    graph, labels = ReasoningGraph.load(policy_format.graph), LabelSet.load(policy_format.label_set)
-    model, tokenizer = load_model(policy)
+    policy_format, graph, labels, model, tokenizer = policy.format, policy.graph, policy.labels, policy.model, policy.tokenizer
     pairs = load_pairs(data, policy_format.label_set, split)
     examples = [encode_example(pair, tokenizer, graph, policy_format.order, policy_format.prompt_tokens) for pair in pairs]
     generations = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -126,7 +140,7 @@ def diagnose(policy: Path, data: Path, split: str, related: set[tuple[str, str]]
     composed = [implied_label(o["ms"], o["ma"], labels) for o in own]  # the label its own extraction implies
     ms_confusion = Counter((g["ms"], p.get("ms")) for p, g in zip(parsed, golds))
     return {
-        "policy": str(policy), "format": policy_format.__dict__, "pairs": n,
+        "policy": str(policy.folder), "format": policy_format.__dict__, "pairs": n,
         "parse_rate": sum(p.well_formed for p in parsed) / n,
         "label_macro_f1": float(label_scores(gold_labels, predicted, labels.names).macro_f1),
         "label_accuracy": sum(a == b for a, b in zip(predicted, gold_labels)) / n,
@@ -243,10 +257,12 @@ def main() -> None:
     label_set = (PolicyFormat.load(Path(next(iter(policies.values())))) or PolicyFormat()).label_set
     timed = load_pairs(data, label_set, args.split)[: args.throughput_pairs]
     for name, folder in policies.items():
-        run = diagnose(Path(folder), data, args.split, related, args.batch_size, args.max_new_tokens)
-        run["throughput_pairs_per_s"] = throughput(Path(folder), timed, args.batch_size)
+        policy = Policy.load(Path(folder))
+        run = diagnose(policy, data, args.split, related, args.batch_size, args.max_new_tokens)
+        run["throughput_pairs_per_s"] = throughput(policy, timed, args.batch_size)
+        run["throughput_load_average"] = round(os.getloadavg()[0], 2)  # timings compare only on a quiet machine
         if args.unseen:
-            run["unseen"] = diagnose(Path(folder), args.unseen, "test", related, args.batch_size, args.max_new_tokens)
+            run["unseen"] = diagnose(policy, args.unseen, "test", related, args.batch_size, args.max_new_tokens)
         result["policies"][name] = run
     result["machine"] = f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
     args.results.mkdir(parents=True, exist_ok=True)

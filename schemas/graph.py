@@ -122,6 +122,10 @@ class ReasoningGraph:
         except KeyError:
             raise ValueError(f"graph {self.name!r} has no order {name!r}; orders: {sorted(self.orders)}") from None
 
+    def label_comes_first(self, order: str) -> bool:
+        """Whether the named order writes the label before any reasoning (scoring then needs no generation)."""
+        return self.order(order)[0] == self.label_node
+
     def digraph(self) -> nx.DiGraph:
         """A fresh networkx DiGraph with node attributes `kind`, `values`, `description`."""
         graph = nx.DiGraph()

@@ -94,8 +94,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         teacher = self.teacher_format()  # a setting that contradicts the teacher (or names no graph) is a usage error, refused before any work
         if self.teacher_new_tokens is None:
-            graph = ReasoningGraph.load(teacher.graph)
-            label_first = graph.order(teacher.order)[0] == graph.label_node
+            label_first = ReasoningGraph.load(teacher.graph).label_comes_first(teacher.order)
             object.__setattr__(self, "teacher_new_tokens", 16 if label_first else 96)  # frozen: filled once, while the config is built
         for name in ("max_steps", "batch_size", "teacher_new_tokens", "teacher_batch_size", "max_length",
                      "eval_batch_size", "threads"):

@@ -44,7 +44,7 @@ def label_prefix(generated: str, graph: ReasoningGraph, order: str) -> str:
     wrote one) followed by the label tag. `label_first`: just the tag.
     """
     tag = f"{graph.label_node}{SEPARATOR}"
-    if graph.order(order)[0] == graph.label_node:
+    if graph.label_comes_first(order):
         return tag
     lines = generated.split("\n")
     reasoning = []
@@ -152,7 +152,7 @@ def reasoning_wanted(pairs: Sequence[dict], mode: str, sample_rate: float) -> li
 
 def generation_needed(graph: ReasoningGraph, order: str, wanted: Sequence[bool]) -> list[bool]:
     """Which pairs must be generated: all in `reasoning_first` (the label follows the reasoning), the wanted ones otherwise."""
-    if graph.order(order)[0] == graph.label_node:
+    if graph.label_comes_first(order):
         return list(wanted)
     return [True] * len(wanted)
 

@@ -88,7 +88,7 @@ class VLLMScorer:
         def steps():
             return label_steps(self.tokenizer, prompts, [label_prefix(text, graph, spec.order) for text in texts], graph, spec.order, labels)
 
-        label_first = graph.order(spec.order)[0] == graph.label_node
+        label_first = graph.label_comes_first(spec.order)
         # label_first: the label step precedes the reasoning (its prefix is the tag alone), so it joins the generations' call
         generated, probabilities = self._run([prompts[i] for i in to_generate], regex, steps() if label_first else [])
         for i, text in zip(to_generate, generated):

@@ -14,6 +14,8 @@ def test_default_graph_is_the_design_graph():
     assert set(digraph.edges) == {("qs", "ms"), ("ps", "ms"), ("qa", "ma"), ("pa", "ma"), ("ms", "y"), ("ma", "y")}
     assert graph.order("label_first") == ("y", "ms", "ma", "qs", "qa", "ps", "pa")
     assert graph.order("reasoning_first") == ("qs", "qa", "ps", "pa", "ms", "ma", "y")
+    assert graph.order("product_first") == ("ps", "pa", "qs", "qa", "ms", "ma", "y")
+    assert [graph.label_comes_first(order) for order in ("label_first", "reasoning_first", "product_first")] == [True, False, False]
     assert graph.credit_order[0] == "y"
     position = {node: i for i, node in enumerate(graph.credit_order)}
     assert all(position[target] < position[source] for source, target in digraph.edges)

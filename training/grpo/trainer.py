@@ -345,8 +345,7 @@ def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, flo
     from training.grpo.loss import surrogate_token_losses
 
     config, packed = state.config, batch.packed
-    outcome_tokens, _ = get_estimator("grpo")(batch.advantages, state.advantage_params)
-    outcome_tokens = outcome_tokens * batch.weights.unsqueeze(1)
+    outcome_tokens, _ = weighted_advantages(state, batch, get_estimator("grpo"))
     on_label = (batch.advantages.token_nodes == state.credit_graph.label).to(state.device)
 
     def token_losses(weights):
@@ -357,18 +356,24 @@ def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, flo
         return (token_losses(weights) * outcome_tokens.to(state.device) * on_label).sum()
 
     def advantages(phi):
-        return state.estimator(replace(batch.advantages, phi=phi), state.advantage_params)[0] * batch.weights.unsqueeze(1)
+        return weighted_advantages(state, batch, state.estimator, phi)[0]
 
     alignment = token_alignment(token_losses, main_loss, state.named_params, method=config.controller_method).cpu()
     grad_phi = lookahead_gradient(advantages, state.controller.phi(), alignment, config.controller_alpha)
     return state.controller.update(grad_phi)
 
 
+def weighted_advantages(state: TrainingState, batch: ScoredBatch, estimator: Estimator, phi: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """((B, T) token advantages of `estimator`, each rollout's scaled by its prompt's class weight, the estimator's metrics)."""
+    advantages, metrics = estimator(replace(batch.advantages, phi=phi), state.advantage_params)
+    return advantages * batch.weights.unsqueeze(1), metrics
+
+
 def advantages_for(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, dict[str, float]]:
     """((B, T) token advantages on the training device, the estimator's metrics); graph estimators get the controller's phi."""
     phi = state.controller.phi() if state.estimator.needs_phi else None
-    advantages, metrics = state.estimator(replace(batch.advantages, phi=phi), state.advantage_params)
-    return (advantages * batch.weights.unsqueeze(1)).to(state.device), metrics
+    advantages, metrics = weighted_advantages(state, batch, state.estimator, phi)
+    return advantages.to(state.device), metrics
 
 
 def kept_rollouts(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, dict[str, float]]:
