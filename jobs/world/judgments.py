@@ -6,6 +6,8 @@ Gold nodes of a (query, product) pair, in the graph's text format:
   ms = match     if the product's type is the query's type,
        related   if it is a related type (sibling or accessory; the vocabulary relation, made symmetric),
        mismatch  otherwise
+  ac = none      if the query constrains nothing, else one entry per constraint, `key=value:yes` when the
+       product satisfies it and `key=value:no` when not (only for graphs with the `ac` node: relevance8)
   ma = none      if the query constrains nothing (no attribute, no brand),
        match     if the product satisfies every constraint (same canonical value, same brand),
        partial   if it satisfies some,
@@ -37,11 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from jobs.world.catalog import Catalog, facets_text
+from jobs.world.catalog import BRAND_FACET, Catalog, facets_text
 from jobs.world.columns import string_map, take
 from jobs.world.queries import Queries
 from jobs.world.vocabulary import Vocabulary
-from schemas.graph import LabelSet, ReasoningGraph
+from schemas.graph import LabelSet, ReasoningGraph, format_facets
 from schemas.tables import GOLD_NODES, JUDGMENTS
 
 MS_VALUES = ("match", "related", "mismatch")
@@ -49,6 +51,8 @@ MA_VALUES = ("match", "partial", "mismatch", "none")
 MS_MATCH, MS_RELATED, MS_MISMATCH = range(3)
 MA_MATCH, MA_PARTIAL, MA_MISMATCH, MA_NONE = range(4)
 EVIDENCE_NODES = ("qs", "qa", "ps", "pa", "ms", "ma")
+CHECKS_NODE = "ac"  # optional: per-constraint attribute checks (relevance8)
+CHECK_YES, CHECK_NO = "yes", "no"
 RATER = "synthetic_rater"
 
 
@@ -82,6 +86,20 @@ def pair_nodes(queries: Queries, catalog: Catalog, related: np.ndarray, q: np.nd
     return PairNodes(ms.astype(np.int8), ma.astype(np.int8), gain)
 
 
+def checks_text(vocabulary: Vocabulary, queries: Queries, catalog: Catalog, q: np.ndarray, p: np.ndarray) -> list[str]:
+    """Gold `ac` of pairs (q[i], p[i]): each query constraint as `key=value:yes|no` (satisfied by the
+    product or not, the rule `pair_nodes` counts), in `format_facets` form; `none` without constraints."""
+    texts = []
+    for wanted, offered, brand, product_brand in zip(queries.constraints[q].tolist(), catalog.attributes[p].tolist(),
+                                                     queries.brand_code[q].tolist(), catalog.brand_code[p].tolist()):
+        checks = {attribute.name: (attribute.values[code], code == have)
+                  for attribute, code, have in zip(vocabulary.attributes, wanted, offered) if code >= 0}
+        if brand >= 0:
+            checks[BRAND_FACET] = (vocabulary.brands[brand], brand == product_brand)
+        texts.append(format_facets({key: f"{value}:{CHECK_YES if met else CHECK_NO}" for key, (value, met) in checks.items()}))
+    return texts
+
+
 def label_lookup(label_set: LabelSet) -> np.ndarray:
     """(3, 4) label codes: lookup[ms, ma] = index of label_set.label_from_nodes({ms, ma}); -1 if uncovered."""
     lookup = np.full((len(MS_VALUES), len(MA_VALUES)), -1, dtype=np.int8)
@@ -95,11 +113,11 @@ def label_lookup(label_set: LabelSet) -> np.ndarray:
 
 
 def check_graph(graph: ReasoningGraph) -> None:
-    """The world knows gold values for qs, qa, ps, pa, ms, ma and the label; the graph must ask for those."""
+    """The world knows gold values for qs, qa, ps, pa, ms, ma, the label and optionally ac; the graph must ask for those."""
     expected = {*EVIDENCE_NODES, graph.label_node}
-    if set(graph.node_names) != expected:
+    if not expected <= set(graph.node_names) <= expected | {CHECKS_NODE}:
         raise ValueError(f"graph {graph.name!r} has nodes {graph.node_names}; the synthetic world gives gold "
-                         f"values for {sorted(expected)}")
+                         f"values for {sorted(expected)} and optionally {CHECKS_NODE!r}")
     for name, values in (("ms", MS_VALUES), ("ma", MA_VALUES)):
         if set(graph.node(name).values) != set(values):
             raise ValueError(f"graph {graph.name!r}: node {name} has values {list(graph.node(name).values)}; "
@@ -198,6 +216,8 @@ def gold_and_judgments(
         "ma": take(MA_VALUES, nodes.ma),
         graph.label_node: take(label_set.names, gold),
     }
+    if CHECKS_NODE in graph.node_names:
+        values[CHECKS_NODE] = pa.array(checks_text(vocabulary, queries, catalog, q, p), pa.string())
     query_ids, product_ids = queries.query_ids.take(pa.array(q)), catalog.product_ids.take(pa.array(p))
     gold_nodes = pa.table(
         {
