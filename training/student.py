@@ -202,7 +202,7 @@ def score_split(folder: str | Path, data: str | Path, split: str, *, model_name:
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
     """
     from training.examples import load_pairs
-    from training.model import model_version
+    from training.model_files import model_version
 
     model, tokenizer, meta = load_student(folder)
     labels, graph = LabelSet.load(meta["label_set"]), ReasoningGraph.load(meta["graph"])
