@@ -66,11 +66,11 @@ def load_model(path: str | Path, dtype: str = "float32"):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json); run `relevance model init` first")
     weight_files(path)  # refuses a folder whose weights are only pickles, or whose index names a missing shard, before any loading
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # safetensors only (one file or an index and its shards): a pickled pytorch_model.bin is never unpickled
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False)
     return model, tokenizer
 
 
