@@ -158,9 +158,13 @@ def main() -> None:
     args = parser.parse_args()
 
     policy, student = args.policy or args.root / "sft" / "model", args.student or args.root / "distill" / "model"
+    from training.model_files import ModelFolderError, weight_files
+
     for what, folder in (("policy", policy), ("student", student)):
-        if not (folder / "model.safetensors").is_file():
-            sys.exit(f"no {what} in {folder}: run `make demo` first (it writes the SFT policy and the distilled student), or pass --{what}")
+        try:
+            weight_files(folder)
+        except ModelFolderError as error:
+            sys.exit(f"no {what} in {folder} ({error}): run `make demo` first (it writes the SFT policy and the distilled student), or pass --{what}")
 
     import torch
 

@@ -189,7 +189,8 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
 
     from schemas.storage import read_table
     from schemas.tables import RELEVANCE
-    from training.model import load_model, model_version
+    from training.model import load_model
+    from training.model_files import model_version
     from training.predict import pair_prompts, relevance_rows
 
     path = config.out / TEACHER_CACHE
@@ -250,7 +251,7 @@ def run(config: DistillConfig) -> dict:
 
     import torch
 
-    from training.model import model_version
+    from training.model_files import model_version
     from training.student import build_student, default_encoder, head_vocabularies, predict_probabilities, save_student
 
     torch.set_num_threads(config.threads)

@@ -9,8 +9,6 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from schemas.config import ConfigError, help_field
 from schemas.graph import FACETS_NONE, LabelSet, ReasoningGraph, format_facets
 from schemas.storage import read_table
 from schemas.tables import CATALOG, QUERIES
+from training.model_files import refuse_adapter, weight_files
 from training.prompt import product_facets, render_fields
 
 PAD, BOS, EOS, MASK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"
@@ -58,25 +57,6 @@ class ModelInitConfig:
             raise ConfigError(f"num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
 
 
-def model_version(folder: str | Path) -> str:
-    """The first 12 hex digits of the sha256 of the folder's `model.safetensors`: the version scores are cached under.
-
-    Hashed once per file state in a process (the job and the scorer it opens both ask; weights can be GBs).
-    """
-    weights = (Path(folder) / "model.safetensors").resolve()
-    state = weights.stat()
-    return _weights_digest(weights, state.st_mtime_ns, state.st_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _weights_digest(weights: Path, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(weights, "rb") as file:
-        for block in iter(lambda: file.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
 def load_model(path: str | Path, dtype: str = "float32"):
     """(model, tokenizer) from a local folder; the tokenizer pads on the left for generation."""
     import torch
@@ -85,12 +65,20 @@ def load_model(path: str | Path, dtype: str = "float32"):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json); run `relevance model init` first")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    weight_files(path)  # refuses a folder whose weights are only pickles, or whose index names a missing shard, before any loading
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # safetensors only: a pickled pytorch_model.bin in a model folder is never unpickled
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True)
+    # safetensors only (one file or an index and its shards): a pickled pytorch_model.bin is never unpickled
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False)
     return model, tokenizer
+
+
+def load_model_to_train(path: str | Path):
+    """`load_model` for the start of a training run (SFT, GRPO). A folder with a LoRA adapter is refused: transformers
+    attaches it unmerged and then saves only the adapter, so the trained policy would be saved without its base."""
+    refuse_adapter(path, "a policy trained from it would be saved as the adapter alone")
+    return load_model(path)
 
 
 def _vocabulary_text(world: Path, graph: ReasoningGraph, labels: LabelSet) -> Iterator[str]:

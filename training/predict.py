@@ -228,7 +228,8 @@ def score_split(
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
     """
     from training.examples import load_pairs
-    from training.model import load_model, model_version
+    from training.model import load_model
+    from training.model_files import model_version
 
     model, tokenizer = load_model(model_dir)
     pairs = load_pairs(Path(data), label_set, split)

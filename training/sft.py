@@ -238,12 +238,12 @@ def run(config: SFTConfig) -> dict:
     """Train, checkpoint, validate, save; returns the summary written to out/summary.json."""
     import torch
 
-    from training.model import load_model
+    from training.model import load_model_to_train
 
     torch.set_num_threads(config.threads)
     graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
     device, autocast_dtype = resolve_device(config.device, config.precision)
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model_to_train(config.model)
     model.to(device)
     train = load_pairs(config.data, config.label_set, "train")
     val_pairs = validation_subsample(load_pairs(config.data, config.label_set, "validation"), config.val_items)

@@ -102,8 +102,8 @@ def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], d
     from transformers import AutoModel, AutoTokenizer
 
     options = {"use_safetensors": True, **({"add_pooling_layer": False} if _is_bert(encoder_dir) else {})}  # never unpickle weights
-    encoder = AutoModel.from_pretrained(encoder_dir, **options)
-    return MultiHeadStudent(encoder, heads, dropout), AutoTokenizer.from_pretrained(encoder_dir)
+    encoder = AutoModel.from_pretrained(encoder_dir, trust_remote_code=False, **options)
+    return MultiHeadStudent(encoder, heads, dropout), AutoTokenizer.from_pretrained(encoder_dir, trust_remote_code=False)
 
 
 def _is_bert(encoder_dir: str | Path) -> bool:
@@ -135,11 +135,11 @@ def load_student(folder: str | Path):
 
     folder = Path(folder)
     meta = student_meta(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type == "bert" else AutoModel.from_config(config)
     model = MultiHeadStudent(encoder, meta["heads"], meta["dropout"])
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
-    return model.eval(), AutoTokenizer.from_pretrained(folder), meta
+    return model.eval(), AutoTokenizer.from_pretrained(folder, trust_remote_code=False), meta
 
 
 # ---------------------------------------------------------------- batches
@@ -202,7 +202,7 @@ def score_split(folder: str | Path, data: str | Path, split: str, *, model_name:
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
     """
     from training.examples import load_pairs
-    from training.model import model_version
+    from training.model_files import model_version
 
     model, tokenizer, meta = load_student(folder)
     labels, graph = LabelSet.load(meta["label_set"]), ReasoningGraph.load(meta["graph"])

@@ -18,6 +18,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from training.model_files import refuse_adapter, weight_files
+
+
+def check_servable(model_dir: str | Path) -> None:
+    """ModelFolderError unless vLLM serves `model_dir` as transformers loads it: safetensors (one file or an index and its
+    shards; pickles are never loaded) and no LoRA adapter, which vLLM would leave out where transformers applies it."""
+    weight_files(model_dir)
+    refuse_adapter(model_dir, "vLLM would serve the base weights without it")
+
 
 def build_engine(model_dir: str | Path, *, seed: int, max_model_len: int, dtype: str, kv_cache_bytes: int,
                  logprobs_mode: str = "processed_logprobs", **engine_options):
@@ -25,6 +34,7 @@ def build_engine(model_dir: str | Path, *, seed: int, max_model_len: int, dtype:
     override the defaults above (e.g. `gpu_memory_utilization` on CUDA, `structured_outputs_config`)."""
     from vllm import LLM
 
+    check_servable(model_dir)
     options = {
         "enforce_eager": True,
         "enable_chunked_prefill": False,

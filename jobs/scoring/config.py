@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from jobs.scoring.spec import BACKENDS, ScorerSettings, ScorerSpec, scorer_settings
 from schemas.config import ConfigError, config_date, help_field
+from training.model_files import ModelFolderError, weight_files
 from training.policy_format import PolicyFormat, resolve_format, resolve_student_format
 
 ENGINES = ("local", "spark")
@@ -48,8 +48,12 @@ class ScoreConfig(ScorerSettings):
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if not self.model or not (Path(self.model) / "model.safetensors").is_file():
-            raise ConfigError(f"model: {self.model!r} is not a model folder with model.safetensors")
+        if not self.model:
+            raise ConfigError("model: required (a policy folder, or a student folder with backend=student)")
+        try:
+            weight_files(self.model)
+        except ModelFolderError as error:
+            raise ConfigError(f"model: {error}") from None
         if self.shard_size < 1 or self.batch_size < 1:
             raise ConfigError("shard_size and batch_size must be positive")
         if self.cache_days < 0:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from schemas.config import help_field
+from training.model_files import ModelFolderError, weight_files
 from training.policy_format import STUDENT_FILE, student_meta
 
 SCORERS = {
@@ -39,7 +40,6 @@ SCORERS = {
     "student": "jobs.scoring.backends:StudentScorer",
 }
 BACKENDS = tuple(SCORERS)
-WEIGHTS_FILE = "model.safetensors"
 # What every model folder needs to load (save_pretrained writes them for a policy and a student alike).
 MODEL_FILES = ("config.json", "tokenizer_config.json")
 
@@ -78,8 +78,7 @@ class ScorerSpec(ScorerSettings):
     def __post_init__(self) -> None:
         if self.backend not in SCORERS:
             raise ValueError(f"unknown scoring backend {self.backend!r}; known: {sorted(SCORERS)}")
-        if not (Path(self.model) / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"model folder {self.model} has no {WEIGHTS_FILE} (train one or point at a checkpoint folder)")
+        weight_files(self.model)  # the weights are there (one file or every shard), not only pickles; check_model_folder reads them
 
     @property
     def name(self) -> str:
@@ -103,14 +102,10 @@ def open_scorer(spec: ScorerSpec) -> Scorer:
     return getattr(importlib.import_module(module), name)(spec)
 
 
-class ModelFolderError(ValueError):
-    """A model folder that cannot load: a file missing, or weights truncated or corrupt."""
-
-
 def check_model_folder(spec: ScorerSpec) -> None:
     """Refuse, naming the file, a model folder that would fail to load: called before any data work, so a
-    bad folder fails a night in a second rather than after its Spark steps. Reads only the weights' header
-    (safetensors checks it covers the whole file, which a truncated copy does not)."""
+    bad folder fails a night in a second rather than after its Spark steps. Reads only the header of each weight
+    file, every shard and the adapter (safetensors checks it covers the whole file, which a truncated copy does not)."""
     from safetensors import SafetensorError, safe_open
 
     folder = Path(spec.model)
@@ -118,12 +113,18 @@ def check_model_folder(spec: ScorerSpec) -> None:
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise ModelFolderError(f"model folder {folder} lacks {', '.join(missing)}: not a complete saved model")
-    weights = folder / WEIGHTS_FILE
-    try:
-        with safe_open(str(weights), framework="numpy"):
-            pass
-    except (SafetensorError, OSError) as error:
-        raise ModelFolderError(f"{weights}: unreadable weights ({error}); the file is truncated or not safetensors") from None
+    if spec.backend == "vllm":
+        from training.vllm_engine import check_servable
+
+        check_servable(folder)
+    for weights in weight_files(folder):
+        if weights.suffix != ".safetensors":
+            continue  # the index and the adapter's config: JSON, read by weight_files
+        try:
+            with safe_open(str(weights), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelFolderError(f"{weights}: unreadable weights ({error}); the file is truncated or not safetensors") from None
 
 
 def pair_dicts(pairs: pa.Table) -> list[dict]:
@@ -138,7 +139,7 @@ def settings_version(weights_version: str, settings: dict) -> str:
 
 def scorer_version(spec: ScorerSpec) -> str:
     """The version `spec`'s scores are cached under, without loading the model (see the module doc)."""
-    from training.model import model_version
+    from training.model_files import model_version
 
     weights = model_version(spec.model)
     if spec.backend == "student":

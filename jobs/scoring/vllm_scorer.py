@@ -66,7 +66,7 @@ class VLLMScorer:
             os.environ["CUDA_VISIBLE_DEVICES"] = spec.device.split(":", 1)[1]
         self.spec = spec
         self.graph, self.labels = ReasoningGraph.load(spec.graph), LabelSet.load(spec.label_set)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=False)
         self.max_model_len = max_model_len(spec)
         self.engine = build_engine(spec.model, seed=spec.seed, max_model_len=self.max_model_len, dtype=spec.dtype,
                                    kv_cache_bytes=spec.kv_cache_bytes, structured_outputs_config={"backend": "xgrammar"}, **engine_options)

@@ -236,9 +236,9 @@ def make_backend(config: GRPOConfig, model, tokenizer):
 
 def load_policy(config: GRPOConfig, device):
     """(policy, tokenizer, reference or None): the start policy on `device`, with LoRA adapters when asked."""
-    from training.model import load_model
+    from training.model import load_model_to_train
 
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model_to_train(config.model)
     model.to(device)
     reference = None
     if config.lora:
