@@ -1,4 +1,5 @@
-"""What the WANDS and ESCI readers share: the result type, counts, the quarantine and a TSV reader.
+"""What the WANDS and ESCI readers share: the result type, counts and the quarantine (their TSV
+files are read by `jobs.delimited`).
 
 A reader never drops a row silently: every data row of a file it reads is accepted, quarantined
 (with file, 1-based data row, field, reason and the row as JSON) or, for a requested locale filter,
@@ -8,25 +9,20 @@ bad row raises an `IngestError` naming the file, the row and the field instead.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from jobs.quarantine import quarantine_table
 
 # CATALOG.product_type is required; a product whose source gives no class (every ESCI product,
 # a WANDS product with an empty product_class) gets this value and no `ps` gold node.
 UNKNOWN_PRODUCT_TYPE = "unknown"
-# csv's default cap is 128 KiB per field; product descriptions can be longer.
-_FIELD_SIZE_LIMIT = 1 << 30
 
 
 class IngestError(ValueError):
@@ -143,117 +139,6 @@ def select_files(folder: Path, names: dict[str, str], files: Sequence[str] | Non
     if unknown:
         raise ValueError(f"unknown file names {unknown}; use some of {sorted(names)}")
     return {short: require_file(folder / names[short]) for short in files}
-
-
-def missing_columns_error(path: Path, missing: Sequence[str], have: Sequence[str]) -> ValueError:
-    plural = "s" if len(missing) > 1 else ""
-    listed = ", ".join(repr(name) for name in missing)
-    return ValueError(f"{path}: missing required column{plural} {listed} (the header has {list(have)})")
-
-
-@contextmanager
-def _csv_field_size_limit(limit: int) -> Iterator[None]:
-    previous = csv.field_size_limit(limit)
-    try:
-        yield
-    finally:
-        csv.field_size_limit(previous)
-
-
-@dataclass(frozen=True)
-class TsvRow:
-    """One data row: `values` maps header -> text, or is None when the field count is wrong."""
-
-    number: int
-    values: dict[str, str] | None
-    fields: list[str]
-    width: int
-    problem: str | None = None  # why the row cannot be read, when it is not its field count
-
-    def reason(self) -> str:
-        """Why `values` is None."""
-        return self.problem or f"expected {self.width} tab-separated fields, got {len(self.fields)}"
-
-
-class _ConsumedLines:
-    """The file's lines, decoded one by one as `csv.reader` pulls them (so a non-UTF-8 byte is reported
-    with its line number), remembering those of the record being read."""
-
-    def __init__(self, handle, path: Path) -> None:
-        self.handle = handle
-        self.path = path
-        self.number = 0
-        self.lines: list[str] = []
-
-    def __iter__(self) -> _ConsumedLines:
-        return self
-
-    def __next__(self) -> str:
-        raw = next(self.handle)
-        self.number += 1
-        try:
-            line = raw.decode("utf-8-sig" if self.number == 1 else "utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{self.path}: line {self.number} is not UTF-8 text ({error.reason} at byte {error.start} of the line); "
-                             "re-encode the file as UTF-8") from None
-        self.lines.append(line)
-        return line
-
-    def take(self) -> list[str]:
-        lines, self.lines = self.lines, []
-        return lines
-
-
-UNBALANCED_QUOTE = "unbalanced quote: this row's quoted field ran into the rows after it, which are read on their own"
-
-
-@contextmanager
-def tsv_rows(path: Path, required: Sequence[str], desc: str) -> Iterator[Iterator[TsvRow]]:
-    """Open a tab-separated file with a header (CSV quoting, doubled quotes) and check its columns.
-
-    Yields an iterator of `TsvRow`s (1-based data row numbers, header excluded). A quoted field may
-    hold tabs and newlines; but a record whose every line after the first is a whole row on its own
-    (the header's field count) is an unbalanced quote that swallowed those rows: its first line becomes one bad row
-    (`UNBALANCED_QUOTE`) and every following line is read as a row of its own, so one stray quote
-    costs one row. Raises a ValueError naming the file when it is not UTF-8, a required column is
-    missing, or the quoting is broken beyond recovery.
-    """
-    with path.open("rb") as handle, _csv_field_size_limit(_FIELD_SIZE_LIMIT):
-        lines = _ConsumedLines(handle, path)
-        reader = csv.reader(lines, delimiter="\t", quotechar='"', doublequote=True)
-        header = next(reader, None)
-        lines.take()
-        if header is None:
-            raise ValueError(f"{path}: the file is empty; expected a header with columns {list(required)}")
-        duplicated = sorted({name for name in header if header.count(name) > 1})
-        if duplicated:
-            raise ValueError(f"{path}: the header names columns {duplicated} more than once")
-        missing = [name for name in required if name not in header]
-        if missing:
-            raise missing_columns_error(path, missing, header)
-
-        def row(number: int, fields: list[str]) -> TsvRow:
-            return TsvRow(number, dict(zip(header, fields)) if len(fields) == len(header) else None, fields, len(header))
-
-        def rows() -> Iterator[TsvRow]:
-            number = 0
-            try:
-                for fields in tqdm(reader, desc=desc, unit=" rows", disable=None, leave=False):
-                    consumed = lines.take()
-                    swallowed = [next(csv.reader([line], delimiter="\t", quotechar='"', doublequote=True), []) for line in consumed[1:]]
-                    if swallowed and all(len(line_fields) == len(header) for line_fields in swallowed):
-                        number += 1
-                        yield TsvRow(number, None, [consumed[0].rstrip("\r\n")], len(header), UNBALANCED_QUOTE)
-                        for line_fields in swallowed:
-                            number += 1
-                            yield row(number, line_fields)
-                        continue
-                    number += 1
-                    yield row(number, fields)
-            except csv.Error as error:
-                raise ValueError(f"{path}: line {reader.line_num} (data row {number + 1}): {error}") from None
-
-        yield rows()
 
 
 def parse_id(text: str) -> str | None:

@@ -42,12 +42,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from jobs.delimited import missing_columns_error
 from jobs.ingest.common import (
     UNKNOWN_PRODUCT_TYPE,
     IngestResult,
     Quarantine,
     TableCounts,
-    missing_columns_error,
     select_files,
 )
 from schemas.graph import LabelSet

@@ -44,6 +44,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from jobs.delimited import delimited_rows
 from jobs.ingest.common import (
     UNKNOWN_PRODUCT_TYPE,
     IngestResult,
@@ -53,7 +54,6 @@ from jobs.ingest.common import (
     parse_count,
     parse_id,
     select_files,
-    tsv_rows,
 )
 from schemas.graph import LabelSet, format_facets
 from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES
@@ -254,7 +254,7 @@ def _read_file(
     accepted: list[dict[str, Any]] = []
     seen: list[dict[tuple[str, ...], int]] = [{} for _ in keys]
     read = rejected = 0
-    with tsv_rows(path, columns, desc=f"read {path.name}") as rows:
+    with delimited_rows(path, columns, desc=f"read {path.name}") as (_, rows):
         for row in rows:
             read += 1
             if row.values is None:

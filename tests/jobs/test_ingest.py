@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.ingest.common import UNBALANCED_QUOTE, IngestError, parse_count, parse_id
+from jobs.delimited import UNBALANCED_QUOTE
+from jobs.ingest.common import IngestError, parse_count, parse_id
 from jobs.ingest.esci import read_esci
 from jobs.ingest.run import IngestConfig, format_counts, run
 from jobs.ingest.wands import gold_nodes_for_pair, parse_features, read_wands
