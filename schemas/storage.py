@@ -57,8 +57,9 @@ def check_file_schema(table: Table, file_schema: pa.Schema, source: str) -> None
 
     Strict: a missing column, an unexpected one (a renamed column is both) and a column of another
     type are all refused; nothing is filled with nulls, dropped or cast. Nullability is not compared
-    (a null where the table forbids one is a row problem, quarantined by validation), and a partition
-    column may be in the file or only in its path.
+    (a null where the table forbids one is a row problem, quarantined by validation), a partition
+    column may be in the file or only in its path, and a column the table declares optional may be
+    left out.
     """
     declared = table.arrow_schema()
     wrong_types = [
@@ -66,12 +67,13 @@ def check_file_schema(table: Table, file_schema: pa.Schema, source: str) -> None
         for field in file_schema
         if field.name in declared.names and _comparable(field.type) != _comparable(declared.field(field.name).type)
     ]
-    _refuse_mismatch(table, file_schema.names, source, optional=table.partition_by, wrong_types=wrong_types)
+    _refuse_mismatch(table, file_schema.names, source, optional=table.partition_by + table.optional, wrong_types=wrong_types)
 
 
 def check_column_names(table: Table, names: list[str], source: str) -> None:
-    """Refuse (SchemaMismatchError naming `source`) columns that are not exactly `table`'s, in any order."""
-    _refuse_mismatch(table, names, source)
+    """Refuse (SchemaMismatchError naming `source`) columns that are not exactly `table`'s (less any optional
+    ones), in any order."""
+    _refuse_mismatch(table, names, source, optional=table.optional)
 
 
 def _refuse_mismatch(

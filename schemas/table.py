@@ -84,12 +84,17 @@ class Column:
 
 @dataclass(frozen=True)
 class Table:
-    """A table: its columns, its key (unique per row) and how it is partitioned on disk."""
+    """A table: its columns, its key (unique per row) and how it is partitioned on disk.
+
+    `optional`: nullable columns a file may leave out (a file from outside, such as a pairs file to
+    score); its reader reads them as null. Every other column must be in every file.
+    """
 
     name: str
     columns: tuple[Column, ...]
     key: tuple[str, ...] = ()
     partition_by: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
     doc: str = ""
     version: int = 1
     _index: dict[str, Column] = field(init=False, repr=False, compare=False)
@@ -101,6 +106,9 @@ class Table:
         missing = [name for name in (*self.key, *self.partition_by) if name not in index]
         if missing:
             raise ValueError(f"table {self.name!r}: key/partition columns {missing} are not declared")
+        required = [name for name in self.optional if name not in index or not index[name].nullable]
+        if required:
+            raise ValueError(f"table {self.name!r}: optional columns {required} must be declared nullable")
         object.__setattr__(self, "_index", index)
 
     @property

@@ -6,6 +6,8 @@ infer. A transform that produces a table ends on `TABLE.names` (a select that is
 
 from __future__ import annotations
 
+import dataclasses
+
 from schemas.table import Column, Table
 
 NODE_MAP = "map<string,string>"
@@ -217,6 +219,41 @@ PAIRS_TO_SCORE = Table(
     ),
 )
 
+PAIRS_FILE = Table(
+    name="pairs_file",
+    doc=(
+        "Any (query, product) pairs a search team wants judged (`relevance score --pairs FILE.csv|FILE.parquet`), the product "
+        "text from the catalog. In a CSV file (comma-separated, a header line, UTF-8) every cell is text and an empty cell is null."
+    ),
+    key=("query", "product_id"),
+    optional=("query_id",),
+    columns=(
+        Column("query", "string", doc="The query to judge, scored as written."),
+        Column(
+            "query_id", "string", nullable=True,
+            doc="Optional; where absent or empty: 'q-' and the first 16 hex digits of the sha256 of the query's UTF-8 bytes.",
+        ),
+        Column("product_id", "string", doc="The product: a catalog product_id, or the product the row's own text describes."),
+    ),
+)
+
+PAIRS_FILE_WITH_TEXT = Table(
+    name="pairs_file_with_text",
+    doc=(
+        "A pairs file that carries each row's product text in the catalog's columns (the catalog is not read). In a CSV file "
+        "`attributes` is a JSON object of text values, as `relevance export` writes maps to CSV."
+    ),
+    key=("query", "product_id"),
+    optional=("query_id", "description", "brand", "attributes"),
+    columns=PAIRS_FILE.columns + (
+        CATALOG.column("title"),
+        CATALOG.column("description"),
+        CATALOG.column("product_type"),
+        CATALOG.column("brand"),
+        dataclasses.replace(CATALOG.column("attributes"), nullable=True, doc="Typed facets as key -> value; absent or null: none."),
+    ),
+)
+
 TRAINING_EXAMPLES = Table(
     name="training_examples",
     doc="Judged (query, product) pairs with their text, split by query, written by `relevance datasets`.",
@@ -262,6 +299,8 @@ ALL_TABLES: dict[str, Table] = {
         QUERY_PRODUCT_STATS,
         CANDIDATE_PAIRS,
         PAIRS_TO_SCORE,
+        PAIRS_FILE,
+        PAIRS_FILE_WITH_TEXT,
         TRAINING_EXAMPLES,
     )
 }

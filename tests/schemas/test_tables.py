@@ -48,6 +48,8 @@ def test_unknown_table_and_column_and_type_are_named():
         Column("x", "decimal")
     with pytest.raises(ValueError, match="not declared"):
         Table("t", (Column("a", "string"),), key=("b",))
+    with pytest.raises(ValueError, match="optional columns \\['a'\\] must be declared nullable"):
+        Table("t", (Column("a", "string"),), optional=("a",))
 
 
 def _impressions(days):
