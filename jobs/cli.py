@@ -173,10 +173,11 @@ def datasets(
 
 @app.command()
 def score(
-    date: str | None = typer.Option(None, "--date", help="The day (YYYY-MM-DD) whose candidate pairs are scored."),
+    date: str | None = typer.Option(None, "--date", help="The day (YYYY-MM-DD) whose candidate pairs are scored (a pairs file: the partition written)."),
     backend: str | None = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
-    pairs: Path | None = typer.Option(None, "--pairs", help="Data root with candidate_pairs (relevance prepare's out)."),
+    pairs: Path | None = typer.Option(None, "--pairs", help="Data root with candidate_pairs (relevance prepare's out), or a .csv or "
+                                      ".parquet file of (query, product_id) pairs to judge."),
     catalog: Path | None = typer.Option(None, "--catalog", help="Data root with the catalog."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Data root of the relevance table."),
     reasoning: str | None = typer.Option(None, "--reasoning", help="none, sample or all: which pairs keep generated reasoning."),
@@ -184,7 +185,7 @@ def score(
     config: Path | None = ConfigOption,
     sets: list[str] | None = SetOption,
 ) -> None:
-    """Score the day's candidate pairs into the relevance table: incremental, sharded, resumable after a kill."""
+    """Score the day's candidate pairs, or any pairs in a file, into the relevance table: incremental, sharded, resumable after a kill."""
     from jobs.scoring.config import ScoreConfig
     from jobs.scoring.run import run
 

@@ -31,7 +31,8 @@ Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, w
 5. `content_hashes`: sha256 (hex) of the product's text, the fields joined by U+001F:
    title, description, product_type, brand, attributes; a null field is the empty string; the
    attributes are `key=value` entries sorted by key and joined by `;`. The DuckDB reference in
-   tests/jobs/prepare_reference.py computes the same definition.
+   tests/jobs/prepare_reference.py computes the same definition, and so does
+   `jobs.scoring.pairs_file.product_content_hash` in Python for the pairs files `score` reads.
 
 Outputs (partitioned by `ds`; Spark's dynamic partition overwrite replaces exactly the day written,
 and an empty day removes that day's partition): `query_product_stats`, `candidate_pairs`, and under

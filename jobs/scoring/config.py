@@ -24,9 +24,10 @@ ENGINES = ("local", "spark")
 class ScoreConfig(ScorerSettings):
     """`relevance score`: which day, which data, which model, and how to score it (the scorer's own settings inherited)."""
 
-    date: str = help_field("The day (YYYY-MM-DD) whose candidate_pairs are scored.")
-    pairs: str = help_field("Data root holding `candidate_pairs` (written by `relevance prepare`).", "prepared")
-    catalog: str = help_field("Data root holding the `catalog` (the product text scored).", "world")
+    date: str = help_field("The day (YYYY-MM-DD) whose candidate_pairs are scored; with a pairs file, the relevance partition written.")
+    pairs: str = help_field("Data root holding `candidate_pairs` (written by `relevance prepare`), or a pairs file (.csv or .parquet) of "
+                            "(query, product_id) pairs to judge.", "prepared")
+    catalog: str = help_field("Data root holding the `catalog` (the product text scored, unless a pairs file carries it).", "world")
     out: str = help_field("Data root of the `relevance` table (read for reuse, written for the day).", "scores")
     backend: str = help_field("Scoring backend: hf (transformers), vllm or student.", "hf")
     model: str = help_field("Model folder: a causal-LM policy (hf, vllm) or a distilled student folder.", "")

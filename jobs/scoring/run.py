@@ -1,11 +1,15 @@
-"""`relevance score --date D`: the day's candidate pairs -> the `relevance` partition `ds=D`, incrementally.
+"""`relevance score --date D`: the day's candidate pairs, or any pairs in a file, -> the `relevance` partition
+`ds=D`, incrementally.
 
 Steps:
 
 1. The day's `candidate_pairs` (written by `relevance prepare`) joined with the `catalog` in DuckDB
    give the pairs with their product text (`pairs_to_score`; the prompt's facets are the attributes
-   plus the brand). A candidate whose product is not in the catalog is quarantined with the reason;
-   counts reconcile: candidates = scored + reused + quarantined.
+   plus the brand). A candidate whose product is not in the catalog is quarantined with the reason.
+   With `pairs` naming a .csv or .parquet file instead of a data root, the pairs are that file's
+   (`jobs.scoring.pairs_file`: its columns checked against the declared ones, bad rows quarantined,
+   product text from the catalog or the file). Either way the quarantine rows replace the day's
+   (`<out>/_scoring/ds=D/quarantine`) and counts reconcile: read = scored + reused + quarantined.
 2. Incremental: a pair whose (query, product, product content hash) was already scored by the same
    model version (`jobs.scoring.spec.scorer_version`: the weights and the settings that change
    the label distribution) in a partition of the last `cache_days` days is not scored again; its
@@ -21,7 +25,8 @@ Steps:
 4. Reused rows + shard rows, each candidate exactly once (checked), replace this model's rows of the
    `ds=D` partition of `relevance`: a night may hold several models (a policy and its student), so the
    rows other model names hold there are kept, and the partition folder is replaced atomically with
-   both. Then the shards are removed and `score.json` reports the counts.
+   both. Then the shards are removed and `score.json` reports the counts. (So a pairs file scored
+   into a night's `out` and date replaces that night's rows of the model: give a file its own `out`.)
 
 The model folder is checked (files present, weights complete) before anything is read, and the job
 holds the lock of its `out` root and date (`jobs.lock`) from then on: a second `score`, `nightly` step
@@ -45,6 +50,7 @@ import pyarrow.compute as pc
 from jobs.lock import date_lock
 from jobs.quarantine import quarantine_table
 from jobs.scoring.config import ScoreConfig
+from jobs.scoring.pairs_file import ScoringInput, is_pairs_file, read_pairs_file
 from jobs.scoring.shards import ShardManifest, write_json_atomically
 from jobs.scoring.spec import ScorerSpec, check_model_folder, open_scorer, pair_dicts, scorer_version
 from schemas.config import config_to_dict
@@ -105,9 +111,8 @@ def reusable_scores(out: str | Path, day: dt.date, cache_days: int, version: str
     return RELEVANCE.conform(reused)
 
 
-def day_pairs(config: ScoreConfig, day_folder: Path) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(the day's candidates, their pairs with product text, the candidates without a product), the last
-    quarantined into `day_folder`."""
+def day_pairs(config: ScoreConfig, quarantined_at: dt.datetime) -> ScoringInput:
+    """The day's candidates as pairs with product text, and the quarantine rows of those without a product."""
     day = config.day
     candidates = read_table(CANDIDATE_PAIRS, config.pairs, days=[day])
     if candidates.num_rows == 0:
@@ -115,10 +120,24 @@ def day_pairs(config: ScoreConfig, day_folder: Path) -> tuple[pa.Table, pa.Table
     pairs, lost = pairs_to_score(candidates, read_table(CATALOG, config.catalog))
     if lost.num_rows:
         log.warning("score: %d candidate pairs name products missing from the catalog; quarantined", lost.num_rows)
-        rows = quarantine_table(CANDIDATE_PAIRS.name, lost.to_pylist(), "product_id", "product not in the catalog: nothing to score",
-                                dt.datetime.now(dt.UTC), source_file=str(table_path(config.pairs, CANDIDATE_PAIRS)))
-        write_table(QUARANTINE, rows, day_folder)
-    return candidates, pairs, lost
+    quarantine = quarantine_table(CANDIDATE_PAIRS.name, lost.to_pylist(), "product_id", "product not in the catalog: nothing to score",
+                                  quarantined_at, source_file=str(table_path(config.pairs, CANDIDATE_PAIRS)))
+    return ScoringInput(candidates.num_rows, pairs, quarantine)
+
+
+def score_input(config: ScoreConfig) -> tuple[str, ScoringInput]:
+    """(what was read, for the progress line; its pairs to score and the quarantine rows of the rest): the pairs
+    file `config.pairs` names, or the day's candidate pairs under that root."""
+    quarantined_at = dt.datetime.now(dt.UTC)
+    if Path(config.pairs).is_file() and not is_pairs_file(config.pairs):
+        raise ValueError(f"{config.pairs}: a pairs file is read by its suffix, .csv or .parquet; a data root is a folder")
+    if is_pairs_file(config.pairs):
+        read = read_pairs_file(config.pairs, config.catalog, quarantined_at)
+        if read.read == 0:
+            raise ValueError(f"{config.pairs}: no pairs to score (a header and no data rows)")
+        return f"{read.read} pairs in {config.pairs}", read
+    read = day_pairs(config, quarantined_at)
+    return f"{read.read} candidate pairs for {config.day}", read
 
 
 def keys(table: pa.Table) -> list[tuple[str, str]]:
@@ -206,12 +225,13 @@ def score_day(config: ScoreConfig, spec: ScorerSpec) -> dict:
     started = time.perf_counter()
     day = config.day
     day_folder = Path(config.out) / WORK_FOLDER / f"ds={day.isoformat()}"
-    candidates, pairs, lost = day_pairs(config, day_folder)
+    described, (read, pairs, quarantine) = score_input(config)
+    write_table(QUARANTINE, quarantine, day_folder)  # even empty: no row an earlier run quarantined is left to mislead
     version = scorer_version(spec)
     reused = reusable_scores(config.out, day, config.cache_days, version, spec.name, pairs)
     todo = without_reused(pairs, reused)
-    print(f"score: {candidates.num_rows} candidate pairs for {day}: {reused.num_rows} reused (model version {version}), "
-          f"{todo.num_rows} to score, {lost.num_rows} quarantined", flush=True)
+    print(f"score: {described}: {reused.num_rows} reused (model version {version}), {todo.num_rows} to score, "
+          f"{quarantine.num_rows} quarantined", flush=True)
     manifest = ShardManifest(day_folder / version, todo, config.shard_size,
                              {"ds": day.isoformat(), "model_version": version, "config": config_to_dict(config)})
     score_shards(config, spec, manifest, todo)
@@ -223,12 +243,12 @@ def score_day(config: ScoreConfig, spec: ScorerSpec) -> dict:
     seconds_scoring = sum(shard.get("seconds", 0.0) for shard in shard_stats)
     report = {
         "ds": day.isoformat(), "backend": config.backend, "engine": config.engine, "model_name": spec.name, "model_version": version,
-        "candidates": candidates.num_rows, "reused": reused.num_rows, "scored": scored.num_rows, "quarantined": lost.num_rows,
+        "pairs": config.pairs, "candidates": read, "reused": reused.num_rows, "scored": scored.num_rows, "quarantined": quarantine.num_rows,
         "shards": len(shard_stats), "shard_attempts": [shard["attempts"] for shard in shard_stats],
         "scoring_seconds": round(seconds_scoring, 2), "pairs_per_second": round(scored.num_rows / seconds_scoring, 2) if seconds_scoring else None,
         "seconds": round(time.perf_counter() - started, 2), "relevance": str(table_path(config.out, RELEVANCE) / f"ds={day.isoformat()}"),
     }
     write_json_atomically(day_folder / "score.json", report)
     print(f"score: ds={day} written to {report['relevance']}: {scored.num_rows} scored, {reused.num_rows} reused, "
-          f"{lost.num_rows} quarantined ({report['seconds']:.1f} s); report {day_folder / 'score.json'}", flush=True)
+          f"{quarantine.num_rows} quarantined ({report['seconds']:.1f} s); report {day_folder / 'score.json'}", flush=True)
     return report
