@@ -346,6 +346,8 @@ def resolve_lineage(names: list[str], baseline: str, lineage: tuple[str, ...]) -
     order), after checking that `baseline` and `lineage` name models of `names`."""
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not one of the models {names}")
+    if len(lineage) == 1:
+        raise ValueError(f"lineage {list(lineage)} has one stage; name at least two, in order, e.g. sft,grpo")
     lineage = lineage or tuple(name for name in names if name != baseline)
     unknown = [name for name in lineage if name not in names]
     if unknown:

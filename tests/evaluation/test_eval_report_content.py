@@ -122,6 +122,7 @@ def test_a_chosen_baseline_and_lineage(data, tmp_path):
     ("baseline=gpt", r"baseline 'gpt' is not one of the models \['rater', 'sft', 'grpo', 'student'\]"),
     ("lineage=sft,gpt", r"lineage names \['gpt'\], which are not models"),
     ("lineage=sft,grpo,sft", r"names a model twice"),
+    ("lineage=sft", r"has one stage; name at least two"),
 ])
 def test_baseline_and_lineage_must_name_models(override, message):
     predictions = [f"predictions.{name}=x" for name in ("rater", "sft", "grpo", "student")]
