@@ -9,6 +9,16 @@ view, segments and the day-since-exposure view.
 Families for multiple comparisons: the two-sided tests of all primary and secondary metrics x
 treatment variants form one family; the non-inferiority tests of the guardrails another. Segment
 and day-since-exposure rows are descriptive and are not corrected.
+
+The verdict (`decide`, one per treatment variant, from the all-users rows only):
+- inconclusive when the sample ratio alarms: no number can be trusted until the assignment is fixed;
+- no ship when something is harmed: a primary or secondary metric significantly worse (in its good
+  direction) after the correction, or a guardrail failing non-inferiority (its interval wholly beyond
+  the margin);
+- ship when a primary metric is significantly better after the correction, nothing is harmed and
+  every guardrail is shown within its margin (non-inferiority passed after the correction): a
+  guardrail that is merely not shown harmful has not been shown safe either;
+- inconclusive otherwise, saying what is missing.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from schemas.config import ConfigError
 
 CORRECTION_LABELS = {"holm": "Holm", "bh": "Benjamini-Hochberg", "bonferroni": "Bonferroni", "none": "no correction"}
 CUPED_OFF_NO_PRE_PERIOD = "CUPED off: no pre-period data"
+SHIP, NO_SHIP, INCONCLUSIVE = "ship", "no ship", "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class MetricResult:
     the current sample; `seq_*` the always-valid mSPRT p-value and confidence sequence;
     `ni_*` the guardrail's non-inferiority test. `note` says why a metric has no estimate (all
     numbers NaN) or, beside an estimate, that CUPED was turned off for lack of pre-period data.
+    `higher_is_better` is the metric's good direction (what a harm is).
     """
 
     metric: str
@@ -97,6 +109,63 @@ class MetricResult:
     ni_pvalue_adjusted: float | None = None
     ni_verdict: str | None = None
     note: str = ""
+    higher_is_better: bool = True
+
+    @property
+    def harmed(self) -> bool:
+        """Significantly worse after the correction, or for a guardrail beyond its margin."""
+        if self.tier == "guardrail":
+            return self.ni_verdict == "fail"
+        worse = self.effect < 0 if self.higher_is_better else self.effect > 0
+        return bool(self.significant) and worse
+
+    @property
+    def won(self) -> bool:
+        """A primary metric significantly better after the correction."""
+        better = self.effect > 0 if self.higher_is_better else self.effect < 0
+        return self.tier == "primary" and bool(self.significant) and better
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict for one treatment variant against the control (the rule: module docstring):
+    `verdict` SHIP, NO_SHIP or INCONCLUSIVE, `reasons` in words, and the names of the metrics
+    harmed (significantly worse, or a guardrail beyond its margin) and won (primary, significantly
+    better)."""
+
+    variant: str
+    verdict: str
+    reasons: tuple[str, ...]
+    harmed: tuple[str, ...]
+    won: tuple[str, ...]
+
+
+def decide(rows: Sequence[MetricResult], variant: str, srm_alarm: bool, correction: str) -> Decision:
+    """The verdict for `variant` from the all-users rows of the main table (see the module docstring)."""
+    mine = [r for r in rows if r.variant == variant]
+    harmed = tuple(r.metric for r in mine if r.harmed)
+    won = tuple(r.metric for r in mine if r.won)
+    label = CORRECTION_LABELS.get(correction, correction)
+    if srm_alarm:
+        reason = "the split of users does not match the plan (SRM alarm): no result can be trusted until the assignment is fixed"
+        return Decision(variant, INCONCLUSIVE, (reason,), harmed, won)
+    if harmed:
+        reasons = tuple(
+            f"guardrail {r.metric} beyond its -{r.ni_margin:.1%} margin" if r.tier == "guardrail"
+            else f"{r.metric} significantly worse after {label}"
+            for r in mine if r.harmed
+        )
+        return Decision(variant, NO_SHIP, reasons, harmed, won)
+    unproven = [
+        f"guardrail {r.metric}: {r.note}" if math.isnan(r.effect)
+        else f"guardrail {r.metric} not shown within its -{r.ni_margin:.1%} margin"
+        for r in mine if r.tier == "guardrail" and r.ni_verdict != "pass"
+    ]
+    if won and not unproven:
+        reason = f"{', '.join(won)} significantly better after {label}; no metric harmed; every guardrail within its margin"
+        return Decision(variant, SHIP, (reason,), harmed, won)
+    wins = f"{', '.join(won)} significantly better after {label}" if won else f"no primary metric significantly better after {label}"
+    return Decision(variant, INCONCLUSIVE, (wins, *unproven), harmed, won)
 
 
 @dataclass(frozen=True)
@@ -138,12 +207,18 @@ class ExperimentResult:
         return pd.DataFrame([dataclasses.asdict(r) for r in rows[view]], columns=names)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (NaN and infinities become None); quarantined rows are left out."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "quarantine"}
+        """A JSON-ready dict (NaN and infinities become None) with the verdicts (`decisions`);
+        quarantined rows are left out."""
+        fields = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "quarantine"}
+        return {**fields, "decisions": _plain(self.decisions())}
 
     def sentences(self) -> list[str]:
         """Plain-language lines, one per metric and variant, in tier order."""
         return [sentence(r, self.correction, len(self.variants) > 2) for r in self.metrics]
+
+    def decisions(self) -> list[Decision]:
+        """The verdict for each treatment variant (the rule: module docstring)."""
+        return [decide(self.metrics, v, self.srm.alarm, self.correction) for v in self.variants if v != self.control]
 
 
 def _plain(value: Any) -> Any:
@@ -217,7 +292,8 @@ def compare(
     if cols.has_covariate and not stats.covariate_observed(control, treatment, cols):
         cols, note = metric_columns(metric, cuped=False), CUPED_OFF_NO_PRE_PERIOD
     base = dict(metric=metric.name, tier=metric.tier, variant=variant, control_variant=control_variant,
-                slice_kind=slice_kind, slice_value=slice_value, n_control=control.n, n_treatment=treatment.n)
+                slice_kind=slice_kind, slice_value=slice_value, n_control=control.n, n_treatment=treatment.n,
+                higher_is_better=metric.higher_is_better)
     try:
         est_c, est_t, theta = stats.estimate_pair(control, treatment, cols)
     except ZeroDivisionError:

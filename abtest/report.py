@@ -1,16 +1,25 @@
 """Reports of an `ExperimentResult`: Markdown, self-contained HTML (plots inlined as base64 PNG)
-and JSON. The sample-ratio verdict comes first: with an SRM alarm no other number is trustworthy.
+and JSON. The verdict comes first (ship / no ship / inconclusive per treatment variant, the rule in
+`abtest.analysis`), with the harmed metrics called out before anything else; then the sample-ratio
+check, since with an SRM alarm no other number is trustworthy. Every "n/a" cell of a metric table
+carries a footnote saying why it has no number. A footer says which version of the tool made the
+report, from which command line and when.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import datetime as dt
 import html
 import io
 import json
 import math
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import matplotlib
@@ -18,8 +27,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from abtest.analysis import CORRECTION_LABELS, ExperimentResult, MetricResult, format_p  # noqa: E402
+from abtest.aggregate import ALL  # noqa: E402
+from abtest.analysis import CORRECTION_LABELS, ExperimentResult, MetricResult, format_p, sentence  # noqa: E402
 from abtest.stats import SRM_ALARM_P  # noqa: E402
+
+DISTRIBUTION = "relevance-labeling"  # pyproject.toml's project name: where the tool's version comes from
+NA = "n/a"
 
 METHOD_NOTES = (
     "Welch's t-test on per-user values (ratio metrics linearised with the delta method); p-values from the "
@@ -39,9 +52,33 @@ METHOD_NOTES = (
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """What made a report: the tool's version, the command line and the time (UTC, ISO 8601)."""
+
+    version: str
+    command: str
+    created: str
+
+    @classmethod
+    def now(cls) -> Provenance:
+        try:
+            version = metadata.version(DISTRIBUTION)
+        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+            version = "unknown (not installed)"
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        return cls(version, command, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    def line(self) -> str:
+        return f"Made by {DISTRIBUTION} {self.version} at {self.created} with: {self.command}"
+
+
+@dataclass(frozen=True)
 class Table:
+    """A table; `notes` are its footnotes, numbered [1], [2], ... in the cells that cite them."""
+
     header: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,19 +99,62 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x * 100:+.2f}%"
 
 
+def _na_reason(r: MetricResult, column: str) -> str:
+    """Why the cell `column` of row `r` has no number (every way a metric table cell becomes n/a)."""
+    if math.isnan(r.effect):
+        return f"{r.metric}: {r.note}"
+    if column in ("p adj.", "significant"):
+        if r.slice_kind != ALL:
+            return "segment rows are descriptive: they are not corrected for multiple comparisons"
+        return ("a guardrail is judged by its one-sided non-inferiority test (guardrail column), corrected among "
+                "the guardrails, not by the two-sided test")
+    return f"{r.metric}: the control mean is 0, so a change relative to it is undefined"  # the lift and the MDE
+
+
 def _metric_table(rows: Sequence[MetricResult], with_slice: bool = False) -> Table:
     header = ("metric", "tier", "variant", *(("slice",) if with_slice else ()), "control", "treatment",
               "lift [95% CI]", "p", "p adj.", "significant", "var. red.", "MDE", "always-valid p", "guardrail")
+    notes: dict[str, int] = {}  # reason -> footnote number
+
+    def cite(r: MetricResult, column: str, cell: str) -> str:
+        if cell != NA:
+            return cell
+        number = notes.setdefault(_na_reason(r, column), len(notes) + 1)
+        return f"{NA} [{number}]"
+
     out = []
     for r in rows:
-        out.append((
+        lift = f"{_pct(r.rel_effect)} [{_pct(r.rel_ci_low)}, {_pct(r.rel_ci_high)}]" if math.isfinite(r.rel_effect) else NA
+        cells = (
             r.metric, r.tier, r.variant, *((f"{r.slice_kind}={r.slice_value}",) if with_slice else ()),
-            _num(r.control), _num(r.treatment), f"{_pct(r.rel_effect)} [{_pct(r.rel_ci_low)}, {_pct(r.rel_ci_high)}]",
-            format_p(r.pvalue), format_p(r.pvalue_adjusted), "" if r.significant is None else ("yes" if r.significant else "no"),
+            _num(r.control), _num(r.treatment), lift, format_p(r.pvalue), format_p(r.pvalue_adjusted),
+            NA if r.significant is None else ("yes" if r.significant else "no"),
             f"{r.variance_reduction:.0%}" if r.cuped and math.isfinite(r.variance_reduction) else "-",
-            _pct(r.mde_relative).lstrip("+"), format_p(r.seq_pvalue), r.ni_verdict or "",
-        ))
-    return Table(header, tuple(out))
+            _pct(r.mde_relative).lstrip("+"), format_p(r.seq_pvalue),
+            r.ni_verdict or (NA if r.tier == "guardrail" else ""),
+        )
+        out.append(tuple(cite(r, column, cell) for column, cell in zip(header, cells)))
+    return Table(header, tuple(out), tuple(f"[{number}] {reason}" for reason, number in notes.items()))
+
+
+def _verdict_lines(result: ExperimentResult) -> tuple[str, ...]:
+    """The verdict of each treatment variant, the harmed metrics first, and the rule."""
+    label = CORRECTION_LABELS.get(result.correction, result.correction)
+    lines = []
+    for decision in result.decisions():
+        lines.append(f"**{decision.verdict.upper()}** for `{decision.variant}` against `{result.control}`: "
+                     f"{'; '.join(decision.reasons)}.")
+        harmed = [r for r in result.metrics if r.variant == decision.variant and r.metric in decision.harmed]
+        if harmed:
+            lines.append("Significant harms:")
+            lines += [f"- **{sentence(r, result.correction)}**" for r in harmed]
+    lines.append(
+        f"Rule: no ship if a primary or secondary metric is significantly worse after {label} or a guardrail's "
+        "interval lies wholly beyond its non-inferiority margin; ship if a primary metric is significantly better "
+        "after the correction, nothing is harmed and every guardrail is shown within its margin; otherwise "
+        "inconclusive. An SRM alarm makes the verdict inconclusive."
+    )
+    return tuple(lines)
 
 
 def sections(result: ExperimentResult) -> list[Section]:
@@ -87,6 +167,7 @@ def sections(result: ExperimentResult) -> list[Section]:
     seg_rows = tuple((s.kind, s.value, ", ".join(f"{v}: {n:,}" for v, n in s.result.observed.items()),
                       format_p(s.result.pvalue), "ALARM" if s.result.alarm else "ok") for s in result.srm_segments)
     out = [
+        Section("Verdict", _verdict_lines(result)),
         Section("Sample ratio (SRM)", (verdict, "Per segment (query segments count users active in them):"),
                 Table(("segment", "value", "users", "p", "verdict"), seg_rows)),
     ]
@@ -160,7 +241,7 @@ def images(result: ExperimentResult) -> dict[str, bytes]:
     return out
 
 
-def to_markdown(result: ExperimentResult, image_files: dict[str, str]) -> str:
+def to_markdown(result: ExperimentResult, image_files: dict[str, str], provenance: Provenance) -> str:
     """Markdown; images are linked as files (`image_files`: key -> relative path)."""
     parts = [f"# A/B analysis: {result.experiment_id}"]
     for s in sections(result):
@@ -173,8 +254,10 @@ def to_markdown(result: ExperimentResult, image_files: dict[str, str]) -> str:
         if s.table is not None and s.table.rows:
             parts.append("| " + " | ".join(s.table.header) + " |\n|" + "---|" * len(s.table.header))
             parts[-1] += "".join("\n| " + " | ".join(row) + " |" for row in s.table.rows)
+            parts.extend(s.table.notes)
         if s.image in image_files:
             parts.append(f"![{s.image}]({image_files[s.image]})")
+    parts += ["---", provenance.line()]
     return "\n\n".join(parts) + "\n"
 
 
@@ -186,40 +269,59 @@ def _inline_md(text: str) -> str:
     return escaped
 
 
-def to_html(result: ExperimentResult, pngs: dict[str, bytes]) -> str:
+def _html_lines(lines: Sequence[str]) -> list[str]:
+    """Paragraphs, with each run of consecutive '- ' items as one list, in their order."""
+    out: list[str] = []
+    items: list[str] = []
+    for line in (*lines, ""):  # the empty sentinel closes a list that ends the section
+        if line.startswith("- "):
+            items.append(f"<li>{_inline_md(line[2:])}</li>")
+            continue
+        if items:
+            out.append(f"<ul>{''.join(items)}</ul>")
+            items = []
+        if line:
+            out.append(f"<p>{_inline_md(line)}</p>")
+    return out
+
+
+def to_html(result: ExperimentResult, pngs: dict[str, bytes], provenance: Provenance) -> str:
     """One self-contained HTML page (no external files or scripts)."""
     body = [f"<h1>A/B analysis: {html.escape(result.experiment_id)}</h1>"]
     for s in sections(result):
         body.append(f"<h2>{html.escape(s.title)}</h2>")
-        items = [line[2:] for line in s.lines if line.startswith("- ")]
-        body.extend(f"<p>{_inline_md(line)}</p>" for line in s.lines if not line.startswith("- "))
-        if items:
-            body.append("<ul>" + "".join(f"<li>{_inline_md(i)}</li>" for i in items) + "</ul>")
+        body.extend(_html_lines(s.lines))
         if s.table is not None and s.table.rows:
             head = "".join(f"<th>{html.escape(h)}</th>" for h in s.table.header)
             rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in s.table.rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            body.extend(f"<p class='note'>{html.escape(note)}</p>" for note in s.table.notes)
         if s.image in pngs:
             data = base64.b64encode(pngs[s.image]).decode("ascii")
             body.append(f'<img alt="{s.image}" src="data:image/png;base64,{data}">')
+    body.append(f"<footer>{html.escape(provenance.line())}</footer>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f3f3f3}strong{color:#b00}")
+             "th{background:#f3f3f3}strong{color:#b00}p.note{font-size:12px;color:#555;margin:0.2em 0}"
+             "footer{border-top:1px solid #ccc;margin-top:2em;padding-top:0.5em;color:#555;font-size:12px}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>A/B analysis {html.escape(result.experiment_id)}"
             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def write_reports(result: ExperimentResult, out: str | Path) -> dict[str, Path]:
-    """Write report.md (+ PNGs), report.html (self-contained) and result.json into `out`."""
+def write_reports(result: ExperimentResult, out: str | Path, provenance: Provenance | None = None) -> dict[str, Path]:
+    """Write report.md (+ PNGs), report.html (self-contained) and result.json into `out`;
+    `provenance` defaults to this process's command line, now."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    provenance = provenance or Provenance.now()
     pngs = images(result)
     files = {}
     for key, data in pngs.items():
         (out / f"{key}.png").write_bytes(data)
         files[key] = f"{key}.png"
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "result.json"}
-    paths["markdown"].write_text(to_markdown(result, files))
-    paths["html"].write_text(to_html(result, pngs))
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    paths["markdown"].write_text(to_markdown(result, files, provenance), encoding="utf-8")
+    paths["html"].write_text(to_html(result, pngs, provenance), encoding="utf-8")
+    document = {**result.to_dict(), "provenance": dataclasses.asdict(provenance)}
+    paths["json"].write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return paths

@@ -79,6 +79,8 @@ def run(config: AbtestConfig) -> ExperimentResult:
         pq.write_table(result.quarantine, Path(config.out) / "quarantine.parquet")
     srm = "SRM ALARM" if result.srm.alarm else "sample ratio ok"
     print(f"{result.experiment_id}: {srm} (p={result.srm.pvalue:.3g})")
+    for decision in result.decisions():
+        print(f"  verdict for {decision.variant}: {decision.verdict.upper()} ({'; '.join(decision.reasons)})")
     for line in result.sentences():
         print(f"  {line}")
     print(f"reports: {', '.join(str(p) for p in paths.values())}")

@@ -2,8 +2,10 @@
 
 CLI (wired in jobs/cli.py): `relevance evaluate --pred NAME=PATH [--pred NAME=PATH ...] --gold PATH
 [--gold-source judgments|nodes] [--gold-nodes PATH] [--queries PATH] [--catalog PATH] [--label-set wands] [--k 10]
-[--n-bootstrap 1000] [--seed 0] [--out DIR] [--config FILE.yaml] [KEY=VALUE ...]`; each
-`--pred NAME=PATH` becomes the override `predictions.NAME=PATH`, in order (the first is the baseline).
+[--n-bootstrap 1000] [--seed 0] [--out DIR] [--config FILE.yaml] [--set KEY=VALUE ...]`; each
+`--pred NAME=PATH` becomes the override `predictions.NAME=PATH`, in order. `--set baseline=NAME` picks
+the model every other is compared with (default: the first); `--set lineage=A,B,C` the stages compared
+one after the other (default: the models other than the baseline, in order).
 `--gold-source nodes` takes gold labels from GOLD_NODES instead of a JUDGMENTS table.
 """
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from evaluation.evaluate import EvaluationResult, evaluate
+from evaluation.evaluate import EvaluationResult, evaluate, resolve_lineage
 from evaluation.inputs import JUDGMENT_COLUMNS, PREDICTION_COLUMNS, judgments_from_gold_nodes, read_input
 from evaluation.report import write_reports
 from schemas.config import ConfigError, help_field
@@ -27,8 +29,14 @@ class EvaluateConfig:
 
     predictions: dict[str, str] = help_field(
         "model name -> prediction table in the RELEVANCE schema (a .parquet file, the table's folder or a "
-        "data root holding relevance/); the first model is the baseline the others are compared with",
+        "data root holding relevance/), in order",
         {},
+    )
+    baseline: str = help_field("the model every other model is compared with (a name of `predictions`); empty: the first", "")
+    lineage: tuple[str, ...] = help_field(
+        "models in stage order, e.g. sft,grpo,student: each stage is compared with the one before it; empty: the "
+        "models other than the baseline, in the order of `predictions`",
+        (),
     )
     gold: str = help_field("gold JUDGMENTS table (a .parquet file, the table's folder or a data root)", "")
     gold_source: Literal["judgments", "nodes"] = help_field(
@@ -57,6 +65,10 @@ class EvaluateConfig:
         bad = [name for name in self.predictions if not name or not str(name).strip() or "=" in str(name)]
         if bad:
             raise ConfigError(f"predictions: model names must be non-empty and contain no '=': {bad}")
+        try:
+            resolve_lineage(list(self.predictions), self.baseline or next(iter(self.predictions)), tuple(self.lineage))
+        except ValueError as error:
+            raise ConfigError(f"baseline/lineage: {error}") from None
         if self.gold_source == "judgments" and not self.gold:
             raise ConfigError("gold: give the JUDGMENTS table, e.g. gold=data/judgments (or gold_source=nodes)")
         if self.gold_source == "nodes" and not self.gold_nodes:
@@ -109,6 +121,8 @@ def run(config: EvaluateConfig) -> EvaluationResult:
         seed=config.seed,
         level=config.level,
         sources=sources,
+        baseline=config.baseline or None,
+        lineage=tuple(config.lineage),
         **optional,
     )
     write_reports(result, Path(config.out))

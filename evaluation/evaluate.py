@@ -3,10 +3,17 @@
 The walk: read gold (JUDGMENTS -> majority label per pair, see `evaluation.inputs`) and each
 prediction table (RELEVANCE schema) -> join on (query_id, product_id) -> per-query sufficient
 statistics -> metrics with query-bootstrap intervals (`evaluation.bootstrap`) for the whole set and
-per segment (query traffic segment from QUERIES, product type from CATALOG) -> paired comparison of
-every model against the first (baseline) on the pairs both cover: paired bootstrap of the
-differences with the same resampled queries, and McNemar on accuracy. `evaluation.command` reads
-the tables and `evaluation.report` writes report.md, report.html and metrics.json.
+per segment (query traffic segment from QUERIES, product type from CATALOG) -> paired comparisons
+on the pairs both models cover (paired bootstrap of the differences with the same resampled
+queries, and McNemar on accuracy): every model against the baseline (the first model unless
+named), and each stage of the lineage against the one before it. `evaluation.command` reads the
+tables and `evaluation.report` writes report.md, report.html and metrics.json.
+
+The lineage is the models in stage order (e.g. SFT -> Graph-GRPO -> student); by default the
+models other than the baseline, in the order given, so that `rater, sft, grpo, student` compares
+each with the rater and sft -> grpo -> student step by step. A majority-class predictor (the most
+frequent gold label for every pair, probabilities the gold label shares) is evaluated beside the
+models: the floor any model must clear.
 
 Metric names (keys of `ModelEvaluation.metrics`): see `METRICS`. Accuracy, macro-F1, per-class
 scores, the binary view, AUCs, NDCG and ECE are computed on covered pairs (gold and prediction);
@@ -18,7 +25,7 @@ covered pairs by the predicted `expected_gain`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -334,6 +341,42 @@ def compare(
 # ---------------------------------------------------------------- everything
 
 
+def resolve_lineage(names: list[str], baseline: str, lineage: tuple[str, ...]) -> tuple[str, ...]:
+    """The lineage's models in stage order (empty `lineage`: the models other than `baseline`, in
+    order), after checking that `baseline` and `lineage` name models of `names`."""
+    if baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is not one of the models {names}")
+    if len(lineage) == 1:
+        raise ValueError(f"lineage {list(lineage)} has one stage; name at least two, in order, e.g. sft,grpo")
+    lineage = lineage or tuple(name for name in names if name != baseline)
+    unknown = [name for name in lineage if name not in names]
+    if unknown:
+        raise ValueError(f"lineage names {unknown}, which are not models; models: {names}")
+    if len(set(lineage)) != len(lineage):
+        raise ValueError(f"lineage {list(lineage)} names a model twice; give each stage once, in order")
+    return lineage
+
+
+def majority_class(pairs: ScoredPairs, label_set: LabelSet) -> ScoredPairs:
+    """A predictor of the most frequent gold label (ties to the lower gain, as in gold) for every
+    gold pair of `pairs`, with the gold label shares as its probabilities and no node outputs."""
+    n, n_classes = len(pairs.gold), len(label_set.names)
+    shares = np.bincount(pairs.gold, minlength=n_classes) / n
+    gains = np.array([label_set.gains[name] for name in label_set.names])
+    tied = np.flatnonzero(shares == shares.max())
+    majority = int(tied[np.argmin(gains[tied])])
+    return replace(
+        pairs,
+        covered=np.ones(n, dtype=bool),
+        label=np.full(n, majority),
+        probs=np.tile(shares, (n, 1)),
+        expected_gain=np.full(n, shares @ gains),
+        node_names=(),
+        node_correct=np.zeros((n, 0)),
+        node_missing=np.zeros((n, 0), dtype=bool),
+    )
+
+
 @dataclass(frozen=True)
 class GoldSummary:
     n_pairs: int
@@ -345,14 +388,20 @@ class GoldSummary:
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """All models (the first is the baseline), their comparisons against it, and the settings."""
+    """All models, their comparisons against the baseline and along the lineage, the majority-class
+    floor, and the settings. node_descriptions: node name -> the graph's description of it."""
 
     label_set: str
     labels: tuple[str, ...]
     relevant: tuple[str, ...]
     gold: GoldSummary
     models: tuple[ModelEvaluation, ...]
+    baseline: str
     comparisons: tuple[Comparison, ...]
+    lineage: tuple[str, ...]
+    lineage_comparisons: tuple[Comparison, ...]
+    majority: ModelEvaluation
+    node_descriptions: dict[str, str]
     k: int
     n_bootstrap: int
     seed: int
@@ -375,11 +424,20 @@ def evaluate(
     seed: int = 0,
     level: float = 0.95,
     sources: dict[str, str] | None = None,
+    baseline: str | None = None,
+    lineage: tuple[str, ...] = (),
 ) -> EvaluationResult:
-    """Evaluate in-memory tables: `predictions` (name -> RELEVANCE-schema table, first = baseline)
-    against `judgments` (JUDGMENTS schema), with optional GOLD_NODES, QUERIES and CATALOG tables."""
+    """Evaluate in-memory tables: `predictions` (name -> RELEVANCE-schema table) against `judgments`
+    (JUDGMENTS schema), with optional GOLD_NODES, QUERIES and CATALOG tables. `baseline` (default:
+    the first model) is compared with every other model; `lineage` (default: the other models in
+    order) is compared stage by stage."""
     if not predictions:
         raise ValueError("evaluate needs at least one prediction table")
+    names = list(predictions)
+    baseline = baseline or names[0]
+    lineage = resolve_lineage(names, baseline, tuple(lineage))
+    baseline_steps = [(baseline, name) for name in names if name != baseline]
+    lineage_steps = list(zip(lineage, lineage[1:]))
     sources = dict(sources or {})
     gold: Gold = gold_from_judgments(judgments, label_set, annotators, include_weak, sources.get("gold", "gold"))
     context: Context = build_context(graph, gold_nodes, queries, catalog, sources.get("gold_nodes", "gold_nodes"))
@@ -389,11 +447,12 @@ def evaluate(
         model = predictions_from_table(name, table, label_set, sources.get(name, name))
         joined[name], n_without_gold = join(gold, model, context, graph)
         models.append(evaluate_model(name, joined[name], n_without_gold, label_set, k, n_bootstrap, seed, level))
-    names = list(predictions)
-    comparisons = tuple(
-        compare(names[0], joined[names[0]], name, joined[name], label_set, k, n_bootstrap, seed, level)
-        for name in names[1:]
-    )
+    compared: dict[tuple[str, str], Comparison] = {}  # a lineage step that is also a baseline comparison runs once
+    for before, after in baseline_steps + lineage_steps:
+        if (before, after) not in compared:
+            compared[before, after] = compare(before, joined[before], after, joined[after], label_set, k, n_bootstrap, seed, level)
+    floor = majority_class(joined[baseline], label_set)
+    majority = evaluate_pairs(f"majority class ({label_set.names[floor.label[0]]})", floor, label_set, k, n_bootstrap, seed, level)
     return EvaluationResult(
         label_set=label_set.name,
         labels=tuple(label_set.names),
@@ -406,7 +465,12 @@ def evaluate(
             annotators=gold.annotators,
         ),
         models=tuple(models),
-        comparisons=comparisons,
+        baseline=baseline,
+        comparisons=tuple(compared[step] for step in baseline_steps),
+        lineage=lineage,
+        lineage_comparisons=tuple(compared[step] for step in lineage_steps),
+        majority=majority,
+        node_descriptions={node.name: node.description for node in graph.nodes if node.description},
         k=k,
         n_bootstrap=n_bootstrap,
         seed=seed,

@@ -2,19 +2,31 @@
 
 The report is built once as a list of blocks (headings, paragraphs, tables, figures) and rendered
 twice: Markdown links the figures as PNG files under `plots/`, HTML embeds the same PNGs inline
-(base64), so report.html can be mailed on its own. Figures: a confusion matrix per model, per-label
-F1 bars with intervals, the reliability diagram, and the forest plot of model-vs-baseline
-differences.
+(base64), so report.html can be mailed on its own. It opens with a table of contents (each section's
+anchor is its GitHub-style slug, so the Markdown links resolve on GitHub too) and ends with a footer
+saying which version of the tool made it, from which command line and when. Figures: a confusion
+matrix per model, per-label F1 bars with intervals, the reliability diagram, and forest plots of the
+differences against the baseline and along the lineage.
+
+Cells that do not apply are "-" (a node the model never outputs, NDCG of a product-type segment);
+"n/a" is a number that is undefined on these pairs (an AUC with one class). Intervals of a segment
+or comparison with fewer than `FEW_QUERIES` queries carry a warning: a bootstrap over a handful of
+queries cannot see how much queries vary.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import io
 import json
 import math
+import re
+import shlex
+import sys
 from dataclasses import dataclass, fields, is_dataclass
+from importlib import metadata
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +42,33 @@ from evaluation.metrics import ECE_BINS, MCNEMAR_EXACT_BELOW  # noqa: E402
 SUMMARY = (
     "coverage", "accuracy", "coverage_adjusted_accuracy", "macro_f1", "binary_f1", "roc_auc", "pr_auc", "ndcg", "ece",
 )
+FEW_QUERIES = 10
+FEW_QUERIES_MARK = "⚠"
+DISTRIBUTION = "relevance-labeling"  # pyproject.toml's project name: where the tool's version comes from
+
+
+# ---------------------------------------------------------------- provenance
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made a report: the tool's version, the command line and the time (UTC, ISO 8601)."""
+
+    version: str
+    command: str
+    created: str
+
+    @classmethod
+    def now(cls) -> Provenance:
+        try:
+            version = metadata.version(DISTRIBUTION)
+        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+            version = "unknown (not installed)"
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        return cls(version, command, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+
+    def line(self) -> str:
+        return f"Made by {DISTRIBUTION} {self.version} at {self.created} with: {self.command}"
 
 
 # ---------------------------------------------------------------- JSON
@@ -122,7 +161,7 @@ def plot_reliability(models: tuple[ModelEvaluation, ...]) -> bytes:
     return _png(figure)
 
 
-def plot_forest(comparisons: tuple[Comparison, ...], k: int) -> bytes:
+def plot_forest(comparisons: tuple[Comparison, ...], k: int, title: str) -> bytes:
     """Differences (other - baseline) with their intervals; one row per comparison and metric."""
     rows = [
         (f"{c.other} - {c.baseline}: {_metric_name(metric, k)}", c.metrics[f"{metric}_difference"])
@@ -137,7 +176,7 @@ def plot_forest(comparisons: tuple[Comparison, ...], k: int) -> bytes:
     axes.set_yticks(range(len(rows)), [name for name, _ in rows])
     axes.invert_yaxis()
     axes.set_xlabel(f"difference ({comparisons[0].metrics['macro_f1_difference'].level:.0%} paired query-bootstrap interval)")
-    axes.set_title("model vs baseline")
+    axes.set_title(title)
     return _png(figure)
 
 
@@ -147,7 +186,9 @@ def figures(result: EvaluationResult) -> dict[str, bytes]:
     images["class_f1"] = plot_class_f1(result.models)
     images["reliability"] = plot_reliability(result.models)
     if result.comparisons:
-        images["forest"] = plot_forest(result.comparisons, result.k)
+        images["forest"] = plot_forest(result.comparisons, result.k, f"models vs the baseline {result.baseline}")
+    if result.lineage_comparisons:
+        images["lineage_forest"] = plot_forest(result.lineage_comparisons, result.k, "each stage vs the one before")
     return images
 
 
@@ -157,7 +198,8 @@ def figures(result: EvaluationResult) -> dict[str, bytes]:
 @dataclass(frozen=True)
 class Block:
     """One piece of the report: kind 'h2'/'h3' (text), 'p' (text), 'ul' (rows of one item),
-    'table' (header + rows), 'figure' (text = image stem, header = (caption,))."""
+    'table' (header + rows), 'figure' (text = image stem, header = (caption,)), 'toc' (the links to
+    every 'h2', made when rendered), 'footer' (text)."""
 
     kind: str
     text: str = ""
@@ -182,6 +224,29 @@ def _decides(model, node: str) -> bool:
         return False
     gold_pairs, _, lacking = model.node_counts[model.node_names.index(node)]
     return lacking < gold_pairs
+
+
+def _node_accuracy(model: ModelEvaluation, node: str) -> str:
+    """The node's accuracy with its interval, or "-" where the model never outputs the node."""
+    return fmt(model.metrics["node_accuracy"], model.node_names.index(node)) if _decides(model, node) else "-"
+
+
+def _node_label(node: str, result: EvaluationResult) -> str:
+    """`qs (query subject, ...)`: the graph's description next to the short name."""
+    description = result.node_descriptions.get(node)
+    return f"{node} ({description})" if description else node
+
+
+def _few_queries(text: str, n_queries: int) -> str:
+    """An interval's cell, marked when it rests on fewer than FEW_QUERIES queries."""
+    return f"{text} {FEW_QUERIES_MARK}" if n_queries < FEW_QUERIES and text not in ("-", "n/a") else text
+
+
+NOT_APPLICABLE_NOTE = "-: the model never outputs that node (not applicable, not 0)."
+FEW_QUERIES_NOTE = (
+    f"{FEW_QUERIES_MARK} fewer than {FEW_QUERIES} queries: a bootstrap over so few queries cannot see how much "
+    "queries vary, so the interval is too narrow to trust."
+)
 
 
 def _metric_name(name: str, k: int) -> str:
@@ -224,18 +289,20 @@ def _model_blocks(model: ModelEvaluation, index: int, result: EvaluationResult) 
         ),
     ]
     if any(_decides(model, name) for name in model.node_names):
-        node = m["node_accuracy"]
         blocks += [
             Block("h3", "Per-node accuracy (pairs with a gold node value)"),
             Block(
                 "table",
                 header=("node", "pairs with gold value", "accuracy", "prediction lacks the node"),
                 rows=tuple(
-                    (name, str(model.node_counts[i, 0]), fmt(node, i), str(model.node_counts[i, 2]))
+                    (_node_label(name, result), str(model.node_counts[i, 0]), _node_accuracy(model, name),
+                     str(model.node_counts[i, 2]))
                     for i, name in enumerate(model.node_names)
                 ),
             ),
         ]
+        if not all(_decides(model, name) for name in model.node_names):
+            blocks.append(Block("p", NOT_APPLICABLE_NOTE))
     if model.segments:
         blocks += [
             Block("h3", "Segments"),
@@ -243,65 +310,96 @@ def _model_blocks(model: ModelEvaluation, index: int, result: EvaluationResult) 
                 "table",
                 header=("kind", "segment", "gold pairs", "queries", "coverage", "accuracy", "macro_f1", f"ndcg@{result.k}"),
                 rows=tuple(
-                    (kind, name, str(s.n_gold_pairs), str(s.n_queries), fmt(s.metrics["coverage"]),
-                     fmt(s.metrics["accuracy"]), fmt(s.metrics["macro_f1"]),
-                     fmt(s.metrics["ndcg"]) if "ndcg" in s.metrics else "-")
+                    (kind, name, str(s.n_gold_pairs), str(s.n_queries),
+                     *(_few_queries(cell, s.n_queries) for cell in (
+                         fmt(s.metrics["coverage"]), fmt(s.metrics["accuracy"]), fmt(s.metrics["macro_f1"]),
+                         fmt(s.metrics["ndcg"]) if "ndcg" in s.metrics else "-",
+                     )))
                     for kind, name, s in model.segments
                 ),
             ),
         ]
+        if any(s.n_queries < FEW_QUERIES for _, _, s in model.segments):
+            blocks.append(Block("p", FEW_QUERIES_NOTE))
     return blocks
 
 
-def report_blocks(result: EvaluationResult) -> list[Block]:
+def _comparison_blocks(
+    comparisons: tuple[Comparison, ...], k: int, columns: tuple[str, str], figure: str, caption: str
+) -> list[Block]:
+    """Verdict lines and the table of paired differences of `comparisons`; `columns` names the
+    compared models' columns (the one subtracted first)."""
+    before, after = columns
+    blocks = [
+        Block("ul", rows=tuple((c.verdict,) for c in comparisons)),
+        Block(
+            "table",
+            header=(before, after, "common pairs", "queries", "macro_f1 difference", "accuracy difference",
+                    f"ndcg@{k} difference", f"McNemar: only {before} right / only {after} right", "McNemar p"),
+            rows=tuple(
+                (c.baseline, c.other, str(c.n_pairs), str(c.n_queries),
+                 *(_few_queries(fmt(c.metrics[f"{metric}_difference"], signed=True), c.n_queries) for metric in DIFFERENCES),
+                 f"{c.mcnemar.only_a} / {c.mcnemar.only_b}", f"{c.mcnemar.p_value:.3g} ({c.mcnemar.method})")
+                for c in comparisons
+            ),
+        ),
+    ]
+    if any(c.n_queries < FEW_QUERIES for c in comparisons):
+        blocks.append(Block("p", FEW_QUERIES_NOTE))
+    return blocks + [Block("figure", figure, header=(caption,))]
+
+
+def report_blocks(result: EvaluationResult, provenance: Provenance) -> list[Block]:
     """The whole report as blocks (rendered by `render_markdown` and `render_html`)."""
     gold = result.gold
     level = f"{result.level:.0%}"
+    majority = result.majority
+    lineage = " -> ".join(result.lineage) if len(result.lineage) > 1 else "none (fewer than two models besides the baseline)"
+    node_names = tuple(dict.fromkeys(n for model in result.models for n in model.node_names))
     blocks = [
+        Block("toc"),
         Block("h2", "Setup"),
         Block("p", (
             f"Label set {result.label_set} ({', '.join(result.labels)}; relevant: {', '.join(result.relevant)}). "
             f"Gold: {gold.n_pairs} pairs from {gold.n_judgments} judgments by {', '.join(gold.annotators)}; "
             f"{gold.n_pairs_with_several_judgments} pairs have several judgments (majority vote, ties to the "
             f"lower-gain label: {gold.n_ties} ties). Intervals: {level} percentile intervals of {result.n_bootstrap} "
-            f"bootstrap replicates resampling queries (seed {result.seed})."
+            f"bootstrap replicates resampling queries (seed {result.seed}). Baseline: {result.baseline} (every other "
+            f"model is compared with it); lineage: {lineage} (each stage is compared with the one before it)."
         )),
         Block("ul", rows=tuple((f"{name}: {path}",) for name, path in result.sources.items())),
         Block("h2", "Models side by side"),
         Block(
             "table",
-            header=("metric", *(model.name for model in result.models)),
+            header=("metric", *(model.name for model in result.models), majority.name),
             rows=tuple(
-                (_metric_name(name, result.k), *(fmt(model.metrics[name]) for model in result.models))
+                (_metric_name(name, result.k), *(fmt(model.metrics[name]) for model in (*result.models, majority)))
                 for name in SUMMARY
             ) + tuple(
-                (f"node accuracy: {node}", *(
-                    fmt(model.metrics["node_accuracy"], model.node_names.index(node)) if _decides(model, node) else "-"
-                    for model in result.models
-                ))
-                for node in dict.fromkeys(n for model in result.models for n in model.node_names)
+                (f"node accuracy: {_node_label(node, result)}", *(_node_accuracy(model, node) for model in result.models), "-")
+                for node in node_names
             ),
         ),
+        Block("p", (
+            f"{majority.name}: the most frequent gold label predicted for every gold pair, with the gold label shares "
+            "as its probabilities; the floor a model has to clear. It is fitted on the evaluated gold pairs themselves, "
+            "so it is a slightly optimistic floor." + (f" {NOT_APPLICABLE_NOTE}" if node_names else "")
+        )),
         Block("figure", "class_f1", header=("per-label F1 with intervals",)),
         Block("figure", "reliability", header=("reliability diagram",)),
     ]
     if result.comparisons:
-        baseline = result.comparisons[0].baseline
         blocks += [
-            Block("h2", f"Comparisons against {baseline}"),
-            Block("ul", rows=tuple((c.verdict,) for c in result.comparisons)),
-            Block(
-                "table",
-                header=("model", "common pairs", "queries", "macro_f1 difference", "accuracy difference",
-                        f"ndcg@{result.k} difference", f"McNemar: only {baseline} right / only model right", "McNemar p"),
-                rows=tuple(
-                    (c.other, str(c.n_pairs), str(c.n_queries), fmt(c.metrics["macro_f1_difference"], signed=True),
-                     fmt(c.metrics["accuracy_difference"], signed=True), fmt(c.metrics["ndcg_difference"], signed=True),
-                     f"{c.mcnemar.only_a} / {c.mcnemar.only_b}", f"{c.mcnemar.p_value:.3g} ({c.mcnemar.method})")
-                    for c in result.comparisons
-                ),
-            ),
-            Block("figure", "forest", header=("differences against the baseline",)),
+            Block("h2", f"Comparisons against the baseline {result.baseline}"),
+            *_comparison_blocks(result.comparisons, result.k, ("baseline", "model"), "forest",
+                                "differences against the baseline"),
+        ]
+    if result.lineage_comparisons:
+        blocks += [
+            Block("h2", f"Lineage: {lineage}"),
+            Block("p", "Each stage against the stage before it, on the pairs both cover (paired query bootstrap)."),
+            *_comparison_blocks(result.lineage_comparisons, result.k, ("stage before", "stage"), "lineage_forest",
+                                "differences between consecutive stages"),
         ]
     for index, model in enumerate(result.models):
         blocks += _model_blocks(model, index, result)
@@ -322,6 +420,7 @@ def report_blocks(result: EvaluationResult) -> list[Block]:
              "continuity correction; it treats pairs as independent, so trust the paired bootstrap first.",),
             *((f"{name}: {doc}",) for name, doc in METRICS.items()),
         )),
+        Block("footer", provenance.line()),
     ]
     return blocks
 
@@ -329,10 +428,25 @@ def report_blocks(result: EvaluationResult) -> list[Block]:
 # ---------------------------------------------------------------- rendering
 
 
+def section_anchors(blocks: list[Block]) -> list[tuple[str, str]]:
+    """(title, anchor) of every 'h2' block, the anchor slugged as GitHub slugs headings (lower case,
+    punctuation dropped, each space a hyphen; a repeated slug gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    anchors = []
+    for block in blocks:
+        if block.kind == "h2":
+            slug = re.sub(r"[^\w\- ]", "", block.text.lower()).replace(" ", "-")
+            repeat = seen.get(slug, 0)
+            seen[slug] = repeat + 1
+            anchors.append((block.text, f"{slug}-{repeat}" if repeat else slug))
+    return anchors
+
+
 def render_markdown(blocks: list[Block], image_paths: dict[str, str], title: str) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
+    anchors = section_anchors(blocks)
     lines = [f"# {title}", ""]
     for block in blocks:
         if block.kind in ("h2", "h3"):
@@ -341,6 +455,8 @@ def render_markdown(blocks: list[Block], image_paths: dict[str, str], title: str
             lines += [block.text, ""]
         elif block.kind == "ul":
             lines += [f"- {row[0]}" for row in block.rows] + [""]
+        elif block.kind == "toc":
+            lines += ["Contents:", ""] + [f"- [{text}](#{anchor})" for text, anchor in anchors] + [""]
         elif block.kind == "table":
             lines.append("| " + " | ".join(cell(h) for h in block.header) + " |")
             lines.append("|" + "---|" * len(block.header))
@@ -348,6 +464,8 @@ def render_markdown(blocks: list[Block], image_paths: dict[str, str], title: str
             lines.append("")
         elif block.kind == "figure" and block.text in image_paths:
             lines += [f"![{block.header[0]}]({image_paths[block.text]})", ""]
+        elif block.kind == "footer":
+            lines += ["---", "", block.text, ""]
     return "\n".join(lines)
 
 
@@ -356,18 +474,27 @@ STYLE_CSS = (
     "table{border-collapse:collapse;margin:0.5em 0 1.2em}th,td{border:1px solid #ccc;padding:3px 8px;"
     "text-align:right;font-variant-numeric:tabular-nums}th:first-child,td:first-child{text-align:left}"
     "th{background:#f3f3f3}figure{margin:0.5em 0 1.5em}figcaption{color:#555;font-size:0.9em}"
+    "nav{background:#f7f7f7;padding:0.5em 1em;margin-bottom:1.5em}"
+    "footer{border-top:1px solid #ccc;margin-top:2em;padding-top:0.5em;color:#555;font-size:0.85em}"
 )
 
 
 def render_html(blocks: list[Block], images: dict[str, bytes], title: str) -> str:
     escape = html.escape
+    anchors = section_anchors(blocks)
+    next_anchor = iter(anchor for _, anchor in anchors)
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
              f"<style>{STYLE_CSS}</style></head><body><h1>{escape(title)}</h1>"]
     for block in blocks:
-        if block.kind in ("h2", "h3", "p"):
+        if block.kind == "h2":
+            parts.append(f"<h2 id='{escape(next(next_anchor))}'>{escape(block.text)}</h2>")
+        elif block.kind in ("h3", "p"):
             parts.append(f"<{block.kind}>{escape(block.text)}</{block.kind}>")
         elif block.kind == "ul":
             parts.append("<ul>" + "".join(f"<li>{escape(row[0])}</li>" for row in block.rows) + "</ul>")
+        elif block.kind == "toc":
+            links = "".join(f"<li><a href='#{escape(anchor)}'>{escape(text)}</a></li>" for text, anchor in anchors)
+            parts.append(f"<nav><strong>Contents</strong><ul>{links}</ul></nav>")
         elif block.kind == "table":
             head = "".join(f"<th>{escape(h)}</th>" for h in block.header)
             body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in row) + "</tr>" for row in block.rows)
@@ -376,22 +503,29 @@ def render_html(blocks: list[Block], images: dict[str, bytes], title: str) -> st
             data = base64.b64encode(images[block.text]).decode("ascii")
             parts.append(f"<figure><img alt='{escape(block.header[0])}' src='data:image/png;base64,{data}'>"
                          f"<figcaption>{escape(block.header[0])}</figcaption></figure>")
+        elif block.kind == "footer":
+            parts.append(f"<footer>{escape(block.text)}</footer>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_reports(result: EvaluationResult, out: Path, title: str = "Relevance evaluation") -> dict[str, Path]:
-    """Write report.md (+ plots/*.png), report.html (images inline) and metrics.json under `out`."""
+def write_reports(
+    result: EvaluationResult, out: Path, title: str = "Relevance evaluation", provenance: Provenance | None = None
+) -> dict[str, Path]:
+    """Write report.md (+ plots/*.png), report.html (images inline) and metrics.json under `out`;
+    `provenance` defaults to this process's command line, now."""
     out = Path(out)
+    provenance = provenance or Provenance.now()
     (out / "plots").mkdir(parents=True, exist_ok=True)
     images = figures(result)
     image_paths = {}
     for stem, png in images.items():
         (out / "plots" / f"{stem}.png").write_bytes(png)
         image_paths[stem] = f"plots/{stem}.png"
-    blocks = report_blocks(result)
+    blocks = report_blocks(result, provenance)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "json": out / "metrics.json"}
-    paths["markdown"].write_text(render_markdown(blocks, image_paths, title))
-    paths["html"].write_text(render_html(blocks, images, title))
-    paths["json"].write_text(json.dumps(to_jsonable(result), indent=2, allow_nan=False))
+    paths["markdown"].write_text(render_markdown(blocks, image_paths, title), encoding="utf-8")
+    paths["html"].write_text(render_html(blocks, images, title), encoding="utf-8")
+    document = {**to_jsonable(result), "provenance": to_jsonable(provenance)}
+    paths["json"].write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
     return paths

@@ -37,6 +37,11 @@ def test_run_writes_reports_with_srm_first(data_root, tmp_path):
     payload = json.loads((tmp_path / "result.json").read_text())
     assert [m["metric"] for m in payload["metrics"]][:2] == ["ctr", "query_good_rate"]
     assert payload["srm"]["alarm"] is True
+    # the verdict comes before everything: the alarm makes it inconclusive
+    assert html.index("<h2>Verdict</h2>") < html.index("<h2>Sample ratio (SRM)</h2>")
+    (decision,) = payload["decisions"]
+    assert (decision["variant"], decision["verdict"]) == ("treatment", "inconclusive") and "SRM alarm" in decision["reasons"][0]
+    assert payload["provenance"]["version"] and "<footer>Made by relevance-labeling " in html
     assert "orders below 0" in markdown
     assert pq.read_table(tmp_path / "quarantine.parquet").num_rows == 2
 
