@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime as dt
 import html
 import io
 import json
 import math
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import matplotlib
@@ -30,8 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from abtest.aggregate import ALL  # noqa: E402
 from abtest.analysis import CORRECTION_LABELS, ExperimentResult, MetricResult, format_p, sentence  # noqa: E402
 from abtest.stats import SRM_ALARM_P  # noqa: E402
+from schemas.provenance import Provenance  # noqa: E402
 
-DISTRIBUTION = "relevance-labeling"  # pyproject.toml's project name: where the tool's version comes from
 NA = "n/a"
 
 METHOD_NOTES = (
@@ -49,27 +45,6 @@ METHOD_NOTES = (
     "Guardrails: one-sided non-inferiority test against the margin; segment and day-since-exposure rows "
     "are descriptive (not corrected for multiple comparisons, no CUPED in the day view).",
 )
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """What made a report: the tool's version, the command line and the time (UTC, ISO 8601)."""
-
-    version: str
-    command: str
-    created: str
-
-    @classmethod
-    def now(cls) -> Provenance:
-        try:
-            version = metadata.version(DISTRIBUTION)
-        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-            version = "unknown (not installed)"
-        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        return cls(version, command, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-
-    def line(self) -> str:
-        return f"Made by {DISTRIBUTION} {self.version} at {self.created} with: {self.command}"
 
 
 @dataclass(frozen=True)

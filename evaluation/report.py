@@ -17,16 +17,12 @@ queries cannot see how much queries vary.
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import html
 import io
 import json
 import math
 import re
-import shlex
-import sys
 from dataclasses import dataclass, fields, is_dataclass
-from importlib import metadata
 from pathlib import Path
 
 import matplotlib
@@ -38,37 +34,13 @@ import numpy as np  # noqa: E402
 from evaluation.bootstrap import Interval  # noqa: E402
 from evaluation.evaluate import DIFFERENCES, METRICS, Comparison, EvaluationResult, ModelEvaluation  # noqa: E402
 from evaluation.metrics import ECE_BINS, MCNEMAR_EXACT_BELOW  # noqa: E402
+from schemas.provenance import Provenance  # noqa: E402
 
 SUMMARY = (
     "coverage", "accuracy", "coverage_adjusted_accuracy", "macro_f1", "binary_f1", "roc_auc", "pr_auc", "ndcg", "ece",
 )
 FEW_QUERIES = 10
 FEW_QUERIES_MARK = "⚠"
-DISTRIBUTION = "relevance-labeling"  # pyproject.toml's project name: where the tool's version comes from
-
-
-# ---------------------------------------------------------------- provenance
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """What made a report: the tool's version, the command line and the time (UTC, ISO 8601)."""
-
-    version: str
-    command: str
-    created: str
-
-    @classmethod
-    def now(cls) -> Provenance:
-        try:
-            version = metadata.version(DISTRIBUTION)
-        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-            version = "unknown (not installed)"
-        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        return cls(version, command, dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-
-    def line(self) -> str:
-        return f"Made by {DISTRIBUTION} {self.version} at {self.created} with: {self.command}"
 
 
 # ---------------------------------------------------------------- JSON

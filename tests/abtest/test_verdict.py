@@ -13,8 +13,9 @@ import re
 import pyarrow as pa
 
 from abtest.analysis import INCONCLUSIVE, NO_SHIP, SHIP, ExperimentResult, MetricResult, decide
-from abtest.report import Provenance, write_reports
+from abtest.report import write_reports
 from abtest.stats import srm
+from schemas.provenance import Provenance
 
 PROVENANCE = Provenance(version="9.9.9", command="relevance abtest --events e --assignment a", created="2024-03-15T08:00:00+00:00")
 NAN = math.nan
