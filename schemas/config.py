@@ -1,10 +1,11 @@
 """Typed command configs: frozen dataclasses loaded from YAML plus `key=value` overrides.
 
-Every command has one config dataclass whose fields carry `metadata={"help": ...}` and whose
-`__post_init__` validates with messages that say how to fix the value. `load_config` merges a YAML
-file and dotted CLI overrides (`scale.n_products=500`), converts values to the declared field types,
-and rejects unknown keys by name. It lives in `schemas/` (the ground floor) so that `abtest/` and
-`evaluation/` can use it without importing `jobs/`.
+Every command has one config dataclass whose fields carry `metadata={"help": ...}` (plus `"choices"`
+for a free string checked against a set: that constant, for help texts) and whose `__post_init__`
+validates with messages that say how to fix the value. `load_config` merges a YAML file and dotted
+CLI overrides (`scale.n_products=500`), converts values to the declared field types, rejects unknown
+keys by name and names the required keys given nowhere (`MissingConfigKeys`). It lives in `schemas/`
+(the ground floor) so that `abtest/` and `evaluation/` can use it without importing `jobs/`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime as dt
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +26,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value or key is wrong; the message names it and says what is accepted."""
+
+
+class MissingConfigKeys(ConfigError):
+    """Required keys (no default) given nowhere; `keys` are dotted (`score.date`), for the CLI to name its flags."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        super().__init__(f"missing required key{'s' if len(keys) > 1 else ''} {', '.join(keys)}")
 
 
 def config_date(value: Any, field: str = "date") -> dt.date:
@@ -38,11 +48,25 @@ def config_date(value: Any, field: str = "date") -> dt.date:
     raise ConfigError(f"{field}: must look like YYYY-MM-DD, got {value!r}")
 
 
-def help_field(help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field with help text; mutable defaults go through `default_factory`."""
+def help_field(help: str, default: Any = dataclasses.MISSING, choices: Sequence[str] = (), **kwargs: Any) -> Any:
+    """A dataclass field with help text (and the values a free string accepts, `choices`); no default: a required
+    key. Mutable defaults go through `default_factory`."""
+    metadata = {"help": help, "choices": tuple(choices)} if choices else {"help": help}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def is_required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def field_choices(field: dataclasses.Field, annotation: Any) -> tuple[Any, ...]:
+    """The values a field accepts when they are a fixed set: a `Literal`'s (also inside `X | None`), or its
+    `choices` metadata; () otherwise."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    literal = next((option for option in options if typing.get_origin(option) is typing.Literal), None)
+    return typing.get_args(literal) if literal is not None else field.metadata.get("choices", ())
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:
@@ -110,10 +134,10 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
     kwargs = {
         name: _convert(value, hints[name], f"{where}.{name}" if where else name) for name, value in values.items()
     }
-    try:
-        return cls(**kwargs)
-    except TypeError as error:
-        raise ConfigError(f"{where or cls.__name__}: {error}") from None
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and is_required(f) and f.name not in values]
+    if missing:  # checked here: the constructor's TypeError would name its __init__, not the keys
+        raise MissingConfigKeys([f"{where}.{name}" if where else name for name in missing])
+    return cls(**kwargs)
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
@@ -168,12 +192,13 @@ def load_config(
     return _build(cls, merged, "")
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A plain, YAML-safe dict of a config (paths as strings), for manifests and logs."""
+def config_to_dict(config: Any, settable_only: bool = False) -> dict[str, Any]:
+    """A plain, YAML-safe dict of a config (paths as strings), for manifests and logs; `settable_only`: without
+    the fields a config derives itself (init=False), so the dict loads back as a config file."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init or not settable_only}
         if isinstance(value, (list, tuple)):
             return [plain(item) for item in value]
         if isinstance(value, dict):

@@ -1,11 +1,22 @@
 import dataclasses
 import datetime as dt
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import yaml
 
-from schemas.config import ConfigError, config_date, config_to_dict, help_field, load_config
+from schemas.config import (
+    ConfigError,
+    MissingConfigKeys,
+    config_date,
+    config_to_dict,
+    field_choices,
+    help_field,
+    is_required,
+    load_config,
+)
 
 
 @dataclass(frozen=True)
@@ -88,3 +99,52 @@ def test_dates_must_be_exactly_yyyy_mm_dd():
     for wrong in ("20240313", "2024-W11-3", "2024-03-1", "2024-02-30", " 2024-03-13", "２０２４-03-13", None, 20240313):
         with pytest.raises(ConfigError, match=r"when: must look like YYYY-MM-DD"):
             config_date(wrong, "when")
+
+
+@dataclass(frozen=True)
+class Night:
+    date: str = help_field("Required: no default.")
+    mode: str = help_field("A free string checked against a set.", "fast", choices=("fast", "slow"))
+    engine: Literal["pandas", "spark"] | None = help_field("An optional Literal.", None)
+    scale: Scale = field(default_factory=Scale, metadata={"help": "Sizes."})
+    label: str = field(init=False, default="", metadata={"help": "Derived: no config file sets it."})
+
+
+@dataclass(frozen=True)
+class Section:
+    root: str = help_field("Required in a section.")
+
+
+@dataclass(frozen=True)
+class WithSection:
+    section: Section = help_field("A section with a required key.")
+
+
+def test_required_keys_given_nowhere_are_named_not_the_constructor():
+    with pytest.raises(MissingConfigKeys, match=r"^missing required key date$") as missing:
+        load_config(Night, None, ["mode=slow"])
+    assert missing.value.keys == ["date"]
+    with pytest.raises(MissingConfigKeys) as missing:
+        load_config(WithSection)
+    assert missing.value.keys == ["section"]
+    with pytest.raises(MissingConfigKeys) as missing:
+        load_config(WithSection, None, ["section={}"])
+    assert missing.value.keys == ["section.root"]
+    assert load_config(Night, None, ["date=2024-03-13"]).date == "2024-03-13"
+
+
+def test_choices_come_from_a_literal_or_the_field_metadata():
+    hints = typing.get_type_hints(Night)
+    choices = {f.name: field_choices(f, hints[f.name]) for f in dataclasses.fields(Night)}
+    assert choices == {"date": (), "mode": ("fast", "slow"), "engine": ("pandas", "spark"), "scale": (), "label": ()}
+    assert [f.name for f in dataclasses.fields(Night) if is_required(f)] == ["date"]
+
+
+def test_settable_only_leaves_out_derived_fields_so_the_dict_loads_back(tmp_path):
+    config = load_config(Night, None, ["date=2024-03-13", "scale.n_products=7"])
+    assert "label" in config_to_dict(config)
+    settable = config_to_dict(config, settable_only=True)
+    assert settable == {"date": "2024-03-13", "mode": "fast", "engine": None, "scale": {"n_products": 7, "share": 0.5}}
+    path = tmp_path / "night.yaml"
+    path.write_text(yaml.safe_dump(settable))
+    assert load_config(Night, path) == config
