@@ -400,18 +400,20 @@ def _merged_footer_schema(spark, table: Table, path: str) -> pa.Schema:
 
 # --- the `relevance validate` command -------------------------------------------------------------
 
+ENGINES = ("pandas", "spark")
+
 
 @dataclass(frozen=True)
 class ValidateConfig:
     data: str = help_field("Data root holding tables in the schemas/ layout (e.g. the output of generate).")
     out: str = help_field("Folder for the quarantine table and validation.json; default: <data>/_validation.", "")
     tables: list[str] = help_field("Tables to validate; default: every input table present under data.", [])
-    engine: str = help_field("pandas (one machine, small data) or spark (any size; local or cluster).", "pandas")
+    engine: str = help_field("pandas (one machine, small data) or spark (any size; local or cluster).", "pandas", choices=ENGINES)
     spark_master: str | None = help_field("Spark master for engine=spark; default local[*] or spark-submit's.", None)
 
     def __post_init__(self) -> None:
-        if self.engine not in ("pandas", "spark"):
-            raise ConfigError(f"engine must be 'pandas' or 'spark', got {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         unknown = [name for name in self.tables if name not in INPUT_TABLES]
         if unknown:
             raise ConfigError(f"tables {unknown} are not input tables; choose from {list(INPUT_TABLES)}")

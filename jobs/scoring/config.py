@@ -16,6 +16,7 @@ from jobs.scoring.spec import BACKENDS, ScorerSettings, ScorerSpec, scorer_setti
 from schemas.config import ConfigError, config_date, help_field
 from training.model_files import ModelFolderError, weight_files
 from training.policy_format import PolicyFormat, resolve_format, resolve_student_format
+from training.predict import REASONING_MODES
 
 ENGINES = ("local", "spark")
 
@@ -29,8 +30,8 @@ class ScoreConfig(ScorerSettings):
                             "(query, product_id) pairs to judge.", "prepared")
     catalog: str = help_field("Data root holding the `catalog` (the product text scored, unless a pairs file carries it).", "world")
     out: str = help_field("Data root of the `relevance` table (read for reuse, written for the day).", "scores")
-    backend: str = help_field("Scoring backend: hf (transformers), vllm or student.", "hf")
-    model: str = help_field("Model folder: a causal-LM policy (hf, vllm) or a distilled student folder.", "")
+    backend: str = help_field("Scoring backend: hf (transformers), vllm or student.", "hf", choices=BACKENDS)
+    model: str = help_field("Model folder: a causal-LM policy (hf, vllm) or a distilled student folder.")
     graph: str | None = help_field("Reasoning graph; default: the model folder's (policy.json, student.json).", None)
     label_set: str | None = help_field("Label set; default: the model folder's (policy.json, student.json).", None)
     order: str | None = help_field("CoT order (one of the graph's orders); default: the policy folder's policy.json.", None)
@@ -38,7 +39,7 @@ class ScoreConfig(ScorerSettings):
     kv_cache_gib: float = help_field("vLLM: KV cache size in GiB.", 1.0)
     shard_size: int = help_field("Pairs per shard: the most work a killed job loses.", 2000)
     cache_days: int = help_field("Days of earlier partitions searched for reusable scores (0: never reuse).", 30)
-    engine: str = help_field("local (this process) or spark (mapInArrow, one scorer per executor).", "local")
+    engine: str = help_field("local (this process) or spark (mapInArrow, one scorer per executor).", "local", choices=ENGINES)
     spark_master: str | None = help_field("Spark master with engine=spark; default local[*] or spark-submit's.", None)
     spark_partitions: int = help_field("Spark partitions per shard with engine=spark (0: Spark's default parallelism).", 0)
     policy_format: PolicyFormat = field(init=False, metadata={"help": "The format scored with: the folder's, checked against the given."})
@@ -49,6 +50,8 @@ class ScoreConfig(ScorerSettings):
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.reasoning not in REASONING_MODES:  # else only the scorer would find out, after a night's prepare
+            raise ConfigError(f"reasoning must be one of {REASONING_MODES}, got {self.reasoning!r}")
         if not self.model:
             raise ConfigError("model: required (a policy folder, or a student folder with backend=student)")
         try:

@@ -33,6 +33,7 @@ import pyarrow as pa
 from schemas.config import help_field
 from training.model_files import ModelFolderError, weight_files
 from training.policy_format import STUDENT_FILE, student_meta
+from training.predict import REASONING_MODES
 
 SCORERS = {
     "hf": "jobs.scoring.backends:HFScorer",
@@ -49,7 +50,7 @@ class ScorerSettings:
     """How a scorer runs, whatever the model: `relevance score` passes these to the spec as they are."""
 
     model_name: str = help_field("Name written to the rows; default: the model folder's name.", "")
-    reasoning: str = help_field("Reasoning text kept: none (label_first: label step only), sample or all.", "none")
+    reasoning: str = help_field("Reasoning text kept: none (label_first: label step only), sample or all.", "none", choices=REASONING_MODES)
     reasoning_sample: float = help_field("Share of pairs whose reasoning is generated and kept with reasoning=sample.", 0.05)
     batch_size: int = help_field("Pairs per forward/generate batch (hf, student).", 64)
     max_new_tokens: int = help_field("Longest generated CoT.", 96)

@@ -22,7 +22,7 @@ from schemas.config import ConfigError, help_field
 @dataclass(frozen=True)
 class GenerateConfig:
     out: Path = help_field("Output folder for the world's tables and world.json.", Path("world"))
-    preset: str = help_field(f"Size preset: {', '.join(PRESETS)}.", "demo")
+    preset: str = help_field(f"Size preset: {', '.join(PRESETS)}.", "demo", choices=tuple(PRESETS))
     seed: int = help_field("Random seed (the same seed gives byte-identical tables).", 0)
     world: dict[str, Any] = help_field(
         "WorldConfig fields overriding the preset, e.g. world.n_products=5000, world.experiment.aa=true.", {}

@@ -357,7 +357,7 @@ def test_a_10_mb_title_is_scored_label_only(tiny_world, tiny_model, tmp_path, le
 
 
 BAD_CONFIG = {
-    "date without dashes": (["score", "--date", "20240313"], "date: must look like YYYY-MM-DD, got '20240313'"),
+    "date without dashes": (["score", "--date", "20240313", "--model", "model"], "date: must look like YYYY-MM-DD, got '20240313'"),
     "a day that does not exist": (["prepare", "--date", "2024-02-30", "--data", "world"], "date: must look like YYYY-MM-DD"),
     "a bool for a step count": (["train", "sft", "--set", "max_steps=true"], "max_steps: expected a whole number"),
     "a word for a bool": (["train", "sft", "--set", "resume=maybe"], "resume: expected true or false, got 'maybe'"),

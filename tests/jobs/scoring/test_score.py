@@ -129,6 +129,8 @@ def test_config_errors_name_the_field(tmp_path, tiny_model):
         ScoreConfig(date="03/02/2024", model=str(tiny_model))
     with pytest.raises(ConfigError, match="backend"):
         ScoreConfig(date="2024-03-02", model=str(tiny_model), backend="onnx")
+    with pytest.raises(ConfigError, match=r"reasoning must be one of \('none', 'sample', 'all'\), got 'everything'"):
+        ScoreConfig(date="2024-03-02", model=str(tiny_model), reasoning="everything")
     with pytest.raises(ConfigError, match="model"):
         ScoreConfig(date="2024-03-02", model=str(tmp_path))
 
