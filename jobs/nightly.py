@@ -7,9 +7,10 @@ published partition (scoring reuses every row of the earlier run). Validation ru
 before anything is published: when it fails the job stops with the failed expectations and exit
 code 1, and the published folder is left as it was.
 
-The `prepare` and `score` sections are the steps' own config fields less the ones the night sets
-(`--set score.shard_size=500`, `--set prepare.run_suite=false`); both step configs are built, and so
-checked, when the nightly config is. Before any Spark work the model folder is checked (files present,
+The `prepare`, `score` and `export` sections are the steps' own config fields less the ones the night
+sets (`--set score.shard_size=500`, `--set prepare.run_suite=false`); every step's config is built,
+and so checked, when the nightly config is: a wrong key or value in any section fails the night
+before its first step. Before any Spark work the model folder is checked (files present,
 weights complete) and the inputs looked for, so a bad folder or a missing table fails the night in a
 second. The night holds the lock of `out` and the date (`jobs.lock`) across its steps; a second
 night of that root and date fails at once naming the holder.
@@ -30,12 +31,13 @@ from jobs.export import run as export
 from jobs.lock import date_lock
 from jobs.prepare import PrepareConfig
 from jobs.prepare import run as prepare
-from jobs.scoring.config import ScoreConfig
+from jobs.scoring.config import ENGINES, ScoreConfig
 from jobs.scoring.run import run as score
-from jobs.scoring.spec import check_model_folder
+from jobs.scoring.spec import BACKENDS, check_model_folder
 from schemas.config import config_date, help_field
 from schemas.storage import partitions, table_path
 from schemas.tables import CATALOG, QUERIES, SEARCH_IMPRESSIONS
+from training.predict import REASONING_MODES
 
 
 def settings_section(name: str, config_class: type, set_by_nightly: set[str]) -> type:
@@ -50,6 +52,7 @@ def settings_section(name: str, config_class: type, set_by_nightly: set[str]) ->
 
 PrepareSettings = settings_section("PrepareSettings", PrepareConfig, {"date", "data", "out"})
 ScoreSettings = settings_section("ScoreSettings", ScoreConfig, {"date", "pairs", "catalog", "out", "backend", "model", "reasoning", "engine"})
+ExportSettings = settings_section("ExportSettings", ExportConfig, {"relevance", "date", "out", "queries"})
 
 
 def section_values(settings: Any) -> dict[str, Any]:
@@ -59,21 +62,23 @@ def section_values(settings: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class NightlyConfig:
     date: str = help_field("The night's day (YYYY-MM-DD): its search logs are prepared and its pairs scored.")
+    model: str = help_field("Policy folder (hf, vllm) or distilled student folder (student).")
     data: str = help_field("Data root with search_impressions, catalog and queries.", "world")
     out: str = help_field("Root of the night's outputs: prepared/, scores/, published/, nightly/.", "nightly_output")
-    backend: str = help_field("Scoring backend: hf, vllm or student.", "hf")
-    model: str = help_field("Policy folder (hf, vllm) or distilled student folder (student).", "")
-    reasoning: str = help_field("Reasoning text kept: none, sample or all.", "sample")
-    engine: str = help_field("Scoring engine: local or spark.", "local")
+    backend: str = help_field("Scoring backend: hf, vllm or student.", "hf", choices=BACKENDS)
+    reasoning: str = help_field("Reasoning text kept: none, sample or all.", "sample", choices=REASONING_MODES)
+    engine: str = help_field("Scoring engine: local or spark.", "local", choices=ENGINES)
     score: ScoreSettings = help_field("More `relevance score` settings (shard_size, batch_size, prompt_tokens, ...).",
                                       default_factory=ScoreSettings)
     prepare: PrepareSettings = help_field("More `relevance prepare` settings (synonyms, spark_master, ...).",
                                           default_factory=PrepareSettings)
+    export: ExportSettings = help_field("More `relevance export` settings (label_set, max_prob_sum_error).", default_factory=ExportSettings)
 
     def __post_init__(self) -> None:
         config_date(self.date)
-        # the steps' own checks (the model folder and its policy format too) before the night starts
+        # every step's own checks before the night starts; score's last, as it reads the model folder
         self.prepare_config()
+        self.export_config()
         self.score_config()
 
     def prepare_config(self) -> PrepareConfig:
@@ -83,6 +88,11 @@ class NightlyConfig:
         out = Path(self.out)
         return ScoreConfig(date=self.date, pairs=str(out / "prepared"), catalog=self.data, out=str(out / "scores"), backend=self.backend,
                            model=self.model, reasoning=self.reasoning, engine=self.engine, **section_values(self.score))
+
+    def export_config(self) -> ExportConfig:
+        out = Path(self.out)
+        return ExportConfig(relevance=str(out / "scores"), date=self.date, out=str(out / "published"), queries=self.data,
+                            **section_values(self.export))
 
 
 def check_inputs(data: str, day) -> None:
@@ -117,8 +127,7 @@ def run_steps(config: NightlyConfig, score_config: ScoreConfig) -> dict:
 
     timed("prepare", prepare, config.prepare_config())
     timed("score", score, score_config)
-    timed("validate and export", export, ExportConfig(relevance=str(out / "scores"), date=config.date, out=str(out / "published"),
-                                                      queries=config.data))
+    timed("validate and export", export, config.export_config())
     report = {"date": config.date, "steps": steps}
     target = out / "nightly" / f"ds={config.date}.json"
     target.parent.mkdir(parents=True, exist_ok=True)

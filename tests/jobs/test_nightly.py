@@ -107,3 +107,26 @@ def test_a_night_whose_date_another_process_holds_fails_at_once_naming_it(world,
     assert result.exit_code == 1
     assert f"locked by pid {holder.pid} on {socket.gethostname()} (nightly since" in result.output
     assert not (tmp_path / "prepared").exists()
+
+
+# A wrong key or value in any step's settings, the last step's included: exit 2 naming it, before any step.
+WRONG_SETTINGS = {
+    "a typo in score.*": (["--set", "score.shard_sise=500"], "score: unknown keys ['shard_sise']"),
+    "a wrong prepare.* value": (["--set", "prepare.run_suite=maybe"], "prepare.run_suite: expected true or false, got 'maybe'"),
+    "a wrong export.* value": (["--set", "export.max_prob_sum_error=2"], "max_prob_sum_error must be in (0, 1)"),
+    "a reasoning mode the scorer lacks": (["--set", "reasoning=everything"], "reasoning must be one of ('none', 'sample', 'all')"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_SETTINGS)
+def test_a_wrong_setting_of_any_step_fails_the_night_before_it_starts(tmp_path, monkeypatch, case):
+    started = []
+    monkeypatch.setattr("jobs.nightly.run", started.append)  # what the command calls once the config is built
+    monkeypatch.chdir(tmp_path)
+    options, message = WRONG_SETTINGS[case]
+    result = CliRunner().invoke(app, ["nightly", "--date", "2024-03-13", "--model", "no_model_needed_to_fail_first",
+                                      "--out", "night", *options])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
+    assert started == [], "no step ran"
+    assert list(tmp_path.iterdir()) == [], "nothing written"
