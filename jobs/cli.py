@@ -3,29 +3,40 @@
 Every command body is the same three lines: load its typed config (YAML `--config` plus `--set
 key=value` overrides plus the command's own options), call the job's `run(config)`. Heavy modules
 (pyspark, torch, great_expectations) are imported inside the commands so `relevance --help` is
-instant.
+instant. A command's config class is named on the command (`config_command`), so its `--help` shows
+each option's default, allowed values and whether it is required from the config's own fields, and
+`relevance config show COMMAND ...` prints the config the command would run with, checked, without
+running it.
 
-The error contract, for every command (`ErrorContract`): a failed job prints one line to stderr,
-`relevance <command>: <ErrorType>: <first line of its message>` (the jobs' messages name the file,
-row and field they know), and exits 1; a Spark or py4j error is cut to its first meaningful line (the
-JVM's message, not its stack). Bad usage (an unknown option, a wrong config value: `ConfigError`)
-exits 2. The full traceback is printed only with `relevance --debug <command>`, and appended to the
-file `$RELEVANCE_LOG` names, when set.
+The error contract, for every command (`ErrorContract`), one exit code per kind of failure:
+0 done; 1 the job failed on what it was given or found (bad or missing data, failed validation, a
+full disk, a day another run holds, a failed Spark job); 2 bad usage (an unknown option, a required
+one missing, a wrong config value: `ConfigError`); 3 an internal error (a bug: anything else). A
+failure prints one line to stderr, `relevance <command>: <ErrorType>: <first line of its message>`
+(the jobs' messages name the file, row and field they know); a Spark or py4j error is cut to its
+first meaningful line (the JVM's message, not its stack). The full traceback is printed only with
+`relevance --debug <command>` (before that line; the exit code is the same), and appended to the file
+`$RELEVANCE_LOG` names, when set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import importlib
 import os
 import sys
 import traceback
+import typing
+from contextvars import ContextVar
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 LOG_VARIABLE = "RELEVANCE_LOG"
-USAGE_ERROR, JOB_ERROR = 2, 1
+DISTRIBUTION = "relevance-labeling"  # pyproject.toml's project name: the installed metadata's key
+JOB_ERROR, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
 
 
 def error_line(error: BaseException) -> str:
@@ -35,6 +46,15 @@ def error_line(error: BaseException) -> str:
     if type(error).__module__.startswith("py4j") and len(lines) > 1:
         lines = [lines[1].removeprefix(": ")]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def is_job_failure(error: Exception) -> bool:
+    """Whether `error` is a job failing on what it was given or found rather than a bug: bad data (ValueError;
+    the jobs' own errors derive from it), files missing, unreadable or unwritable (OSError), the day held by
+    another run, a failed Spark job."""
+    from jobs.lock import DateLockedError
+
+    return isinstance(error, (ValueError, OSError, DateLockedError)) or type(error).__module__.startswith(("pyspark", "py4j"))
 
 
 def log_trace(path: str, error: BaseException) -> None:
@@ -53,19 +73,78 @@ class ErrorContract(TyperGroup):
         except (typer.TyperException, typer.Exit, typer.Abort):
             raise  # usage errors and deliberate exits: click reports them (exit 2, or the code given)
         except Exception as error:
-            if ctx.params.get("debug"):
-                raise
+            debug = ctx.params.get("debug")
+            if debug:
+                traceback.print_exception(error)  # then the same line and exit code as without --debug
             from schemas.config import ConfigError
 
+            command = f"relevance {ctx.invoked_subcommand}"
             if isinstance(error, ConfigError):  # bad usage: the message says what to change, a trace adds nothing
-                typer.echo(f"relevance {ctx.invoked_subcommand}: {error_line(error)}", err=True)
+                typer.echo(f"{command}: {error_line(error)}", err=True)
                 raise typer.Exit(USAGE_ERROR) from None
             log = os.environ.get(LOG_VARIABLE)
             if log:
                 log_trace(log, error)
-            where = f"trace in {log}" if log else "relevance --debug shows the trace"
-            typer.echo(f"relevance {ctx.invoked_subcommand}: {error_line(error)} ({where})", err=True)
-            raise typer.Exit(JOB_ERROR) from None
+            where = f"trace in {log}" if log else "trace above" if debug else "relevance --debug shows the trace"
+            if is_job_failure(error):
+                typer.echo(f"{command}: {error_line(error)} ({where})", err=True)
+                raise typer.Exit(JOB_ERROR) from None
+            typer.echo(f"{command}: internal error (a bug; please report it with the trace): {error_line(error)} ({where})", err=True)
+            raise typer.Exit(INTERNAL_ERROR) from None
+
+
+class ConfigCommand(TyperCommand):
+    """A command whose options are fields of its typed config, `config_class` ("module:Class", imported only
+    for its help). Its help shows each such option's default, allowed values (a Literal's, or the
+    field's `choices`) and whether it is required, from the config's fields; a required key given nowhere
+    is reported by its flag."""
+
+    config_class = ""
+
+    def config_fields(self) -> dict[str, tuple[dataclasses.Field, typing.Any]]:
+        module, name = self.config_class.split(":")
+        config = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(config)
+        return {field.name: (field, hints[field.name]) for field in dataclasses.fields(config) if field.init}
+
+    def format_help(self, ctx: typer.Context, formatter) -> None:
+        from schemas.config import field_choices, is_required
+
+        fields = self.config_fields()
+        # The options default to None (so a --config file's value stands unless one is given), which help would
+        # show as no default: draw the config's instead. Help exits right after, before anything is parsed.
+        for option in (param for param in self.params if isinstance(param, TyperOption) and param.name in fields):
+            field, annotation = fields[option.name]
+            choices = field_choices(field, annotation)
+            if choices:
+                option.metavar = f"[{'|'.join(map(str, choices))}]"
+            if is_required(field):
+                option.required = True
+                continue
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            if default not in (None, "", (), [], {}):
+                option.default, option.show_default = default, True
+        super().format_help(ctx, formatter)
+
+    def invoke(self, ctx: typer.Context):
+        from schemas.config import ConfigError, MissingConfigKeys
+
+        try:
+            return super().invoke(ctx)
+        except MissingConfigKeys as missing:
+            raise ConfigError(self.missing_message(missing.keys)) from None
+
+    def missing_message(self, keys: list[str]) -> str:
+        flags = {param.name: max(param.opts, key=len) for param in self.params if isinstance(param, TyperOption)}
+        named = [flags.get(key, key) for key in keys]
+        kind = "option" if all(key in flags for key in keys) else "key"
+        return (f"missing required {kind}{'s' if len(keys) > 1 else ''} {', '.join(named)} (or set {', '.join(keys)} in the "
+                f"--config file or with --set KEY=VALUE)")
+
+
+def config_command(config_class: str) -> type[ConfigCommand]:
+    """The command class of a command run with `config_class` ("module:Class")."""
+    return type(ConfigCommand.__name__, (ConfigCommand,), {"config_class": config_class})
 
 
 app = typer.Typer(
@@ -73,19 +152,37 @@ app = typer.Typer(
     name="relevance",
     help="LLM relevance labeling for e-commerce search: data, Graph-GRPO training, scoring, A/B analysis.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
+def print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        installed = "unknown (not installed: pip install -e .)"
+    typer.echo(f"{DISTRIBUTION} {installed}")
+    raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="On an error, print the full traceback (default: one line).")) -> None:
+def main(
+    debug: bool = typer.Option(False, "--debug", help="On an error, print the full traceback (default: one line)."),
+    version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True, help="Print the installed version and exit."),
+) -> None:
     """LLM relevance labeling for e-commerce search: data, Graph-GRPO training, scoring, A/B analysis."""
 
-ConfigOption = typer.Option(None, "--config", "-c", help="YAML file with this command's config.")
+ConfigOption = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML file with this command's config.")
 SetOption = typer.Option(
-    None, "--set", "-s", help="Override a config key: --set key=value (dotted keys for sections); repeatable."
+    None, "--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set key=value (dotted keys for sections); repeatable."
 )
+# Set while `relevance config show` runs a command: `_load` then prints the config in this format instead of
+# returning it, and the command ends there.
+showing_config: ContextVar[str | None] = ContextVar("showing_config", default=None)
 
 
 def _load(config_class, config_path: Path | None, sets: list[str] | None, **options):
@@ -94,13 +191,30 @@ def _load(config_class, config_path: Path | None, sets: list[str] | None, **opti
     from schemas.config import load_config
 
     given = {key: str(value) if isinstance(value, Path) else value for key, value in options.items() if value is not None}
-    return load_config(config_class, config_path, sets or [], given)
+    config = load_config(config_class, config_path, sets or [], given)
+    shown_as = showing_config.get()
+    if shown_as is not None:
+        typer.echo(render_config(config, shown_as))
+        raise typer.Exit()
+    return config
 
 
-@app.command()
+def render_config(config, form: str) -> str:
+    """`config` as YAML or JSON, only the keys a config file sets (so the output loads back with --config)."""
+    import json
+
+    import yaml
+
+    from schemas.config import config_to_dict
+
+    values = config_to_dict(config, settable_only=True)
+    return json.dumps(values, indent=2) if form == "json" else yaml.safe_dump(values, sort_keys=False).rstrip()
+
+
+@app.command(cls=config_command("jobs.world.run:GenerateConfig"))
 def generate(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder for the world's tables."),
-    preset: str | None = typer.Option(None, help="Size preset: tests, demo or benchmark."),
+    preset: str | None = typer.Option(None, help="World size preset."),
     seed: int | None = typer.Option(None, help="Random seed (same seed, same tables)."),
     config: Path | None = ConfigOption,
     sets: list[str] | None = SetOption,
@@ -111,10 +225,10 @@ def generate(
     run(_load(GenerateConfig, config, sets, out=out, preset=preset, seed=seed))
 
 
-@app.command()
+@app.command(cls=config_command("jobs.ingest.run:IngestConfig"))
 def ingest(
     source: Path | None = typer.Option(None, "--source", help="Dataset folder (WANDS or ESCI files)."),
-    format: str | None = typer.Option(None, "--format", "-f", help="wands or esci."),
+    format: str | None = typer.Option(None, "--format", "-f", help="Dataset format."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output data root."),
     files: str | None = typer.Option(None, help="Comma-separated files to read (default: all present)."),
     locale: str | None = typer.Option(None, help="ESCI only: keep one product_locale (us, es, jp)."),
@@ -129,10 +243,10 @@ def ingest(
               strict=strict))
 
 
-@app.command()
+@app.command(cls=config_command("jobs.validate:ValidateConfig"))
 def validate(
     data: Path | None = typer.Option(None, "--data", "-d", help="Data root to validate."),
-    engine: str | None = typer.Option(None, help="pandas or spark."),
+    engine: str | None = typer.Option(None, help="pandas: one machine, small data; spark: any size."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Where quarantine and validation.json go."),
     config: Path | None = ConfigOption,
     sets: list[str] | None = SetOption,
@@ -143,7 +257,7 @@ def validate(
     run(_load(ValidateConfig, config, sets, data=data, engine=engine, out=out))
 
 
-@app.command()
+@app.command(cls=config_command("jobs.prepare:PrepareConfig"))
 def prepare(
     date: str | None = typer.Option(None, "--date", help="The day (YYYY-MM-DD) of search impressions to prepare."),
     data: Path | None = typer.Option(None, "--data", "-d", help="Data root with search_impressions and catalog."),
@@ -157,7 +271,7 @@ def prepare(
     run(_load(PrepareConfig, config, sets, date=date, data=data, out=out))
 
 
-@app.command()
+@app.command(cls=config_command("jobs.datasets:DatasetsConfig"))
 def datasets(
     data: Path | None = typer.Option(None, "--data", "-d", help="Data root with catalog, queries, judgments, gold_nodes."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Data root for training_examples (default: --data)."),
@@ -171,17 +285,17 @@ def datasets(
     run(_load(DatasetsConfig, config, sets, data=data, out=out, weak_from=weak_from))
 
 
-@app.command()
+@app.command(cls=config_command("jobs.scoring.config:ScoreConfig"))
 def score(
     date: str | None = typer.Option(None, "--date", help="The day (YYYY-MM-DD) whose candidate pairs are scored (a pairs file: the partition written)."),
-    backend: str | None = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
+    backend: str | None = typer.Option(None, "--backend", "-b", help="Scoring backend."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
     pairs: Path | None = typer.Option(None, "--pairs", help="Data root with candidate_pairs (relevance prepare's out), or a .csv or "
                                       ".parquet file of (query, product_id) pairs to judge."),
     catalog: Path | None = typer.Option(None, "--catalog", help="Data root with the catalog."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Data root of the relevance table."),
-    reasoning: str | None = typer.Option(None, "--reasoning", help="none, sample or all: which pairs keep generated reasoning."),
-    engine: str | None = typer.Option(None, "--engine", help="local or spark (mapInArrow, one scorer per executor)."),
+    reasoning: str | None = typer.Option(None, "--reasoning", help="Which pairs keep their generated reasoning."),
+    engine: str | None = typer.Option(None, "--engine", help="local: this process; spark: mapInArrow, one scorer per executor."),
     config: Path | None = ConfigOption,
     sets: list[str] | None = SetOption,
 ) -> None:
@@ -193,7 +307,7 @@ def score(
               reasoning=reasoning, engine=engine))
 
 
-@app.command()
+@app.command(cls=config_command("jobs.export:ExportConfig"))
 def export(
     date: str | None = typer.Option(None, "--date", help="The ds partition (YYYY-MM-DD) of the relevance table to publish."),
     relevance: Path | None = typer.Option(None, "--relevance", "-r", help="Data root holding the relevance table."),
@@ -209,15 +323,15 @@ def export(
         run(_load(ExportConfig, config, sets, date=date, relevance=relevance, out=out, queries=queries))
     except ExportValidationError as error:
         typer.echo(f"export failed, nothing published:\n{error}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(JOB_ERROR) from None
 
 
-@app.command()
+@app.command(cls=config_command("jobs.nightly:NightlyConfig"))
 def nightly(
     date: str | None = typer.Option(None, "--date", help="The night's day (YYYY-MM-DD)."),
     data: Path | None = typer.Option(None, "--data", "-d", help="Data root with search_impressions, catalog, queries."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Policy folder (hf, vllm) or student folder."),
-    backend: str | None = typer.Option(None, "--backend", "-b", help="hf, vllm or student."),
+    backend: str | None = typer.Option(None, "--backend", "-b", help="Scoring backend."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Root of prepared/, scores/, published/."),
     config: Path | None = ConfigOption,
     sets: list[str] | None = SetOption,
@@ -230,16 +344,18 @@ def nightly(
         run(_load(NightlyConfig, config, sets, date=date, data=data, model=model, backend=backend, out=out))
     except ExportValidationError as error:
         typer.echo(f"nightly {date}: validation failed, nothing published:\n{error}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(JOB_ERROR) from None
 
 
 model_app = typer.Typer(help="Policy models: build the tiny default one.", no_args_is_help=True)
 train_app = typer.Typer(help="Training stages: masked SFT, Graph-GRPO, distillation into the multi-head student.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(train_app, name="train")
+config_app = typer.Typer(help="Configs: print the one a command would run with.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 
-@model_app.command("init")
+@model_app.command("init", cls=config_command("training.model:ModelInitConfig"))
 def model_init(
     world: Path | None = typer.Option(None, "--world", "-w", help="World root whose catalog and queries train the tokenizer."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the model and tokenizer."),
@@ -252,7 +368,7 @@ def model_init(
     run(_load(ModelInitConfig, config, sets, world=world, out=out))
 
 
-@train_app.command("sft")
+@train_app.command("sft", cls=config_command("training.sft:SFTConfig"))
 def train_sft(
     data: Path | None = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
     model: Path | None = typer.Option(None, "--model", "-m", help="Model folder to start from (any local HF causal LM)."),
@@ -271,13 +387,13 @@ def train_sft(
               max_steps=max_steps, resume=resume))
 
 
-@train_app.command("grpo")
+@train_app.command("grpo", cls=config_command("training.grpo.trainer:GRPOConfig"))
 def train_grpo(
     estimator: str | None = typer.Option(None, "--estimator", "-e", help="grpo, sam, process, shaped, graph_fixed or graph_grpo."),
     data: Path | None = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
     model: Path | None = typer.Option(None, "--model", "-m", help="SFT policy folder (relevance train sft writes out/model)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder: checkpoints, metrics.jsonl, summary.json, model/."),
-    backend: str | None = typer.Option(None, help="Rollout backend: hf or vllm."),
+    backend: str | None = typer.Option(None, help="Rollout backend."),
     steps: int | None = typer.Option(None, help="RL steps."),
     seed: int | None = typer.Option(None, help="Seed of the prompt order and the sampling."),
     resume: bool | None = typer.Option(None, "--resume/--no-resume", help="Continue from the latest checkpoint."),
@@ -291,7 +407,7 @@ def train_grpo(
               seed=seed, resume=resume))
 
 
-@train_app.command("distill")
+@train_app.command("distill", cls=config_command("training.distill:DistillConfig"))
 def train_distill(
     data: Path | None = typer.Option(None, "--data", "-d", help="Root with training_examples (relevance datasets)."),
     teacher: Path | None = typer.Option(None, "--teacher", "-t", help="Teacher policy folder (relevance train sft or grpo writes out/model)."),
@@ -310,7 +426,7 @@ def train_distill(
               max_steps=max_steps, resume=resume))
 
 
-@app.command()
+@app.command(cls=config_command("evaluation.command:EvaluateConfig"))
 def evaluate(
     pred: list[str] | None = typer.Option(
         None, "--pred", "-p", help="NAME=PATH of a relevance table; repeat to compare models (the first is the baseline)."
@@ -340,26 +456,26 @@ def evaluate(
         if malformed:
             raise typer.BadParameter(f"--pred takes NAME=PATH, got {malformed}")
         predictions = dict(item.split("=", 1) for item in pred)
+    dataset = gold
     if gold_format is not None:
+        if dataset is None:
+            raise typer.BadParameter("--gold-format needs --gold pointing at the dataset folder")
+        gold = (out or Path("evaluation_report")) / "gold_tables"  # where the dataset's judgments are staged
+    evaluate_config = _load(
+        EvaluateConfig, config, sets, predictions=predictions, gold=gold, gold_source=gold_source,
+        gold_nodes=gold_nodes, queries=queries, catalog=catalog, label_set=label_set, k=k,
+        n_bootstrap=n_bootstrap, seed=seed, out=out,
+    )
+    if gold_format is not None:  # staged after the config is checked: a wrong value costs no ingest
         from jobs.ingest.run import IngestConfig
         from jobs.ingest.run import run as ingest
 
-        if gold is None:
-            raise typer.BadParameter("--gold-format needs --gold pointing at the dataset folder")
-        staged = (out or Path("evaluation_report")) / "gold_tables"
-        ingest(_load(IngestConfig, None, None, format=gold_format, source=str(gold), out=str(staged), files="label"
+        ingest(_load(IngestConfig, None, None, format=gold_format, source=str(dataset), out=str(gold), files="label"
                      if gold_format == "wands" else "examples"))
-        gold = staged
-    run(
-        _load(
-            EvaluateConfig, config, sets, predictions=predictions, gold=gold, gold_source=gold_source,
-            gold_nodes=gold_nodes, queries=queries, catalog=catalog, label_set=label_set, k=k,
-            n_bootstrap=n_bootstrap, seed=seed, out=out,
-        )
-    )
+    run(evaluate_config)
 
 
-@app.command()
+@app.command(cls=config_command("abtest.run:AbtestConfig"))
 def abtest(
     events: Path | None = typer.Option(
         None, "--events", "-e", help="experiment_events: data root, table folder, parquet file or DuckDB database."
@@ -383,7 +499,7 @@ def abtest(
     )
 
 
-@app.command()
+@app.command(cls=config_command("jobs.demo:DemoConfig"))
 def demo(
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for every output of the demo."),
     preset: str | None = typer.Option(None, help="World size preset (default: demo)."),
@@ -394,6 +510,34 @@ def demo(
     from jobs.demo import DemoConfig, run
 
     run(_load(DemoConfig, config, sets, out=out, preset=preset))
+
+
+
+# Everything after COMMAND is the command's own (its --config, --set and options), not show's.
+@config_app.command("show", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def config_show(
+    ctx: typer.Context,
+    command: list[str] = typer.Argument(..., metavar="COMMAND", help="A command and its options, as you would run it."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+) -> None:
+    """Print the config COMMAND would run with (its defaults, then the --config file, --set overrides and options), checked, without
+    running it; the YAML loads back with --config. Example: relevance config show score --date 2024-03-28 --set shard_size=500"""
+    target, words = ctx.find_root().command, list(command)
+    path = []
+    while isinstance(target, TyperGroup) and words and not words[0].startswith("-"):
+        path.append(words.pop(0))
+        target = target.get_command(ctx, path[-1])
+        if target is None:
+            raise typer.BadParameter(f"no command {' '.join(path)!r}; see relevance --help", param_hint="COMMAND")
+    if not isinstance(target, ConfigCommand):
+        raise typer.BadParameter(f"{' '.join(path) or 'relevance'!r} runs no config; name a command, e.g. score or train sft",
+                                 param_hint="COMMAND")
+    shown = showing_config.set("json" if as_json else "yaml")
+    try:
+        with target.make_context(" ".join(path), words, parent=ctx.find_root()) as command_ctx:  # its errors show its usage
+            target.invoke(command_ctx)
+    finally:
+        showing_config.reset(shown)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from jobs.cli import app
 
@@ -116,3 +118,185 @@ def test_a_jvm_error_is_cut_to_the_java_exception_line():
                         "does not exist\n\tat org.apache.hadoop.fs.RawLocalFileSystem.deprecatedGetFileStatus(RawLocalFileSystem.java:779)")
     assert error_line(jvm) == "Py4JJavaError: java.io.FileNotFoundException: File file:/w/x.parquet does not exist"
     assert error_line(ValueError("x.csv row 5, field price: not a number\nmore")) == "ValueError: x.csv row 5, field price: not a number"
+
+
+# --- what a user sees: required options, help, version, completion, config show, exit codes -------
+
+
+def help_lines(*command: str) -> dict[str, str]:
+    """`relevance COMMAND --help` on a terminal wide enough for one line per option: {option: its line}."""
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = [line.strip("│ ") for line in result.output.splitlines() if line.startswith("│")]
+    return {match[1]: line for line in lines if (match := re.match(r"\*?\s*(--[\w-]+)", line))}
+
+
+@pytest.mark.parametrize("args, missing", [
+    (["score", "--date", "2024-03-02"], "option --model (or set model"),
+    (["export", "--date", "2024-03-02"], "options --relevance, --out (or set relevance, out"),
+    (["ingest", "--format", "wands"], "options --source, --out (or set source, out"),
+])
+def test_a_missing_required_option_is_named_by_its_flag_and_exits_2(args, missing):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"relevance {args[0]}: ConfigError: missing required {missing} in the --config file or with "
+                                          "--set KEY=VALUE)"]
+    assert "__init__" not in result.output and "TypeError" not in result.output
+
+
+def test_a_required_key_may_come_from_set_instead_of_its_option(tmp_path):
+    result = runner.invoke(app, ["export", "--date", "2024-03-02", "--set", f"relevance={tmp_path / 'scores'}", "--set",
+                                 f"out={tmp_path / 'published'}"])
+    assert result.exit_code == 1 and "no relevance partition" in result.stderr, result.output  # past the config, on to the data
+
+
+def test_help_marks_required_options_and_shows_defaults_and_allowed_values():
+    from jobs.scoring.spec import BACKENDS
+
+    score = help_lines("score")
+    assert score["--date"].startswith("*") and score["--date"].endswith("[required]")
+    assert score["--model"].startswith("*") and score["--model"].endswith("[required]")
+    assert "[hf|vllm|student]" in score["--backend"] and score["--backend"].endswith("[default: hf]")
+    assert f"[{'|'.join(BACKENDS)}]" in score["--backend"], "drawn from the constant the config checks against"
+    assert "[none|sample|all]" in score["--reasoning"] and score["--reasoning"].endswith("[default: none]")
+    assert "[local|spark]" in score["--engine"] and score["--out"].endswith("[default: scores]")
+    assert "[required]" not in score["--pairs"] and score["--pairs"].endswith("[default: prepared]")
+
+    ingest = help_lines("ingest")
+    assert "[wands|esci]" in ingest["--format"] and ingest["--format"].endswith("[required]")  # a Literal field
+    assert ingest["--strict"].endswith("[default: no-strict]")
+    engine = help_lines("validate")["--engine"]
+    assert "[pandas|spark]" in engine and engine.endswith("[default: pandas]")
+    assert "[tests|demo|benchmark]" in help_lines("generate")["--preset"]
+    nightly = help_lines("nightly")
+    assert nightly["--model"].endswith("[required]") and nightly["--out"].endswith("[default: nightly_output]")
+
+
+def test_train_grpo_help_lists_every_registered_estimator():
+    # the estimator registry needs torch, which help does not import: the list is written out, and checked here
+    from training.grpo.estimators import ESTIMATORS
+
+    line = help_lines("train", "grpo")["--estimator"]
+    assert sorted(name for name in ESTIMATORS if name in line) == sorted(ESTIMATORS)
+    assert line.endswith("[default: graph_grpo]")
+
+
+def test_every_command_names_the_config_its_body_loads():
+    import inspect
+
+    import typer.main
+
+    from jobs.cli import ConfigCommand
+
+    def commands(group):
+        for command in group.commands.values():
+            yield from commands(command) if hasattr(command, "commands") else [command]
+
+    configured = [command for command in commands(typer.main.get_command(app)) if isinstance(command, ConfigCommand)]
+    assert len(configured) == 15
+    for command in configured:
+        assert command.config_fields(), command.name
+        assert re.search(rf"_load\(\s*{command.config_class.split(':')[1]},", inspect.getsource(command.callback)), command.name
+
+
+def test_version_is_the_installed_distribution_s():
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"{project['name']} {project['version']}\n"
+
+
+def test_shell_completion_is_on():
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="relevance")
+    assert script.exit_code == 0 and "_RELEVANCE_COMPLETE=complete_bash" in script.output
+    completed = runner.invoke(app, [], prog_name="relevance",
+                              env={"_RELEVANCE_COMPLETE": "complete_bash", "COMP_WORDS": "relevance train g", "COMP_CWORD": "2"})
+    assert completed.output.split() == ["grpo"]
+
+
+def test_config_show_prints_the_resolved_config_and_runs_nothing(tmp_path, monkeypatch):
+    import yaml
+
+    from jobs.validate import ValidateConfig
+    from schemas.config import load_config
+
+    ran = []
+    monkeypatch.setattr("jobs.validate.run", ran.append)
+    monkeypatch.chdir(tmp_path)
+    given = tmp_path / "validate.yaml"
+    given.write_text("data: from_file\nout: checks\n")
+    result = runner.invoke(app, ["config", "show", "validate", "--config", str(given), "--data", "world", "--set", "engine=spark"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    # defaults, then the file, then --set, then the options
+    assert shown == {"data": "world", "out": "checks", "tables": [], "engine": "spark", "spark_master": None}
+    assert ran == [] and sorted(path.name for path in tmp_path.iterdir()) == ["validate.yaml"]
+    (tmp_path / "shown.yaml").write_text(result.stdout)
+    assert load_config(ValidateConfig, tmp_path / "shown.yaml") == load_config(ValidateConfig, given, ["engine=spark"], {"data": "world"})
+
+
+def test_config_show_json_of_a_sub_command_with_a_section_override():
+    result = runner.invoke(app, ["config", "show", "--json", "prepare", "--date", "2024-03-13", "--data", "world",
+                                 "--set", "synonyms.sofa=couch", "--set", "run_suite=false"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"date": "2024-03-13", "data": "world", "out": "", "synonyms": {"sofa": "couch"},
+                                         "run_suite": False, "spark_master": None, "spark_conf": {}}
+    nested = runner.invoke(app, ["config", "show", "--json", "model", "init", "--out", "m", "--set", "num_layers=2"])
+    assert nested.exit_code == 0, nested.output
+    assert json.loads(nested.stdout)["num_layers"] == 2 and json.loads(nested.stdout)["out"] == "m"
+
+
+def test_config_show_checks_the_config_and_stages_nothing(tmp_path):
+    wands = Path(__file__).parents[1] / "data" / "wands"
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["config", "show", "evaluate", "--pred", "m=x", "--gold", str(wands), "--gold-format", "wands",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "gold_tables" in result.stdout and not out.exists(), "the gold the evaluation reads, not staged"
+    wrong = runner.invoke(app, ["config", "show", "score", "--date", "2024-03-13"])
+    assert wrong.exit_code == 2 and "missing required option --model" in wrong.stderr
+    unknown = runner.invoke(app, ["config", "show", "scor"])
+    assert unknown.exit_code == 2 and "no command 'scor'" in unknown.output
+
+
+def fail_with(monkeypatch, error: Exception) -> Result:
+    def run(config):
+        raise error
+
+    monkeypatch.setattr("jobs.validate.run", run)
+    return runner.invoke(app, ["validate", "--data", "world"])
+
+
+@pytest.mark.parametrize("error, exit_code", [
+    (ValueError("x.csv row 5, field price: not a number"), 1),
+    (FileNotFoundError("no input tables found under world"), 1),
+    (OSError(28, "No space left on device"), 1),
+    (KeyError("unknown table 'x'"), 3),
+    (TypeError("unsupported operand type(s) for +: 'int' and 'str'"), 3),
+    (AssertionError("judgments do not reconcile"), 3),
+])
+def test_exit_codes_tell_bad_data_from_an_internal_error(monkeypatch, error, exit_code):
+    result = fail_with(monkeypatch, error)
+    assert result.exit_code == exit_code, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"relevance validate: {'internal error' if exit_code == 3 else type(error).__name__}")
+    assert type(error).__name__ in line and line.endswith("(relevance --debug shows the trace)")
+
+
+def test_a_held_day_is_a_job_failure(monkeypatch):
+    from jobs.lock import DateLockedError
+
+    assert fail_with(monkeypatch, DateLockedError("ds=2024-03-13 is locked by pid 7")).exit_code == 1
+
+
+def test_debug_prints_the_trace_and_keeps_the_exit_code(monkeypatch):
+    def run(config):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("jobs.validate.run", run)
+    result = runner.invoke(app, ["--debug", "validate", "--data", "world"])
+    assert result.exit_code == 3
+    assert "Traceback (most recent call last)" in result.stderr and result.stderr.splitlines()[-1].startswith("relevance validate: internal error")
