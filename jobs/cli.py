@@ -35,7 +35,6 @@ import typer
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 LOG_VARIABLE = "RELEVANCE_LOG"
-DISTRIBUTION = "relevance-labeling"  # pyproject.toml's project name: the installed metadata's key
 JOB_ERROR, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
 
 
@@ -159,13 +158,9 @@ app = typer.Typer(
 def print_version(value: bool) -> None:
     if not value:
         return
-    from importlib.metadata import PackageNotFoundError, version
+    from schemas.provenance import DISTRIBUTION, tool_version
 
-    try:
-        installed = version(DISTRIBUTION)
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        installed = "unknown (not installed: pip install -e .)"
-    typer.echo(f"{DISTRIBUTION} {installed}")
+    typer.echo(f"{DISTRIBUTION} {tool_version()}")  # the version the reports' footers carry
     raise typer.Exit()
 
 
