@@ -426,6 +426,10 @@ def evaluate(
     pred: list[str] | None = typer.Option(
         None, "--pred", "-p", help="NAME=PATH of a relevance table; repeat to compare models (the first is the baseline)."
     ),
+    baseline: str | None = typer.Option(None, help="Name of the --pred model every other is compared with (default: the first)."),
+    lineage: str | None = typer.Option(
+        None, help="Comma-separated --pred names compared one after the next, e.g. sft,grpo,student (default: all but the baseline, in order)."
+    ),
     gold: Path | None = typer.Option(None, help="Gold judgments table (file, table folder or data root)."),
     gold_format: str | None = typer.Option(
         None, help="wands or esci: --gold is then that dataset's folder, read with the ingest readers."
@@ -457,7 +461,8 @@ def evaluate(
             raise typer.BadParameter("--gold-format needs --gold pointing at the dataset folder")
         gold = (out or Path("evaluation_report")) / "gold_tables"  # where the dataset's judgments are staged
     evaluate_config = _load(
-        EvaluateConfig, config, sets, predictions=predictions, gold=gold, gold_source=gold_source,
+        EvaluateConfig, config, sets, predictions=predictions, baseline=baseline,
+        lineage=lineage, gold=gold, gold_source=gold_source,
         gold_nodes=gold_nodes, queries=queries, catalog=catalog, label_set=label_set, k=k,
         n_bootstrap=n_bootstrap, seed=seed, out=out,
     )

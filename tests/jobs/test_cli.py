@@ -300,3 +300,13 @@ def test_debug_prints_the_trace_and_keeps_the_exit_code(monkeypatch):
     result = runner.invoke(app, ["--debug", "validate", "--data", "world"])
     assert result.exit_code == 3
     assert "Traceback (most recent call last)" in result.stderr and result.stderr.splitlines()[-1].startswith("relevance validate: internal error")
+
+
+def test_evaluate_takes_the_baseline_and_the_lineage_as_flags():
+    models = ["--pred", "rater=r.parquet", "--pred", "sft=s.parquet", "--pred", "grpo=g.parquet", "--gold", "gold.parquet"]
+    result = runner.invoke(app, ["config", "show", "--json", "evaluate", *models, "--baseline", "sft", "--lineage", "rater,grpo"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert (shown["baseline"], shown["lineage"]) == ("sft", ["rater", "grpo"])
+    wrong = runner.invoke(app, ["config", "show", "evaluate", *models, "--lineage", "sft,student"])
+    assert wrong.exit_code == 2 and "student" in wrong.output
