@@ -1,0 +1,125 @@
+"""Training on several processes: `torchrun --nproc_per_node 2 -m jobs.cli train ...` on this CPU (gloo), against
+one process with the same global batch.
+
+Tolerance: two processes sum the same per-example terms in another order (each rank's share, then the
+all-reduce) and pad their shares to other widths, so losses and weights agree to float rounding, not bit
+for bit. The tests allow 1e-5 relative on losses and 1e-6 absolute (plus 1e-5 relative) on weights after
+a few AdamW steps of lr 5e-3: Adam divides each gradient by its running root mean square, so the rounding
+of near-zero gradients moves weights by a small fraction of lr. Measured here: SFT losses within 2e-7
+relative, weights within 3e-7 absolute. A run resumed on the same world size continues bit for bit, as on
+one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from schemas.config import config_to_dict
+from training.sft import SFTConfig
+from training.sft import run as run_sft
+
+REPO = Path(__file__).resolve().parents[2]
+LOSS_RTOL = 1e-5
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(command: list[str], config, tmp_path: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """`relevance <command> --config <config as YAML>` under torchrun with `processes` CPU processes of one thread each."""
+    path = tmp_path / f"{Path(config.out).name}.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                           "-m", "jobs.cli", *command, "--config", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def records(out: Path, key: str) -> list[float]:
+    return [record[key] for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if key in record]
+
+
+def assert_same_weights(a: Path, b: Path, exact: bool = False) -> None:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert set(first) == set(second)
+    for name in first:
+        if exact:
+            assert torch.equal(first[name], second[name]), name
+        else:
+            torch.testing.assert_close(first[name], second[name], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+def link_checkpoint(source: Path, out: Path, step: int) -> None:
+    """`out` starts as a run stopped at `step`: its checkpoint is `source`'s."""
+    name = f"step-{step:06d}"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / name).symlink_to(source / "checkpoints" / name)
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def sft_config(world: Path, model: Path, out: Path, **overrides) -> SFTConfig:
+    # grad_accum 2 and p_mask 0.5: the shares cut micro-batches whose masks are drawn for the whole micro-batch
+    values = {"data": world, "model": model, "out": out, "batch_size": 8, "grad_accum": 2, "max_steps": 4, "warmup_steps": 1, "lr": 5e-3,
+              "p_mask": 0.5, "val_items": 4, "max_new_tokens": 8, "eval_batch_size": 4, "checkpoint_every": 2, "threads": 1}
+    return SFTConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tiny_world, tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """An SFT run on one process and the same run on two (DDP), 4 steps, checkpoints at 2 and 4."""
+    root = tmp_path_factory.mktemp("sft_runs")
+    run_sft(sft_config(tiny_world, tiny_model, root / "one"))
+    torchrun(["train", "sft"], sft_config(tiny_world, tiny_model, root / "two"), root)
+    return {"one": root / "one", "two": root / "two", "root": root}
+
+
+def test_sft_on_two_processes_takes_the_steps_of_one(sft_runs):
+    one, two = records(sft_runs["one"], "loss"), records(sft_runs["two"], "loss")
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=LOSS_RTOL)
+    assert records(sft_runs["two"], "tokens") == records(sft_runs["one"], "tokens")  # the whole step's tokens, not a share's
+    assert_same_weights(sft_runs["one"] / "model", sft_runs["two"] / "model")
+    assert json.loads((sft_runs["two"] / "metrics.jsonl").read_text().splitlines()[0])["processes"] == 2  # one writer, one log
+
+
+def test_a_two_process_sft_run_resumes_on_two_processes_or_one(sft_runs, tiny_world, tiny_model):
+    root = sft_runs["root"]
+    link_checkpoint(sft_runs["two"], root / "resumed_two", 2)
+    torchrun(["train", "sft"], sft_config(tiny_world, tiny_model, root / "resumed_two"), root)
+    assert records(root / "resumed_two", "loss") == records(sft_runs["two"], "loss")[2:]
+    assert_same_weights(sft_runs["two"] / "model", root / "resumed_two" / "model", exact=True)
+
+    link_checkpoint(sft_runs["two"], root / "resumed_one", 2)
+    assert run_sft(sft_config(tiny_world, tiny_model, root / "resumed_one"))["resumed_from"] == 2
+    assert records(root / "resumed_one", "loss") == pytest.approx(records(sft_runs["two"], "loss")[2:], rel=LOSS_RTOL)
+    assert_same_weights(sft_runs["two"] / "model", root / "resumed_one" / "model")
+
+
+def test_fsdp_takes_the_steps_of_one_process_and_its_checkpoints_resume_anywhere(sft_runs, tiny_world, tiny_model):
+    """FSDP2 (fully_shard) on two processes: the steps of one process; its checkpoint (gathered from the shards) resumes
+    on one process, and a one-process checkpoint resumes sharded."""
+    root = sft_runs["root"]
+    torchrun(["train", "sft"], sft_config(tiny_world, tiny_model, root / "fsdp", parallel="fsdp"), root)
+    assert records(root / "fsdp", "loss") == pytest.approx(records(sft_runs["one"], "loss"), rel=LOSS_RTOL)
+    assert_same_weights(sft_runs["one"] / "model", root / "fsdp" / "model")
+
+    link_checkpoint(root / "fsdp", root / "fsdp_then_one", 2)
+    run_sft(sft_config(tiny_world, tiny_model, root / "fsdp_then_one"))
+    assert_same_weights(sft_runs["one"] / "model", root / "fsdp_then_one" / "model")
+
+    link_checkpoint(sft_runs["one"], root / "one_then_fsdp", 2)
+    torchrun(["train", "sft"], sft_config(tiny_world, tiny_model, root / "one_then_fsdp", parallel="fsdp"), root)
+    assert records(root / "one_then_fsdp", "loss") == pytest.approx(records(sft_runs["one"], "loss")[2:], rel=LOSS_RTOL)
+    assert_same_weights(sft_runs["one"] / "model", root / "one_then_fsdp" / "model")
