@@ -123,3 +123,48 @@ def test_fsdp_takes_the_steps_of_one_process_and_its_checkpoints_resume_anywhere
     torchrun(["train", "sft"], sft_config(tiny_world, tiny_model, root / "one_then_fsdp", parallel="fsdp"), root)
     assert records(root / "one_then_fsdp", "loss") == pytest.approx(records(sft_runs["one"], "loss")[2:], rel=LOSS_RTOL)
     assert_same_weights(sft_runs["one"] / "model", root / "one_then_fsdp" / "model")
+
+
+# ---------------------------------------------------------------- distillation
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A one-layer, 16-wide BERT with the MiniLM tokenizer (as in test_distill.py), without dropout (see below)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.student import default_encoder
+
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(default_encoder())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_distillation_on_two_processes_takes_the_steps_of_one(tiny_world, tiny_model, tiny_encoder, tmp_path):
+    """Dropout 0 (the heads' and the encoder's): each process draws its own dropout masks, the one thing that differs from
+    one process by design."""
+    from training.distill import TEACHER_CACHE, DistillConfig
+    from training.distill import run as run_distill
+
+    def config(out: Path) -> DistillConfig:
+        return DistillConfig(data=tiny_world, teacher=tiny_model, encoder=tiny_encoder, out=out, max_steps=4, batch_size=8, warmup_steps=1,
+                             lr=1e-3, head_lr=1e-2, max_length=48, dropout=0.0, checkpoint_every=2, val_items=0, teacher_batch_size=16,
+                             threads=1)
+
+    one = run_distill(config(tmp_path / "one"))
+    torchrun(["train", "distill"], config(tmp_path / "two"), tmp_path)
+    assert records(tmp_path / "two", "loss") == pytest.approx(records(tmp_path / "one", "loss"), rel=LOSS_RTOL)
+    assert records(tmp_path / "two", "loss/ma_gold") == pytest.approx(records(tmp_path / "one", "loss/ma_gold"), rel=LOSS_RTOL)
+    assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["val"] == pytest.approx(one["val"])
+    # the teacher targets were scored half by each process and written once, in the order one process writes them
+    import pyarrow.parquet as pq
+
+    one_rows, two_rows = (pq.read_table(tmp_path / run / TEACHER_CACHE).to_pylist() for run in ("one", "two"))
+    assert [(r["query_id"], r["product_id"], r["node_decisions"]) for r in two_rows] == [
+        (r["query_id"], r["product_id"], r["node_decisions"]) for r in one_rows]
+    assert [p for r in two_rows for _, p in r["label_probs"]] == pytest.approx([p for r in one_rows for _, p in r["label_probs"]])
