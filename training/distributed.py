@@ -182,6 +182,18 @@ def all_reduce(parallel: Parallel, values: Sequence[float], op: str = "sum") -> 
     return tensor.tolist()
 
 
+def all_reduce_tensors(parallel: Parallel, tensors: list) -> list:
+    """The tensors (one dtype, on this process's device) summed over the ranks, in one all-reduce."""
+    if not parallel.distributed:
+        return tensors
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(flat)
+    return [piece.view_as(tensor) for piece, tensor in zip(flat.split([tensor.numel() for tensor in tensors]), tensors)]
+
+
 def all_gather(parallel: Parallel, value: Item) -> list[Item]:
     """Every rank's `value` (any picklable object), in rank order."""
     if not parallel.distributed:

@@ -89,6 +89,8 @@ def test_sft_on_two_processes_takes_the_steps_of_one(sft_runs):
     one, two = records(sft_runs["one"], "loss"), records(sft_runs["two"], "loss")
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=LOSS_RTOL)
+    # the gradient of the whole batch (Adam's steps barely see its scale; the norm does)
+    assert records(sft_runs["two"], "grad_norm") == pytest.approx(records(sft_runs["one"], "grad_norm"), rel=LOSS_RTOL)
     assert records(sft_runs["two"], "tokens") == records(sft_runs["one"], "tokens")  # the whole step's tokens, not a share's
     assert_same_weights(sft_runs["one"] / "model", sft_runs["two"] / "model")
     assert json.loads((sft_runs["two"] / "metrics.jsonl").read_text().splitlines()[0])["processes"] == 2  # one writer, one log
@@ -158,7 +160,8 @@ def test_distillation_on_two_processes_takes_the_steps_of_one(tiny_world, tiny_m
     one = run_distill(config(tmp_path / "one"))
     torchrun(["train", "distill"], config(tmp_path / "two"), tmp_path)
     assert records(tmp_path / "two", "loss") == pytest.approx(records(tmp_path / "one", "loss"), rel=LOSS_RTOL)
-    assert records(tmp_path / "two", "loss/ma_gold") == pytest.approx(records(tmp_path / "one", "loss/ma_gold"), rel=LOSS_RTOL)
+    for key in ("loss/ma_gold", "loss/y_kl", "grad_norm"):
+        assert records(tmp_path / "two", key) == pytest.approx(records(tmp_path / "one", key), rel=LOSS_RTOL), key
     assert_same_weights(tmp_path / "one" / "model", tmp_path / "two" / "model")
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["val"] == pytest.approx(one["val"])
     # the teacher targets were scored half by each process and written once, in the order one process writes them
@@ -168,3 +171,83 @@ def test_distillation_on_two_processes_takes_the_steps_of_one(tiny_world, tiny_m
     assert [(r["query_id"], r["product_id"], r["node_decisions"]) for r in two_rows] == [
         (r["query_id"], r["product_id"], r["node_decisions"]) for r in one_rows]
     assert [p for r in two_rows for _, p in r["label_probs"]] == pytest.approx([p for r in one_rows for _, p in r["label_probs"]])
+
+
+# ---------------------------------------------------------------- GRPO
+
+
+def grpo_values(world: Path, policy: Path, out: Path, **overrides) -> dict:
+    values = {"data": str(world), "model": str(policy), "out": str(out), "steps": 2, "prompts_per_step": 4, "group_size": 4,
+              "max_new_tokens": 48, "lr": 1e-3, "warmup_steps": 1, "val_items": 4, "eval_batch_size": 4, "checkpoint_every": 0, "threads": 1,
+              "temperature": 1.2, "beta": 0.05, "device": "cpu"}
+    return {**values, **overrides}
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tiny_world, sft_policy, tmp_path_factory) -> dict:
+    """GRPO scenarios on two processes in one torchrun launch (tests/training/distributed_grpo.py), each process's
+    policy and phi saved. `update`: the rollouts one process draws, the update split over the two (graph_grpo
+    with its controller every step, the reference, 2 PPO epochs x 2 mini-batches, the uniform-group filter);
+    `fsdp`: the same with FSDP2 and graph_fixed, one rollout per mini-batch (one process trains on a rollout
+    that weighs 0); `sync`: as `relevance train grpo` runs (each process samples its prompts), graph_grpo,
+    a checkpoint after step 1; `resumed`: `sync` resumed from that checkpoint."""
+    root = tmp_path_factory.mktemp("grpo_runs")
+    controller = {"estimator": "graph_grpo", "controller_every": 1, "controller_lr": 0.5, "controller_ema": 0.0}
+    configs = {
+        "update": grpo_values(tiny_world, sft_policy, root / "update", **controller, ppo_epochs=2, mini_batches=2, filter_uniform_groups=True),
+        "fsdp": grpo_values(tiny_world, sft_policy, root / "fsdp", estimator="graph_fixed", parallel="fsdp", mini_batches=16),
+        "sync": grpo_values(tiny_world, sft_policy, root / "sync", **controller, checkpoint_every=1),
+        "resumed": grpo_values(tiny_world, sft_policy, root / "resumed", **controller, checkpoint_every=1),
+    }
+    modes = {"update": "same_rollouts", "fsdp": "same_rollouts", "sync": "own_rollouts", "resumed": "own_rollouts"}
+    (root / "resumed" / "checkpoints").mkdir(parents=True)
+    (root / "resumed" / "checkpoints" / "step-000001").symlink_to(root / "sync" / "checkpoints" / "step-000001")  # written by `sync`
+    scenarios = [{"config": configs[name], "mode": modes[name], "dump": str(root / "dumps" / name)} for name in configs]
+    (root / "scenarios.json").write_text(json.dumps(scenarios))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("distributed_grpo.py")), str(root / "scenarios.json")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    dumps = {name: [torch.load(root / "dumps" / name / f"rank-{rank}.pt", weights_only=True) for rank in (0, 1)] for name in configs}
+    return {"root": root, "configs": configs, "dumps": dumps}
+
+
+def assert_close_states(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("scenario", ["update", "fsdp"])
+def test_grpo_update_split_over_two_processes_is_the_one_process_update(scenario, grpo_runs, tmp_path):
+    from distributed_grpo import run_steps
+
+    from training.grpo.trainer import GRPOConfig
+
+    one = run_steps(GRPOConfig(**{**grpo_runs["configs"][scenario], "out": tmp_path / "one"}), "same_rollouts")
+    two = grpo_runs["dumps"][scenario]
+    for rank in (0, 1):
+        assert_close_states(one["model"], two[rank]["model"])
+        torch.testing.assert_close(one["phi"], two[rank]["phi"], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+    out = grpo_runs["root"] / scenario
+    for key in ("train/loss", "train/grad_norm", "train/kl", "train/clip_fraction", "train/entropy", "reward/outcome", "adv/y/abs_mean",
+                "rollouts/kept"):
+        assert records(out, key) == pytest.approx(records(tmp_path / "one", key), rel=LOSS_RTOL, abs=1e-7), key
+    if scenario == "update":
+        assert any(abs(value - 0.5) > 1e-3 for value in one["phi"].tolist())  # the controller moved phi, the same way on both
+
+
+def test_grpo_processes_stay_in_sync_and_resume_bit_for_bit(grpo_runs):
+    """Each process samples its own prompts' rollouts; the all-gathered batch, the summed controller gradient and
+    DDP keep policies and phi identical on both, and a run resumed from a checkpoint continues bit for bit."""
+    for name in ("sync", "resumed"):
+        first, second = grpo_runs["dumps"][name]
+        assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+        assert torch.equal(first["phi"], second["phi"])
+    sync, resumed = grpo_runs["dumps"]["sync"][0], grpo_runs["dumps"]["resumed"][0]
+    assert all(torch.equal(sync["model"][k], resumed["model"][k]) for k in sync["model"])
+    assert torch.equal(sync["phi"], resumed["phi"]) and any(abs(value - 0.5) > 1e-3 for value in sync["phi"].tolist())
+    out = grpo_runs["root"]
+    assert records(out / "resumed", "train/loss") == records(out / "sync", "train/loss")[1:]
+    assert records(out / "sync", "rollouts/kept") == [16, 16]  # the whole step's rollouts, written once
