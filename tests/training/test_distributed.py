@@ -1,5 +1,6 @@
-"""Training on several processes: `torchrun --nproc_per_node 2 -m jobs.cli train ...` on this CPU (gloo), against
-one process with the same global batch.
+"""Training on several processes: the pieces on one process (shares of a split batch sum to the whole, the
+checkpoint layout, the refusals), then `torchrun --nproc_per_node 2 -m jobs.cli train ...` on this CPU (gloo)
+against one process with the same global batch.
 
 Tolerance: two processes sum the same per-example terms in another order (each rank's share, then the
 all-reduce) and pad their shares to other widths, so losses and weights agree to float rounding, not bit
@@ -23,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from schemas.config import config_to_dict
+from schemas.config import ConfigError, config_to_dict
 from training.sft import SFTConfig
 from training.sft import run as run_sft
 
@@ -31,7 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
 
-pytestmark = pytest.mark.slow
 
 
 def torchrun(command: list[str], config, tmp_path: Path, processes: int = 2) -> subprocess.CompletedProcess:
@@ -66,6 +66,102 @@ def link_checkpoint(source: Path, out: Path, step: int) -> None:
     (out / "checkpoints" / name).symlink_to(source / "checkpoints" / name)
 
 
+# ---------------------------------------------------------------- the pieces, on one process
+
+
+def test_shares_cover_the_batch_in_order():
+    from training.distributed import Parallel
+
+    shares = [Parallel(device=None, rank=rank, world_size=3).part(7) for rank in range(3)]
+    assert [list(range(7))[share] for share in shares] == [[0, 1], [2, 3], [4, 5, 6]]
+    with pytest.raises(ConfigError, match="batch_size: 6 is the global batch, split over 4 processes"):
+        Parallel(device=None, world_size=4).require_divisible("batch_size", 6)
+
+
+def test_policy_loss_shares_of_a_split_mini_batch_sum_to_the_whole():
+    from training.grpo.loss import StepParams, aggregation_weights, policy_loss, token_shares
+
+    torch.manual_seed(0)
+    mask = torch.rand(5, 6) > 0.3
+    logprobs, sampling, ref = (-torch.rand(5, 6) for _ in range(3))
+    advantages = torch.randn(5, 6)
+    for aggregation in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        params = StepParams(beta=0.1, aggregation=aggregation)
+        whole_loss, whole = policy_loss(logprobs, sampling, advantages, mask, params, ref)
+        weights, shares = aggregation_weights(mask, aggregation), token_shares(mask)
+        parts = [policy_loss(logprobs[rows], sampling[rows], advantages[rows], mask[rows], params, ref[rows], weights=weights[rows],
+                             token_share=shares[rows]) for rows in (slice(0, 2), slice(2, 5))]
+        assert float(sum(loss for loss, _ in parts)) == pytest.approx(float(whole_loss), rel=1e-6)
+        for key, value in whole.items():
+            assert float(sum(metrics[key] for _, metrics in parts)) == pytest.approx(float(value), rel=1e-6), (aggregation, key)
+
+
+def test_distill_loss_shares_of_a_split_batch_sum_to_the_whole():
+    from training.distill import IGNORE, distill_loss, target_counts
+
+    torch.manual_seed(0)
+    logits = {"y": torch.randn(6, 3), "ms": torch.randn(6, 3)}
+    teacher_probs = torch.softmax(torch.randn(6, 3), dim=-1)
+    teacher = {"y": torch.full((6,), IGNORE), "ms": torch.tensor([0, IGNORE, 2, 1, IGNORE, IGNORE])}
+    gold = {"y": torch.tensor([0, 2, IGNORE, 1, 1, 0]), "ms": torch.tensor([1, 2, 0, IGNORE, 0, 1])}
+    options = {"label_node": "y", "temperature": 2.0, "gold_weight": 0.3, "node_weight": 0.5}
+    whole_loss, whole = distill_loss(logits, teacher_probs, teacher, gold, **options)
+    counts = target_counts(teacher, gold, "y")
+    assert counts == {"y_kl": 6.0, "y_gold": 5.0, "ms_teacher": 3.0, "ms_gold": 5.0}
+
+    def part(rows: slice):
+        return distill_loss({k: v[rows] for k, v in logits.items()}, teacher_probs[rows], {k: v[rows] for k, v in teacher.items()},
+                            {k: v[rows] for k, v in gold.items()}, counts=counts, **options)
+
+    parts = [part(slice(0, 4)), part(slice(4, 6))]  # the second share has no teacher target for ms
+    assert float(sum(loss for loss, _ in parts)) == pytest.approx(float(whole_loss), rel=1e-6)
+    for key, value in whole.items():
+        assert sum(metrics[key] for _, metrics in parts) == pytest.approx(value, rel=1e-6), key
+
+
+def test_a_gathered_optimizer_state_takes_the_single_process_layout():
+    """What FSDP checkpoints write (torch.distributed.checkpoint's full optimizer state, keyed by name) re-keyed by
+    index is `Optimizer.state_dict()`, so one-process runs load it and it loads into any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from training.distributed import _keyed_by_index
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.5}], lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    _, by_name = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    assert str(_keyed_by_index(by_name)) == str(optimizer.state_dict())
+
+
+def test_torchrun_processes_take_the_gpu_of_their_local_rank_or_the_cpu(monkeypatch):
+    from training.distributed import local_device
+
+    assert local_device("cuda:1") == "cuda:1"  # one process: the setting as given
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_device("cuda") == "cuda:1"
+    assert local_device("cpu") == "cpu"
+    assert local_device("auto") == ("cuda:1" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="LOCAL_RANK"):
+        local_device("cuda:0")
+
+
+def test_settings_a_sharded_run_cannot_take_are_refused(sft_policy, tmp_path):
+    from training.distributed import Parallel
+    from training.grpo.trainer import GRPOConfig, start_run
+
+    with pytest.raises(ConfigError, match="parallel"):
+        SFTConfig(parallel="zero3")
+    with pytest.raises(ConfigError, match="bf16 with parallel=fsdp"):
+        SFTConfig(parallel="fsdp", precision="fp16")
+    sharded = Parallel(device=torch.device("cpu"), mode="fsdp", rank=0, world_size=2)  # refused before any collective
+    with pytest.raises(ConfigError, match="graph_grpo's controller"):
+        start_run(GRPOConfig(model=sft_policy, out=tmp_path, estimator="graph_grpo", parallel="fsdp"), sharded)
+    with pytest.raises(ConfigError, match="prompts_per_step: 3"):
+        start_run(GRPOConfig(model=sft_policy, out=tmp_path, prompts_per_step=3), sharded)
+
+
 # ---------------------------------------------------------------- SFT
 
 
@@ -85,6 +181,7 @@ def sft_runs(tiny_world, tiny_model, tmp_path_factory) -> dict[str, Path]:
     return {"one": root / "one", "two": root / "two", "root": root}
 
 
+@pytest.mark.slow
 def test_sft_on_two_processes_takes_the_steps_of_one(sft_runs):
     one, two = records(sft_runs["one"], "loss"), records(sft_runs["two"], "loss")
     assert len(one) == len(two) == 4
@@ -96,6 +193,7 @@ def test_sft_on_two_processes_takes_the_steps_of_one(sft_runs):
     assert json.loads((sft_runs["two"] / "metrics.jsonl").read_text().splitlines()[0])["processes"] == 2  # one writer, one log
 
 
+@pytest.mark.slow
 def test_a_two_process_sft_run_resumes_on_two_processes_or_one(sft_runs, tiny_world, tiny_model):
     root = sft_runs["root"]
     link_checkpoint(sft_runs["two"], root / "resumed_two", 2)
@@ -109,6 +207,7 @@ def test_a_two_process_sft_run_resumes_on_two_processes_or_one(sft_runs, tiny_wo
     assert_same_weights(sft_runs["two"] / "model", root / "resumed_one" / "model")
 
 
+@pytest.mark.slow
 def test_fsdp_takes_the_steps_of_one_process_and_its_checkpoints_resume_anywhere(sft_runs, tiny_world, tiny_model):
     """FSDP2 (fully_shard) on two processes: the steps of one process; its checkpoint (gathered from the shards) resumes
     on one process, and a one-process checkpoint resumes sharded."""
@@ -146,6 +245,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_distillation_on_two_processes_takes_the_steps_of_one(tiny_world, tiny_model, tiny_encoder, tmp_path):
     """Dropout 0 (the heads' and the encoder's): each process draws its own dropout masks, the one thing that differs from
     one process by design."""
@@ -219,6 +319,7 @@ def assert_close_states(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["update", "fsdp"])
 def test_grpo_update_split_over_two_processes_is_the_one_process_update(scenario, grpo_runs, tmp_path):
     from distributed_grpo import run_steps
@@ -238,6 +339,7 @@ def test_grpo_update_split_over_two_processes_is_the_one_process_update(scenario
         assert any(abs(value - 0.5) > 1e-3 for value in one["phi"].tolist())  # the controller moved phi, the same way on both
 
 
+@pytest.mark.slow
 def test_grpo_processes_stay_in_sync_and_resume_bit_for_bit(grpo_runs):
     """Each process samples its own prompts' rollouts; the all-gathered batch, the summed controller gradient and
     DDP keep policies and phi identical on both, and a run resumed from a checkpoint continues bit for bit."""
