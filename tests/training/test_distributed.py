@@ -4,11 +4,13 @@ against one process with the same global batch.
 
 Tolerance: two processes sum the same per-example terms in another order (each rank's share, then the
 all-reduce) and pad their shares to other widths, so losses and weights agree to float rounding, not bit
-for bit. The tests allow 1e-5 relative on losses and 1e-6 absolute (plus 1e-5 relative) on weights after
-a few AdamW steps of lr 5e-3: Adam divides each gradient by its running root mean square, so the rounding
-of near-zero gradients moves weights by a small fraction of lr. Measured here: SFT losses within 2e-7
-relative, weights within 3e-7 absolute. A run resumed on the same world size continues bit for bit, as on
-one process.
+for bit. The tests allow 1e-5 relative on losses and gradient norms (GRPO's PPO losses, sums of terms
+that nearly cancel, also 1e-6 absolute) and 1e-6 absolute plus 1e-5 relative on weights and phi after a
+few AdamW steps of lr 5e-3 or 1e-3: Adam divides each gradient by its running root mean square, so the
+rounding of near-zero gradients moves weights by a small fraction of lr. Measured here: losses within
+1.3e-7 relative (SFT, DDP and FSDP), 4e-8 (distillation), 5e-8 absolute (GRPO); weights within 3.1e-7
+absolute (all), phi within 7e-7. A run resumed on the same world size continues bit for bit, as on one
+process.
 """
 
 from __future__ import annotations
@@ -334,7 +336,7 @@ def test_grpo_update_split_over_two_processes_is_the_one_process_update(scenario
     out = grpo_runs["root"] / scenario
     for key in ("train/loss", "train/grad_norm", "train/kl", "train/clip_fraction", "train/entropy", "reward/outcome", "adv/y/abs_mean",
                 "rollouts/kept"):
-        assert records(out, key) == pytest.approx(records(tmp_path / "one", key), rel=LOSS_RTOL, abs=1e-7), key
+        assert records(out, key) == pytest.approx(records(tmp_path / "one", key), rel=LOSS_RTOL, abs=1e-6), key
     if scenario == "update":
         assert any(abs(value - 0.5) > 1e-3 for value in one["phi"].tolist())  # the controller moved phi, the same way on both
 
