@@ -123,7 +123,8 @@ def parallel_run(device, mode: str) -> Iterator[Parallel]:
 def wrap_model(model, parallel: Parallel):
     """The module training forward and backward passes go through: the model itself on one process; under
     DDP a DistributedDataParallel around it; under FSDP the model itself, sharded in place block by block
-    (the blocks are the classes transformers names in `_no_split_modules`). Build the optimizer afterwards:
+    (the blocks are the classes transformers names in `_no_split_modules`; each moves to the device as it
+    is sharded, so a model loaded on the CPU never sits whole on one GPU). Build the optimizer afterwards:
     FSDP replaces the parameters by their shards."""
     if not parallel.distributed:
         return model
@@ -131,13 +132,16 @@ def wrap_model(model, parallel: Parallel):
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[parallel.device.index] if parallel.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # the mesh of this run's device type (FSDP's default is CUDA whenever there is one, even for a gloo run on the CPU)
+    mesh = init_device_mesh(parallel.device.type, (parallel.world_size,))
     blocks = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or ())}
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
