@@ -248,7 +248,8 @@ def tiny_encoder(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_distillation_on_two_processes_takes_the_steps_of_one(tiny_world, tiny_model, tiny_encoder, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distillation_on_two_processes_takes_the_steps_of_one(parallel, tiny_world, tiny_model, tiny_encoder, tmp_path):
     """Dropout 0 (the heads' and the encoder's): each process draws its own dropout masks, the one thing that differs from
     one process by design."""
     from training.distill import TEACHER_CACHE, DistillConfig
@@ -257,7 +258,7 @@ def test_distillation_on_two_processes_takes_the_steps_of_one(tiny_world, tiny_m
     def config(out: Path) -> DistillConfig:
         return DistillConfig(data=tiny_world, teacher=tiny_model, encoder=tiny_encoder, out=out, max_steps=4, batch_size=8, warmup_steps=1,
                              lr=1e-3, head_lr=1e-2, max_length=48, dropout=0.0, checkpoint_every=2, val_items=0, teacher_batch_size=16,
-                             threads=1)
+                             threads=1, parallel=parallel)
 
     one = run_distill(config(tmp_path / "one"))
     torchrun(["train", "distill"], config(tmp_path / "two"), tmp_path)
