@@ -174,15 +174,15 @@ def clip_gradients(params: Sequence, max_norm: float) -> float:
 # ---------------------------------------------------------------- collectives
 
 
-def all_reduce(parallel: Parallel, values: Sequence[float], op: str = "sum") -> list[float]:
-    """`values` summed (op="sum") or maximised (op="max") over the ranks, element-wise, in float64."""
+def all_reduce(parallel: Parallel, values: Sequence[float]) -> list[float]:
+    """`values` summed over the ranks, element-wise, in float64."""
     if not parallel.distributed:
         return [float(value) for value in values]
     import torch
     import torch.distributed as dist
 
     tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=parallel.device)
-    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(tensor)
     return tensor.tolist()
 
 
