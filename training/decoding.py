@@ -62,9 +62,12 @@ def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-             sampling: SamplingParams | None = None, seed: int | None = None) -> Generations:
+             sampling: SamplingParams | None = None, seed: int | None = None, synced: bool = False) -> Generations:
     """One response per prompt id list, `batch_size` left-padded prompts at a time: greedy when
-    `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`."""
+    `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`.
+
+    `synced`: the model is FSDP-sharded over processes that all call this with as many prompts; each keeps
+    stepping until every one has finished (transformers' `synced_gpus`), as a forward pass needs them all."""
     import torch
 
     if sampling is not None and seed is None:
@@ -81,7 +84,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         with torch.no_grad():
             output = model.generate(
                 input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, **options,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, synced_gpus=synced,
+                **options,
             )
         generated = output.sequences[:, input_ids.shape[1] :]
         drawn = _drawn_logprobs(output.logits, generated, sampling.temperature).tolist() if sampling is not None else None

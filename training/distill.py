@@ -27,6 +27,11 @@ Algorithmic choices:
 - Determinism: the sample order is `training.loop.micro_batch_indices(step, ...)` and dropout is
   seeded with (seed, step), so a run resumed from a checkpoint (model, optimizer, step) continues
   bit-for-bit on CPU.
+- Several processes (torchrun, `training.distributed`): `batch_size` is the global batch; each process
+  trains on its contiguous share, every term of the loss divides by its count over the whole batch
+  (all-reduced), so N processes take the step one process takes (dropout aside: its masks are drawn
+  per process, from (seed, step, rank)). The teacher targets are scored a share per process. DDP by
+  default, FSDP2 with `parallel=fsdp`; rank 0 writes.
 - Output: `out/model` (`training.student.save_student`: safetensors, encoder config, tokenizer,
   student.json naming the graph, label set, heads and teacher), `metrics.jsonl`, `summary.json`.
 """
@@ -39,12 +44,26 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from evaluation.metrics import label_scores
 from schemas.config import ConfigError, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from training.distributed import (
+    PARALLEL_MODES,
+    Parallel,
+    all_reduce,
+    barrier,
+    checkpoint_state,
+    clip_gradients,
+    gathered_map,
+    local_device,
+    parallel_run,
+    unsharded_model,
+    wrap_model,
+)
 from training.examples import IGNORE, load_pairs
-from training.loop import learning_rate, micro_batch_indices, resume_state, validation_subsample
+from training.loop import autocast, learning_rate, micro_batch_indices, resolve_device, resume_state, validation_subsample
 from training.policy_format import PolicyFormat, resolve_format
 from training.run_folder import RunFolder
 
@@ -82,7 +101,7 @@ class DistillConfig:
     weight_decay: float = help_field("AdamW weight decay.", 0.01)
     warmup_steps: int = help_field("Linear warmup steps.", 30)
     max_steps: int = help_field("Optimizer steps.", 300)
-    batch_size: int = help_field("Pairs per step.", 32)
+    batch_size: int = help_field("Pairs per step, over all processes (each of N processes under torchrun takes batch_size / N).", 32)
     max_grad_norm: float = help_field("Gradient clipping norm (0: off).", 1.0)
     seed: int = help_field("Seed of the sample order, the heads' initialisation and dropout.", 0)
     checkpoint_every: int = help_field("Save a resumable checkpoint every N steps (0: only at the end).", 100)
@@ -90,6 +109,12 @@ class DistillConfig:
     val_items: int = help_field("Validation pairs, evenly spaced over the held-out pairs (0: all).", 500)
     eval_batch_size: int = help_field("Pairs per inference batch during validation.", 64)
     threads: int = help_field("torch CPU threads.", 2)
+    device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N; the student and the teacher run there.", "auto")
+    precision: str = help_field("fp32, or bf16 (autocast of the student's forward pass; needs a GPU).", "fp32")
+    parallel: str = help_field(
+        "Under torchrun: ddp (a whole student per process, gradients all-reduced) or fsdp (parameters, gradients and optimizer state "
+        "sharded over the processes with FSDP2).", "ddp")
+    gradient_checkpointing: bool = help_field("Recompute the encoder's activations in backward instead of keeping them.", False)
 
     def __post_init__(self) -> None:
         teacher = self.teacher_format()  # a setting that contradicts the teacher (or names no graph) is a usage error, refused before any work
@@ -110,6 +135,12 @@ class DistillConfig:
                 raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.node_weight < 0 or self.lr <= 0 or self.head_lr <= 0:
             raise ConfigError(f"node_weight must be >= 0, lr and head_lr > 0; got {self.node_weight}, {self.lr}, {self.head_lr}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision: choose fp32 or bf16, got {self.precision!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"parallel: {self.parallel!r} is not one of {list(PARALLEL_MODES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: choose auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.encoder is not None and not (Path(self.encoder) / "config.json").is_file():
             raise ConfigError(f"encoder: {self.encoder} has no config.json; give a local Hugging Face encoder folder or leave it unset")
 
@@ -122,10 +153,24 @@ class DistillConfig:
 # ---------------------------------------------------------------- the loss
 
 
-def masked_mean(values, mask):
-    """Mean of `values` (batch,) over `mask` (batch,) True; 0 when nothing is masked in (a head without targets)."""
+def masked_mean(values, mask, count: float | None = None):
+    """Mean of `values` (batch,) over `mask` (batch,) True; 0 when nothing is masked in (a head without targets).
+
+    `count`: how many examples the mean runs over when `values` are a share of them (one process's part of a
+    batch): the masked sum is divided by it, and the shares' results sum to the whole batch's mean."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum() / (mask.sum() if count is None else mask.new_tensor(count)).clamp(min=1.0)
+
+
+def target_counts(teacher_targets: Mapping, gold_targets: Mapping, label_node: str) -> dict[str, float]:
+    """Term of `distill_loss` (its metric name without `loss/`) -> how many examples of the batch its mean runs
+    over: all of them for the KL on y, those with a target for each cross-entropy."""
+    counts = {"y_kl": float(len(gold_targets[label_node])), "y_gold": float((gold_targets[label_node] != IGNORE).sum())}
+    for head, gold in gold_targets.items():
+        if head != label_node:
+            counts[f"{head}_teacher"] = float((teacher_targets[head] != IGNORE).sum())
+            counts[f"{head}_gold"] = float((gold != IGNORE).sum())
+    return counts
 
 
 def soft_kl(student_logits, teacher_probs, temperature: float):
@@ -142,21 +187,28 @@ def soft_kl(student_logits, teacher_probs, temperature: float):
 
 
 def distill_loss(logits: Mapping, teacher_probs, teacher_targets: Mapping, gold_targets: Mapping, *, label_node: str,
-                 temperature: float, gold_weight: float, node_weight: float):
+                 temperature: float, gold_weight: float, node_weight: float, counts: Mapping[str, float] | None = None):
     """(scalar loss, metrics dict) of one batch.
 
     logits: head -> (batch, vocabulary) student logits. teacher_probs: (batch, labels) the teacher's
     label distribution. teacher_targets, gold_targets: head -> (batch,) long indices into the head's
     vocabulary, IGNORE (-100) where there is no target (the label head's teacher target is unused:
-    the distribution stands for it).
+    the distribution stands for it). counts: `target_counts` of the whole batch when these rows are one
+    process's share of it; the loss and every metric are then the share's part, summing over the shares
+    to the whole batch's (default: these rows are the whole batch).
     """
+    import torch
     import torch.nn.functional as F
+
+    def count(term: str) -> float | None:
+        return counts[term] if counts is not None else None
 
     metrics = {}
     y_logits = logits[label_node].float()
-    kl = soft_kl(y_logits, teacher_probs, temperature).mean()  # every example has the teacher's distribution
+    every = torch.ones(len(teacher_probs), dtype=torch.bool, device=y_logits.device)  # every example has the teacher's distribution
+    kl = masked_mean(soft_kl(y_logits, teacher_probs, temperature), every, count("y_kl"))
     gold_y = gold_targets[label_node]
-    gold_ce = masked_mean(F.cross_entropy(y_logits, gold_y.clamp(min=0), reduction="none"), gold_y != IGNORE)
+    gold_ce = masked_mean(F.cross_entropy(y_logits, gold_y.clamp(min=0), reduction="none"), gold_y != IGNORE, count("y_gold"))
     loss = (1 - gold_weight) * kl + gold_weight * gold_ce
     metrics["loss/y_kl"], metrics["loss/y_gold"] = kl.item(), gold_ce.item()
     for head, head_logits in logits.items():
@@ -164,7 +216,8 @@ def distill_loss(logits: Mapping, teacher_probs, teacher_targets: Mapping, gold_
             continue
         terms = []
         for source, targets, weight in (("teacher", teacher_targets[head], 1 - gold_weight), ("gold", gold_targets[head], gold_weight)):
-            ce = masked_mean(F.cross_entropy(head_logits.float(), targets.clamp(min=0), reduction="none"), targets != IGNORE)
+            ce = masked_mean(F.cross_entropy(head_logits.float(), targets.clamp(min=0), reduction="none"), targets != IGNORE,
+                             count(f"{head}_{source}"))
             metrics[f"loss/{head}_{source}"] = ce.item()
             terms.append(weight * ce)
         loss = loss + node_weight * sum(terms)
@@ -180,9 +233,10 @@ def target_index(vocabulary: Sequence[str], value: str | None) -> int:
     return vocabulary.index(value) if value in vocabulary else IGNORE
 
 
-def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[dict], graph: ReasoningGraph,
-                 labels: LabelSet) -> dict[tuple[str, str], dict]:
-    """(query_id, product_id) -> the teacher's RELEVANCE row, from out/teacher.parquet plus the pairs it lacks."""
+def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[dict], graph: ReasoningGraph, labels: LabelSet,
+                 parallel: Parallel) -> dict[tuple[str, str], dict]:
+    """(query_id, product_id) -> the teacher's RELEVANCE row, from out/teacher.parquet plus the pairs it lacks (each
+    process scores a share of those on its device; rank 0 writes the file)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -204,13 +258,19 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
     if missing:
         log.info("teacher: scoring %d pairs (%d cached)", len(missing), len(known))
         model, tokenizer = load_model(config.teacher)
-        prompts = pair_prompts(tokenizer, missing, policy.prompt_tokens)
-        scored = relevance_rows(model, tokenizer, missing, prompts, graph, labels, policy.order, reasoning="all",
-                                model_name=str(config.teacher), model_version=version, ds=dt.date.today(),
-                                batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens)
+        model.to(parallel.device)
+
+        def score(share: list[dict]) -> list[dict]:
+            prompts = pair_prompts(tokenizer, share, policy.prompt_tokens)
+            return relevance_rows(model, tokenizer, share, prompts, graph, labels, policy.order, reasoning="all",
+                                  model_name=str(config.teacher), model_version=version, ds=dt.date.today(),
+                                  batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens).to_pylist()
+
+        scored = pa.Table.from_pylist(gathered_map(parallel, missing, score), schema=RELEVANCE.arrow_schema())
         cached = pa.concat_tables([cached, scored])
-        config.out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(cached, path)
+        if parallel.is_main:
+            config.out.mkdir(parents=True, exist_ok=True)
+            pq.write_table(cached, path)
     return {(row["query_id"], row["product_id"]): row for row in cached.to_pylist()}
 
 
@@ -246,15 +306,38 @@ def head_metrics(probabilities: Mapping, pairs: Sequence[dict], heads: Mapping[s
 
 
 def run(config: DistillConfig) -> dict:
-    """Score the teacher targets, train the student, validate, save; returns the summary written to out/summary.json."""
+    """Score the teacher targets, train the student, validate, save; returns the summary written to out/summary.json.
+    Under torchrun every process runs this (rank 0 writes)."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    device, autocast_dtype = resolve_device(local_device(config.device), config.precision)
+    with parallel_run(device, config.parallel) as parallel:
+        return train_and_save(config, parallel, autocast_dtype)
+
+
+@dataclass
+class StudentTraining:
+    """The student and what steps it: `trained` is the module training passes go through (the student, or its DDP
+    wrapper), the optimizer, the processes each batch is split over and the autocast dtype (None: full precision)."""
+
+    model: Any
+    trained: Any
+    optimizer: Any
+    parallel: Parallel
+    autocast_dtype: Any
+
+
+def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) -> dict:
+    """`run` on this process: its share of the teacher targets and of every batch, the same collectives as the others."""
     import time
 
     import torch
 
     from training.model_files import model_version
-    from training.student import build_student, default_encoder, head_vocabularies, predict_probabilities, save_student
+    from training.student import build_student, default_encoder, head_vocabularies, save_student
 
-    torch.set_num_threads(config.threads)
+    parallel.require_divisible("batch_size", config.batch_size)
     policy = config.teacher_format()
     graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     train = load_pairs(config.data, policy.label_set, "train")
@@ -264,33 +347,60 @@ def run(config: DistillConfig) -> dict:
 
     drawn = sorted({i for step in range(config.max_steps) for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)})
     started = time.perf_counter()
-    teacher = teacher_rows(config, policy, [train[i] for i in drawn], graph, labels)
+    teacher = teacher_rows(config, policy, [train[i] for i in drawn], graph, labels, parallel)
     teacher_seconds = time.perf_counter() - started
 
     encoder = config.encoder or default_encoder()
-    torch.manual_seed(config.seed)  # the heads' initialisation
-    model, tokenizer = build_student(encoder, heads, config.dropout)
-    optimizer = student_optimizer(model, config)
-    folder = RunFolder(config.out)
-    start_step = resume_state(folder, config.resume, model=model, optimizer=optimizer)
+
+    def fresh_student():
+        torch.manual_seed(config.seed)  # the heads' initialisation, the same in every process
+        return build_student(encoder, heads, config.dropout)
+
+    model, tokenizer = fresh_student()
+    if not parallel.sharded:
+        model.to(parallel.device)  # FSDP moves each block's shard as it shards it (`wrap_model`)
+    if config.gradient_checkpointing:
+        model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = wrap_model(model, parallel)
+    training = StudentTraining(model, trained, student_optimizer(model, config), parallel, autocast_dtype)
+    folder = RunFolder(config.out, writer=parallel.is_main)
+    start_step = resume_state(folder, config.resume, parallel, model=model, optimizer=training.optimizer)
     folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "drawn_pairs": len(drawn), "val_pairs": len(val),
-                   "heads": {k: len(v) for k, v in heads.items()}, "config": config_to_dict(config)})
+                   "heads": {k: len(v) for k, v in heads.items()}, "processes": parallel.world_size, "config": config_to_dict(config)})
     started = time.perf_counter()
-    train_steps(config, model, tokenizer, optimizer, train, teacher, heads, graph, labels, folder, start_step)
+    train_steps(config, training, tokenizer, train, teacher, heads, graph, labels, folder, start_step)
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    final = head_metrics(predict_probabilities(model, tokenizer, val, config.max_length, config.eval_batch_size), val, heads, graph.label_node)
+    final = head_metrics(validation_probabilities(model, tokenizer, val, config, parallel), val, heads, graph.label_node)
     eval_seconds = time.perf_counter() - started
     folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
-    save_student(model, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
-                 extra={"teacher": str(config.teacher), "teacher_version": model_version(config.teacher), "encoder": str(encoder)})
     summary = {"steps": config.max_steps, "resumed_from": start_step, "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
                "eval_seconds": eval_seconds, "train_pairs": len(train), "drawn_pairs": len(drawn), "heads": list(heads), "val": final}
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation ({len(val)} pairs): "
-          f"label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; student in {config.out / 'model'}")
+    saved = unsharded_model(model, parallel, lambda: fresh_student()[0])
+    if saved is not None:
+        save_student(saved, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
+                     extra={"teacher": str(config.teacher), "teacher_version": model_version(config.teacher), "encoder": str(encoder)})
+        (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation "
+              f"({len(val)} pairs): label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
+              f"student in {config.out / 'model'}")
+    barrier(parallel)
     return summary
+
+
+def validation_probabilities(model, tokenizer, val: Sequence[dict], config: DistillConfig, parallel: Parallel) -> dict:
+    """Head name -> (len(val), vocabulary) probabilities of the student, each process predicting a share."""
+    import torch
+
+    from training.student import predict_probabilities
+
+    def predict(share: list[dict]) -> list[dict]:
+        probabilities = predict_probabilities(model, tokenizer, share, config.max_length, config.eval_batch_size)
+        return [{head: values[i] for head, values in probabilities.items()} for i in range(len(share))]
+
+    rows = gathered_map(parallel, val, predict)
+    return {head: torch.stack([row[head] for row in rows]) for head in model.head_names}
 
 
 def student_optimizer(model, config: DistillConfig):
@@ -303,33 +413,43 @@ def student_optimizer(model, config: DistillConfig):
                              lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train_steps(config: DistillConfig, model, tokenizer, optimizer, train: Sequence[dict], teacher: Mapping[tuple[str, str], dict],
+def train_steps(config: DistillConfig, training: StudentTraining, tokenizer, train: Sequence[dict], teacher: Mapping[tuple[str, str], dict],
                 heads: Mapping[str, Sequence[str]], graph: ReasoningGraph, labels: LabelSet, folder: RunFolder, start_step: int) -> None:
-    """Steps start_step .. max_steps: draw -> targets -> loss -> step -> log -> checkpoint when due."""
+    """Steps start_step .. max_steps: draw (this process's share) -> targets -> loss -> step -> log -> checkpoint when due."""
     import torch
     from tqdm import tqdm
 
     from training.student import pad_batch, tokenize_pairs
 
-    bar = tqdm(range(start_step, config.max_steps), desc="distill", unit="step", initial=start_step, total=config.max_steps)
+    model, optimizer, parallel, device = training.model, training.optimizer, training.parallel, training.parallel.device
+    bar = tqdm(range(start_step, config.max_steps), desc="distill", unit="step", initial=start_step, total=config.max_steps,
+               disable=not parallel.is_main)
     for step in bar:
-        model.train()
-        pairs = [train[i] for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)]
-        batch = pad_batch(tokenize_pairs(tokenizer, pairs, config.max_length), tokenizer.pad_token_id)
+        training.trained.train()
+        pairs = [train[i] for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)][parallel.part(config.batch_size)]
+        batch = {key: value.to(device) for key, value in pad_batch(tokenize_pairs(tokenizer, pairs, config.max_length),
+                                                                   tokenizer.pad_token_id).items()}
         probs, teacher_targets, gold_targets = batch_targets(pairs, [teacher[(p["query_id"], p["product_id"])] for p in pairs], heads,
                                                              graph.label_node, labels)
+        local_counts = target_counts(teacher_targets, gold_targets, graph.label_node)
+        counts = dict(zip(local_counts, all_reduce(parallel, list(local_counts.values()))))  # each term's mean runs over the whole batch
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, group["peak"], config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout, a function of (seed, step) so resumed runs match
-        logits = dict(zip(model.head_names, model(**batch)))
-        loss, record = distill_loss(logits, probs, teacher_targets, gold_targets, label_node=graph.label_node,
-                                    temperature=config.temperature, gold_weight=config.gold_weight, node_weight=config.node_weight)
+        # dropout, a function of (seed, step) so resumed runs match, and of the rank so processes draw different masks
+        torch.manual_seed((config.seed * 1_000_003 + step) * parallel.world_size + parallel.rank)
+        with autocast(device, training.autocast_dtype):
+            logits = dict(zip(model.head_names, training.trained(**batch)))
+        loss, shares = distill_loss(logits, probs.to(device), {head: t.to(device) for head, t in teacher_targets.items()},
+                                    {head: t.to(device) for head, t in gold_targets.items()}, label_node=graph.label_node,
+                                    temperature=config.temperature, gold_weight=config.gold_weight, node_weight=config.node_weight,
+                                    counts=counts)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+        (loss * parallel.loss_scale).backward()
+        grad_norm = clip_gradients(list(model.parameters()), config.max_grad_norm)
         optimizer.step()
+        record = dict(zip(shares, all_reduce(parallel, list(shares.values()))))
         bar.set_postfix(loss=f"{record['loss']:.4f}")
-        folder.append({"step": step + 1, **record, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)})
+        folder.append({"step": step + 1, **record, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm})
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            folder.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+            folder.save_checkpoint(step + 1, checkpoint_state(model, optimizer, parallel))
     bar.close()

@@ -1,5 +1,6 @@
 """The run-loop pieces the training commands (SFT, GRPO, distillation) share: device and precision,
-the learning-rate schedule, the sample order, the validation subset, LoRA, resume and saving a policy.
+gradient checkpointing, the learning-rate schedule, the sample order, the validation subset, LoRA, resume
+and saving a policy. Several processes (torchrun) are `training.distributed`'s part.
 
 Sample order and schedule are functions of (seed, step), not of generator state, so a run resumed
 from a checkpoint continues bit-for-bit on CPU.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from schemas.config import ConfigError
+from training.distributed import Parallel, load_sharded_state
 from training.policy_format import PolicyFormat
 from training.run_folder import RunFolder
 
@@ -31,6 +33,19 @@ def resolve_device(device: str, precision: str):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return chosen, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device, dtype):
+    """The context of the training forward passes: autocast to `dtype` on `device`, or full precision when None."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each transformer block's inputs and recompute its activations during backward (transformers'
+    gradient checkpointing; non-reentrant, which works under DDP, FSDP and LoRA). Active in train mode only."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def learning_rate(step: int, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -70,12 +85,15 @@ def wrap_lora(model, rank: int, alpha: float, targets: Sequence[str]):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM"))
 
 
-def resume_state(folder: RunFolder, resume: bool, **stateful) -> int:
+def resume_state(folder: RunFolder, resume: bool, parallel: Parallel | None = None, **stateful) -> int:
     """The step to start from: the latest checkpoint's when `resume` and there is one, after loading its
-    state dict into each named object (model=..., optimizer=...); 0 otherwise (the metrics log starts empty)."""
+    state dict into each named object (model=..., optimizer=...); 0 otherwise (the metrics log starts empty).
+    Checkpoints hold the full state (`training.distributed.checkpoint_state`), whatever the world size."""
     state = folder.start(resume)
     if state is None:
         return 0
+    if parallel is not None and parallel.sharded:  # FSDP holds shards: each rank cuts its part out of the full state
+        load_sharded_state(stateful.pop("model"), stateful.pop("optimizer"), state["model"], state["optimizer"])
     for name, target in stateful.items():
         target.load_state_dict(state[name])
     return state["step"]

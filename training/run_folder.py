@@ -2,7 +2,8 @@
 with its `step`) and `checkpoints/step-NNNNNN/state.pt` (whatever state the trainer saves, plus `step`).
 
 Resuming loads the latest checkpoint and drops the metric records written after its step, so the
-resumed run's log reads as if it had never stopped; a fresh run starts an empty log.
+resumed run's log reads as if it had never stopped; a fresh run starts an empty log. In a run of several
+processes only rank 0's folder is the `writer`: the others read the checkpoint and write nothing.
 
 A checkpoint is loaded with `torch.load(weights_only=True)`: only tensors, containers and plain scalars
 are unpickled, so a `state.pt` planted in a run folder cannot run code. Everything the trainers save
@@ -24,8 +25,9 @@ class CheckpointError(ValueError):
 
 
 class RunFolder:
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, writer: bool = True) -> None:
         self.out = Path(out)
+        self.writer = writer
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / "metrics.jsonl"
 
@@ -40,7 +42,8 @@ class RunFolder:
 
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is None:
-            self.metrics.unlink(missing_ok=True)
+            if self.writer:
+                self.metrics.unlink(missing_ok=True)
             return None
         try:
             state = torch.load(checkpoint, weights_only=True)
@@ -50,6 +53,8 @@ class RunFolder:
         except (RuntimeError, EOFError) as error:
             raise CheckpointError(f"{checkpoint}: cannot resume: not a readable torch checkpoint (truncated or corrupt); "
                                   "delete it or run with resume=false") from error
+        if not self.writer:
+            return state
         lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
         kept = [line for line in lines if json.loads(line).get("step", 0) <= state["step"]]
         self.metrics.write_text("".join(line + "\n" for line in kept))
@@ -57,6 +62,8 @@ class RunFolder:
         return state
 
     def append(self, record: dict) -> None:
+        if not self.writer:
+            return
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -64,6 +71,8 @@ class RunFolder:
         import torch
 
         folder = self.out / "checkpoints" / f"step-{step:06d}"
+        if not self.writer:
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({**state, "step": step}, folder / "state.pt")
         return folder

@@ -25,6 +25,11 @@ Algorithmic choices:
 - Validation: greedy decoding (`training.validation`); strict parse rate, label accuracy and
   macro-F1, per-node accuracy, lenient label accuracy; beside them the majority-class baseline (the
   train split's most frequent gold label) on the same pairs.
+- Several processes (torchrun, `training.distributed`): `batch_size` is the global micro-batch; each
+  process draws the same examples and masks and trains on its contiguous share, the step's token weight
+  is all-reduced, so N processes take the optimizer step one process takes (up to float summation
+  order). DDP by default, FSDP2 with `parallel=fsdp`; rank 0 writes metrics, checkpoints (the full
+  state: a run resumes under another world size) and the model.
 - Output: out/model holds the weights, the tokenizer and `policy.json` (graph, label set, CoT order,
   prompt budget: the format every later reader of the policy takes from there).
 """
@@ -40,8 +45,31 @@ from pathlib import Path
 
 from schemas.config import ConfigError, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from training.distributed import (
+    PARALLEL_MODES,
+    Parallel,
+    all_reduce,
+    barrier,
+    checkpoint_state,
+    clip_gradients,
+    gradient_sync,
+    local_device,
+    parallel_run,
+    unsharded_model,
+    wrap_model,
+)
 from training.examples import IGNORE, Example, encode_example, load_pairs
-from training.loop import learning_rate, micro_batch_indices, resolve_device, resume_state, save_policy, validation_subsample, wrap_lora
+from training.loop import (
+    autocast,
+    enable_gradient_checkpointing,
+    learning_rate,
+    micro_batch_indices,
+    resolve_device,
+    resume_state,
+    save_policy,
+    validation_subsample,
+    wrap_lora,
+)
 from training.policy_format import PolicyFormat
 from training.run_folder import RunFolder
 from training.validation import evaluate, majority_baseline
@@ -72,7 +100,7 @@ class SFTConfig:
     weight_decay: float = help_field("AdamW weight decay.", 0.0)
     warmup_steps: int = help_field("Linear warmup steps.", 100)
     max_steps: int = help_field("Optimizer steps.", 4000)
-    batch_size: int = help_field("Examples per micro-batch.", 32)
+    batch_size: int = help_field("Examples per micro-batch, over all processes (each of N processes under torchrun takes batch_size / N).", 32)
     grad_accum: int = help_field("Micro-batches per optimizer step.", 1)
     max_grad_norm: float = help_field("Gradient clipping norm (0: off).", 1.0)
     seed: int = help_field("Seed of the sample order and the masks.", 0)
@@ -85,6 +113,11 @@ class SFTConfig:
     threads: int = help_field("torch CPU threads.", 2)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
     precision: str = help_field("auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", "auto")
+    parallel: str = help_field(
+        "Under torchrun: ddp (a whole model per process, gradients all-reduced) or fsdp (parameters, gradients and optimizer state "
+        "sharded over the processes with FSDP2, for a model that does not fit one device).", "ddp")
+    gradient_checkpointing: bool = help_field("Recompute each block's activations in backward instead of keeping them (less memory, "
+                                              "one more forward pass of compute).", False)
     tensorboard: bool = help_field("Also write the metrics as TensorBoard scalars under out/tensorboard.", False)
 
     def __post_init__(self) -> None:
@@ -106,6 +139,10 @@ class SFTConfig:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1]; got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision: choose auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"parallel: {self.parallel!r} is not one of {list(PARALLEL_MODES)}")
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ConfigError("precision: fp16 needs a loss scaler that FSDP's sharded gradients do not get here; use bf16 with parallel=fsdp")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: choose auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.lora and not self.lora_targets:
@@ -143,16 +180,19 @@ def example_tensors(example: Example, masked: Sequence[str], mask_input_id: int 
 
 
 def masked_micro_batches(step: int, config: SFTConfig, example_at: Callable[[int], Example], n_train: int,
-                         reasoning_nodes: Sequence[str], mask_input_id: int | None, node_weights: Mapping[str, float]) -> list[Rows]:
-    """The `grad_accum` micro-batches of optimizer step `step`; sample order and masks are functions of (seed, micro-batch)."""
+                         reasoning_nodes: Sequence[str], mask_input_id: int | None, node_weights: Mapping[str, float],
+                         part: slice = slice(None)) -> list[Rows]:
+    """The `grad_accum` micro-batches of optimizer step `step`, each cut to its examples at `part` (this process's
+    share); sample order and masks are functions of (seed, micro-batch), drawn for the whole micro-batch, so a
+    share's masks are those one process would draw."""
     import torch
 
     batches = []
     for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
         masks = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
         indices = micro_batch_indices(micro, n_train, config.batch_size, config.seed)
-        batches.append([example_tensors(example_at(i), draw_masked_nodes(reasoning_nodes, config.p_mask, masks), mask_input_id,
-                                        node_weights) for i in indices])
+        masked = [draw_masked_nodes(reasoning_nodes, config.p_mask, masks) for _ in indices]
+        batches.append([example_tensors(example_at(i), nodes, mask_input_id, node_weights) for i, nodes in list(zip(indices, masked))[part]])
     return batches
 
 
@@ -188,80 +228,106 @@ def weighted_token_loss(logits, labels, weights, total_weight: float):
 
 @dataclass
 class Optimisation:
-    """The model being trained and what steps it: AdamW over the trainable parameters, the gradient
-    scaler (active with fp16 only) and the autocast dtype (None: full precision)."""
+    """The model being trained and what steps it: `trained`, the module the training passes go through (the
+    model itself, or its DDP wrapper), AdamW over the trainable parameters, the gradient scaler (active with
+    fp16 only), the autocast dtype (None: full precision) and the processes the batch is split over."""
 
     model: object
+    trained: object
     params: list
     optimizer: object
     scaler: object
     device: object
     autocast_dtype: object
+    parallel: Parallel
 
     @classmethod
-    def create(cls, model, config: SFTConfig, device, autocast_dtype) -> Optimisation:
+    def create(cls, model, config: SFTConfig, parallel: Parallel, autocast_dtype) -> Optimisation:
         import torch
 
-        params = [p for p in model.parameters() if p.requires_grad]
+        trained = wrap_model(model, parallel)
+        params = [p for p in model.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in the shards
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         # fp16 needs loss scaling; bf16 and fp32 do not (the disabled scaler passes everything through).
-        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-        return cls(model, params, optimizer, scaler, device, autocast_dtype)
+        scaler = torch.amp.GradScaler(parallel.device.type, enabled=autocast_dtype == torch.float16)
+        return cls(model, trained, params, optimizer, scaler, parallel.device, autocast_dtype, parallel)
 
     def step(self, batches: Sequence[Rows], total_weight: float, lr: float, pad_id: int, max_grad_norm: float) -> tuple[float, float]:
-        """Accumulate the loss over the micro-batches (each a weighted sum over its tokens / the step's `total_weight`),
-        clip, step; returns (loss, gradient norm)."""
-        import torch
-
+        """Accumulate the loss over the micro-batches (each a weighted sum over its tokens / the step's `total_weight`,
+        the whole step's over all processes), clip, step; returns (this process's share of the loss, gradient norm)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = 0.0
-        for batch in batches:
+        for k, batch in enumerate(batches):
             input_ids, attention, batch_labels, weights = (t.to(self.device) for t in collate(batch, pad_id))
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-            loss = weighted_token_loss(logits, batch_labels, weights, total_weight)
-            self.scaler.scale(loss).backward()
+            with gradient_sync(self.trained, self.parallel, enabled=k == len(batches) - 1):
+                with autocast(self.device, self.autocast_dtype):
+                    logits = self.trained(input_ids=input_ids, attention_mask=attention).logits
+                loss = weighted_token_loss(logits, batch_labels, weights, total_weight)
+                self.scaler.scale(loss * self.parallel.loss_scale).backward()
             loss_value += loss.item()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        grad_norm = clip_gradients(self.params, max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss_value, float(grad_norm)
+        return loss_value, grad_norm
 
 
 # ---------------------------------------------------------------- the command
 
 
 def run(config: SFTConfig) -> dict:
-    """Train, checkpoint, validate, save; returns the summary written to out/summary.json."""
+    """Train, checkpoint, validate, save; returns the summary written to out/summary.json. Under torchrun every
+    process runs this (rank 0 writes)."""
     import torch
 
+    torch.set_num_threads(config.threads)
+    device, autocast_dtype = resolve_device(local_device(config.device), config.precision)
+    with parallel_run(device, config.parallel) as parallel:
+        return train_and_save(config, parallel, autocast_dtype)
+
+
+def policy_to_train(config: SFTConfig):
+    """(start policy on the CPU, with LoRA adapters when asked; tokenizer)."""
     from training.model import load_model_to_train
 
-    torch.set_num_threads(config.threads)
-    graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
-    device, autocast_dtype = resolve_device(config.device, config.precision)
     model, tokenizer = load_model_to_train(config.model)
-    model.to(device)
+    if config.lora:
+        model = wrap_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
+    return model, tokenizer
+
+
+def train_and_save(config: SFTConfig, parallel: Parallel, autocast_dtype) -> dict:
+    """`run` on this process: its share of every batch, the same collectives as the other processes."""
+    import torch
+
+    parallel.require_divisible("batch_size", config.batch_size)
+    if parallel.sharded and autocast_dtype == torch.float16:
+        raise ConfigError("precision: this GPU has no bf16, and fp16 needs a loss scaler that FSDP's sharded gradients do not get here; "
+                          "set precision=fp32 or parallel=ddp")
+    graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
+    model, tokenizer = policy_to_train(config)
+    if not parallel.sharded:
+        model.to(parallel.device)  # FSDP moves each block's shard as it shards it (`wrap_model`): the whole model never sits on one device
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     train = load_pairs(config.data, config.label_set, "train")
     val_pairs = validation_subsample(load_pairs(config.data, config.label_set, "validation"), config.val_items)
     val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
-    if config.lora:
-        model = wrap_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
-    training = Optimisation.create(model, config, device, autocast_dtype)
+    training = Optimisation.create(model, config, parallel, autocast_dtype)
     mask_input_id = mask_token_id(tokenizer, config)
 
-    folder = RunFolder(config.out)
-    start_step = resume_state(folder, config.resume, model=model, optimizer=training.optimizer, scaler=training.scaler)
-    folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val), "config": config_to_dict(config)})
+    folder = RunFolder(config.out, writer=parallel.is_main)
+    start_step = resume_state(folder, config.resume, parallel, model=model, optimizer=training.optimizer, scaler=training.scaler)
+    folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val), "processes": parallel.world_size,
+                   "config": config_to_dict(config)})
     started = time.perf_counter()
     train_steps(config, training, tokenizer, train, val, graph, labels, folder, start_step, mask_input_id)
     train_seconds = time.perf_counter() - started
 
     eval_started = time.perf_counter()
-    final = evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size)
+    final = evaluate(model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size, parallel)
     summary = {
         "steps": config.max_steps,
         "resumed_from": start_step,
@@ -274,10 +340,13 @@ def run(config: SFTConfig) -> dict:
         ),
     }
     folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
-    save_policy(model, tokenizer, config.out / "model", config.lora,
-                PolicyFormat(graph=config.graph, label_set=config.label_set, order=config.order, prompt_tokens=config.prompt_tokens))
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_summary(config, summary, len(val))
+    saved = unsharded_model(model, parallel, lambda: policy_to_train(config)[0])
+    if saved is not None:
+        save_policy(saved, tokenizer, config.out / "model", config.lora,
+                    PolicyFormat(graph=config.graph, label_set=config.label_set, order=config.order, prompt_tokens=config.prompt_tokens))
+        (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(config, summary, len(val))
+    barrier(parallel)
     return summary
 
 
@@ -297,26 +366,32 @@ def train_steps(config: SFTConfig, training: Optimisation, tokenizer, train: Seq
     example_at = functools.cache(lambda index: encode_example(train[index], tokenizer, graph, config.order, config.prompt_tokens))
     reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
     node_weights = dict.fromkeys([*graph.decision_nodes, graph.label_node], config.decision_weight)
-    board = tensorboard_writer(config, start_step)
-    bar = tqdm(range(start_step, config.max_steps), desc="sft", unit="step", initial=start_step, total=config.max_steps)
+    parallel = training.parallel
+    board = tensorboard_writer(config, start_step) if parallel.is_main else None
+    bar = tqdm(range(start_step, config.max_steps), desc="sft", unit="step", initial=start_step, total=config.max_steps,
+               disable=not parallel.is_main)
     for step in bar:
-        training.model.train()
-        batches = masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, mask_input_id, node_weights)
+        training.trained.train()
+        batches = masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, mask_input_id, node_weights,
+                                       parallel.part(config.batch_size))
         n_tokens = sum(label != IGNORE for batch in batches for _, row_labels, _ in batch for label in row_labels[1:])  # labels shift by one
-        total_weight = sum(sum(row_weights[1:]) for batch in batches for _, _, row_weights in batch)
+        weight = sum(sum(row_weights[1:]) for batch in batches for _, _, row_weights in batch)
+        n_tokens, total_weight = all_reduce(parallel, [n_tokens, weight])  # the loss is a mean over the whole step's tokens
         lr = learning_rate(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        loss_value, grad_norm = training.step(batches, total_weight, lr, tokenizer.pad_token_id, config.max_grad_norm)
+        loss_share, grad_norm = training.step(batches, total_weight, lr, tokenizer.pad_token_id, config.max_grad_norm)
+        (loss_value,) = all_reduce(parallel, [loss_share])
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens}
+        record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": int(n_tokens)}
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
-            metrics = evaluate(training.model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size)
+            metrics = evaluate(training.model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size,
+                               parallel)
             record.update({f"val/{k}": v for k, v in metrics.items()})
         folder.append(record)
         if board is not None:
             for key, value in record.items():
                 board.add_scalar(key, value, step + 1)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            folder.save_checkpoint(step + 1, {"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+            folder.save_checkpoint(step + 1, {**checkpoint_state(training.model, training.optimizer, parallel),
                                               "scaler": training.scaler.state_dict()})
     bar.close()
     if board is not None:

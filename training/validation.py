@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from evaluation.metrics import label_scores
 from schemas.graph import LabelSet, ReasoningGraph
 from training.cot import node_correct, parse_cot
+from training.distributed import SINGLE_PROCESS, Parallel, gathered_map
 from training.examples import Example
 
 
@@ -51,9 +52,14 @@ def majority_baseline(train_labels: Sequence[str], val_labels: Sequence[str], la
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], graph: ReasoningGraph, order: str, labels: LabelSet,
-             max_new_tokens: int, batch_size: int) -> dict[str, float]:
-    """`cot_metrics` of the model's greedy CoTs for the examples' prompts."""
+             max_new_tokens: int, batch_size: int, parallel: Parallel = SINGLE_PROCESS) -> dict[str, float]:
+    """`cot_metrics` of the model's greedy CoTs for the examples' prompts. In a run of several processes each
+    decodes a share of the examples and every one gets the metrics of all."""
     from training.decoding import generate
 
-    generations = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return cot_metrics(list(zip(generations.texts, generations.ended)), [e.gold for e in examples], graph, order, labels)
+    def decode(share: list[Example]) -> list[tuple[str, bool]]:
+        generations = generate(model, tokenizer, [e.prompt_ids for e in share], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               synced=parallel.sharded)
+        return list(zip(generations.texts, generations.ended))
+
+    return cot_metrics(gathered_map(parallel, examples, decode), [e.gold for e in examples], graph, order, labels)

@@ -145,6 +145,14 @@ def test_resume_continues_bit_for_bit(tiny_world, tiny_model, tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_gradient_checkpointing_recomputes_the_same_steps(tiny_world, tiny_model, tmp_path):
+    run(_config(tiny_world, tiny_model, tmp_path / "kept", max_steps=3))
+    run(_config(tiny_world, tiny_model, tmp_path / "recomputed", max_steps=3, gradient_checkpointing=True))
+    assert _losses(tmp_path / "recomputed") == _losses(tmp_path / "kept")
+    a, b = load_file(tmp_path / "kept" / "model" / "model.safetensors"), load_file(tmp_path / "recomputed" / "model" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_lora_trains_only_the_adapted_modules(tiny_world, tiny_model, tmp_path):
     run(_config(tiny_world, tiny_model, tmp_path / "lora", lora=True, lora_rank=4, lora_targets=("q_proj", "v_proj"), max_steps=3))
     before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "lora" / "model" / "model.safetensors")

@@ -33,6 +33,7 @@ def token_alignment(
     params: Mapping[str, Tensor],
     h: float = 1e-3,
     method: str = "finite_difference",
+    reduce_gradient: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> Tensor:
     """a_t = <grad_w L_main, grad_w l_t> for every token, shape of `token_losses(params)` (e.g. (B, T)).
 
@@ -41,6 +42,8 @@ def token_alignment(
     params: the trainable weights w by name (parameters not listed keep the module's values).
     method: `finite_difference`: |g| * (l_t(w + h u) - l_t(w - h u)) / (2h) with u = g / |g|;
         `jvp`: the exact directional derivative by forward-mode AD (`torch.func.jvp`).
+    reduce_gradient: when the tokens are split over processes (each passes the losses of its share), sums
+        the shares' gradients of L_main into g, so every process aligns its tokens with the same direction.
     Returns zeros when g = 0. The result is detached.
     """
     if method not in METHODS:
@@ -49,6 +52,8 @@ def token_alignment(
     weights = [params[name] for name in names]
     grads = torch.autograd.grad(main_loss(dict(params)), weights, allow_unused=True)
     grads = [torch.zeros_like(w) if g is None else g.detach() for w, g in zip(weights, grads)]
+    if reduce_gradient is not None:
+        grads = reduce_gradient(grads)
     norm = torch.sqrt(sum(g.square().sum() for g in grads))
     if method == "jvp":
         primals = {name: w.detach() for name, w in zip(names, weights)}

@@ -14,6 +14,9 @@ All losses reduce through `aggregation_weights`, so the per-token loss that ente
 - Aggregation modes (verl `agg_loss`): `token_mean` (every token of the batch weighs the same),
   `seq_mean_token_mean` (mean over rollouts of each rollout's token mean), `seq_mean_token_sum_norm`
   (mean over rollouts of token sums divided by the longest response T; Dr. GRPO's length-unbiased form).
+- A mini-batch split over processes: each passes its rows' part of the whole mini-batch's aggregation
+  weights and token shares (`weights`, `token_share`); its loss and metrics are then its part of the
+  mini-batch's, and they sum over the processes to the values one process computes.
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.exp(delta) - delta - 1
 
 
+def token_shares(mask: Tensor) -> Tensor:
+    """(B, T) 1 / (tokens of the batch) on each token, 0 off the mask: token means are `(share * value).sum()`."""
+    mask = mask.to(torch.float32)
+    return mask / mask.sum().clamp_min(1)
+
+
 def policy_loss(
     logprobs: Tensor,
     sampling_logprobs: Tensor,
@@ -68,40 +77,46 @@ def policy_loss(
     mask: Tensor,
     params: StepParams,
     ref_logprobs: Tensor | None = None,
+    weights: Tensor | None = None,
+    token_share: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(scalar loss, metrics) of one mini-batch.
 
     logprobs: (B, T) current policy, differentiable; sampling_logprobs: (B, T) of the policy that drew
     the tokens; advantages: (B, T) from an estimator; ref_logprobs: (B, T) reference (needed iff beta > 0).
+    weights, token_share: (B, T) `aggregation_weights` and `token_shares` of the whole mini-batch cut to
+    these rows, when they are one process's part of it (default: of these rows).
     Metrics (0-dim tensors, detached): pg_loss, kl (token mean), clip_fraction (tokens whose clipped
     term is the active one), ratio_mean.
     """
     if params.beta > 0 and ref_logprobs is None:
         raise ValueError("policy_loss: beta > 0 needs ref_logprobs")
-    weights = aggregation_weights(mask, params.aggregation)
+    weights = aggregation_weights(mask, params.aggregation) if weights is None else weights
+    token_share = token_shares(mask) if token_share is None else token_share
     ratio = torch.exp(logprobs - sampling_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - params.eps_low, 1.0 + params.eps_high)
     per_token = torch.maximum(unclipped, clipped)
     pg_loss = (weights * per_token).sum()
-    tokens = mask.sum().clamp_min(1)
     metrics = {
         "pg_loss": pg_loss.detach(),
-        "clip_fraction": ((clipped > unclipped) & mask).sum() / tokens,
-        "ratio_mean": (ratio.detach() * mask).sum() / tokens,
+        "clip_fraction": (((clipped > unclipped) & mask) * token_share).sum(),
+        "ratio_mean": (ratio.detach() * token_share).sum(),
     }
     loss = pg_loss
     if ref_logprobs is not None:
         kl = k3_kl(logprobs, ref_logprobs)
-        metrics["kl"] = (kl.detach() * mask).sum() / tokens
+        metrics["kl"] = (kl.detach() * token_share).sum()
         if params.beta > 0:
             loss = loss + params.beta * (weights * kl).sum()
     return loss, metrics
 
 
-def surrogate_token_losses(logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, aggregation: str) -> Tensor:
+def surrogate_token_losses(logprobs: Tensor, sampling_logprobs: Tensor, mask: Tensor, aggregation: str,
+                           weights: Tensor | None = None) -> Tensor:
     """(B, T) l_t with `L_total = sum_t A_t * l_t` near the sampling policy: -ratio_t * w_t.
 
     Inside the clip range (always so at the first PPO epoch) the PPO-clip loss is exactly this sum, so
-    its gradient is what the controller's look-ahead needs (GRAPH_GRPO.md, the controller)."""
-    return -torch.exp(logprobs - sampling_logprobs) * aggregation_weights(mask, aggregation)
+    its gradient is what the controller's look-ahead needs (GRAPH_GRPO.md, the controller). `weights`:
+    the whole batch's aggregation weights cut to these rows, when they are one process's part of it."""
+    return -torch.exp(logprobs - sampling_logprobs) * (aggregation_weights(mask, aggregation) if weights is None else weights)

@@ -54,6 +54,19 @@ class Rollouts:
         if uneven:
             raise ValueError(f"Rollouts: rollouts {uneven[:5]} have a logprob count that differs from their token count")
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[Rollouts], prompt_counts: Sequence[int]) -> Rollouts:
+        """The rollouts of consecutive prompt lists as one (part j drawn for the next `prompt_counts[j]` prompts),
+        prompt ids renumbered: what one backend call on all the prompts returns, up to the random draws."""
+        offsets = [sum(prompt_counts[:j]) for j in range(len(parts))]
+        return cls(
+            group=tuple(offset + k for part, offset in zip(parts, offsets) for k in part.group),
+            response_ids=tuple(ids for part in parts for ids in part.response_ids),
+            logprobs=tuple(lps for part in parts for lps in part.logprobs),
+            ended=tuple(ended for part in parts for ended in part.ended),
+            texts=tuple(text for part in parts for text in part.texts),
+        )
+
 
 class RolloutBackend(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> Rollouts:
@@ -70,10 +83,11 @@ class HFBackend:
     """transformers `generate` on the policy being trained (`training.decoding.generate`, sampled):
     the P * G rollouts in left-padded batches of `batch_size` sequences."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 256) -> None:
+    def __init__(self, model, tokenizer, batch_size: int = 256, synced: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.synced = synced  # the model is FSDP-sharded: every process steps until all have finished (`decoding.generate`)
 
     def sync(self, model) -> None:
         self.model = model
@@ -86,6 +100,6 @@ class HFBackend:
 
         expanded = [list(prompt) for prompt in prompts for _ in range(sampling.group_size)]
         drawn = generate(self.model, self.tokenizer, expanded, max_new_tokens=sampling.max_new_tokens, batch_size=self.batch_size,
-                         sampling=sampling, seed=seed)
+                         sampling=sampling, seed=seed, synced=self.synced)
         group = tuple(k for k in range(len(prompts)) for _ in range(sampling.group_size))
         return Rollouts(group=group, response_ids=drawn.response_ids, logprobs=drawn.logprobs, ended=drawn.ended, texts=drawn.texts)

@@ -20,6 +20,19 @@ train split's gold labels), so RL serves macro-F1 rather than accuracy.
 The learning rate warms up linearly, then stays constant. Prompt order and sampling seeds are
 functions of (seed, step), so `--resume` continues the same run. The CoT format (graph, label set,
 order, prompt budget) is the start policy's `policy.json`, and the saved policy carries it on.
+
+Several processes (torchrun, `training.distributed`): `prompts_per_step` is global; each process
+samples the G rollouts of its contiguous share of the prompts (seed a function of (seed, step, rank)),
+so a group's statistics never leave its process, and all processes then hold every rollout (their ids
+and logprobs are small; gathering them keeps what is batch-global in one place): rewards, advantages,
+the filter and the metrics are computed on the whole batch, identically everywhere, and only the model
+work is split: each mini-batch's rows are shared out with the whole mini-batch's aggregation weights
+(loss and metrics sum over processes to one process's), the reference logprobs are computed a share
+each and gathered, and the controller's look-ahead sums the processes' gradients of the main loss and
+gathers their token alignments, so phi moves the same way everywhere. Given the same rollouts, N
+processes take the step one process takes; the rollouts themselves are drawn per process. DDP by
+default; FSDP2 with `parallel=fsdp` (not with graph_grpo, whose look-ahead runs the model functionally
+on whole weights, nor with the vllm backend).
 """
 
 from __future__ import annotations
@@ -33,8 +46,32 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.config import ConfigError, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from training.distributed import (
+    PARALLEL_MODES,
+    Parallel,
+    all_gather,
+    all_reduce,
+    all_reduce_tensors,
+    barrier,
+    checkpoint_state,
+    clip_gradients,
+    gathered_map,
+    local_device,
+    parallel_run,
+    unsharded_model,
+    wrap_model,
+)
 from training.examples import Example, encode_example, load_pairs, token_node_map
-from training.loop import micro_batch_indices, resolve_device, resume_state, save_policy, validation_subsample, wrap_lora
+from training.loop import (
+    autocast,
+    enable_gradient_checkpointing,
+    micro_batch_indices,
+    resolve_device,
+    resume_state,
+    save_policy,
+    validation_subsample,
+    wrap_lora,
+)
 from training.policy_format import PolicyFormat, resolve_format
 from training.run_folder import RunFolder
 from training.validation import evaluate
@@ -66,7 +103,8 @@ class GRPOConfig:
     prompt_tokens: int | None = help_field("Token budget of the prompt text (default: the start policy's policy.json).", None)
     backend: str = help_field("Rollout backend: hf (transformers generate) or vllm (needs the vllm extra).", "hf", choices=BACKENDS)
     steps: int = help_field("RL steps (one rollout batch each).", 100)
-    prompts_per_step: int = help_field("Prompts per rollout batch.", 16)
+    prompts_per_step: int = help_field("Prompts per rollout batch, over all processes (each of N processes under torchrun samples "
+                                       "prompts_per_step / N).", 16)
     group_size: int = help_field("Rollouts per prompt (G).", 8)
     temperature: float = help_field("Sampling temperature (the logprobs of the ratio use it too).", 1.0)
     top_p: float = help_field("Nucleus sampling threshold.", 1.0)
@@ -112,6 +150,11 @@ class GRPOConfig:
     eval_batch_size: int = help_field("Prompts decoded at once during validation.", 64)
     threads: int = help_field("torch CPU threads.", 2)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
+    precision: str = help_field("fp32, or bf16 (autocast of the policy's forward passes, rollouts included; needs a GPU).", "fp32")
+    parallel: str = help_field(
+        "Under torchrun: ddp (a whole policy per process, gradients all-reduced) or fsdp (parameters, gradients and optimizer state "
+        "sharded over the processes with FSDP2; not with graph_grpo or the vllm backend).", "ddp")
+    gradient_checkpointing: bool = help_field("Recompute each block's activations in backward instead of keeping them.", False)
 
     def __post_init__(self) -> None:
         from training.grpo.controller import METHODS
@@ -128,7 +171,8 @@ class GRPOConfig:
         except ValueError as error:
             raise ConfigError(f"graph/order: {error}") from None
         choices = {"estimator": sorted(ESTIMATORS), "backend": BACKENDS, "aggregation": AGGREGATIONS, "scale": SCALES,
-                   "controller_method": METHODS, "outcome_weighting": OUTCOME_WEIGHTINGS}
+                   "controller_method": METHODS, "outcome_weighting": OUTCOME_WEIGHTINGS, "precision": ("fp32", "bf16"),
+                   "parallel": PARALLEL_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
@@ -185,6 +229,9 @@ class TrainingState:
     train: list[dict]
     val: list[Example]
     class_weights: dict[str, float]  # gold label -> advantage scale (all 1.0 under uniform weighting)
+    parallel: Parallel
+    trained: Any  # the module training passes go through: the policy, or its DDP wrapper
+    autocast_dtype: Any  # None: full precision
     start_step: int = 0
     backend: Any = None
     encoded: dict[int, Example] = field(default_factory=dict)  # train pairs are tokenised when a step first draws them
@@ -216,11 +263,13 @@ def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / max(warmup_steps, 1))
 
 
-def make_backend(config: GRPOConfig, model, tokenizer):
+def make_backend(config: GRPOConfig, model, tokenizer, parallel: Parallel):
     from training.grpo.rollout import HFBackend
 
     if config.backend == "hf":
-        return HFBackend(model, tokenizer)
+        return HFBackend(model, tokenizer, synced=parallel.sharded)
+    if parallel.distributed:
+        raise ConfigError("backend=vllm: one vLLM engine per training process is not supported; use backend=hf under torchrun")
     from training.grpo.vllm_backend import VLLMBackend
 
     # vLLM refuses a context longer than the model's positions; prompts are budgeted in text tokens
@@ -234,23 +283,35 @@ def make_backend(config: GRPOConfig, model, tokenizer):
     return backend
 
 
-def load_policy(config: GRPOConfig, device):
-    """(policy, tokenizer, reference or None): the start policy on `device`, with LoRA adapters when asked."""
+def policy_to_train(config: GRPOConfig):
+    """(start policy on the CPU, with LoRA adapters when asked; tokenizer)."""
     from training.model import load_model_to_train
 
     model, tokenizer = load_model_to_train(config.model)
-    model.to(device)
-    reference = None
     if config.lora:
         model = wrap_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
-    elif config.beta > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return model, tokenizer, reference
+    return model, tokenizer
 
 
-def start_run(config: GRPOConfig) -> TrainingState:
+def load_policy(config: GRPOConfig, parallel: Parallel):
+    """(policy, the module its training passes go through, tokenizer, reference or None): the start policy on this
+    process's device (FSDP: sharded over the processes), with LoRA adapters when asked."""
+    model, tokenizer = policy_to_train(config)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 and not config.lora else None
+    if parallel.sharded:  # FSDP moves each block's shard as it shards it: the whole model never sits on one device
+        reference = wrap_model(reference, parallel) if reference is not None else None
+    else:
+        model.to(parallel.device)
+        reference = reference.to(parallel.device) if reference is not None else None
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, wrap_model(model, parallel), tokenizer, reference
+
+
+def start_run(config: GRPOConfig, parallel: Parallel | None = None) -> TrainingState:
     """Everything a run needs, resumed from the latest checkpoint when asked; logs the start record and,
-    on a fresh run, the start policy's validation as step 0."""
+    on a fresh run, the start policy's validation as step 0. `parallel`: this process's place in a run of
+    several (default: one process on the config's device)."""
     import torch
 
     from training.grpo.controller import ControllerParams, EdgeController
@@ -260,9 +321,15 @@ def start_run(config: GRPOConfig) -> TrainingState:
     from training.grpo.rewards import class_balanced_weights
     from training.grpo.rollout import Sampling
 
+    device, autocast_dtype = resolve_device(local_device(config.device), config.precision)
+    parallel = parallel or Parallel(device=device, mode=config.parallel)
+    parallel.require_divisible("prompts_per_step", config.prompts_per_step)
+    estimator = get_estimator(config.estimator)
+    if parallel.sharded and estimator.learns_phi:
+        raise ConfigError("parallel: graph_grpo's controller runs the policy functionally on whole weights, which FSDP shards; "
+                          "use parallel=ddp, or the estimator graph_fixed")
     graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
-    device, _ = resolve_device(config.device, "fp32")
-    model, tokenizer, reference = load_policy(config, device)
+    model, trained, tokenizer, reference = load_policy(config, parallel)
     train = load_pairs(config.data, config.label_set, "train")
     class_weights = class_balanced_weights([pair["gold"][graph.label_node] for pair in train], labels)
     if config.outcome_weighting == "uniform":
@@ -271,8 +338,8 @@ def start_run(config: GRPOConfig) -> TrainingState:
     val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
     params = [p for p in model.parameters() if p.requires_grad]
     state = TrainingState(
-        config=config, graph=graph, labels=labels, credit_graph=CreditGraph.from_graph(graph), estimator=get_estimator(config.estimator),
-        device=device, model=model, tokenizer=tokenizer, reference=reference, params=params,
+        config=config, graph=graph, labels=labels, credit_graph=CreditGraph.from_graph(graph), estimator=estimator,
+        device=parallel.device, model=model, tokenizer=tokenizer, reference=reference, params=params,
         named_params={name: p for name, p in model.named_parameters() if p.requires_grad},
         optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
         controller=EdgeController(graph.edges, ControllerParams(
@@ -283,12 +350,15 @@ def start_run(config: GRPOConfig) -> TrainingState:
         step_params=StepParams(eps_low=config.eps_low, eps_high=config.eps_high, beta=config.beta, aggregation=config.aggregation),
         sampling=Sampling(group_size=config.group_size, temperature=config.temperature, top_p=config.top_p,
                           max_new_tokens=config.max_new_tokens),
-        folder=RunFolder(config.out), train=train, val=val, class_weights=class_weights,
+        folder=RunFolder(config.out, writer=parallel.is_main), train=train, val=val, class_weights=class_weights,
+        parallel=parallel, trained=trained, autocast_dtype=autocast_dtype,
     )
-    state.start_step = resume_state(state.folder, config.resume, model=model, optimizer=state.optimizer, controller=state.controller)
-    state.backend = make_backend(config, model, tokenizer)
+    state.start_step = resume_state(state.folder, config.resume, parallel, model=model, optimizer=state.optimizer,
+                                    controller=state.controller)
+    state.backend = make_backend(config, model, tokenizer, parallel)
     state.folder.append({"event": "start", "step": state.start_step, "train_pairs": len(train), "val_pairs": len(state.val),
-                         "estimator": state.estimator.name, "class_weights": class_weights, "config": config_to_dict(config)})
+                         "estimator": state.estimator.name, "class_weights": class_weights, "processes": parallel.world_size,
+                         "config": config_to_dict(config)})
     if state.start_step == 0:
         state.folder.append({"step": 0, **val_entries(validation(state))})
     return state
@@ -298,7 +368,7 @@ def validation(state: TrainingState) -> dict[str, float]:
     """Greedy validation metrics of the current policy on the validation examples."""
     config = state.config
     return evaluate(state.model, state.tokenizer, state.val, state.graph, config.order, state.labels, config.max_new_tokens,
-                    config.eval_batch_size)
+                    config.eval_batch_size, state.parallel)
 
 
 def val_entries(metrics: dict[str, float]) -> dict[str, float]:
@@ -307,10 +377,18 @@ def val_entries(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def rollout_batch(state: TrainingState, step: int) -> tuple[list[Example], Rollouts]:
-    """Step `step`'s prompts and their G rollouts each; the sampling seed is a function of (seed, step)."""
+    """Step `step`'s prompts and their G rollouts each. Each process samples its contiguous share of the prompts,
+    with a seed that is a function of (seed, step, rank), and gets every process's rollouts, in prompt order."""
+    from training.grpo.rollout import Rollouts
+
+    parallel = state.parallel
     examples = state.step_examples(step)
-    rollouts = state.backend.generate([e.prompt_ids for e in examples], state.sampling, seed=state.config.seed * 1_000_003 + step)
-    return examples, rollouts
+    share = examples[parallel.part(len(examples))]
+    seed = (state.config.seed * 1_000_003 + step) * parallel.world_size + parallel.rank
+    with autocast(state.device, state.autocast_dtype):
+        rollouts = state.backend.generate([e.prompt_ids for e in share], state.sampling, seed=seed)
+    parts = all_gather(parallel, rollouts)
+    return examples, Rollouts.concatenate(parts, [len(examples) // parallel.world_size] * parallel.world_size)
 
 
 def scored_batch(state: TrainingState, examples: list[Example], rollouts: Rollouts) -> ScoredBatch:
@@ -339,26 +417,36 @@ def scored_batch(state: TrainingState, examples: list[Example], rollouts: Rollou
 def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, float]:
     """One edge-controller step: the look-ahead gradient of the main loss (the outcome-advantage surrogate
     on the label tokens) through the estimator's advantages; returns the controller's metrics."""
+    import torch
+
     from training.grpo.batch import response_logprobs
     from training.grpo.controller import lookahead_gradient, token_alignment
     from training.grpo.estimators import get_estimator
-    from training.grpo.loss import surrogate_token_losses
+    from training.grpo.loss import aggregation_weights, surrogate_token_losses
 
-    config, packed = state.config, batch.packed
+    # Each process aligns the tokens of its share of the rollouts (the whole batch's aggregation weights cut to
+    # them), with the gradient of the whole main loss (the shares' gradients summed); the alignments are gathered,
+    # so every process takes the same controller step. In full precision: h-sized perturbations vanish in bf16.
+    config, parallel = state.config, state.parallel
+    rows = torch.arange(len(batch.rollouts.group))[parallel.part(len(batch.rollouts.group))].to(state.device)
+    packed = batch.packed.rows(rows)
+    aggregation = aggregation_weights(batch.packed.mask, config.aggregation)[rows]
     outcome_tokens, _ = weighted_advantages(state, batch, get_estimator("grpo"))
-    on_label = (batch.advantages.token_nodes == state.credit_graph.label).to(state.device)
+    on_label = (batch.advantages.token_nodes == state.credit_graph.label).to(state.device)[rows]
 
     def token_losses(weights):
         logprobs, _ = response_logprobs(state.model, packed, config.temperature, params=weights)
-        return surrogate_token_losses(logprobs, packed.sampling_logprobs, packed.mask, config.aggregation)
+        return surrogate_token_losses(logprobs, packed.sampling_logprobs, packed.mask, config.aggregation, weights=aggregation)
 
     def main_loss(weights):
-        return (token_losses(weights) * outcome_tokens.to(state.device) * on_label).sum()
+        return (token_losses(weights) * outcome_tokens.to(state.device)[rows] * on_label).sum()
 
     def advantages(phi):
         return weighted_advantages(state, batch, state.estimator, phi)[0]
 
-    alignment = token_alignment(token_losses, main_loss, state.named_params, method=config.controller_method).cpu()
+    share = token_alignment(token_losses, main_loss, state.named_params, method=config.controller_method,
+                            reduce_gradient=lambda grads: all_reduce_tensors(parallel, grads))
+    alignment = torch.cat(all_gather(parallel, share.cpu()))
     grad_phi = lookahead_gradient(advantages, state.controller.phi(), alignment, config.controller_alpha)
     return state.controller.update(grad_phi)
 
@@ -395,16 +483,21 @@ def kept_rollouts(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, dic
 
 
 def reference_logprobs(state: TrainingState, packed: PackedRollouts) -> Tensor:
-    """(B, T) response logprobs under the reference: the start policy (LoRA: the base with its adapters off)."""
+    """(B, T) response logprobs under the reference: the start policy (LoRA: the base with its adapters off),
+    each process computing a share of the rows."""
     import torch
 
     from training.grpo.batch import response_logprobs
 
-    with torch.no_grad():
-        if state.config.lora:
-            with state.model.disable_adapter():
-                return response_logprobs(state.model, packed, state.config.temperature)[0]
-        return response_logprobs(state.reference, packed, state.config.temperature)[0]
+    def logprobs(rows: list[int]) -> list[Tensor]:
+        part = packed.rows(torch.tensor(rows, device=state.device))
+        with torch.no_grad(), autocast(state.device, state.autocast_dtype):
+            if state.config.lora:
+                with state.model.disable_adapter():
+                    return list(response_logprobs(state.model, part, state.config.temperature)[0].cpu())
+            return list(response_logprobs(state.reference, part, state.config.temperature)[0].cpu())
+
+    return torch.stack(gathered_map(state.parallel, range(packed.mask.shape[0]), logprobs)).to(state.device)
 
 
 def ppo_update(state: TrainingState, batch: ScoredBatch, advantages: Tensor, keep: Tensor, step: int) -> dict[str, float]:
@@ -431,23 +524,34 @@ def ppo_update(state: TrainingState, batch: ScoredBatch, advantages: Tensor, kee
 
 def mini_batch_step(state: TrainingState, packed: PackedRollouts, advantages: Tensor, ref_logprobs: Tensor | None,
                     rows: Tensor) -> dict[str, float]:
-    """One optimizer step on the rollouts `rows`: PPO-clip loss, backward, gradient clipping; returns its metrics."""
+    """One optimizer step on the rollouts `rows` (every process's share of them, with the whole mini-batch's
+    aggregation weights): PPO-clip loss, backward, gradient clipping; returns the mini-batch's metrics."""
     import torch
 
     from training.grpo.batch import response_logprobs
-    from training.grpo.loss import policy_loss
+    from training.grpo.loss import aggregation_weights, policy_loss, token_shares
 
-    config, part = state.config, packed.rows(rows)
-    logprobs, entropy = response_logprobs(state.model, part, config.temperature, with_entropy=True)
-    loss, stats = policy_loss(logprobs, part.sampling_logprobs, advantages[rows], part.mask, state.step_params,
-                              None if ref_logprobs is None else ref_logprobs[rows])
+    config, parallel = state.config, state.parallel
+    weights, token_share = aggregation_weights(packed.mask[rows], config.aggregation), token_shares(packed.mask[rows])
+    mine = parallel.part(len(rows))
+    if mine.start == mine.stop:
+        # fewer rollouts than processes: this one trains on a rollout that weighs 0, to take part in the gradient
+        # all-reduce (and FSDP's forward passes) all the same
+        mine, weights, token_share = slice(0, 1), torch.zeros_like(weights[:1]), torch.zeros_like(token_share[:1])
+    else:
+        weights, token_share = weights[mine], token_share[mine]
+    own = rows[mine]
+    part = packed.rows(own)
+    with autocast(state.device, state.autocast_dtype):
+        logprobs, entropy = response_logprobs(state.trained, part, config.temperature, with_entropy=True)
+    loss, stats = policy_loss(logprobs, part.sampling_logprobs, advantages[own], part.mask, state.step_params,
+                              None if ref_logprobs is None else ref_logprobs[own], weights=weights, token_share=token_share)
     state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+    (loss * parallel.loss_scale).backward()
+    grad_norm = clip_gradients(state.params, config.max_grad_norm)
     state.optimizer.step()
-    stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm.detach(),
-             "entropy": (entropy.detach() * part.mask).sum() / part.mask.sum().clamp_min(1)}
-    return {key: float(value) for key, value in stats.items()}
+    shares = {**stats, "loss": loss.detach(), "entropy": (entropy.detach() * token_share).sum()}
+    return {**dict(zip(shares, all_reduce(parallel, [float(value) for value in shares.values()]))), "grad_norm": grad_norm}
 
 
 def log_step(state: TrainingState, step: int, record: dict) -> None:
@@ -457,7 +561,7 @@ def log_step(state: TrainingState, step: int, record: dict) -> None:
         record.update(val_entries(validation(state)))
     state.folder.append(record)
     if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-        state.folder.save_checkpoint(step + 1, {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        state.folder.save_checkpoint(step + 1, {**checkpoint_state(state.model, state.optimizer, state.parallel),
                                                 "controller": state.controller.state_dict()})
 
 
@@ -469,50 +573,69 @@ def finish(state: TrainingState, train_seconds: float) -> dict:
     phi = dict(zip([f"{a}->{b}" for a, b in state.graph.edges], state.controller.phi().tolist()))
     summary = {"estimator": estimator.name, "steps": config.steps, "resumed_from": state.start_step, "train_seconds": train_seconds,
                "val": final, "phi": phi if estimator.needs_phi else None}
-    save_policy(state.model, state.tokenizer, config.out / "model", config.lora, config.policy_format)
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"grpo[{estimator.name}]: {config.steps} steps in {train_seconds:.0f} s; validation ({len(state.val)} pairs): parse rate "
-        f"{final['parse_rate']:.3f}, label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
-        f"model in {config.out / 'model'}"
-    )
+    saved = unsharded_model(state.model, state.parallel, lambda: policy_to_train(config)[0])
+    if saved is not None:
+        save_policy(saved, state.tokenizer, config.out / "model", config.lora, config.policy_format)
+        (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(
+            f"grpo[{estimator.name}]: {config.steps} steps in {train_seconds:.0f} s; validation ({len(state.val)} pairs): parse rate "
+            f"{final['parse_rate']:.3f}, label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
+            f"model in {config.out / 'model'}"
+        )
+    barrier(state.parallel)
     return summary
 
 
+def train_step(state: TrainingState, step: int) -> dict:
+    """One RL step: rollouts, then `learn` from them; returns the step's record."""
+    step_started = time.perf_counter()
+    examples, rollouts = rollout_batch(state, step)
+    generate_seconds = time.perf_counter() - step_started
+    record = learn(state, step, examples, rollouts)
+    record["time/generate"] = generate_seconds
+    record["time/step"] = time.perf_counter() - step_started  # rollouts, rewards, controller, update and sync
+    return record
+
+
+def learn(state: TrainingState, step: int, examples: list[Example], rollouts: Rollouts) -> dict:
+    """Rewards -> controller (graph_grpo, when due) -> advantages -> filter -> PPO update -> sync, from the whole
+    step's rollouts (every process holds them all); returns the record without the generation times."""
+    from training.grpo.rewards import reward_metrics
+
+    batch = scored_batch(state, examples, rollouts)
+    record: dict = {"step": step + 1}
+    if state.estimator.learns_phi and state.controller.due(step):
+        record.update(controller_update(state, batch))
+    advantages, advantage_metrics = advantages_for(state, batch)
+    record.update(advantage_metrics)
+    record.update(reward_metrics(batch.rewards, state.graph))
+    keep, batch_metrics = kept_rollouts(state, batch)
+    record.update(batch_metrics)
+
+    timer = time.perf_counter()
+    record.update(ppo_update(state, batch, advantages, keep, step))
+    state.backend.sync(state.model)
+    record["time/train"] = time.perf_counter() - timer
+    return record
+
+
 def run(config: GRPOConfig) -> dict:
-    """Train, checkpoint, validate; returns the summary written to out/summary.json."""
+    """Train, checkpoint, validate; returns the summary written to out/summary.json. Under torchrun every process
+    runs this (rank 0 writes)."""
     import torch
     from tqdm import tqdm
 
-    from training.grpo.rewards import reward_metrics
-
     torch.set_num_threads(config.threads)
-    state = start_run(config)
-    started = time.perf_counter()
-    bar = tqdm(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
-               total=config.steps)
-    for step in bar:
-        step_started = timer = time.perf_counter()
-        examples, rollouts = rollout_batch(state, step)
-        generate_seconds = time.perf_counter() - timer
-        batch = scored_batch(state, examples, rollouts)
-        record: dict = {"step": step + 1}
-        if state.estimator.learns_phi and state.controller.due(step):
-            record.update(controller_update(state, batch))
-        advantages, advantage_metrics = advantages_for(state, batch)
-        record.update(advantage_metrics)
-        record.update(reward_metrics(batch.rewards, state.graph))
-        keep, batch_metrics = kept_rollouts(state, batch)
-        record.update(batch_metrics)
-
-        timer = time.perf_counter()
-        record.update(ppo_update(state, batch, advantages, keep, step))
-        state.backend.sync(state.model)
-        record["time/generate"] = generate_seconds
-        record["time/train"] = time.perf_counter() - timer
-        record["time/step"] = time.perf_counter() - step_started  # rollouts, rewards, controller, update and sync
-        bar.set_postfix(reward=f"{record['reward/outcome']:.3f}", kl=f"{record.get('train/kl', 0.0):.4f}")
-        log_step(state, step, record)
-    bar.close()
-    state.backend.close()
-    return finish(state, time.perf_counter() - started)
+    device, _ = resolve_device(local_device(config.device), config.precision)
+    with parallel_run(device, config.parallel) as parallel:
+        state = start_run(config, parallel)
+        started = time.perf_counter()
+        bar = tqdm(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
+                   total=config.steps, disable=not parallel.is_main)
+        for step in bar:
+            record = train_step(state, step)
+            bar.set_postfix(reward=f"{record['reward/outcome']:.3f}", kl=f"{record.get('train/kl', 0.0):.4f}")
+            log_step(state, step, record)
+        bar.close()
+        state.backend.close()
+        return finish(state, time.perf_counter() - started)
