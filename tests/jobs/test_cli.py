@@ -211,7 +211,7 @@ def test_version_is_the_installed_distribution_s():
 def test_shell_completion_is_on():
     assert "--install-completion" in runner.invoke(app, ["--help"]).output
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="relevance")
-    assert script.exit_code == 0 and "_RELEVANCE_COMPLETE=complete_bash" in script.output
+    assert script.exit_code == 0 and "_RELEVANCE_COMPLETE=complete_bash" in script.output, (script.output, script.exception)
     completed = runner.invoke(app, [], prog_name="relevance",
                               env={"_RELEVANCE_COMPLETE": "complete_bash", "COMP_WORDS": "relevance train g", "COMP_CWORD": "2"})
     assert completed.output.split() == ["grpo"]

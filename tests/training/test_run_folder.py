@@ -74,9 +74,10 @@ def test_a_model_folder_with_pickled_weights_only_is_refused(tiny_model, tmp_pat
     from safetensors.torch import load_file
 
     from training.model import load_model
+    from training.model_files import ModelFolderError
 
     pickled = shutil.copytree(tiny_model, tmp_path / "pickled")
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    with pytest.raises(OSError, match="safetensors"):
+    with pytest.raises(ModelFolderError, match=r"only pickled weights \(pytorch_model.bin\).*safe_serialization=True"):
         load_model(pickled)
