@@ -35,6 +35,9 @@ def test_every_input_table_passes_its_suite_on_pandas_and_on_spark(world, spark,
             assert (rows_in, accepted, quarantined) == (manifest["rows"][name], manifest["rows"][name], 0), name
         summary = json.loads((tmp_path / engine / "validation.json").read_text())["tables"]
         assert all(t["expectations_met"] == t["expectations"] > 0 for t in summary.values())
+        page = (tmp_path / engine / "validation.html").read_text()
+        assert page.count("<code>expect_") == sum(t["expectations"] for t in summary.values()), engine
+        assert f"{manifest['rows']['queries']} in = {manifest['rows']['queries']} accepted" in page, engine
 
 
 def test_demo_runs_every_stage_and_says_where_outputs_are(tmp_path):
