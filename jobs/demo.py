@@ -1,7 +1,8 @@
 """`relevance demo`: the whole pipeline on the embedded default data, stage by stage.
 
 Each stage is one job's `run(config)` with a config built here, timed, and listed at the end with
-where its outputs are. Every stage the project adds joins this list.
+where its outputs are. Every stage the project adds joins this list. At the end, `index.html` links
+every report the stages wrote, each with a one-line verdict (`demo_reports`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 
+from jobs.report_index import (
+    INDEX_PAGE,
+    Report,
+    abtest_report,
+    datasets_verdict,
+    evaluation_report,
+    prepare_verdict,
+    training_report,
+    validation_report,
+    write_index,
+)
 from schemas.config import help_field
 
 EMBEDDED_WANDS = Path(__file__).parent / "ingest" / "samples" / "wands"
@@ -52,11 +64,12 @@ def _generate(config: DemoConfig, out: Path) -> dict[str, str]:
 
 
 def _validate(config: DemoConfig, out: Path) -> dict[str, str]:
-    from jobs.validate import ValidateConfig, run
+    from jobs.validate import VALIDATION_PAGE, ValidateConfig, run
 
     target = out / "validation"
     run(ValidateConfig(data=str(out / "world"), out=str(target), engine=config.engine))
-    return {"validation summary": str(target / "validation.json"), "quarantine": str(target / "quarantine")}
+    return {"validation summary": str(target / "validation.json"), "validation page": str(target / VALIDATION_PAGE),
+            "quarantine": str(target / "quarantine")}
 
 
 def _prepare(config: DemoConfig, out: Path) -> dict[str, str]:
@@ -160,8 +173,9 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
 def _nightly(config: DemoConfig, out: Path) -> dict[str, str]:
     """Two nights of the production job on the world's last two days of logs: prepare, score the
     candidate pairs with the Graph-GRPO policy (the second night reuses what the first scored),
-    validate, publish, churn report."""
-    from jobs.nightly import NightlyConfig, run
+    validate, publish, churn report. The rows are named after the policy, not its folder (`model`)."""
+    from jobs.nightly import NightlyConfig, ScoreSettings, night_folder, run
+    from jobs.publishing.churn import CHURN_PAGE
     from schemas.storage import partitions
     from schemas.tables import SEARCH_IMPRESSIONS
 
@@ -169,10 +183,10 @@ def _nightly(config: DemoConfig, out: Path) -> dict[str, str]:
     days = partitions(SEARCH_IMPRESSIONS, out / "world")[-2:]
     for day in days:
         run(NightlyConfig(date=day.isoformat(), data=str(out / "world"), out=str(root), backend=config.nightly_backend,
-                          model=str(out / "grpo" / "model"), reasoning="sample"))
+                          model=str(out / "grpo" / "model"), reasoning="sample", score=ScoreSettings(model_name="graph_grpo_policy")))
     published = root / "published" / "relevance" / f"ds={days[-1].isoformat()}"
     return {"relevance table (scores)": str(root / "scores" / "relevance"), "published partition": str(published),
-            "churn report": str(published / "churn.md"), "nightly reports": str(root / "nightly")}
+            "churn report": str(published / CHURN_PAGE), "nightly reports": str(night_folder(root, days[-1].isoformat()) / INDEX_PAGE)}
 
 
 def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
@@ -243,6 +257,38 @@ STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
 ]
 
 
+def _night_rows(root: Path, night: Path) -> list[Report]:
+    """A night's reports, titled with its day; its first row links the night's own index too."""
+    from jobs.nightly import night_reports
+
+    date = night.name.removeprefix("ds=")
+    reports = [replace(report, title=f"Nightly ds={date}: {report.title}") for report in night_reports(root, date)]
+    return [replace(reports[0], files=(night / INDEX_PAGE, *reports[0].files)), *reports[1:]] if reports else []
+
+
+def demo_reports(out: Path, results: list[StageResult]) -> list[Report]:
+    """Every report the stages wrote under `out`, in stage order, then the demo's own summary."""
+    from jobs.nightly import REPORTS_FOLDER
+    from jobs.validate import VALIDATION_PAGE
+
+    prepared = [Report(f"Prepare {path.parent.name}: search impressions to candidate pairs", prepare_verdict(json.loads(path.read_text())),
+                       (path,)) for path in sorted((out / "prepared" / "_prepare").glob("ds=*/prepare.json"))]
+    datasets_file = out / "datasets" / "_datasets" / "datasets.json"
+    datasets = [Report("Train/validation/test datasets", datasets_verdict(json.loads(datasets_file.read_text())), (datasets_file,))
+                ] if datasets_file.is_file() else []
+    nights = [row for night in sorted((out / "nightly" / REPORTS_FOLDER).glob("ds=*")) for row in _night_rows(out / "nightly", night)]
+    seconds = sum(result.seconds for result in results)
+    summary = Report("The demo run", f"{len(results)} of {len(STAGES)} stages in {seconds:.0f} s", (out / "demo_summary.json",))
+    reports = [
+        validation_report(out / "validation", VALIDATION_PAGE), *prepared, *datasets,
+        training_report("Masked SFT of the tiny policy", out / "sft"),
+        training_report("Graph-GRPO from the SFT policy", out / "grpo"),
+        training_report("Distillation into the MiniLM student", out / "distill"),
+        evaluation_report(out / "evaluation"), *nights, abtest_report(out / "abtest"), summary,
+    ]
+    return [report for report in reports if report is not None]
+
+
 def run(config: DemoConfig) -> list[StageResult]:
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -254,10 +300,12 @@ def run(config: DemoConfig) -> list[StageResult]:
         results.append(StageResult(name, time.perf_counter() - started, outputs))
     summary = [{"stage": r.name, "seconds": round(r.seconds, 1), "outputs": r.outputs} for r in results]
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    index = write_index(out, "relevance demo: every report", demo_reports(out, results))
     print("\n== demo finished; outputs:")
     for result in results:
         print(f"  {result.name} ({result.seconds:.1f} s)")
         for what, where in result.outputs.items():
             print(f"    {what}: {where}")
     print(f"  summary: {out / 'demo_summary.json'}")
+    print(f"  every report, with a verdict each: {index}")
     return results

@@ -41,8 +41,10 @@ Files of a published partition:
 - `relevance.csv`: UTF-8, header row, comma separated, RFC 4180 quoting (cells may hold newlines);
   an empty cell is null, `""` the empty string; `label_probs` and `node_decisions` are JSON objects;
   `scored_at` is ISO 8601 UTC (`2024-05-02T03:04:05.123456Z`); `ds` is YYYY-MM-DD.
-- `churn.json`, `churn.md`, and `churn.png` (row-normalised transition heatmaps, counts written in
-  the cells; absent on a first night).
+- `validation.html`: every expectation of the suite, what it expected and checks, met or not, the
+  observed value and the unexpected rows.
+- `churn.json`, `churn.md`, `churn.html` and `churn.png` (row-normalised transition heatmaps, counts
+  written in the cells; absent on a first night); each model named by model_name and model_version.
 - `manifest.json`, written last: schema name and version, ds, rows per data file (read back from
   each written file), sha256 and size of every file but itself, models with versions, label sets,
   rows and label counts, the validation summary, the churn headline and `exported_at`.
@@ -68,7 +70,7 @@ import pyarrow as pa
 from jobs.lock import date_lock
 from jobs.publishing.churn import churn_lines, churn_report, query_segments
 from jobs.publishing.publish import LATEST_FILE, publish_partition, published_days, read_published, write_latest
-from jobs.publishing.validation import ExportValidationError, label_sets_of, validate_relevance, validation_summary
+from jobs.publishing.validation import ExportValidationError, label_sets_of, validate_relevance, validation_page, validation_summary
 from schemas.config import ConfigError, config_date, help_field
 from schemas.graph import LabelSet
 from schemas.storage import clear_stale_staging, partitions, read_table
@@ -157,7 +159,8 @@ def validate_and_publish(config: ExportConfig) -> dict:
 
     churn = _churn(config, published_root, data, label_sets)
     validation = validation_summary(suite, config.max_prob_sum_error)
-    final, manifest = publish_partition(published_root, day, data, str(source), label_sets, validation, churn)
+    page = validation_page(suite, day.isoformat(), config.max_prob_sum_error)
+    final, manifest = publish_partition(published_root, day, data, str(source), label_sets, validation, page, churn)
     latest = write_latest(published_root)
     print(f"relevance ds={day}: {len(data)} rows passed {len(suite.outcomes)} expectations; published to {final}")
     for line in churn_lines(churn):

@@ -7,6 +7,9 @@ published partition (scoring reuses every row of the earlier run). Validation ru
 before anything is published: when it fails the job stops with the failed expectations and exit
 code 1, and the published folder is left as it was.
 
+Under `reports/ds=D/`: `nightly.json` (each step's report and timing) and `index.html`, the night's
+reports with a one-line verdict each (prepare, scoring, validation, churn, the published partition).
+
 The `prepare`, `score` and `export` sections are the steps' own config fields less the ones the night
 sets (`--set score.shard_size=500`, `--set prepare.run_suite=false`); every step's config is built,
 and so checked, when the nightly config is: a wrong key or value in any section fails the night
@@ -31,13 +34,29 @@ from jobs.export import run as export
 from jobs.lock import date_lock
 from jobs.prepare import PrepareConfig
 from jobs.prepare import run as prepare
+from jobs.publishing.churn import CHURN_JSON, CHURN_MARKDOWN, CHURN_PAGE, CHURN_PLOT, churn_title
+from jobs.publishing.publish import CSV_FILE, DUCKDB_FILE, MANIFEST_FILE, PARQUET_FILE
+from jobs.publishing.validation import VALIDATION_PAGE
+from jobs.report_index import (
+    Report,
+    churn_verdict,
+    expectations_verdict,
+    prepare_verdict,
+    published_verdict,
+    score_verdict,
+    write_index,
+)
 from jobs.scoring.config import ENGINES, ScoreConfig
+from jobs.scoring.run import WORK_FOLDER as SCORING_FOLDER
 from jobs.scoring.run import run as score
 from jobs.scoring.spec import BACKENDS, check_model_folder
 from schemas.config import config_date, help_field
 from schemas.storage import partitions, table_path
-from schemas.tables import CATALOG, QUERIES, SEARCH_IMPRESSIONS
+from schemas.tables import CATALOG, QUERIES, RELEVANCE, SEARCH_IMPRESSIONS
 from training.predict import REASONING_MODES
+
+REPORTS_FOLDER = "reports"
+NIGHT_REPORT = "nightly.json"
 
 
 def settings_section(name: str, config_class: type, set_by_nightly: set[str]) -> type:
@@ -64,7 +83,7 @@ class NightlyConfig:
     date: str = help_field("The night's day (YYYY-MM-DD): its search logs are prepared and its pairs scored.")
     model: str = help_field("Policy folder (hf, vllm) or distilled student folder (student).")
     data: str = help_field("Data root with search_impressions, catalog and queries.", "world")
-    out: str = help_field("Root of the night's outputs: prepared/, scores/, published/, nightly/.", "nightly_output")
+    out: str = help_field("Root of the night's outputs: prepared/, scores/, published/, reports/.", "nightly_output")
     backend: str = help_field("Scoring backend: hf, vllm or student.", "hf", choices=BACKENDS)
     reasoning: str = help_field("Reasoning text kept: none, sample or all.", "sample", choices=REASONING_MODES)
     engine: str = help_field("Scoring engine: local or spark.", "local", choices=ENGINES)
@@ -105,8 +124,8 @@ def check_inputs(data: str, day) -> None:
 
 
 def run(config: NightlyConfig) -> dict:
-    """Run the night under the lock of `out` and the date; returns (and writes as `nightly/ds=D.json`) each
-    step's report and timing."""
+    """Run the night under the lock of `out` and the date; returns (and writes as `reports/ds=D/nightly.json`,
+    next to the night's index.html) each step's report and timing."""
     score_config = config.score_config()
     check_model_folder(score_config.spec())
     check_inputs(config.data, score_config.day)
@@ -129,9 +148,37 @@ def run_steps(config: NightlyConfig, score_config: ScoreConfig) -> dict:
     timed("score", score, score_config)
     timed("validate and export", export, config.export_config())
     report = {"date": config.date, "steps": steps}
-    target = out / "nightly" / f"ds={config.date}.json"
+    target = night_folder(out, config.date) / NIGHT_REPORT
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2, default=str))
+    index = write_index(target.parent, f"Nightly ds={config.date}", night_reports(out, config.date))
     print(f"\n== nightly {config.date} done: " + ", ".join(f"{name} {step['seconds']} s" for name, step in steps.items())
-          + f"; report {target}", flush=True)
+          + f"; report {target}, reports linked from {index}", flush=True)
     return report
+
+
+def night_folder(out: str | Path, date: str) -> Path:
+    return Path(out) / REPORTS_FOLDER / f"ds={date}"
+
+
+def night_reports(out: str | Path, date: str) -> list[Report]:
+    """The reports of the night of `date` under `out` (none when that night has not finished)."""
+    out = Path(out)
+    night_file = night_folder(out, date) / NIGHT_REPORT
+    if not night_file.is_file():
+        return []
+    steps = json.loads(night_file.read_text())["steps"]
+    manifest = steps["validate and export"]["report"]
+    published = out / "published" / RELEVANCE.name / f"ds={date}"
+    churn = json.loads((published / CHURN_JSON).read_text())
+    return [
+        Report("The night's steps", ", ".join(f"{name} {step['seconds']} s" for name, step in steps.items()), (night_file,)),
+        Report("Prepare: search impressions to candidate pairs", prepare_verdict(steps["prepare"]["report"]),
+               (out / "prepared" / "_prepare" / f"ds={date}" / "prepare.json",)),
+        Report("Scoring", score_verdict(steps["score"]["report"]), (out / "scores" / SCORING_FOLDER / f"ds={date}" / "score.json",)),
+        Report("Validation before publishing", expectations_verdict(manifest["validation"]["met"], manifest["validation"]["expectations"]),
+               (published / VALIDATION_PAGE,)),
+        Report(churn_title(churn), churn_verdict(churn), tuple(published / name for name in (CHURN_PAGE, CHURN_MARKDOWN, CHURN_PLOT, CHURN_JSON))),
+        Report("Published partition", published_verdict(manifest),
+               tuple(published / name for name in (MANIFEST_FILE, PARQUET_FILE, CSV_FILE, DUCKDB_FILE))),
+    ]

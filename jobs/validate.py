@@ -22,6 +22,7 @@ Both engines give the same split of the same file:
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 from dataclasses import dataclass
 from functools import reduce
@@ -34,6 +35,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from jobs import hadoop_fs
+from jobs.pages import page, suite_heading, suite_table
 from jobs.quarantine import FIELD, REASON, Rule, first_failure, quarantine_frame, quarantine_table, record_json
 from jobs.spark import spark_schema
 from schemas.config import ConfigError, help_field
@@ -49,6 +51,7 @@ from schemas.table import Column, Table
 from schemas.tables import INPUT_TABLES, QUARANTINE, table
 
 INVALID_UTF8 = "invalid UTF-8"
+VALIDATION_PAGE = "validation.html"
 
 # Columns a Spark reader attaches so quarantined rows can name their file and row.
 SOURCE_FILE_COL = "_source_file"
@@ -406,7 +409,7 @@ ENGINES = ("pandas", "spark")
 @dataclass(frozen=True)
 class ValidateConfig:
     data: str = help_field("Data root holding tables in the schemas/ layout (e.g. the output of generate).")
-    out: str = help_field("Folder for the quarantine table and validation.json; default: <data>/_validation.", "")
+    out: str = help_field("Folder for the quarantine table, validation.json and validation.html; default: <data>/_validation.", "")
     tables: list[str] = help_field("Tables to validate; default: every input table present under data.", [])
     engine: str = help_field("pandas (one machine, small data) or spark (any size; local or cluster).", "pandas", choices=ENGINES)
     spark_master: str | None = help_field("Spark master for engine=spark; default local[*] or spark-submit's.", None)
@@ -444,7 +447,8 @@ def _run_pandas(config: ValidateConfig) -> list[ValidationCounts]:
         print(results[-1].counts.line())
     write_table(QUARANTINE, pa.concat_tables([QUARANTINE.from_pandas(r.quarantine) for r in results]), out)
     (out / "validation.json").write_text(_summary_json(config.engine, results))
-    print(f"quarantine and validation.json written to {out}")
+    (out / VALIDATION_PAGE).write_text(validation_page(config.engine, results))
+    print(f"quarantine, validation.json and {VALIDATION_PAGE} written to {out}")
     return [r.counts for r in results]
 
 
@@ -463,8 +467,18 @@ def _run_spark(config: ValidateConfig) -> list[ValidationCounts]:
     quarantine = reduce(lambda union, other: union.unionByName(other), [r.quarantine for r in results])
     quarantine.coalesce(1).write.mode("overwrite").parquet(hadoop_fs.table_uri(out, QUARANTINE))
     hadoop_fs.write_report(spark, hadoop_fs.join(out, "validation.json"), _summary_json(config.engine, results))
-    print(f"quarantine and validation.json written to {out}")
+    hadoop_fs.write_report(spark, hadoop_fs.join(out, VALIDATION_PAGE), validation_page(config.engine, results))
+    print(f"quarantine, validation.json and {VALIDATION_PAGE} written to {out}")
     return [r.counts for r in results]
+
+
+def validation_page(engine: str, results: list[Validated]) -> str:
+    """validation.html: per table, the split's counts and every expectation of its suite on the accepted rows."""
+    body = [f"<p class='meta'>Engine: {html.escape(engine)}. Rows breaking a column rule are quarantined first; the suite then "
+            "certifies the accepted rows.</p>"]
+    for result in results:
+        body += [suite_heading(result.suite), f"<p>{html.escape(result.counts.line())}</p>", suite_table(result.suite)]
+    return page("Input validation", body)
 
 
 def _summary_json(engine: str, results: list[Validated]) -> str:

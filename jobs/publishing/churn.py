@@ -1,13 +1,16 @@
 """Churn of one night's relevance table against the last published night (`jobs/export.py`, step 3).
 
 Joins and aggregates run in DuckDB; Python only sees the aggregates. The report is written as
-churn.json (machines), churn.md (people) and churn.png (transition heatmaps).
+churn.json (machines), churn.md and churn.html (people) and churn.png (transition heatmaps); each model
+is named by its model_name and model_version.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.pages import page, table
 from schemas.graph import LabelSet
 from schemas.tables import QUERIES
 
 CHURN_JSON = "churn.json"
 CHURN_MARKDOWN = "churn.md"
+CHURN_PAGE = "churn.html"
 CHURN_PLOT = "churn.png"
 UNKNOWN_SEGMENT = "unknown"
 SEGMENTS = (*QUERIES.column("segment").allowed, UNKNOWN_SEGMENT)
@@ -184,54 +189,92 @@ def _percent(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.1f}%"
 
 
-def _markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
-    ] + [""]
+@dataclass(frozen=True)
+class Block:
+    """A piece of the churn report, rendered as Markdown (churn.md) and HTML (churn.html) alike."""
+
+    kind: str  # h2, h3, p, table or image (text: the image file)
+    text: str = ""
+    header: tuple[str, ...] = ()
+    rows: tuple[tuple[Any, ...], ...] = ()
 
 
-def _changed_table(group: str, groups: dict[str, dict]) -> list[str]:
-    rows = [[name, g["pairs"], g["changed"], _percent(g["share"])] for name, g in groups.items()]
-    return _markdown_table([group, "pairs", "changed", "share"], rows)
+def model_title(name: str, model: dict) -> str:
+    """The model as the report names it: its model_name and model_version (both nights' when it changed),
+    since a folder name such as `model` says nothing about which policy labelled the night."""
+    before, after = (", ".join(model[key]) or "-" for key in ("previous_model_versions", "model_versions"))
+    return f"{name}, model_version {after}" if before == after else f"{name}, model_version {before} → {after}"
+
+
+def _changed_table(group: str, groups: dict[str, dict]) -> Block:
+    rows = tuple((name, g["pairs"], g["changed"], _percent(g["share"])) for name, g in groups.items())
+    return Block("table", header=(group, "pairs", "changed", "share"), rows=rows)
+
+
+def churn_title(report: dict) -> str:
+    if report["first_night"]:
+        return f"Relevance churn: ds={report['ds']}"
+    return f"Relevance churn: ds={report['ds']} vs ds={report['previous_ds']}"
+
+
+def churn_blocks(report: dict, has_plot: bool) -> list[Block]:
+    """The report for people, below its title (churn.json holds the same numbers for machines)."""
+    if report["first_night"]:
+        return [Block("p", "First night: no partition with an earlier ds is published under this root, so there is nothing to compare with.")]
+    blocks = []
+    for name, model in report["models"].items():
+        changed = "changed" if model["model_version_changed"] else "unchanged"
+        counts = ("pairs_previous", "pairs_current", "pairs_both", "pairs_added", "pairs_removed")
+        gain = model["abs_expected_gain_change"]
+        gain_text = "-" if gain["mean"] is None else f"mean {gain['mean']:.4f}, p95 {gain['p95']:.4f}"
+        blocks += [
+            Block("h2", model_title(name, model)),
+            Block("p", f"Model version {changed} since ds={report['previous_ds']}."),
+            Block("table", header=("pairs previous night", "pairs this night", "in both", "added", "removed"),
+                  rows=(tuple(model[key] for key in counts),)),
+            Block("p", f"Label changed on {model['label_changed']['pairs']} of {model['pairs_both']} pairs present both nights "
+                       f"({_percent(model['label_changed']['share'])}). |Δ expected_gain| on those pairs: {gain_text}."),
+            Block("h3", "Transitions (rows: previous label, columns: this night's label)"),
+            Block("table", header=("previous \\ current", *model["labels"]),
+                  rows=tuple((source, *targets.values()) for source, targets in model["transitions"].items())),
+            Block("h3", "Label changed, by previous label"),
+            _changed_table("previous label", model["changed_by_previous_label"]),
+            Block("h3", "Label changed, by query segment"),
+            Block("p", "No queries table was given: no segment breakdown.") if model["changed_by_segment"] is None
+            else _changed_table("segment", model["changed_by_segment"]),
+        ]
+    if has_plot:
+        blocks.append(Block("image", CHURN_PLOT))
+    return blocks
 
 
 def churn_markdown(report: dict, has_plot: bool) -> str:
     """churn.md: the report for people (churn.json holds the same numbers for machines)."""
-    if report["first_night"]:
-        return (
-            f"# Relevance churn: ds={report['ds']}\n\nFirst night: no partition with an earlier ds is published "
-            "under this root, so there is nothing to compare with.\n"
-        )
-    lines = [f"# Relevance churn: ds={report['ds']} vs ds={report['previous_ds']}", ""]
-    for name, model in report["models"].items():
-        before, after = (", ".join(model[key]) or "-" for key in ("previous_model_versions", "model_versions"))
-        changed = "changed" if model["model_version_changed"] else "unchanged"
-        lines += [f"## {name}", "", f"Model version: {before} -> {after} ({changed}).", ""]
-        counts = ("pairs_previous", "pairs_current", "pairs_both", "pairs_added", "pairs_removed")
-        lines += _markdown_table(
-            ["pairs previous night", "pairs this night", "in both", "added", "removed"], [[model[key] for key in counts]]
-        )
-        gain = model["abs_expected_gain_change"]
-        gain_text = "-" if gain["mean"] is None else f"mean {gain['mean']:.4f}, p95 {gain['p95']:.4f}"
-        lines += [
-            f"Label changed on {model['label_changed']['pairs']} of {model['pairs_both']} pairs present both nights "
-            f"({_percent(model['label_changed']['share'])}). |Δ expected_gain| on those pairs: {gain_text}.", "",
-            "### Transitions (rows: previous label, columns: this night's label)", "",
-        ]
-        lines += _markdown_table(
-            ["previous \\ current", *model["labels"]],
-            [[source, *targets.values()] for source, targets in model["transitions"].items()],
-        )
-        lines += ["### Label changed, by previous label", ""]
-        lines += _changed_table("previous label", model["changed_by_previous_label"])
-        lines += ["### Label changed, by query segment", ""]
-        if model["changed_by_segment"] is None:
-            lines += ["No queries table was given: no segment breakdown.", ""]
+    lines = [f"# {churn_title(report)}", ""]
+    for block in churn_blocks(report, has_plot):
+        if block.kind in ("h2", "h3"):
+            lines += [f"{'#' * int(block.kind[1])} {block.text}", ""]
+        elif block.kind == "p":
+            lines += [block.text, ""]
+        elif block.kind == "table":
+            lines += ["| " + " | ".join(block.header) + " |", "|" + "---|" * len(block.header)]
+            lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in block.rows] + [""]
         else:
-            lines += _changed_table("segment", model["changed_by_segment"])
-    if has_plot:
-        lines += [f"![label transitions]({CHURN_PLOT})", ""]
+            lines += [f"![label transitions]({block.text})", ""]
     return "\n".join(lines)
+
+
+def churn_page(report: dict, has_plot: bool) -> str:
+    """churn.html: churn.md's content as a page (the heatmap linked from the same folder)."""
+    body = []
+    for block in churn_blocks(report, has_plot):
+        if block.kind in ("h2", "h3", "p"):
+            body.append(f"<{block.kind}>{html.escape(block.text)}</{block.kind}>")
+        elif block.kind == "table":
+            body.append(table(block.header, block.rows))
+        else:
+            body.append(f"<img alt='label transitions' src='{html.escape(block.text)}'>")
+    return page(churn_title(report), body)
 
 
 def plot_transitions(report: dict, path: Path) -> None:
@@ -257,17 +300,18 @@ def plot_transitions(report: dict, path: Path) -> None:
         axes.set_yticks(range(len(labels)), labels)
         axes.set_xlabel(f"label on {report['ds']}")
         axes.set_ylabel(f"label on {report['previous_ds']}")
-        axes.set_title(name)
+        axes.set_title(model_title(name, model))
         figure.colorbar(image, ax=axes, label="share of previous label's pairs")
     figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
 
 
 def write_churn(report: dict, folder: Path) -> list[str]:
-    """churn.json, churn.md and (when there is something to compare) churn.png; returns the file names."""
+    """churn.json, churn.md, churn.html and (when there is something to compare) churn.png; returns the file names."""
     has_plot = bool(report["models"])
     (folder / CHURN_JSON).write_text(json.dumps(report, indent=2, allow_nan=False))
     (folder / CHURN_MARKDOWN).write_text(churn_markdown(report, has_plot))
+    (folder / CHURN_PAGE).write_text(churn_page(report, has_plot))
     if has_plot:
         plot_transitions(report, folder / CHURN_PLOT)
-    return [CHURN_JSON, CHURN_MARKDOWN] + ([CHURN_PLOT] if has_plot else [])
+    return [CHURN_JSON, CHURN_MARKDOWN, CHURN_PAGE] + ([CHURN_PLOT] if has_plot else [])

@@ -1,4 +1,4 @@
-"""Publish one validated night (`jobs/export.py`, step 4): data files, churn files, manifest, `_LATEST`.
+"""Publish one validated night (`jobs/export.py`, step 4): data files, validation page, churn files, manifest, `_LATEST`.
 
 Every file is written into a hidden staging folder renamed into place (`schemas.storage.replace_folder`),
 the manifest last; `_LATEST` is rewritten after the rename with the newest published day.
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.publishing.churn import write_churn
+from jobs.publishing.validation import VALIDATION_PAGE
 from schemas.graph import LabelSet
 from schemas.sql import literal
 from schemas.storage import replace_file, replace_folder
@@ -125,7 +126,7 @@ def read_published(root: Path, day: dt.date | None = None) -> pa.Table:
 
 
 def manifest_of(
-    folder: Path, data: pa.Table, day: dt.date, source: str, rows: dict[str, int], churn_files: list[str],
+    folder: Path, data: pa.Table, day: dt.date, source: str, rows: dict[str, int], report_files: list[str],
     label_sets: dict[str, LabelSet], validation: dict, churn: dict,
 ) -> dict[str, Any]:
     """manifest.json of a partition whose other files are written under `folder`."""
@@ -142,7 +143,7 @@ def manifest_of(
                 "bytes": (folder / name).stat().st_size,
                 "sha256": sha256_of(folder / name),
             }
-            for name in [*DATA_FILES, *churn_files]
+            for name in [*DATA_FILES, *report_files]
         },
         "models": models_summary(data, label_sets),
         "validation": validation,
@@ -155,18 +156,21 @@ def manifest_of(
 
 
 def publish_partition(
-    root: Path, day: dt.date, data: pa.Table, source: str, label_sets: dict[str, LabelSet], validation: dict, churn: dict
+    root: Path, day: dt.date, data: pa.Table, source: str, label_sets: dict[str, LabelSet], validation: dict, validation_page: str,
+    churn: dict,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the day's files into a staging folder, manifest last, and swap it in as `root/ds=D`.
 
+    `validation`: the suite's summary for the manifest; `validation_page`: validation.html.
     Returns the published folder and the manifest.
     """
     manifest: dict[str, Any] = {}
 
     def write(folder: Path) -> None:
         rows = write_data_files(data, folder)
-        churn_files = write_churn(churn, folder)
-        manifest.update(manifest_of(folder, data, day, source, rows, churn_files, label_sets, validation, churn))
+        (folder / VALIDATION_PAGE).write_text(validation_page)
+        report_files = [VALIDATION_PAGE, *write_churn(churn, folder)]
+        manifest.update(manifest_of(folder, data, day, source, rows, report_files, label_sets, validation, churn))
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False))
 
     return replace_folder(root / f"ds={day.isoformat()}", write), manifest

@@ -2,7 +2,8 @@
 
 The RELEVANCE suite compiled from the declaration plus expectations on columns derived per row in
 DuckDB (`DERIVED_CHECKS`); a failure raises `ExportValidationError` naming each failed expectation,
-its field and a few offending rows.
+its field and a few offending rows. A passing suite is published as validation.html: each expectation,
+what it checks, the observed value and the unexpected rows.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.pages import page, suite_heading, suite_table
 from schemas.expectations import ExpectationOutcome, SuiteResult, expectations_for, validate_with_gx
 from schemas.graph import LabelSet
 from schemas.tables import RELEVANCE
 
 # expected_gain and the argmax are recomputed from the very floats the scorer used: only rounding differs.
 RECOMPUTE_TOLERANCE = 1e-6
+VALIDATION_PAGE = "validation.html"
 # What identifies a failing row in an error message: the key, and the model it belongs to.
 EXAMPLE_COLUMNS = (*RELEVANCE.key, "model_name")
 
@@ -224,3 +227,13 @@ def validation_summary(suite: SuiteResult, max_prob_sum_error: float) -> dict:
             f"{o.expectation} on {o.column or field_and_rule(o, max_prob_sum_error)[0]}" for o in suite.outcomes
         ),
     }
+
+
+def validation_page(suite: SuiteResult, day: str, max_prob_sum_error: float) -> str:
+    """validation.html: every expectation of the suite, with what the job's own ones check in words."""
+
+    def explain(outcome: ExpectationOutcome) -> str:
+        field, rule = field_and_rule(outcome, max_prob_sum_error)
+        return f"{field} {rule}" if rule else ""
+
+    return page(f"Relevance validation: ds={day}", [suite_heading(suite), suite_table(suite, explain)])

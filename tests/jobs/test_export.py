@@ -116,7 +116,7 @@ def test_first_night_publishes_every_format_and_a_manifest_that_checks_out(roots
     manifest = run(_config(data, out, NIGHT_1))
     folder = out / "relevance" / "ds=2024-05-01"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["relevance.parquet", "relevance.duckdb", "relevance.csv", "churn.json", "churn.md", "manifest.json"]
+        ["relevance.parquet", "relevance.duckdb", "relevance.csv", "validation.html", "churn.json", "churn.md", "churn.html", "manifest.json"]
     )
     expected = _sorted(_relevance(NIGHT_1_ROWS))
 
@@ -140,7 +140,8 @@ def test_first_night_publishes_every_format_and_a_manifest_that_checks_out(roots
 
     assert json.loads((folder / MANIFEST_FILE).read_text()) == manifest
     assert (manifest["table"], manifest["schema_version"], manifest["ds"], manifest["rows"]) == ("relevance", 1, "2024-05-01", 7)
-    assert set(manifest["files"]) == {"relevance.parquet", "relevance.duckdb", "relevance.csv", "churn.json", "churn.md"}
+    assert set(manifest["files"]) == {"relevance.parquet", "relevance.duckdb", "relevance.csv", "validation.html", "churn.json", "churn.md",
+                                      "churn.html"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == _sha256(folder / name), name
         assert entry["bytes"] == (folder / name).stat().st_size
@@ -210,6 +211,10 @@ def test_churn_against_the_previous_night_matches_a_hand_count(roots):
     assert manifest["churn"]["label_changed_share"] == {"policy": pytest.approx(0.6), "student": 1.0}
     markdown = (folder / "churn.md").read_text()
     assert "Label changed on 3 of 5 pairs" in markdown and "| unknown | 1 | 1 | 100.0% |" in markdown
+    # each model is titled by its name and version, in the Markdown, the page and the heatmap alike
+    assert "## policy, model_version pol-1 → pol-2" in markdown and "## student, model_version stu-1" in markdown
+    page = (folder / "churn.html").read_text()
+    assert "<h2>policy, model_version pol-1 → pol-2</h2>" in page and "<td>unknown</td><td>1</td><td>1</td><td>100.0%</td>" in page
     assert (out / "relevance" / LATEST_FILE).read_text() == "2024-05-02\n"
 
     # A backfill of the older night replaces that night whole and leaves _LATEST on the newest.

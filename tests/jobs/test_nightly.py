@@ -41,6 +41,9 @@ def test_two_nights_rerun_and_a_failed_validation(world, tiny_model, tmp_path, s
     assert pq.read_table(published / "relevance.parquet").num_rows == candidates.num_rows
     assert json.loads((published / "manifest.json").read_text())["ds"] == second
     assert json.loads((published / "churn.json").read_text())["previous_ds"] == first
+    night = tmp_path / "reports" / f"ds={second}"
+    assert json.loads((night / "nightly.json").read_text())["date"] == second and (night / "index.html").is_file()
+    assert not (tmp_path / "nightly").exists(), "the night's report is not under a second nightly/"
 
     before = pq.read_table(published / "relevance.parquet")
     again = run(NightlyConfig(date=second, **settings))

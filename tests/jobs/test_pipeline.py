@@ -1,6 +1,8 @@
 """End to end on the tests-size world: generate -> validate (pandas and Spark agree) -> demo."""
 
 import json
+import re
+from urllib.parse import unquote
 
 import pytest
 from typer.testing import CliRunner
@@ -35,6 +37,9 @@ def test_every_input_table_passes_its_suite_on_pandas_and_on_spark(world, spark,
             assert (rows_in, accepted, quarantined) == (manifest["rows"][name], manifest["rows"][name], 0), name
         summary = json.loads((tmp_path / engine / "validation.json").read_text())["tables"]
         assert all(t["expectations_met"] == t["expectations"] > 0 for t in summary.values())
+        page = (tmp_path / engine / "validation.html").read_text()
+        assert page.count("<code>expect_") == sum(t["expectations"] for t in summary.values()), engine
+        assert f"{manifest['rows']['queries']} in = {manifest['rows']['queries']} accepted" in page, engine
 
 
 def test_demo_runs_every_stage_and_says_where_outputs_are(tmp_path):
@@ -47,3 +52,9 @@ def test_demo_runs_every_stage_and_says_where_outputs_are(tmp_path):
         for path in stage["outputs"].values():
             assert (tmp_path / path).exists(), (stage["stage"], path)
     assert "demo finished" in result.output
+    index = (tmp_path / "index.html").read_text()
+    linked = [tmp_path / unquote(href) for href in re.findall(r"href='([^']+)'", index)]
+    assert all(path.is_file() for path in linked), [str(path) for path in linked if not path.is_file()]
+    assert {"report.html", "validation.html", "churn.html", "summary.json"} <= {path.name for path in linked}
+    churn = [path for path in linked if path.name == "churn.html"][-1].read_text()  # the second night's: the first has no model
+    assert "graph_grpo_policy, model_version " in churn, "the nightly rows are named after the policy, not its folder"

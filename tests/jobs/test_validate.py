@@ -62,6 +62,15 @@ def test_the_ge_suite_itself_fails_on_bad_rows():
     assert ("expect_compound_columns_to_be_unique", None) in failed
 
 
+def test_a_passing_suite_keeps_what_each_expectation_expected_and_observed():
+    result = validate_with_gx(JUDGMENTS, _judgments().iloc[[0, 1, 4]], "pandas")
+    assert result.success
+    outcomes = {(o.expectation, o.column): o for o in result.outcomes}
+    assert outcomes[("expect_table_columns_to_match_ordered_list", None)].observed_value == JUDGMENTS.names
+    in_set = outcomes[("expect_column_values_to_be_in_set", "label_set")]
+    assert (in_set.unexpected_count, in_set.element_count, in_set.arguments) == (0, 3, {"value_set": ["wands", "esci"]})
+
+
 def test_missing_and_unexpected_columns_name_the_source():
     frame = _judgments().drop(columns=["label"]).assign(extra=1)
     with pytest.raises(SchemaMismatchError, match=r"j.csv: .*missing \['label'\], unexpected \['extra'\]"):
