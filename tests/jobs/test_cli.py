@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -210,8 +211,11 @@ def test_version_is_the_installed_distribution_s():
 
 def test_shell_completion_is_on():
     assert "--install-completion" in runner.invoke(app, ["--help"]).output
-    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="relevance")
-    assert script.exit_code == 0 and "_RELEVANCE_COMPLETE=complete_bash" in script.output, (script.output, script.exception)
+    # typer takes `--show-completion SHELL` only with shell detection off; with it on, the option is a flag and the
+    # shell comes from the parent process, which under make or CI is no shell at all
+    script = subprocess.run([str(Path(sys.executable).with_name("relevance")), "--show-completion", "bash"], capture_output=True,
+                            text=True, env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
+    assert script.returncode == 0 and "_RELEVANCE_COMPLETE=complete_bash" in script.stdout, script.stderr
     completed = runner.invoke(app, [], prog_name="relevance",
                               env={"_RELEVANCE_COMPLETE": "complete_bash", "COMP_WORDS": "relevance train g", "COMP_CWORD": "2"})
     assert completed.output.split() == ["grpo"]
