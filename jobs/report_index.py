@@ -58,9 +58,15 @@ def _effect(row: dict) -> str:
 
 
 def abtest_verdict(result: dict) -> str:
-    """The result's own verdict when it has one; else an SRM alarm; else each primary metric's effect."""
-    if isinstance(result.get("verdict"), str):
-        return result["verdict"]
+    """The result's own decisions (ship / no ship / inconclusive per variant, harms first) when it has them; else an
+    SRM alarm; else each primary metric's effect."""
+    if result.get("decisions"):
+        return "; ".join(
+            f"{decision['variant']}: {decision['verdict']}"
+            + (f" (harmed: {', '.join(decision['harmed'])})" if decision["harmed"] else "")
+            + (f" (won: {', '.join(decision['won'])})" if decision["won"] else "")
+            for decision in result["decisions"]
+        )
     if result["srm"]["alarm"]:
         return f"SRM alarm (p {result['srm']['pvalue']:.2g}): the split of users is off, no effect is trustworthy"
     primary = [row for row in result["metrics"] if row["tier"] == "primary" and row["slice_kind"] == "all"]

@@ -214,7 +214,10 @@ def test_verdict_lines_of_constructed_reports():
     assert abtest_verdict({"srm": srm_ok, "metrics": rows}) == (
         "treatment vs control: ctr +9.0% (significant, adjusted p 0.012), gmv -1.5 (not significant, adjusted p 0.012)")
     assert abtest_verdict({"srm": {"alarm": True, "pvalue": 0.0001}, "metrics": rows}).startswith("SRM alarm (p 0.0001)")
-    assert abtest_verdict({"verdict": "ship it", "srm": {"alarm": True, "pvalue": 0.0001}, "metrics": rows}) == "ship it"
+    decisions = [{"variant": "treatment", "verdict": "no ship", "reasons": ["cvr significantly worse after Holm"],
+                  "harmed": ["cvr"], "won": ["ctr"]}, {"variant": "v3", "verdict": "inconclusive", "reasons": [], "harmed": [], "won": []}]
+    assert abtest_verdict({"decisions": decisions, "srm": srm_ok, "metrics": rows}) == (
+        "treatment: no ship (harmed: cvr) (won: ctr); v3: inconclusive")
 
     tables = {"catalog": {"rows_in": 10, "accepted": 9, "quarantined": 1, "expectations_met": 9, "expectations": 9},
               "queries": {"rows_in": 5, "accepted": 5, "quarantined": 0, "expectations_met": 7, "expectations": 8}}
