@@ -69,6 +69,14 @@ def field_choices(field: dataclasses.Field, annotation: Any) -> tuple[Any, ...]:
     return typing.get_args(literal) if literal is not None else field.metadata.get("choices", ())
 
 
+def check_choices(config: Any) -> None:
+    """ConfigError naming the first field of `config` whose value is outside the `choices` its `help_field` declares."""
+    for field in dataclasses.fields(config):
+        allowed = field.metadata.get("choices", ())
+        if allowed and getattr(config, field.name) not in allowed:
+            raise ConfigError(f"{field.name}: {getattr(config, field.name)!r} is not one of {list(allowed)}")
+
+
 def _convert(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)

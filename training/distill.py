@@ -47,10 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.metrics import label_scores
-from schemas.config import ConfigError, config_to_dict, help_field
+from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from training.distributed import (
-    PARALLEL_MODES,
     Parallel,
     all_reduce,
     barrier,
@@ -58,6 +57,7 @@ from training.distributed import (
     clip_gradients,
     gathered_map,
     local_device,
+    parallel_field,
     parallel_run,
     unsharded_model,
     wrap_model,
@@ -111,9 +111,7 @@ class DistillConfig:
     threads: int = help_field("torch CPU threads.", 2)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N; the student and the teacher run there.", "auto")
     precision: str = help_field("fp32, or bf16 (autocast of the student's forward pass; needs a GPU).", "fp32")
-    parallel: str = help_field(
-        "Under torchrun: ddp (a whole student per process, gradients all-reduced) or fsdp (parameters, gradients and optimizer state "
-        "sharded over the processes with FSDP2).", "ddp")
+    parallel: str = parallel_field("student")
     gradient_checkpointing: bool = help_field("Recompute the encoder's activations in backward instead of keeping them.", False)
 
     def __post_init__(self) -> None:
@@ -137,8 +135,7 @@ class DistillConfig:
             raise ConfigError(f"node_weight must be >= 0, lr and head_lr > 0; got {self.node_weight}, {self.lr}, {self.head_lr}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision: choose fp32 or bf16, got {self.precision!r}")
-        if self.parallel not in PARALLEL_MODES:
-            raise ConfigError(f"parallel: {self.parallel!r} is not one of {list(PARALLEL_MODES)}")
+        check_choices(self)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: choose auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.encoder is not None and not (Path(self.encoder) / "config.json").is_file():

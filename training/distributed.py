@@ -30,9 +30,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from schemas.config import ConfigError
+from schemas.config import ConfigError, help_field
 
 PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def parallel_field(unit: str, caveat: str = "") -> Any:
+    """The `parallel` setting of a trainer whose model is a `unit` (checked by `schemas.config.check_choices`)."""
+    return help_field(f"Under torchrun: ddp (a whole {unit} per process, gradients all-reduced) or fsdp (parameters, gradients and "
+                      f"optimizer state sharded over the processes with FSDP2{caveat}).", "ddp", choices=PARALLEL_MODES)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 

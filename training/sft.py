@@ -43,10 +43,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.config import ConfigError, config_to_dict, help_field
+from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from training.distributed import (
-    PARALLEL_MODES,
     Parallel,
     all_reduce,
     barrier,
@@ -54,6 +53,7 @@ from training.distributed import (
     clip_gradients,
     gradient_sync,
     local_device,
+    parallel_field,
     parallel_run,
     unsharded_model,
     wrap_model,
@@ -113,9 +113,7 @@ class SFTConfig:
     threads: int = help_field("torch CPU threads.", 2)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
     precision: str = help_field("auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", "auto")
-    parallel: str = help_field(
-        "Under torchrun: ddp (a whole model per process, gradients all-reduced) or fsdp (parameters, gradients and optimizer state "
-        "sharded over the processes with FSDP2, for a model that does not fit one device).", "ddp")
+    parallel: str = parallel_field("model", ", for a model that does not fit one device")
     gradient_checkpointing: bool = help_field("Recompute each block's activations in backward instead of keeping them (less memory, "
                                               "one more forward pass of compute).", False)
     tensorboard: bool = help_field("Also write the metrics as TensorBoard scalars under out/tensorboard.", False)
@@ -139,8 +137,7 @@ class SFTConfig:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1]; got lr={self.lr}, min_lr_ratio={self.min_lr_ratio}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision: choose auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.parallel not in PARALLEL_MODES:
-            raise ConfigError(f"parallel: {self.parallel!r} is not one of {list(PARALLEL_MODES)}")
+        check_choices(self)
         if self.parallel == "fsdp" and self.precision == "fp16":
             raise ConfigError("precision: fp16 needs a loss scaler that FSDP's sharded gradients do not get here; use bf16 with parallel=fsdp")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -148,3 +148,16 @@ def test_settable_only_leaves_out_derived_fields_so_the_dict_loads_back(tmp_path
     path = tmp_path / "night.yaml"
     path.write_text(yaml.safe_dump(settable))
     assert load_config(Night, path) == config
+
+
+def test_check_choices_names_the_field_outside_its_declared_values():
+    from schemas.config import check_choices
+
+    @dataclasses.dataclass(frozen=True)
+    class Choosing:
+        mode: str = help_field("a mode", "a", choices=("a", "b"))
+        free: str = help_field("anything", "zzz")
+
+    check_choices(Choosing(mode="b"))
+    with pytest.raises(ConfigError, match=r"^mode: 'c' is not one of \['a', 'b'\]$"):
+        check_choices(Choosing(mode="c"))

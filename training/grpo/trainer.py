@@ -44,10 +44,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schemas.config import ConfigError, config_to_dict, help_field
+from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from training.distributed import (
-    PARALLEL_MODES,
     Parallel,
     all_gather,
     all_reduce,
@@ -57,6 +56,7 @@ from training.distributed import (
     clip_gradients,
     gathered_map,
     local_device,
+    parallel_field,
     parallel_run,
     unsharded_model,
     wrap_model,
@@ -151,9 +151,7 @@ class GRPOConfig:
     threads: int = help_field("torch CPU threads.", 2)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
     precision: str = help_field("fp32, or bf16 (autocast of the policy's forward passes, rollouts included; needs a GPU).", "fp32")
-    parallel: str = help_field(
-        "Under torchrun: ddp (a whole policy per process, gradients all-reduced) or fsdp (parameters, gradients and optimizer state "
-        "sharded over the processes with FSDP2; not with graph_grpo or the vllm backend).", "ddp")
+    parallel: str = parallel_field("policy", "; not with graph_grpo or the vllm backend")
     gradient_checkpointing: bool = help_field("Recompute each block's activations in backward instead of keeping them.", False)
 
     def __post_init__(self) -> None:
@@ -170,9 +168,9 @@ class GRPOConfig:
             ReasoningGraph.load(self.graph).order(self.order)
         except ValueError as error:
             raise ConfigError(f"graph/order: {error}") from None
-        choices = {"estimator": sorted(ESTIMATORS), "backend": BACKENDS, "aggregation": AGGREGATIONS, "scale": SCALES,
-                   "controller_method": METHODS, "outcome_weighting": OUTCOME_WEIGHTINGS, "precision": ("fp32", "bf16"),
-                   "parallel": PARALLEL_MODES}
+        check_choices(self)  # backend, parallel
+        choices = {"estimator": sorted(ESTIMATORS), "aggregation": AGGREGATIONS, "scale": SCALES,
+                   "controller_method": METHODS, "outcome_weighting": OUTCOME_WEIGHTINGS, "precision": ("fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
