@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
+from evaluation import agreement as A
 from evaluation import metrics as M
 from evaluation.bootstrap import Interval, Statistic, bootstrap
 from evaluation.inputs import (
@@ -62,6 +63,10 @@ METRICS = {
     "ndcg": "mean NDCG@k over queries with some gain",
     "ece": "top-label expected calibration error",
     "node_accuracy": "per reasoning node: share of pairs with a gold value whose decided value matches",
+    **{name: f"{doc}, the model against gold" for name, doc in A.AGREEMENT.items()},
+    f"{A.HUMANS}<agreement>": "on covered pairs with several human judgments: the judges among themselves (the ceiling)",
+    f"{A.AGAINST_HUMANS}<agreement>": "on the same pairs: the model against one judge (each judgment paired with its label)",
+    f"{A.AGAINST_HUMANS}<agreement>{A.GAP}": "model against one judge minus judges among themselves (paired bootstrap)",
 }
 DIFFERENCES = ("macro_f1", "accuracy", "ndcg")
 
@@ -75,7 +80,9 @@ class QueryStats:
 
     confusion: (Q, C, C); n_gold: (Q,) gold pairs incl. uncovered; calibration: (Q, bins, 3);
     nodes: (Q, M, 2) [pairs with a gold value, right]; ndcg, ndcg_defined: (Q,);
-    ranked: relevant / not relevant pairs per query and distinct P(relevant), for the AUCs.
+    ranked: relevant / not relevant pairs per query and distinct P(relevant), for the AUCs;
+    humans, against_humans: (Q, C, C) over covered pairs with several judgments, the judges' coincidences
+    and their judgments against the model's label (see `evaluation.agreement`); n_several_judged: those pairs.
     """
 
     n_queries: int
@@ -86,6 +93,16 @@ class QueryStats:
     ndcg: np.ndarray
     ndcg_defined: np.ndarray
     ranked: M.RankedCounts
+    humans: np.ndarray
+    against_humans: np.ndarray
+    n_several_judged: int
+
+
+def _sum_by_query(query_index: np.ndarray, values: np.ndarray, n_queries: int) -> np.ndarray:
+    """`(n_queries, ...)` sums of per-pair `values` `(N, ...)` by query."""
+    sums = np.zeros((n_queries, *values.shape[1:]))
+    np.add.at(sums, query_index, values)
+    return sums
 
 
 def query_stats(pairs: ScoredPairs, relevant: np.ndarray, gains: np.ndarray, k: int) -> QueryStats:
@@ -110,6 +127,8 @@ def query_stats(pairs: ScoredPairs, relevant: np.ndarray, gains: np.ndarray, k: 
         axis=-1,
     ).reshape(n_queries, n_nodes, 2)
     ndcg, defined = M.ndcg_per_query(q, pairs.expected_gain[covered], gains[gold], n_queries, k)
+    votes = np.zeros((len(gold), n_classes)) if pairs.votes is None else pairs.votes[covered]
+    several = votes.sum(axis=1) >= 2
     return QueryStats(
         n_queries=n_queries,
         confusion=M.per_query_confusion(q, gold, label, n_queries, n_classes),
@@ -119,6 +138,9 @@ def query_stats(pairs: ScoredPairs, relevant: np.ndarray, gains: np.ndarray, k: 
         ndcg=np.nan_to_num(ndcg),
         ndcg_defined=defined,
         ranked=M.ranked_counts(q, probs[:, relevant].sum(axis=1), relevant[gold], n_queries),
+        humans=_sum_by_query(q[several], A.coincidences(votes[several]), n_queries),
+        against_humans=_sum_by_query(q[several], A.against_votes(votes[several], label[several]), n_queries),
+        n_several_judged=int(several.sum()),
     )
 
 
@@ -128,6 +150,8 @@ def model_statistic(stats: QueryStats, relevant: np.ndarray, with_ndcg: bool = T
     n_classes = len(relevant)
     flat_confusion = stats.confusion.reshape(stats.n_queries, -1).astype(float)
     flat_calibration = stats.calibration.reshape(stats.n_queries, -1)
+    flat_humans = stats.humans.reshape(stats.n_queries, -1)
+    flat_against_humans = stats.against_humans.reshape(stats.n_queries, -1)
 
     def statistic(weights: np.ndarray) -> dict[str, np.ndarray]:
         confusion = (weights @ flat_confusion).reshape(-1, n_classes, n_classes)
@@ -157,6 +181,11 @@ def model_statistic(stats: QueryStats, relevant: np.ndarray, with_ndcg: bool = T
         if stats.nodes.shape[1]:
             node_sums = np.einsum("bq,qmc->bmc", weights, stats.nodes)
             out["node_accuracy"] = M.ratio(node_sums[..., 1], node_sums[..., 0], np.nan)
+        out |= A.agreement_scores(confusion)
+        if stats.n_several_judged:
+            out |= A.ceiling_scores(
+                (weights @ flat_humans).reshape(confusion.shape), (weights @ flat_against_humans).reshape(confusion.shape)
+            )
         return out
 
     return statistic
@@ -172,7 +201,8 @@ class ModelEvaluation:
     metrics: name -> Interval (see `METRICS`); per-label metrics hold (C,) arrays, node_accuracy
     (M,) arrays in `node_names` order. node_counts: (M, 3) [pairs with a gold value, right,
     prediction lacks the node]. segments: (kind, segment, evaluation) with kind 'query segment'
-    or 'product type'.
+    or 'product type'. n_several_judged, n_several_judged_queries: covered pairs with several human
+    judgments and their queries (what the `humans_` and `vs_humans_` metrics rest on; 0: none).
     """
 
     name: str
@@ -188,6 +218,8 @@ class ModelEvaluation:
     node_names: tuple[str, ...]
     node_counts: np.ndarray
     segments: tuple[tuple[str, str, ModelEvaluation], ...] = ()
+    n_several_judged: int = 0
+    n_several_judged_queries: int = 0
 
 
 def evaluate_pairs(
@@ -207,6 +239,7 @@ def evaluate_pairs(
     stats = query_stats(pairs, relevant, gains, k)
     intervals = bootstrap(model_statistic(stats, relevant, with_ndcg), stats.n_queries, n_bootstrap, seed, level)
     covered = pairs.covered
+    several_judged = stats.against_humans.sum(axis=(1, 2))
     node_counts = np.stack(
         [
             (~np.isnan(pairs.node_correct[covered])).sum(axis=0),
@@ -228,6 +261,8 @@ def evaluate_pairs(
         reliability=M.reliability(stats.calibration.sum(axis=0)),
         node_names=pairs.node_names,
         node_counts=node_counts,
+        n_several_judged=stats.n_several_judged,
+        n_several_judged_queries=int((several_judged > 0).sum()),
     )
 
 
@@ -389,7 +424,9 @@ class GoldSummary:
 @dataclass(frozen=True)
 class EvaluationResult:
     """All models, their comparisons against the baseline and along the lineage, the majority-class
-    floor, and the settings. node_descriptions: node name -> the graph's description of it."""
+    floor, and the settings. node_descriptions: node name -> the graph's description of it. humans: the
+    judges' agreement among themselves on every gold pair with several judgments (the ceiling; empty
+    when no pair has several), `agreement.HUMANS`-prefixed metrics."""
 
     label_set: str
     labels: tuple[str, ...]
@@ -401,6 +438,7 @@ class EvaluationResult:
     lineage: tuple[str, ...]
     lineage_comparisons: tuple[Comparison, ...]
     majority: ModelEvaluation
+    humans: dict[str, Interval]
     node_descriptions: dict[str, str]
     k: int
     n_bootstrap: int
@@ -470,6 +508,8 @@ def evaluate(
         lineage=lineage,
         lineage_comparisons=tuple(compared[step] for step in lineage_steps),
         majority=majority,
+        # the floor covers every gold pair, so its judges' metrics are those of all pairs judged several times
+        humans={name: value for name, value in majority.metrics.items() if name.startswith(A.HUMANS)},
         node_descriptions={node.name: node.description for node in graph.nodes if node.description},
         k=k,
         n_bootstrap=n_bootstrap,

@@ -166,6 +166,7 @@ class Gold:
     """Gold label per pair (label: index into the label set) and how it was aggregated."""
 
     pairs: pd.DataFrame  # query_id, product_id, label (int), n_judgments, tied
+    votes: np.ndarray  # (N, C) judgments of each pair per label (aligned with `pairs`): the judges' agreement
     n_judgments: int
     annotators: tuple[str, ...]
     source: str
@@ -188,10 +189,14 @@ def gold_from_judgments(
             f"{source}: no judgments left after choosing annotators {list(annotators) or 'all'} "
             f"(include_weak={include_weak}); available (annotator, is_weak): rows = {available}"
         )
-    _label_index(chosen["label"], label_set, "gold labels", source)
+    codes = _label_index(chosen["label"], label_set, "gold labels", source)
     pairs = majority_labels(chosen, label_set)
     pairs["label"] = _label_index(pairs["label"], label_set, "gold labels", source)
-    return Gold(pairs, len(chosen), tuple(sorted(chosen["annotator"].unique())), source)
+    votes = (
+        chosen[KEY].assign(code=codes).groupby(KEY + ["code"]).size().unstack(fill_value=0)
+        .reindex(index=pd.MultiIndex.from_frame(pairs[KEY]), columns=range(len(label_set.names)), fill_value=0)
+    )
+    return Gold(pairs, votes.to_numpy(dtype=int), len(chosen), tuple(sorted(chosen["annotator"].unique())), source)
 
 
 def judgments_from_gold_nodes(
@@ -321,6 +326,7 @@ class ScoredPairs:
     covered: the model predicted the pair. label -1, probs and expected_gain NaN where uncovered.
     node_correct: `(N, M)` 1/0 per node of `node_names`, NaN where the pair has no gold value for
     the node or is uncovered; node_missing: gold has a value and the prediction has no such node.
+    votes: `(N, C)` the gold judgments of each pair per label (None: one judgment per pair, unknown).
     """
 
     query_id: np.ndarray
@@ -335,6 +341,7 @@ class ScoredPairs:
     node_missing: np.ndarray
     query_segment: np.ndarray
     product_type: np.ndarray
+    votes: np.ndarray | None = None
 
     def subset(self, mask: np.ndarray) -> ScoredPairs:
         per_pair = {
@@ -344,7 +351,7 @@ class ScoredPairs:
                 "node_correct", "node_missing", "query_segment", "product_type",
             )
         }
-        return replace(self, **per_pair)
+        return replace(self, **per_pair, votes=None if self.votes is None else self.votes[mask])
 
 
 @dataclass(frozen=True)
@@ -465,5 +472,6 @@ def join(gold: Gold, predictions: Predictions, context: Context, graph: Reasonin
         node_missing=node_missing,
         query_segment=pairs["query_id"].map(context.query_segment).fillna(UNKNOWN_SEGMENT).to_numpy(dtype=object),
         product_type=pairs["product_id"].map(context.product_type).fillna(UNKNOWN_SEGMENT).to_numpy(dtype=object),
+        votes=gold.votes,
     )
     return scored, n_without_gold

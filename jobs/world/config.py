@@ -147,6 +147,11 @@ class WorldConfig:
     extra_quantity_mean: float = help_field("Units ordered are 1 + Poisson(extra_quantity_mean).", 0.3)
     # labels
     annotator_noise: float = help_field("P(the synthetic rater's label moves to an adjacent label).", 0.1)
+    extra_raters: int = help_field(
+        "Further synthetic raters (same noise) who also judge a sample of the judged pairs; pairs judged several "
+        "times give the judges' own agreement, the ceiling `relevance evaluate` prints. 0: one judgment per pair.", 0
+    )
+    extra_rater_share: float = help_field("With extra_raters: share of the judged pairs they also judge.", 0.2)
     experiment: ExperimentConfig = help_field("The A/B experiment in the logs.", ExperimentConfig())
 
     def __post_init__(self) -> None:
@@ -156,6 +161,7 @@ class WorldConfig:
         except VocabularyError as error:
             raise ConfigError(f"vocabulary: {error}") from None
         _check(self.label_set in LABEL_SETS, "label_set", f"{self.label_set!r} is not one of {list(LABEL_SETS)}")
+        _check(self.extra_raters >= 0, "extra_raters", f"must be >= 0, got {self.extra_raters}")
         for name in ("n_products", "n_queries", "n_users", "n_impressions", "results_per_request",
                      "candidates_per_query", "judgments_per_query", "n_days"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -176,7 +182,8 @@ class WorldConfig:
                f"must be non-negative and sum to 1, got {list(self.constraint_probs)}")
         for name in ("brand_query_rate", "synonym_rate", "misspelling_rate", "typo_rate", "query_noise_rate",
                      "attribute_missing_rate", "unbranded_rate", "description_missing_rate", "new_user_share",
-                     "attractiveness_floor", "attractiveness_ceiling", "cart_rate", "order_rate", "annotator_noise"):
+                     "attractiveness_floor", "attractiveness_ceiling", "cart_rate", "order_rate", "annotator_noise",
+                     "extra_rater_share"):
             _rate(getattr(self, name), name)
         _check(self.attractiveness_floor <= self.attractiveness_ceiling, "attractiveness_floor",
                "must not exceed attractiveness_ceiling")

@@ -115,7 +115,8 @@ def generate_world(config: WorldConfig, progress: Callable[[str], None] | None =
         )
         q, p = judged_pairs(pools, config.judgments_per_query)
         gold_nodes, judgments = gold_and_judgments(
-            vocabulary, catalog, queries, graph, label_set, q, p, config.annotator_noise, rng
+            vocabulary, catalog, queries, graph, label_set, q, p, config.annotator_noise, rng,
+            extra_raters=config.extra_raters, extra_rater_share=config.extra_rater_share,
         )
     with stage("logs"):
         pool_queries = np.repeat(np.arange(len(queries))[:, None], pools.shape[1], axis=1)

@@ -30,6 +30,10 @@ its shortfall to the next. Judged pairs are the first `judgments_per_query` of t
 The synthetic rater (`annotator="synthetic_rater"`) gives the gold label, except with probability
 `annotator_noise` an adjacent label (one step up or down the label set's order; from an end label,
 its only neighbour). The noise-free label stays recoverable from gold_nodes (`y`, or the rule on ms/ma).
+With `extra_raters` > 0, that many further raters (`synthetic_rater_2`, `synthetic_rater_3`, ...) with the
+same noise each judge the same random `extra_rater_share` of the judged pairs, drawn after the first rater's
+labels (so a world without them is unchanged): the pairs judged several times give the judges' own
+agreement, the ceiling `relevance evaluate` prints beside a model's.
 """
 
 from __future__ import annotations
@@ -196,6 +200,8 @@ def gold_and_judgments(
     p: np.ndarray,
     annotator_noise: float,
     rng: np.random.Generator,
+    extra_raters: int = 0,
+    extra_rater_share: float = 0.0,
 ) -> tuple[pa.Table, pa.Table]:
     """GOLD_NODES and JUDGMENTS tables for the judged pairs (q[i], p[i])."""
     nodes = pair_nodes(queries, catalog, vocabulary.related, q, p)
@@ -226,15 +232,24 @@ def gold_and_judgments(
             "nodes": string_map([values[name] for name in graph.node_names], graph.node_names),
         }
     )
-    labels = rater_labels(gold, len(label_set.names), annotator_noise, rng)
+    rows = [np.arange(len(q))]
+    labels = [rater_labels(gold, len(label_set.names), annotator_noise, rng)]
+    annotators = [np.full(len(q), RATER, dtype=object)]
+    if extra_raters:
+        sample = np.flatnonzero(rng.random(len(q)) < extra_rater_share)
+        for rater in range(2, extra_raters + 2):
+            rows.append(sample)
+            labels.append(rater_labels(gold[sample], len(label_set.names), annotator_noise, rng))
+            annotators.append(np.full(len(sample), f"{RATER}_{rater}", dtype=object))
+    row = pa.array(np.concatenate(rows))
     judgments = pa.table(
         {
-            "query_id": query_ids,
-            "product_id": product_ids,
-            "label": take(label_set.names, labels),
-            "label_set": pa.array([label_set.name] * len(q), pa.string()),
-            "annotator": pa.array([RATER] * len(q), pa.string()),
-            "is_weak": pa.array(np.zeros(len(q), dtype=bool)),
+            "query_id": query_ids.take(row),
+            "product_id": product_ids.take(row),
+            "label": take(label_set.names, np.concatenate(labels)),
+            "label_set": pa.array([label_set.name] * len(row), pa.string()),
+            "annotator": pa.array(np.concatenate(annotators), pa.string()),
+            "is_weak": pa.array(np.zeros(len(row), dtype=bool)),
         }
     )
     return GOLD_NODES.conform(gold_nodes), JUDGMENTS.conform(judgments)

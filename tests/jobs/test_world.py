@@ -153,6 +153,26 @@ def test_the_rater_flips_to_adjacent_labels_at_the_configured_rate(world):
     assert set(world.judgments["annotator"].to_pylist()) == {"synthetic_rater"}
 
 
+def test_extra_raters_judge_a_sample_and_leave_the_rest_of_the_world_unchanged(world):
+    several = generate_world(WorldConfig.tests(extra_raters=2, extra_rater_share=0.25))
+    first = several.judgments.slice(0, world.judgments.num_rows)
+    assert first.equals(world.judgments)  # the first rater's labels and every other table are as without them
+    assert several.search_impressions.equals(world.search_impressions) and several.gold_nodes.equals(world.gold_nodes)
+    extra = several.judgments.slice(world.judgments.num_rows)
+    counts = collections.Counter(extra["annotator"].to_pylist())
+    assert set(counts) == {"synthetic_rater_2", "synthetic_rater_3"} and counts["synthetic_rater_2"] == counts["synthetic_rater_3"]
+    n_pairs = world.judgments.num_rows
+    assert abs(counts["synthetic_rater_2"] / n_pairs - 0.25) < 4 * np.sqrt(0.25 * 0.75 / n_pairs)
+    label_set = LabelSet.load("wands")
+    keys = zip(several.gold_nodes["query_id"].to_pylist(), several.gold_nodes["product_id"].to_pylist())
+    gold = {key: label_set.index(nodes["y"]) for key, nodes in zip(keys, _nodes(several))}
+    steps = np.array([abs(label_set.index(row["label"]) - gold[row["query_id"], row["product_id"]]) for row in extra.to_pylist()])
+    noise = WorldConfig.tests().annotator_noise
+    assert steps.max() == 1 and abs(steps.mean() - noise) < 4 * np.sqrt(noise * (1 - noise) / len(steps))
+    keys = collections.Counter(zip(extra["query_id"].to_pylist(), extra["product_id"].to_pylist(), extra["annotator"].to_pylist()))
+    assert max(keys.values()) == 1  # the table's key (query_id, product_id, annotator) stays unique
+
+
 def test_click_through_falls_with_position(world):
     impressions = world.search_impressions
     ctr = impressions.group_by("position").aggregate([("clicked", "mean")]).sort_by("position")["clicked_mean"]
