@@ -8,6 +8,12 @@ saying which version of the tool made it, from which command line and when. Figu
 matrix per model, per-label F1 bars with intervals, the reliability diagram, and forest plots of the
 differences against the baseline and along the lineage.
 
+An "Agreement with human judgments" section gives each model's Cohen's kappa (unweighted, linear,
+quadratic) and Krippendorff's alpha (ordinal, nominal) against gold, beside the judges' own agreement
+where pairs have several judgments (the ceiling), the like-for-like comparison on those pairs (a model
+against one judge, judges against each other, the gap), per-label one-vs-rest kappa, a figure, and per
+model an agreement-by-segment table.
+
 Cells that do not apply are "-" (a node the model never outputs, NDCG of a product-type segment);
 "n/a" is a number that is undefined on these pairs (an AUC with one class). Intervals of a segment
 or comparison with fewer than `FEW_QUERIES` queries carry a warning: a bootstrap over a handful of
@@ -31,6 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evaluation.agreement import AGAINST_HUMANS, GAP, HUMANS  # noqa: E402
 from evaluation.bootstrap import Interval  # noqa: E402
 from evaluation.evaluate import DIFFERENCES, METRICS, Comparison, EvaluationResult, ModelEvaluation  # noqa: E402
 from evaluation.metrics import ECE_BINS, MCNEMAR_EXACT_BELOW  # noqa: E402
@@ -41,6 +48,14 @@ SUMMARY = (
 )
 FEW_QUERIES = 10
 FEW_QUERIES_MARK = "⚠"
+AGREEMENT_ROWS = {
+    "kappa": "Cohen's κ",
+    "kappa_linear": "κ linear weights",
+    "kappa_quadratic": "κ quadratic weights",
+    "alpha_ordinal": "Krippendorff's α ordinal",
+    "alpha_nominal": "α nominal",
+}
+CEILING_METRICS = ("kappa", "kappa_quadratic", "alpha_ordinal")  # the like-for-like table's columns
 
 
 # ---------------------------------------------------------------- JSON
@@ -152,9 +167,37 @@ def plot_forest(comparisons: tuple[Comparison, ...], k: int, title: str) -> byte
     return _png(figure)
 
 
+def plot_agreement(result: EvaluationResult) -> bytes:
+    """Each agreement metric of every model against gold with its interval; the judges' own agreement
+    (the ceiling) as a grey band where pairs have several judgments."""
+    rows = list(AGREEMENT_ROWS)
+    models = result.models
+    height = 0.8 / len(models)
+    figure, axes = plt.subplots(figsize=(7, 1.0 + 0.55 * len(rows) * max(1, len(models) / 2)))
+    for y, name in enumerate(rows):
+        ceiling = result.humans.get(f"{HUMANS}{name}")
+        if ceiling is not None and not math.isnan(ceiling.estimate):
+            axes.fill_betweenx([y - 0.45, y + 0.45], ceiling.low, ceiling.high, color="lightgrey",
+                               label="judges among themselves (ceiling)" if y == 0 else None)
+            axes.plot([ceiling.estimate] * 2, [y - 0.45, y + 0.45], color="grey")
+        for i, model in enumerate(models):
+            interval = model.metrics[name]
+            offset = y - 0.4 + height * (i + 0.5)
+            axes.errorbar(interval.estimate, offset, xerr=[[interval.estimate - interval.low], [interval.high - interval.estimate]],
+                          fmt="o", capsize=3, color=f"C{i}", label=model.name if y == 0 else None)
+    axes.axvline(0, color="grey", linestyle=":")
+    axes.set_yticks(range(len(rows)), list(AGREEMENT_ROWS.values()))
+    axes.invert_yaxis()
+    axes.set_xlabel(f"agreement with gold ({result.level:.0%} query-bootstrap intervals); 0 = chance, 1 = perfect")
+    axes.set_title("agreement with human judgments")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    return _png(figure)
+
+
 def figures(result: EvaluationResult) -> dict[str, bytes]:
     """Every figure of the report as PNG bytes, by file stem."""
     images = {f"confusion_{i}": plot_confusion(model) for i, model in enumerate(result.models)}
+    images["agreement"] = plot_agreement(result)
     images["class_f1"] = plot_class_f1(result.models)
     images["reliability"] = plot_reliability(result.models)
     if result.comparisons:
@@ -293,6 +336,101 @@ def _model_blocks(model: ModelEvaluation, index: int, result: EvaluationResult) 
         ]
         if any(s.n_queries < FEW_QUERIES for _, _, s in model.segments):
             blocks.append(Block("p", FEW_QUERIES_NOTE))
+        blocks += _segment_agreement_blocks(model)
+    return blocks
+
+
+def _metric(evaluation: ModelEvaluation, name: str, n_queries: int) -> str:
+    """A metric's cell with its interval and the few-queries mark, "-" when the evaluation lacks it."""
+    return _few_queries(fmt(evaluation.metrics[name]), n_queries) if name in evaluation.metrics else "-"
+
+
+def _segment_agreement_blocks(model: ModelEvaluation) -> list[Block]:
+    """Agreement with gold per segment, beside the judges' agreement in that segment (the ceiling)."""
+    return [
+        Block("h3", "Agreement by segment"),
+        Block(
+            "table",
+            header=("kind", "segment", "gold pairs", "queries", "κ", "κ quadratic", "α ordinal",
+                    "pairs judged several times", "judges' κ (ceiling)", "judges' α ordinal (ceiling)"),
+            rows=tuple(
+                (kind, name, str(s.n_gold_pairs), str(s.n_queries),
+                 *(_metric(s, metric, s.n_queries) for metric in ("kappa", "kappa_quadratic", "alpha_ordinal")),
+                 str(s.n_several_judged),
+                 *(_metric(s, f"{HUMANS}{metric}", s.n_several_judged_queries) for metric in ("kappa", "alpha_ordinal")))
+                for kind, name, s in model.segments
+            ),
+        ),
+    ]
+
+
+def _agreement_blocks(result: EvaluationResult) -> list[Block]:
+    """Agreement with gold, the judges' ceiling, the like-for-like comparison and per-label kappa."""
+    models, majority = result.models, result.majority
+    judged, queries = majority.n_several_judged, majority.n_several_judged_queries
+    ceiling = bool(result.humans)
+    blocks = [
+        Block("h2", "Agreement with human judgments"),
+        Block("p", (
+            "Chance-corrected agreement of each model's labels with the gold labels (0 = chance, 1 = perfect): Cohen's κ "
+            "unweighted and with linear and quadratic weights over the label order "
+            f"({' > '.join(result.labels)}: a near miss costs less than a far one), Krippendorff's α with ordinal and "
+            f"nominal distances. {majority.name} is the chance floor (κ = 0)."
+            + (f" Ceiling: the judges' agreement with each other on the {judged} gold pairs judged several times "
+               f"({queries} queries), κ with pooled marginals (Fleiss' κ) and α of their judgments." if ceiling else
+               " No gold pair has several judgments, so the judges' own agreement (the ceiling) is unknown; judge a sample "
+               "of pairs twice or more to see it (the synthetic world: relevance generate --set extra_raters=2).")
+        )),
+        Block(
+            "table",
+            header=("metric", *(model.name for model in models), majority.name,
+                    *(("judges among themselves (ceiling)",) if ceiling else ())),
+            rows=tuple(
+                (label, *(fmt(model.metrics[name]) for model in (*models, majority)),
+                 *((_few_queries(fmt(result.humans[f"{HUMANS}{name}"]), queries),) if ceiling else ()))
+                for name, label in AGREEMENT_ROWS.items()
+            ),
+        ),
+        Block("figure", "agreement", header=("agreement with gold; grey: the judges among themselves",)),
+    ]
+    if ceiling:
+        blocks += [
+            Block("h3", "Against the judges, on the pairs judged several times"),
+            Block("p", (
+                "Gold is a majority of judges, which a model may match more often than one judge matches another; the "
+                "like-for-like comparison pairs each judgment of these pairs with the model's label (a model against one "
+                "judge) and sets it beside the judges against each other, both with pooled marginals, on the pairs the "
+                "model covers. Gap: model minus judges, paired (the same resampled queries); below 0 the model agrees "
+                "with a judge less than judges agree with each other."
+            )),
+            Block(
+                "table",
+                header=("model", "pairs", "queries", *(f"{AGREEMENT_ROWS[m]} {what}" for m in CEILING_METRICS
+                                                       for what in ("vs a judge", "judges", "gap"))),
+                rows=tuple(
+                    (model.name, str(model.n_several_judged), str(model.n_several_judged_queries),
+                     *(_few_queries(fmt(model.metrics[name], signed=name.endswith(GAP)), model.n_several_judged_queries)
+                       if name in model.metrics else "-"
+                       for m in CEILING_METRICS
+                       for name in (f"{AGAINST_HUMANS}{m}", f"{HUMANS}{m}", f"{AGAINST_HUMANS}{m}{GAP}")))
+                    for model in models
+                ),
+            ),
+        ]
+    blocks += [
+        Block("h3", "Per label: one-vs-rest κ (the label or not)"),
+        Block(
+            "table",
+            header=("label", "gold pairs", *(model.name for model in models), *(("judges (ceiling)",) if ceiling else ())),
+            rows=tuple(
+                (label, str(int(majority.confusion[i].sum())), *(fmt(model.metrics["class_kappa"], i) for model in models),
+                 *((_few_queries(fmt(result.humans[f"{HUMANS}class_kappa"], i), queries),) if ceiling else ()))
+                for i, label in enumerate(result.labels)
+            ),
+        ),
+    ]
+    if ceiling and (queries < FEW_QUERIES or any(model.n_several_judged_queries < FEW_QUERIES for model in models)):
+        blocks.append(Block("p", FEW_QUERIES_NOTE))
     return blocks
 
 
@@ -359,6 +497,7 @@ def report_blocks(result: EvaluationResult, provenance: Provenance) -> list[Bloc
         )),
         Block("figure", "class_f1", header=("per-label F1 with intervals",)),
         Block("figure", "reliability", header=("reliability diagram",)),
+        *_agreement_blocks(result),
     ]
     if result.comparisons:
         blocks += [
@@ -386,6 +525,9 @@ def report_blocks(result: EvaluationResult, provenance: Provenance) -> list[Bloc
             (f"NDCG@{result.k}: each query's covered pairs ranked by predicted expected_gain, linear label gains, "
              "tied scores share their ranks' average discount; queries whose gold gains are all 0 are left out.",),
             (f"ECE: confidence of the predicted label, {ECE_BINS} equal-width bins.",),
+            ("Agreement: Cohen's κ as statsmodels' cohens_kappa (weights over label positions), Krippendorff's α as the "
+             "krippendorff package; the judges' ceiling from the coincidence matrix of pairs with several judgments "
+             "(pooled marginals: Fleiss' κ when every pair has as many judgments). See evaluation/agreement.py.",),
             ("Intervals resample queries, not pairs; comparisons resample the same queries for both models "
              "(paired bootstrap on the pairs both models cover).",),
             (f"McNemar on accuracy: exact binomial below {MCNEMAR_EXACT_BELOW} discordant pairs, else chi-square with "
