@@ -497,7 +497,6 @@ def report_blocks(result: EvaluationResult, provenance: Provenance) -> list[Bloc
         )),
         Block("figure", "class_f1", header=("per-label F1 with intervals",)),
         Block("figure", "reliability", header=("reliability diagram",)),
-        *_agreement_blocks(result),
     ]
     if result.comparisons:
         blocks += [
@@ -512,6 +511,7 @@ def report_blocks(result: EvaluationResult, provenance: Provenance) -> list[Bloc
             *_comparison_blocks(result.lineage_comparisons, result.k, ("stage before", "stage"), "lineage_forest",
                                 "differences between consecutive stages"),
         ]
+    blocks += _agreement_blocks(result)
     for index, model in enumerate(result.models):
         blocks += _model_blocks(model, index, result)
     blocks += [

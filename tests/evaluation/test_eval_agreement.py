@@ -3,15 +3,22 @@ documented examples and seeded random tables), hand-worked cases, and the bootst
 
 from __future__ import annotations
 
+import json
+
 import krippendorff
 import numpy as np
+import pyarrow as pa
 import pytest
+from eval_world import WANDS, make_predictions
 from statsmodels.stats.inter_rater import cohens_kappa, fleiss_kappa
 
 from evaluation import agreement as A
 from evaluation.bootstrap import resample_weights
-from evaluation.evaluate import model_statistic, query_stats
+from evaluation.evaluate import evaluate, model_statistic, query_stats
 from evaluation.inputs import ScoredPairs
+from evaluation.report import write_reports
+from schemas.graph import ReasoningGraph
+from schemas.tables import JUDGMENTS
 
 SEEDS = [0, 1, 2, 3]
 STATSMODELS_WEIGHTS = {"none": None, "linear": "linear", "quadratic": "quadratic"}
@@ -205,3 +212,37 @@ def test_replicate_agreement_equals_the_libraries_on_the_resampled_pairs():
         m = votes[several].sum(axis=1)
         assert (m == 3).all()  # equal judgments per pair: the judges' kappa is Fleiss' kappa
         assert fast["humans_kappa"][b] == pytest.approx(fleiss_kappa(votes[several], method="fleiss"))
+
+
+def test_report_prints_the_judges_ceiling_beside_the_models(world, tmp_path):
+    # a second judge on the even queries' pairs, moving every fifth label one step down the order
+    rows = world.judgments.to_pylist()
+    names = list(WANDS.names)
+    second = [dict(row, annotator="judge_2", label=names[min(names.index(row["label"]) + (i % 5 == 0), 2)])
+              for i, row in enumerate(rows) if int(row["query_id"][1:]) % 2 == 0]
+    judgments = pa.Table.from_pylist(rows + second, schema=JUDGMENTS.arrow_schema())
+    predictions = {"model": make_predictions(world.gold, seed=1, accuracy=0.7)}
+    result = evaluate(predictions, judgments, WANDS, ReasoningGraph.load("relevance7"), n_bootstrap=50)
+
+    votes = np.array([[names.index(row["label"]), names.index(other["label"])] for row, other in zip(
+        [row for row in rows if int(row["query_id"][1:]) % 2 == 0], second)])
+    counts = np.stack([np.bincount(pair, minlength=3) for pair in votes])
+    assert result.majority.n_several_judged == len(second) == result.models[0].n_several_judged
+    assert result.humans["humans_kappa"].estimate == pytest.approx(fleiss_kappa(counts, method="fleiss"))
+    assert result.humans["humans_alpha_ordinal"].estimate == pytest.approx(
+        krippendorff.alpha(votes.T.astype(float), value_domain=[0, 1, 2], level_of_measurement="ordinal"))
+    assert result.majority.metrics["kappa"].estimate == pytest.approx(0.0)  # the chance floor
+
+    write_reports(result, tmp_path)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<th>judges among themselves (ceiling)</th>" in page and "Against the judges, on the pairs judged several times" in page
+    assert f"{len(second)} gold pairs judged several times" in page
+    document = json.loads((tmp_path / "metrics.json").read_text())
+    assert document["humans"]["humans_kappa"]["estimate"] == pytest.approx(result.humans["humans_kappa"].estimate)
+    assert "vs_humans_kappa_gap" in document["models"][0]["metrics"]
+
+    alone = evaluate(predictions, world.judgments, WANDS, ReasoningGraph.load("relevance7"), n_bootstrap=20)
+    assert alone.humans == {} and "humans_kappa" not in alone.models[0].metrics
+    write_reports(alone, tmp_path / "alone")
+    page = (tmp_path / "alone" / "report.html").read_text(encoding="utf-8")
+    assert "No gold pair has several judgments" in page and "ceiling)</th>" not in page.split("Per label: one-vs-rest")[0]

@@ -44,7 +44,7 @@ def test_run_writes_reports_with_numbers_from_an_independent_computation(written
     result = run(config)
 
     html = (out / "report.html").read_text()
-    assert len(re.findall(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", html)) == 5
+    assert len(re.findall(r"<img [^>]*src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", html)) == 6  # confusion x2, class F1, reliability, agreement, forest
     assert "plots/" not in html  # self-contained
     markdown = (out / "report.md").read_text()
     for stem in re.findall(r"\]\((plots/[^)]+\.png)\)", markdown):
@@ -64,6 +64,9 @@ def test_run_writes_reports_with_numbers_from_an_independent_computation(written
     assert a["metrics"]["coverage_adjusted_accuracy"]["estimate"] == pytest.approx(
         (joined["gold"] == joined["label"]).sum() / len(gold)
     )
+    for name, weights in (("kappa", None), ("kappa_linear", "linear"), ("kappa_quadratic", "quadratic")):
+        expected = skm.cohen_kappa_score(joined["gold"], joined["label"], labels=list(WANDS.names), weights=weights)
+        assert a["metrics"][name]["estimate"] == pytest.approx(expected)
     low, high = a["metrics"]["accuracy"]["low"], a["metrics"]["accuracy"]["high"]
     assert low < a["metrics"]["accuracy"]["estimate"] < high
     assert a["node_names"] == ["qa", "ms"]

@@ -178,8 +178,8 @@ def test_contents_link_to_every_section(default_report):
     assert links == sections
     assert page.index("<nav>") < page.index("<h2")
     titles = [html.unescape(title) for _, title in sections]
-    assert titles[:4] == ["Setup", "Models side by side", "Comparisons against the baseline rater",
-                          "Lineage: sft -> grpo -> student"]
+    assert titles[:5] == ["Setup", "Models side by side", "Comparisons against the baseline rater",
+                          "Lineage: sft -> grpo -> student", "Agreement with human judgments"]
     assert len(set(anchor for anchor, _ in sections)) == len(sections)
     markdown = (default_report[2] / "report.md").read_text(encoding="utf-8")
     assert "- [Lineage: sft -> grpo -> student](#lineage-sft---grpo---student)" in markdown  # GitHub's slug
