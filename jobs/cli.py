@@ -475,6 +475,37 @@ def evaluate(
     run(evaluate_config)
 
 
+judges_app = typer.Typer(help="Several judges (models, prompts) of the same pairs: combine them, see how they agree.", no_args_is_help=True)
+app.add_typer(judges_app, name="judges")
+
+
+@judges_app.command("combine", cls=config_command("evaluation.judges:CombineConfig"))
+def judges_combine(
+    table: list[str] | None = typer.Option(
+        None, "--table", "-t", help="NAME=PATH of a judge's relevance table; repeat for each judge (two or more)."
+    ),
+    method: str | None = typer.Option(None, "--method", "-m", help="mean (of label probabilities) or majority (vote)."),
+    pairs: str | None = typer.Option(None, "--pairs", help="same (every judge judged the same pairs) or common (combine the shared ones)."),
+    gold: Path | None = typer.Option(None, help="Human judgments table: each judge's agreement with them."),
+    gold_nodes: Path | None = typer.Option(None, help="Or gold labels from a gold_nodes table's label node."),
+    label_set: str | None = typer.Option(None, help="wands, esci or a label-set YAML."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Data root of the combined relevance table and folder of its report."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
+) -> None:
+    """Combine several relevance tables of the same pairs (mean probabilities or majority vote) and report each judge's agreement."""
+    from evaluation.judges import CombineConfig, run
+
+    tables = None
+    if table:
+        malformed = [item for item in table if "=" not in item]
+        if malformed:
+            raise typer.BadParameter(f"--table takes NAME=PATH, got {malformed}")
+        tables = dict(item.split("=", 1) for item in table)
+    run(_load(CombineConfig, config, sets, tables=tables, method=method, pairs=pairs, gold=gold, gold_nodes=gold_nodes,
+              label_set=label_set, out=out))
+
+
 @app.command(cls=config_command("abtest.run:AbtestConfig"))
 def abtest(
     events: Path | None = typer.Option(
