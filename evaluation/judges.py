@@ -59,6 +59,7 @@ TIE_TOLERANCE = 1e-9  # averaged probabilities that differ by float rounding onl
 # agreement of each judge against: the combination, the others' combination; the combination and each judge
 # against human gold; and the judges among themselves
 AGAINST_COMBINATION, AGAINST_OTHERS, AGAINST_GOLD, AMONG_JUDGES = "combination_", "others_", "gold_", "judges_"
+PAIRWISE_KAPPA = "pairwise_kappa"  # (J, J): Cohen's kappa of each two judges
 SHOWN = {"kappa": "κ", "kappa_quadratic": "κ quadratic", "alpha_ordinal": "α ordinal"}
 
 
@@ -244,7 +245,8 @@ def combined_table(judged: Judged, label: np.ndarray, probs: np.ndarray, label_s
 class JudgesResult:
     """Judges, their combination and agreement. agreement: `<against>_<metric>` -> Interval, `against` one of
     combination_, others_ (estimates `(J,)` in `judges` order), gold_ (`(J + 1,)`: the judges then the
-    combination) and judges_ (scalars), metric a name of `agreement.AGREEMENT` (class_kappa adds a label axis)."""
+    combination) and judges_ (scalars), metric a name of `agreement.AGREEMENT` (class_kappa adds a label axis);
+    and `PAIRWISE_KAPPA`, `(J, J)` Cohen's kappa of each two judges."""
 
     judges: tuple[str, ...]
     sources: dict[str, str]
@@ -275,6 +277,8 @@ def agreement_statistic(query_index: np.ndarray, labels: np.ndarray, combined: n
     among = np.zeros((n_queries, n_classes, n_classes))
     np.add.at(among, query_index, A.coincidences(votes))
     per_query = {AGAINST_COMBINATION: with_combination, AGAINST_OTHERS: with_others}
+    n_judges = len(labels)
+    pairwise = _tables(query_index, np.repeat(labels, n_judges, axis=0), np.tile(labels, (n_judges, 1)), n_queries, n_classes)
     if gold is not None:
         has_gold = gold >= 0
         raters = np.vstack([labels, combined[None]])[:, has_gold]
@@ -285,6 +289,7 @@ def agreement_statistic(query_index: np.ndarray, labels: np.ndarray, combined: n
         for prefix, tables in per_query.items():
             summed = np.einsum("bq,jqcd->bjcd", weights, tables)
             out |= {f"{prefix}{name}": value for name, value in A.agreement_scores(summed).items()}
+        out[PAIRWISE_KAPPA] = A.cohens_kappa(np.einsum("bq,jqcd->bjcd", weights, pairwise)).reshape(len(weights), n_judges, n_judges)
         summed = np.einsum("bq,qcd->bcd", weights, among)
         return out | {f"{AMONG_JUDGES}{name}": value for name, value in A.agreement_scores(summed, summed).items()}
 
@@ -356,6 +361,7 @@ def run(config: CombineConfig) -> JudgesResult:
 def report_blocks(result: JudgesResult, provenance: Provenance) -> list[Block]:
     """The judges report as blocks (rendered by `evaluation.report`'s renderers)."""
     agreement, judges = result.agreement, result.judges
+    pairwise = agreement[PAIRWISE_KAPPA]
     with_gold = bool(result.n_gold_pairs)
     left_out = {name: n for name, n in result.left_out.items() if n}
     blocks = [
@@ -393,6 +399,15 @@ def report_blocks(result: JudgesResult, provenance: Provenance) -> list[Block]:
             "The judges among themselves (every judge's label of a pair, pooled marginals): "
             + "; ".join(f"{label} {fmt(agreement[f'{AMONG_JUDGES}{metric}'])}" for metric, label in SHOWN.items()) + "."
         )),
+        Block("h3", "Each two judges: Cohen's κ"),
+        Block(
+            "table",
+            header=("judge", *judges),
+            rows=tuple(
+                (name, *(fmt(pairwise, (j, k)) if j != k else "-" for k in range(len(judges))))
+                for j, name in enumerate(judges)
+            ),
+        ),
         Block("h2", "Label shares"),
         Block(
             "table",

@@ -222,8 +222,8 @@ class Block:
     rows: tuple[tuple[str, ...], ...] = ()
 
 
-def fmt(interval: Interval, index: int | None = None, signed: bool = False) -> str:
-    """`0.812 [0.790, 0.833]`; per-label metrics take `index`."""
+def fmt(interval: Interval, index: int | tuple[int, ...] | None = None, signed: bool = False) -> str:
+    """`0.812 [0.790, 0.833]`; per-label metrics take `index` (a tuple for a matrix of them)."""
     pick = (lambda v: v) if index is None else (lambda v: v[index])
     estimate, low, high = pick(interval.estimate), pick(interval.low), pick(interval.high)
     if math.isnan(estimate):

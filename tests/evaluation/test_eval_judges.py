@@ -150,3 +150,16 @@ def test_cli_combines_and_keeps_the_error_contract(world, tmp_path):
 def test_config_errors_say_how_to_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CombineConfig, overrides=overrides)
+
+
+def test_pairwise_kappa_of_each_two_judges(world, tmp_path):
+    tables = judges(world)
+    for name, table in tables.items():
+        storage.write_table(RELEVANCE, table, tmp_path / name)
+    result = run(load_config(CombineConfig, overrides=[*(f"tables.{name}={tmp_path / name}" for name in tables), "n_bootstrap=20",
+                                                       f"out={tmp_path / 'out'}"]))
+    frames = [table.to_pandas().sort_values(["query_id", "product_id"])["label"] for table in tables.values()]
+    pairwise = result.agreement["pairwise_kappa"].estimate
+    assert pairwise.shape == (3, 3) and pairwise[0, 2] == pytest.approx(skm.cohen_kappa_score(frames[0], frames[2]))
+    np.testing.assert_allclose(pairwise, pairwise.T)
+    assert "Each two judges: Cohen's κ" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
