@@ -20,7 +20,10 @@ scores, the binary view, AUCs, NDCG and ECE are computed on covered pairs (gold 
 `coverage` and `coverage_adjusted_accuracy` (uncovered gold pairs scored as wrong) on all gold pairs.
 The binary view calls a pair relevant when its label is in the label set's `relevant`; its score
 for ROC-AUC/PR-AUC is the predicted probability of the relevant labels. NDCG@k ranks each query's
-covered pairs by the predicted `expected_gain`.
+covered pairs by the predicted `expected_gain`. Agreement (Cohen's kappa, Krippendorff's alpha;
+`evaluation.agreement`) is the model against gold on covered pairs and, on the covered pairs with
+several judgments, the judges among themselves (`humans_`: the ceiling), the model against one judge
+(`vs_humans_`) and the paired gap between the two.
 """
 
 from __future__ import annotations
