@@ -222,7 +222,7 @@ def test_report_prints_the_judges_ceiling_beside_the_models(world, tmp_path):
               for i, row in enumerate(rows) if int(row["query_id"][1:]) % 2 == 0]
     judgments = pa.Table.from_pylist(rows + second, schema=JUDGMENTS.arrow_schema())
     predictions = {"model": make_predictions(world.gold, seed=1, accuracy=0.7)}
-    result = evaluate(predictions, judgments, WANDS, ReasoningGraph.load("relevance7"), n_bootstrap=50)
+    result = evaluate(predictions, judgments, WANDS, ReasoningGraph.load("relevance7"), queries=world.queries, n_bootstrap=50)
 
     votes = np.array([[names.index(row["label"]), names.index(other["label"])] for row, other in zip(
         [row for row in rows if int(row["query_id"][1:]) % 2 == 0], second)])
@@ -237,6 +237,10 @@ def test_report_prints_the_judges_ceiling_beside_the_models(world, tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<th>judges among themselves (ceiling)</th>" in page and "Against the judges, on the pairs judged several times" in page
     assert f"{len(second)} gold pairs judged several times" in page
+    segments = {name: s for _, name, s in result.models[0].segments}  # head/torso/tail: queries q % 3
+    assert segments["head"].n_several_judged == sum(int(row["query_id"][1:]) % 6 == 0 for row in second)
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "### Agreement by segment" in markdown and "| judges' κ (ceiling) |" in markdown
     document = json.loads((tmp_path / "metrics.json").read_text())
     assert document["humans"]["humans_kappa"]["estimate"] == pytest.approx(result.humans["humans_kappa"].estimate)
     assert "vs_humans_kappa_gap" in document["models"][0]["metrics"]
