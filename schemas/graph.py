@@ -21,7 +21,8 @@ NODE_KINDS = ("text", "facets", "choice", "label")
 FACETS_NONE = "none"
 
 
-def _resolve(name_or_path: str | Path, folder: str, what: str) -> Path:
+def resolve_yaml(name_or_path: str | Path, folder: str, what: str) -> Path:
+    """The YAML file a name or path means: a path ending in .yaml/.yml as it is, else the bundled `<folder>/<name>.yaml`."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -86,7 +87,7 @@ class ReasoningGraph:
 
     @classmethod
     def load(cls, name_or_path: str | Path = "relevance7") -> ReasoningGraph:
-        path = _resolve(name_or_path, "graphs", "graph")
+        path = resolve_yaml(name_or_path, "graphs", "graph")
         raw = yaml.safe_load(path.read_text())
         where = str(path)
         nodes = tuple(
@@ -173,7 +174,7 @@ class LabelSet:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> LabelSet:
-        path = _resolve(name_or_path, "labelsets", "label set")
+        path = resolve_yaml(name_or_path, "labelsets", "label set")
         raw = yaml.safe_load(path.read_text())
         where = str(path)
         labels = tuple(
