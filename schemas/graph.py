@@ -18,6 +18,7 @@ import yaml
 
 _HERE = Path(__file__).parent
 NODE_KINDS = ("text", "facets", "choice", "label")
+LABEL_KEYS = {"name", "gain", "description"}
 FACETS_NONE = "none"
 
 
@@ -177,9 +178,15 @@ class LabelSet:
         path = resolve_yaml(name_or_path, "labelsets", "label set")
         raw = yaml.safe_load(path.read_text())
         where = str(path)
+        items = _require(raw, "labels", where)
+        for item in items:
+            unknown = sorted(set(item) - LABEL_KEYS)
+            if unknown:  # e.g. `{description: exact, the product ...}`: a comma in a flow mapping starts another key
+                raise ValueError(f"{where}: label {item.get('name')!r} has unknown keys {unknown}; a label has {sorted(LABEL_KEYS)} "
+                                 "(quote a description that holds a comma)")
         labels = tuple(
             Label(_require(item, "name", where), float(_require(item, "gain", where)), item.get("description", ""))
-            for item in _require(raw, "labels", where)
+            for item in items
         )
         rule = []
         for clause in raw.get("rule", ()):

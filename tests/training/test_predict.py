@@ -37,6 +37,16 @@ def test_label_prefix_by_order_and_for_malformed_generations():
     assert candidate_completions("p\ny: ", REASONING_FIRST, LABELS)[2] == "p\ny: Irrelevant"
 
 
+def test_a_zero_shot_judges_label_follows_its_answer_prefix_and_ends_its_answer():
+    from schemas.judge_prompt import JudgePrompt, ZeroShot
+
+    judge = answer_format(GRAPH, "reasoning_first", ZeroShot(JudgePrompt.load("zero_shot"), LABELS, GRAPH, "reasoning_first"))
+    assert label_prefix("qs: sofa\n\nThe sofa fits.\n  Label: Exact\nmore", judge) == "qs: sofa\nThe sofa fits.\nLabel: "
+    assert candidate_completions("Label: ", judge, LABELS) == ["Label: Exact", "Label: Partial", "Label: Irrelevant"]  # EOS follows
+    direct = answer_format(GRAPH, "label_first", ZeroShot(JudgePrompt.load("zero_shot"), LABELS, GRAPH, "label_first"))
+    assert label_prefix("anything", direct) == "Label: " and direct.label_last
+
+
 @pytest.mark.parametrize("order", ["label_first", "reasoning_first"])
 def test_label_probabilities_are_the_label_step_softmax_over_label_tokens(tiny_model, order):
     model, tokenizer = load_model(tiny_model)

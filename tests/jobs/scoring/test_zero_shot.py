@@ -129,6 +129,25 @@ def test_an_edited_prompt_is_another_judge_and_a_comment_is_not(sharded_policy, 
     assert scorer_version(ScorerSpec(backend="hf", model=str(sharded_policy))) not in (original, changed)
 
 
+def test_the_messages_hold_the_label_definitions_the_pair_and_the_task(tmp_path):
+    from schemas.graph import LabelSet, ReasoningGraph
+    from schemas.judge_prompt import ZeroShot
+
+    path = tmp_path / "with_system.yaml"
+    path.write_text(BUNDLED.read_text().replace('system: ""', 'system: "You rate search results."'))
+    labels, graph = LabelSet.load("esci"), ReasoningGraph.load("relevance7")
+    fields = {"query": "cost $5 sofa", "title": "Sofa", "type": "", "attributes": "color=gray", "description": ""}
+    system, user = ZeroShot(JudgePrompt.load(path), labels, graph, "label_first").messages(fields)
+    assert system == {"role": "system", "content": "You rate search results."} and user["role"] == "user"
+    assert "- C: complement: does not fulfil the query but goes with an exact item" in user["content"]
+    assert "Query: cost $5 sofa\nProduct:\ntitle: Sofa\nattributes: color=gray\n" in user["content"]  # empty fields left out
+    assert user["content"].endswith("Answer on one line: `Label:` followed by the one label that fits best (E, S, C, I), and nothing else.")
+    (user,) = ZeroShot(JudgePrompt.load("zero_shot"), labels, graph, "product_first").messages(fields)
+    steps = [line.split(":")[0] for line in user["content"].splitlines() if line.startswith("- ") and line[2:4] in graph.node_names]
+    assert steps == ["- ps", "- pa", "- qs", "- qa", "- ms", "- ma"]  # the graph's nodes in the order asked for, the label last
+    assert "- ms: subject match (one of: match, related, mismatch)" in user["content"]
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("user: 'Query: $query'", "a prompt file holds exactly the keys"),
     (BUNDLED.read_text().replace("$product", "$item"), r"user: unknown placeholders \['item'\] / missing placeholders \['product'\]"),
