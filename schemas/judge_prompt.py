@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from string import Template
 
@@ -75,7 +75,7 @@ class JudgePrompt:
         """A bundled prompt by name (`zero_shot`) or a YAML file by path; every key required, no other allowed."""
         path = resolve_yaml(name_or_path, "prompts", "prompt")
         raw = yaml.safe_load(path.read_text())
-        keys = [name for name in cls.__dataclass_fields__]
+        keys = [field.name for field in fields(cls)]
         if not isinstance(raw, dict) or sorted(raw) != sorted(keys):
             given = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"{path}: a prompt file holds exactly the keys {keys}, got {given}")
