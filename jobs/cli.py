@@ -291,6 +291,10 @@ def score(
     out: Path | None = typer.Option(None, "--out", "-o", help="Data root of the relevance table."),
     reasoning: str | None = typer.Option(None, "--reasoning", help="Which pairs keep their generated reasoning."),
     engine: str | None = typer.Option(None, "--engine", help="local: this process; spark: mapInArrow, one scorer per executor."),
+    prompt: str | None = typer.Option(None, "--prompt", help="policy (a trained policy's own), or judge zero-shot with any instruct "
+                                      "model: zero_shot or your edited copy of schemas/prompts/zero_shot.yaml."),
+    chat_template: Path | None = typer.Option(None, "--chat-template", help="Zero-shot: a Jinja chat template file, for a model folder "
+                                              "without one."),
     config: Path | None = ConfigOption,
     sets: list[str] | None = SetOption,
 ) -> None:
@@ -299,7 +303,7 @@ def score(
     from jobs.scoring.run import run
 
     run(_load(ScoreConfig, config, sets, date=date, backend=backend, model=model, pairs=pairs, catalog=catalog, out=out,
-              reasoning=reasoning, engine=engine))
+              reasoning=reasoning, engine=engine, prompt=prompt, chat_template=chat_template))
 
 
 @app.command(cls=config_command("jobs.export:ExportConfig"))

@@ -18,10 +18,12 @@ import yaml
 
 _HERE = Path(__file__).parent
 NODE_KINDS = ("text", "facets", "choice", "label")
+LABEL_KEYS = {"name", "gain", "description"}
 FACETS_NONE = "none"
 
 
-def _resolve(name_or_path: str | Path, folder: str, what: str) -> Path:
+def resolve_yaml(name_or_path: str | Path, folder: str, what: str) -> Path:
+    """The YAML file a name or path means: a path ending in .yaml/.yml as it is, else the bundled `<folder>/<name>.yaml`."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -86,7 +88,7 @@ class ReasoningGraph:
 
     @classmethod
     def load(cls, name_or_path: str | Path = "relevance7") -> ReasoningGraph:
-        path = _resolve(name_or_path, "graphs", "graph")
+        path = resolve_yaml(name_or_path, "graphs", "graph")
         raw = yaml.safe_load(path.read_text())
         where = str(path)
         nodes = tuple(
@@ -173,12 +175,18 @@ class LabelSet:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> LabelSet:
-        path = _resolve(name_or_path, "labelsets", "label set")
+        path = resolve_yaml(name_or_path, "labelsets", "label set")
         raw = yaml.safe_load(path.read_text())
         where = str(path)
+        items = _require(raw, "labels", where)
+        for item in items:
+            unknown = sorted(set(item) - LABEL_KEYS)
+            if unknown:  # e.g. `{description: exact, the product ...}`: a comma in a flow mapping starts another key
+                raise ValueError(f"{where}: label {item.get('name')!r} has unknown keys {unknown}; a label has {sorted(LABEL_KEYS)} "
+                                 "(quote a description that holds a comma)")
         labels = tuple(
             Label(_require(item, "name", where), float(_require(item, "gain", where)), item.get("description", ""))
-            for item in _require(raw, "labels", where)
+            for item in items
         )
         rule = []
         for clause in raw.get("rule", ()):

@@ -51,7 +51,7 @@ def sharded_policy(tmp_path_factory) -> Path:
 
     tokenizer = convert_tekken_tokenizer(str(tekken_file()))  # the chat template: mistral_common's for this tokenizer
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+                           num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

@@ -18,7 +18,7 @@ from schemas.graph import ReasoningGraph
 from schemas.storage import read_table
 from schemas.tables import TRAINING_EXAMPLES
 from training.cot import node_spans, render_cot, token_nodes
-from training.prompt import build_prompt, prompt_offsets
+from training.prompt import build_prompt, chat_ids, prompt_offsets
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # the label of a token the loss skips
@@ -68,10 +68,7 @@ def load_pairs(data: Path, label_set: str, split: str) -> list[dict]:
 
 def prompt_ids(tokenizer, prompt_text: str) -> list[int]:
     """The token ids of the chat-templated user turn `prompt_text`, ending where the assistant's answer starts."""
-    encoded = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt_text}], add_generation_prompt=True, tokenize=True
-    )
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt_text}])
 
 
 def token_node_map(tokenizer, ids: Sequence[int], graph: ReasoningGraph) -> list[str | None]:

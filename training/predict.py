@@ -18,6 +18,13 @@ transformers path, the vLLM scorer with `allowed_token_ids`) computes exactly th
   prompt in `label_first`.
 - Reasoning modes: `none` keeps no text, `all` keeps every pair's, `sample` keeps a deterministic
   share of pairs (by a hash of query and product id, so a re-run picks the same ones).
+
+A zero-shot judge (`schemas.judge_prompt.ZeroShot`: any instruct model, no training) is scored the
+same way: its prompt is the judge prompt through the model's chat template, the label tag is the
+prompt's `answer_prefix` (its answer ends with the label, so EOS is the terminator), and in
+`reasoning_first` (any order that does not start with the label) the greedy reasoning is generated
+first and the label step sits after it. Its reasoning is free text; the node decisions are what the
+lenient parser finds in it (the prompt asks for the graph's nodes as `tag: value` lines).
 """
 
 from __future__ import annotations
@@ -31,35 +38,53 @@ from pathlib import Path
 import pyarrow as pa
 
 from schemas.graph import LabelSet, ReasoningGraph
+from schemas.judge_prompt import ZeroShot
 from schemas.tables import RELEVANCE
 from training.cot import SEPARATOR, parse_cot
 
 REASONING_MODES = ("none", "sample", "all")
 
 
-def label_prefix(generated: str, graph: ReasoningGraph, order: str) -> str:
+@dataclass(frozen=True)
+class AnswerFormat:
+    """Where a completion writes its label: on a line of its own after `tag`; after the reasoning
+    (`reasoning_first`) or before anything else; as the completion's end (`label_last`: EOS follows
+    it) or followed by a newline and more lines."""
+
+    tag: str
+    reasoning_first: bool
+    label_last: bool
+
+
+def answer_format(graph: ReasoningGraph, order: str, zero_shot: ZeroShot | None = None) -> AnswerFormat:
+    """A policy's answer format in `order` (the label node's `y: ` line), or the zero-shot judge's (its answer prefix)."""
+    if zero_shot is not None:
+        return AnswerFormat(tag=zero_shot.prompt.answer_prefix, reasoning_first=zero_shot.reasoning_first, label_last=True)
+    return AnswerFormat(tag=f"{graph.label_node}{SEPARATOR}", reasoning_first=not graph.label_comes_first(order),
+                        label_last=graph.order(order)[-1] == graph.label_node)
+
+
+def label_prefix(generated: str, answer: AnswerFormat) -> str:
     """The completion text before the label's value, given what the model generated.
 
-    `reasoning_first`: the generated text up to its own label line (or all of it, when it never
-    wrote one) followed by the label tag. `label_first`: just the tag.
+    Reasoning first: the generated text up to its own label line (or all of it, when it never
+    wrote one), blank lines dropped, followed by the label tag. Label first: just the tag.
     """
-    tag = f"{graph.label_node}{SEPARATOR}"
-    if graph.label_comes_first(order):
-        return tag
-    lines = generated.split("\n")
+    if not answer.reasoning_first:
+        return answer.tag
+    mark = answer.tag.strip()
     reasoning = []
-    for line in lines:
-        if line.startswith(tag):
+    for line in generated.split("\n"):
+        if line.strip().startswith(mark):
             break
         reasoning.append(line)
     body = "\n".join(line for line in reasoning if line.strip())
-    return f"{body}\n{tag}" if body else tag
+    return f"{body}\n{answer.tag}" if body else answer.tag
 
 
-def candidate_completions(prefix: str, graph: ReasoningGraph, order: str, labels: LabelSet) -> list[str]:
+def candidate_completions(prefix: str, answer: AnswerFormat, labels: LabelSet) -> list[str]:
     """One completion text per label: the prefix, the label, and the newline when more lines follow."""
-    last = graph.order(order)[-1] == graph.label_node
-    return [prefix + name + ("" if last else "\n") for name in labels.names]
+    return [prefix + name + ("" if answer.label_last else "\n") for name in labels.names]
 
 
 @dataclass(frozen=True)
@@ -70,26 +95,25 @@ class LabelStep:
     label_tokens: tuple[int, ...]
 
 
-def label_steps(tokenizer, prompts: Sequence[Sequence[int]], prefixes: Sequence[str], graph: ReasoningGraph, order: str,
+def label_steps(tokenizer, prompts: Sequence[Sequence[int]], prefixes: Sequence[str], answer: AnswerFormat,
                 labels: LabelSet) -> list[LabelStep]:
     """The label step of each prompt given its completion prefix (see the module doc)."""
-    last = graph.order(order)[-1] == graph.label_node
-    terminator = [tokenizer.eos_token_id] if last else []
+    terminator = [tokenizer.eos_token_id] if answer.label_last else []
     by_prefix: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # label_first: one prefix for every pair
     steps = []
     for prompt, prefix in zip(prompts, prefixes):
         if prefix not in by_prefix:
-            by_prefix[prefix] = _label_tokens(tokenizer, prefix, terminator, graph, order, labels)
+            by_prefix[prefix] = _label_tokens(tokenizer, prefix, terminator, answer, labels)
         shared, firsts = by_prefix[prefix]
         steps.append(LabelStep(context=tuple(prompt) + shared, label_tokens=firsts))
     return steps
 
 
-def _label_tokens(tokenizer, prefix: str, terminator: list[int], graph: ReasoningGraph, order: str,
+def _label_tokens(tokenizer, prefix: str, terminator: list[int], answer: AnswerFormat,
                   labels: LabelSet) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(the candidates' shared completion tokens, each label's first token after them) for one prefix."""
     completions = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) + terminator
-                   for text in candidate_completions(prefix, graph, order, labels)]
+                   for text in candidate_completions(prefix, answer, labels)]
     shared = 0
     while all(len(c) > shared for c in completions) and len({c[shared] for c in completions}) == 1:
         shared += 1
@@ -150,42 +174,47 @@ def reasoning_wanted(pairs: Sequence[dict], mode: str, sample_rate: float) -> li
     return [drawn(pair) for pair in pairs]
 
 
-def generation_needed(graph: ReasoningGraph, order: str, wanted: Sequence[bool]) -> list[bool]:
-    """Which pairs must be generated: all in `reasoning_first` (the label follows the reasoning), the wanted ones otherwise."""
-    if graph.label_comes_first(order):
+def generation_needed(answer: AnswerFormat, wanted: Sequence[bool]) -> list[bool]:
+    """Which pairs must be generated: all when the reasoning comes first (the label follows it), the wanted ones otherwise."""
+    if not answer.reasoning_first:
         return list(wanted)
     return [True] * len(wanted)
 
 
-def pair_prompts(tokenizer, pairs: Sequence[dict], prompt_tokens: int) -> list[list[int]]:
-    """The policy's prompt token ids of each pair (query, title, product_type, attributes, description)."""
-    from training.examples import prompt_ids
-    from training.prompt import build_prompt, prompt_offsets
+def pair_prompts(tokenizer, pairs: Sequence[dict], prompt_tokens: int, zero_shot: ZeroShot | None = None) -> list[list[int]]:
+    """The prompt token ids of each pair (query, title, product_type, attributes, description): the policy's
+    prompt, or the zero-shot judge's messages through the tokenizer's chat template; the pair's fields are held
+    to `prompt_tokens` either way."""
+    from training.prompt import build_prompt, chat_ids, prompt_offsets
 
     offsets = prompt_offsets(tokenizer)
-    return [
-        prompt_ids(tokenizer, build_prompt(pair["query"], pair["title"], pair["product_type"], pair["attributes"],
-                                           pair["description"], offsets, prompt_tokens).text)
-        for pair in pairs
-    ]
+    prompts = []
+    for pair in pairs:
+        prompt = build_prompt(pair["query"], pair["title"], pair["product_type"], pair["attributes"], pair["description"], offsets,
+                              prompt_tokens)
+        messages = zero_shot.messages(prompt.fields) if zero_shot is not None else [{"role": "user", "content": prompt.text}]
+        prompts.append(chat_ids(tokenizer, messages))
+    return prompts
 
 
 def relevance_rows(
     model, tokenizer, pairs: Sequence[dict], prompts: Sequence[Sequence[int]], graph: ReasoningGraph, labels: LabelSet,
     order: str, *, reasoning: str, model_name: str, model_version: str, ds: dt.date, batch_size: int = 64,
-    max_new_tokens: int = 96, reasoning_sample: float = 0.0,
+    max_new_tokens: int = 96, reasoning_sample: float = 0.0, zero_shot: ZeroShot | None = None,
 ) -> pa.Table:
-    """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`."""
+    """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`
+    (`pair_prompts` with the same `zero_shot`: None for a trained policy)."""
     from training.decoding import generate
 
+    answer = answer_format(graph, order, zero_shot)
     wanted = reasoning_wanted(pairs, reasoning, reasoning_sample)
-    to_generate = [i for i, needed in enumerate(generation_needed(graph, order, wanted)) if needed]
+    to_generate = [i for i, needed in enumerate(generation_needed(answer, wanted)) if needed]
     texts = [""] * len(pairs)
     generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size)
     for i, text in zip(to_generate, generated.texts):
         texts[i] = text
-    prefixes = [label_prefix(text, graph, order) for text in texts]
-    probabilities = label_step_probabilities(model, label_steps(tokenizer, prompts, prefixes, graph, order, labels), batch_size)
+    prefixes = [label_prefix(text, answer) for text in texts]
+    probabilities = label_step_probabilities(model, label_steps(tokenizer, prompts, prefixes, answer, labels), batch_size)
     decisions = [node_decisions(text, graph, order, labels) for text in texts]
     return relevance_table(pairs, probabilities, decisions, [text if keep else None for text, keep in zip(texts, wanted)], labels,
                            model_name=model_name, model_version=model_version, ds=ds)

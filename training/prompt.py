@@ -23,9 +23,11 @@ vocabularies are a few dozen characters of repeated punctuation.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from schemas.graph import format_facets
 
@@ -39,6 +41,7 @@ class Prompt:
     text: str
     n_tokens: int
     truncated: tuple[str, ...]  # fields that were shortened or dropped
+    fields: Mapping[str, str]  # each field's text as `text` shows it (a zero-shot prompt places them in its own words)
 
 
 def product_facets(product: Mapping) -> dict[str, str]:
@@ -103,7 +106,7 @@ def build_prompt(
             n_tokens = len(offsets(text))
         if n_tokens <= max_tokens:
             break
-    return Prompt(text=text, n_tokens=n_tokens, truncated=tuple(truncated))
+    return Prompt(text=text, n_tokens=n_tokens, truncated=tuple(truncated), fields=fields)
 
 
 def prompt_offsets(tokenizer) -> Callable[[str], list[tuple[int, int]]]:
@@ -114,3 +117,41 @@ def prompt_offsets(tokenizer) -> Callable[[str], list[tuple[int, int]]]:
         return [tuple(pair) for pair in encoded["offset_mapping"]]
 
     return offsets
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of `messages` under the tokenizer's chat template, ending where the assistant's answer starts."""
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # where save_pretrained puts it, beside tokenizer_config.json
+
+
+def folder_chat_template(folder: str | Path) -> str | None:
+    """The chat template a model folder's tokenizer loads with, read from its files (no tokenizer loaded), or None."""
+    folder = Path(folder)
+    for name in CHAT_TEMPLATE_FILES:
+        if (folder / name).is_file():
+            return (folder / name).read_text()
+    config = folder / "tokenizer_config.json"
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    return json.dumps(template) if isinstance(template, list) else template  # a list: named templates
+
+
+def chat_template(folder: str | Path, template_file: str | None) -> str:
+    """The chat template a zero-shot prompt is rendered with: the file given, else the model folder's own.
+
+    A folder without one is refused: a base model's or a bare tokenizer's text would reach the model
+    with no turn markers, which an instruct model was never trained to read."""
+    if template_file:
+        path = Path(template_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"chat template file {path} does not exist")
+        return path.read_text()
+    template = folder_chat_template(folder)
+    if not template:
+        raise ValueError(f"model folder {folder} has no chat template (no {' or '.join(CHAT_TEMPLATE_FILES)}, no chat_template in "
+                         "tokenizer_config.json), so a zero-shot prompt cannot be put to it as the model expects; give its "
+                         "template (a Jinja file) with chat_template=FILE, or use an instruct model's folder")
+    return template

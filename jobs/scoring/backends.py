@@ -1,7 +1,8 @@
 """The scoring backends behind one interface (`jobs.scoring.spec.Scorer`): each turns pairs into RELEVANCE rows.
 
 - `hf`: the policy through transformers (`training.predict.relevance_rows`): greedy CoT where it is
-  needed, the label distribution read at the label step.
+  needed, the label distribution read at the label step. With a zero-shot prompt (`spec.prompt`), any
+  instruct model the same way, through its chat template.
 - `vllm`: the same policy and the same distribution through vLLM's offline engine
   (`jobs.scoring.vllm_scorer`), with structured outputs so every generated CoT follows the CoT format
   (a regex cannot forbid a facets line from repeating a key, which the strict parser rejects).
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from jobs.scoring.spec import ScorerSpec, scorer_version
+from jobs.scoring.spec import ScorerSpec, judge_tokenizer, scorer_version
 
 
 class HFScorer:
@@ -33,6 +34,7 @@ class HFScorer:
         self.spec = spec
         self.model, self.tokenizer = load_model(spec.model, spec.dtype)
         self.model.to(spec.device)
+        self.tokenizer = judge_tokenizer(self.tokenizer, spec)
         self.graph, self.labels = ReasoningGraph.load(spec.graph), LabelSet.load(spec.label_set)
         self.model_name = spec.name
         self.model_version = scorer_version(spec)
@@ -41,10 +43,11 @@ class HFScorer:
         from training.predict import pair_prompts, relevance_rows
 
         spec = self.spec
+        zero_shot = spec.zero_shot()
         return relevance_rows(
-            self.model, self.tokenizer, pairs, pair_prompts(self.tokenizer, pairs, spec.prompt_tokens), self.graph, self.labels,
+            self.model, self.tokenizer, pairs, pair_prompts(self.tokenizer, pairs, spec.prompt_tokens, zero_shot), self.graph, self.labels,
             spec.order, reasoning=spec.reasoning, reasoning_sample=spec.reasoning_sample, model_name=self.model_name,
-            model_version=self.model_version, ds=ds, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
+            model_version=self.model_version, ds=ds, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, zero_shot=zero_shot,
         )
 
     def close(self) -> None:

@@ -14,12 +14,16 @@ The model version that scores are cached under (`Scorer.model_version`) is the w
 short hash of the settings that change the label distribution (CoT order, graph, label set, prompt
 budget; the student's input length): the hf and vllm backends compute the same distribution, so
 they share a version and each other's cached scores; the reasoning mode is not part of it (a cached
-row keeps the reasoning it was scored with).
+row keeps the reasoning it was scored with). A zero-shot judge's version also names its prompt and
+hashes the prompt file's content, the text it renders (label definitions, reasoning steps) and the
+chat template (`<weights>-<prompt name>-<hash>`): an edited prompt or template is another judge, and
+nothing scored under the old one is reused.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import importlib
 import json
@@ -31,6 +35,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from schemas.config import help_field
+from schemas.graph import LabelSet, ReasoningGraph
+from schemas.judge_prompt import POLICY_PROMPT, PRODUCT_FIELDS, JudgePrompt, ZeroShot
 from training.model_files import ModelFolderError, weight_files
 from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import REASONING_MODES
@@ -73,6 +79,8 @@ class ScorerSpec(ScorerSettings):
     label_set: str = "wands"
     order: str = "label_first"
     prompt_tokens: int = 48
+    prompt: str = POLICY_PROMPT  # or a zero-shot judge prompt: a bundled name or a YAML path (schemas.judge_prompt)
+    chat_template: str | None = None  # zero-shot: a Jinja file used instead of the model folder's chat template
     seed: int = 0
     kv_cache_bytes: int = 1 << 30
 
@@ -84,6 +92,28 @@ class ScorerSpec(ScorerSettings):
     @property
     def name(self) -> str:
         return self.model_name or Path(self.model).name
+
+    def zero_shot(self) -> ZeroShot | None:
+        """The zero-shot judge this spec scores with, or None for a trained policy's own prompt."""
+        return None if self.prompt == POLICY_PROMPT else _zero_shot(self.prompt, self.label_set, self.graph, self.order)
+
+
+@functools.cache
+def _zero_shot(prompt: str, label_set: str, graph: str, order: str) -> ZeroShot:
+    # read once per process: the version the job computes first and the text its scorer renders are the same file's
+    return ZeroShot(JudgePrompt.load(prompt), LabelSet.load(label_set), ReasoningGraph.load(graph), order)
+
+
+def judge_tokenizer(tokenizer, spec: ScorerSpec):
+    """`tokenizer` with the chat template a zero-shot spec renders with (its file, else the folder's own; see
+    `training.prompt.chat_template`); a policy's tokenizer as it is."""
+    if spec.prompt != POLICY_PROMPT:
+        from training.prompt import chat_template
+
+        template = chat_template(spec.model, spec.chat_template)  # refuses a folder without one when no file is given
+        if spec.chat_template:
+            tokenizer.chat_template = template
+    return tokenizer
 
 
 class Scorer(Protocol):
@@ -114,6 +144,10 @@ def check_model_folder(spec: ScorerSpec) -> None:
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise ModelFolderError(f"model folder {folder} lacks {', '.join(missing)}: not a complete saved model")
+    if spec.prompt != POLICY_PROMPT:
+        from training.prompt import chat_template
+
+        chat_template(folder, spec.chat_template)
     if spec.backend == "vllm":
         from training.vllm_engine import check_servable
 
@@ -145,5 +179,17 @@ def scorer_version(spec: ScorerSpec) -> str:
     weights = model_version(spec.model)
     if spec.backend == "student":
         return settings_version(weights, {"max_length": student_meta(spec.model)["max_length"]})
-    return settings_version(weights, {"graph": spec.graph, "label_set": spec.label_set, "order": spec.order,
-                                      "prompt_tokens": spec.prompt_tokens})
+    settings = {"graph": spec.graph, "label_set": spec.label_set, "order": spec.order, "prompt_tokens": spec.prompt_tokens}
+    zero_shot = spec.zero_shot()
+    if zero_shot is None:
+        return settings_version(weights, settings)
+    from training.prompt import chat_template
+
+    placeholders = {name: f"${name}" for name in ("query", *PRODUCT_FIELDS)}
+    rendered = json.dumps(zero_shot.messages(placeholders))  # the label set's definitions and the graph's steps as the model reads them
+    settings |= {"prompt": zero_shot.prompt.digest, "rendered": _sha(rendered), "chat_template": _sha(chat_template(spec.model, spec.chat_template))}
+    return settings_version(f"{weights}-{zero_shot.prompt.name}", settings)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

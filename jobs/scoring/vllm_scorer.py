@@ -7,7 +7,8 @@ label step is, node decisions, the table); only the two model computations move 
   structured outputs to `training.cot.cot_regex` (xgrammar backend), so every CoT that ends (EOS)
   within the budget parses strictly, unless a facets line repeats a key (the one rule the regex
   cannot state). Where the unconstrained greedy CoT is already well formed every one of its tokens
-  is allowed, so the constraint changes nothing: the text equals the hf backend's.
+  is allowed, so the constraint changes nothing: the text equals the hf backend's. A zero-shot
+  judge's reasoning is free text, generated unconstrained as the hf backend generates it.
 - The label distribution: one request per pair whose prompt is the label step's context, one token,
   `allowed_token_ids` = the step's label tokens, `logprobs` = the number of labels. The engine runs
   with `logprobs_mode="processed_logprobs"` (`training.vllm_engine`), and vLLM 0.32's sampler
@@ -37,17 +38,19 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from jobs.scoring.spec import ScorerSpec, scorer_version
+from jobs.scoring.spec import ScorerSpec, judge_tokenizer, scorer_version
 
 # Tokens the engine holds beyond the prompt budget and the generation: the chat template around the
 # prompt, the label tag after the reasoning, and a query longer than the budget (it is never cut).
 PROMPT_MARGIN = 256
+EMPTY_PAIR = {"query": "", "title": "", "product_type": "", "attributes": {}, "description": None}
 
 
-def max_model_len(spec: ScorerSpec) -> int:
-    """The engine's longest sequence: prompt budget + margin + generation, within the model's positions."""
+def max_model_len(spec: ScorerSpec, instruction_tokens: int = 0) -> int:
+    """The engine's longest sequence: prompt budget + a zero-shot prompt's own text (`instruction_tokens`) + margin +
+    generation, within the model's positions."""
     config = json.loads((Path(spec.model) / "config.json").read_text())
-    return min(spec.prompt_tokens + PROMPT_MARGIN + spec.max_new_tokens, config.get("max_position_embeddings", math.inf))
+    return min(spec.prompt_tokens + instruction_tokens + PROMPT_MARGIN + spec.max_new_tokens, config.get("max_position_embeddings", math.inf))
 
 
 class VLLMScorer:
@@ -58,6 +61,7 @@ class VLLMScorer:
         from transformers import AutoTokenizer
 
         from schemas.graph import LabelSet, ReasoningGraph
+        from training.predict import pair_prompts
         from training.vllm_engine import build_engine
 
         if spec.device.startswith("cuda:"):
@@ -66,8 +70,9 @@ class VLLMScorer:
             os.environ["CUDA_VISIBLE_DEVICES"] = spec.device.split(":", 1)[1]
         self.spec = spec
         self.graph, self.labels = ReasoningGraph.load(spec.graph), LabelSet.load(spec.label_set)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=False)
-        self.max_model_len = max_model_len(spec)
+        self.tokenizer = judge_tokenizer(AutoTokenizer.from_pretrained(spec.model, trust_remote_code=False), spec)
+        zero_shot = spec.zero_shot()
+        self.max_model_len = max_model_len(spec, len(pair_prompts(self.tokenizer, [EMPTY_PAIR], 1, zero_shot)[0]) if zero_shot else 0)
         self.engine = build_engine(spec.model, seed=spec.seed, max_model_len=self.max_model_len, dtype=spec.dtype,
                                    kv_cache_bytes=spec.kv_cache_bytes, structured_outputs_config={"backend": "xgrammar"}, **engine_options)
         self.model_name = spec.name
@@ -75,20 +80,31 @@ class VLLMScorer:
 
     def score(self, pairs: Sequence[dict], ds: dt.date) -> pa.Table:
         from training.cot import cot_regex
-        from training.predict import generation_needed, label_prefix, label_steps, node_decisions, pair_prompts, reasoning_wanted, relevance_table
+        from training.predict import (
+            answer_format,
+            generation_needed,
+            label_prefix,
+            label_steps,
+            node_decisions,
+            pair_prompts,
+            reasoning_wanted,
+            relevance_table,
+        )
 
         spec, graph, labels = self.spec, self.graph, self.labels
-        prompts = pair_prompts(self.tokenizer, pairs, spec.prompt_tokens)
+        zero_shot = spec.zero_shot()
+        answer = answer_format(graph, spec.order, zero_shot)
+        prompts = pair_prompts(self.tokenizer, pairs, spec.prompt_tokens, zero_shot)
         self._check_lengths(pairs, prompts)
         wanted = reasoning_wanted(pairs, spec.reasoning, spec.reasoning_sample)
-        to_generate = [i for i, needed in enumerate(generation_needed(graph, spec.order, wanted)) if needed]
-        regex = cot_regex(graph, labels.names, spec.order)
+        to_generate = [i for i, needed in enumerate(generation_needed(answer, wanted)) if needed]
+        regex = cot_regex(graph, labels.names, spec.order) if zero_shot is None else None
         texts = [""] * len(pairs)
 
         def steps():
-            return label_steps(self.tokenizer, prompts, [label_prefix(text, graph, spec.order) for text in texts], graph, spec.order, labels)
+            return label_steps(self.tokenizer, prompts, [label_prefix(text, answer) for text in texts], answer, labels)
 
-        label_first = graph.label_comes_first(spec.order)
+        label_first = not answer.reasoning_first
         # label_first: the label step precedes the reasoning (its prefix is the tag alone), so it joins the generations' call
         generated, probabilities = self._run([prompts[i] for i in to_generate], regex, steps() if label_first else [])
         for i, text in zip(to_generate, generated):
@@ -99,15 +115,16 @@ class VLLMScorer:
         return relevance_table(pairs, probabilities, decisions, [text if keep else None for text, keep in zip(texts, wanted)], labels,
                                model_name=self.model_name, model_version=self.model_version, ds=ds)
 
-    def _run(self, generate: Sequence[Sequence[int]], regex: str, steps) -> tuple[list[str], list[list[float]]]:
-        """(greedy CoTs of the `generate` prompts constrained to `regex`, label distributions of the label `steps`), one engine call."""
+    def _run(self, generate: Sequence[Sequence[int]], regex: str | None, steps) -> tuple[list[str], list[list[float]]]:
+        """(greedy CoTs of the `generate` prompts constrained to `regex` (None: free text), label distributions of the label
+        `steps`), one engine call."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import StructuredOutputsParams
 
         eos = self.tokenizer.eos_token_id
         cot = SamplingParams(temperature=0.0, max_tokens=self.spec.max_new_tokens, stop_token_ids=[eos], detokenize=False,
-                             structured_outputs=StructuredOutputsParams(regex=regex))
+                             structured_outputs=StructuredOutputsParams(regex=regex) if regex is not None else None)
         requests = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in generate]
         params = [cot] * len(generate)
         for step in steps:

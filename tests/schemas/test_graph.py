@@ -87,6 +87,14 @@ def test_label_rule(ms, ma, wands, esci):
     assert LabelSet.load("esci").label_from_nodes({"ms": ms, "ma": ma}) == esci
 
 
+def test_a_label_with_an_unknown_key_is_refused(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nlabels:\n  - {name: E, gain: 1.0, description: exact, the product fits}\n")
+    with pytest.raises(ValueError, match=r"label 'E' has unknown keys \['the product fits'\].*quote a description"):
+        LabelSet.load(path)
+    assert LabelSet.load("esci").labels[0].description == "exact: the product is relevant and satisfies every constraint"
+
+
 def test_label_sets_have_gains_in_label_order():
     wands = LabelSet.load("wands")
     assert wands.names == ["Exact", "Partial", "Irrelevant"]

@@ -12,20 +12,39 @@ from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import RELEVANCE
 from training.cot import parse_cot
 from training.model import load_model
-from training.predict import candidate_completions, label_prefix, label_step_probabilities, label_steps, reasoning_wanted, relevance_rows
+from training.predict import (
+    answer_format,
+    candidate_completions,
+    label_prefix,
+    label_step_probabilities,
+    label_steps,
+    reasoning_wanted,
+    relevance_rows,
+)
 
 GRAPH = ReasoningGraph.load("relevance7")
 LABELS = LabelSet.load("wands")
 REASONING = "qs: sofa\nqa: color=gray\nps: sofa\npa: color=blue\nms: match\nma: mismatch"
+LABEL_FIRST, REASONING_FIRST = answer_format(GRAPH, "label_first"), answer_format(GRAPH, "reasoning_first")
 
 
 def test_label_prefix_by_order_and_for_malformed_generations():
-    assert label_prefix("anything at all", GRAPH, "label_first") == "y: "
-    assert label_prefix(REASONING + "\ny: Partial", GRAPH, "reasoning_first") == REASONING + "\ny: "
-    assert label_prefix(REASONING, GRAPH, "reasoning_first") == REASONING + "\ny: "  # never wrote its label
-    assert label_prefix("", GRAPH, "reasoning_first") == "y: "
-    assert candidate_completions("y: ", GRAPH, "label_first", LABELS) == ["y: Exact\n", "y: Partial\n", "y: Irrelevant\n"]
-    assert candidate_completions("p\ny: ", GRAPH, "reasoning_first", LABELS)[2] == "p\ny: Irrelevant"
+    assert label_prefix("anything at all", LABEL_FIRST) == "y: "
+    assert label_prefix(REASONING + "\ny: Partial", REASONING_FIRST) == REASONING + "\ny: "
+    assert label_prefix(REASONING, REASONING_FIRST) == REASONING + "\ny: "  # never wrote its label
+    assert label_prefix("", REASONING_FIRST) == "y: "
+    assert candidate_completions("y: ", LABEL_FIRST, LABELS) == ["y: Exact\n", "y: Partial\n", "y: Irrelevant\n"]
+    assert candidate_completions("p\ny: ", REASONING_FIRST, LABELS)[2] == "p\ny: Irrelevant"
+
+
+def test_a_zero_shot_judges_label_follows_its_answer_prefix_and_ends_its_answer():
+    from schemas.judge_prompt import JudgePrompt, ZeroShot
+
+    judge = answer_format(GRAPH, "reasoning_first", ZeroShot(JudgePrompt.load("zero_shot"), LABELS, GRAPH, "reasoning_first"))
+    assert label_prefix("qs: sofa\n\nThe sofa fits.\n  Label: Exact\nmore", judge) == "qs: sofa\nThe sofa fits.\nLabel: "
+    assert candidate_completions("Label: ", judge, LABELS) == ["Label: Exact", "Label: Partial", "Label: Irrelevant"]  # EOS follows
+    direct = answer_format(GRAPH, "label_first", ZeroShot(JudgePrompt.load("zero_shot"), LABELS, GRAPH, "label_first"))
+    assert label_prefix("anything", direct) == "Label: " and direct.label_last
 
 
 @pytest.mark.parametrize("order", ["label_first", "reasoning_first"])
@@ -34,12 +53,12 @@ def test_label_probabilities_are_the_label_step_softmax_over_label_tokens(tiny_m
     model.eval()
     prompts = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12], [1, 13]]  # unequal lengths: the batch is padded
     prefixes = ["y: ", REASONING + "\ny: ", "y: "] if order == "reasoning_first" else ["y: "] * 3
-    steps = label_steps(tokenizer, prompts, prefixes, GRAPH, order, LABELS)
+    steps = label_steps(tokenizer, prompts, prefixes, answer_format(GRAPH, order), LABELS)
     probabilities = label_step_probabilities(model, steps, batch_size=4)
     eos = [tokenizer.eos_token_id] if order == "reasoning_first" else []
     for prompt, prefix, step, got in zip(prompts, prefixes, steps, probabilities):
         completions = [tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-                       for text in candidate_completions(prefix, GRAPH, order, LABELS)]
+                       for text in candidate_completions(prefix, answer_format(GRAPH, order), LABELS)]
         shared = len(step.context) - len(prompt)
         assert all(c[:shared] == completions[0][:shared] for c in completions)
         assert step.label_tokens == tuple(c[shared] for c in completions)
@@ -54,10 +73,10 @@ def test_labels_sharing_their_first_token_are_refused(tiny_model):
     clashing = dataclasses.replace(LABELS, name="clash", labels=(exact, dataclasses.replace(exact, name="Exactly"), LABELS.labels[2]),
                                    relevant=(), rule=())
     with pytest.raises(ValueError, match=r"\['Exact', 'Exactly'\] start with the same token"):
-        label_steps(tokenizer, [[1, 2]], ["y: "], GRAPH, "label_first", clashing)
+        label_steps(tokenizer, [[1, 2]], ["y: "], LABEL_FIRST, clashing)
     # a label that is a prefix of another is told apart by the terminator that follows it
     prefixed = dataclasses.replace(clashing, labels=(exact, dataclasses.replace(exact, name="Exactly")))
-    step = label_steps(tokenizer, [[1, 2]], ["y: "], GRAPH, "label_first", prefixed)[0]
+    step = label_steps(tokenizer, [[1, 2]], ["y: "], LABEL_FIRST, prefixed)[0]
     assert len(set(step.label_tokens)) == 2
 
 

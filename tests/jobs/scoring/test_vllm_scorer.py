@@ -131,14 +131,15 @@ def test_sample_mode_keeps_the_reasoning_of_the_sampled_pairs_only(vllm_scorer, 
 def test_reasoning_first_reads_the_label_after_the_generated_reasoning(vllm_scorer, vllm_policy, pairs):
     """The second engine call: vLLM's distribution at the label step after its own reasoning equals the hf
     model's at the same step (the label_first policy is pushed into the other order by the regex)."""
-    from training.predict import label_prefix, label_step_probabilities, label_steps, pair_prompts
+    from training.predict import answer_format, label_prefix, label_step_probabilities, label_steps, pair_prompts
 
     graph, labels = vllm_scorer.graph, vllm_scorer.labels
     rows = scored(vllm_scorer, pairs[:12], reasoning="all", order="reasoning_first").to_pylist()
     assert all(row["reasoning"].startswith("qs: ") for row in rows)
     hf = HFScorer(ScorerSpec(backend="hf", model=str(vllm_policy), order="reasoning_first"))
+    answer = answer_format(graph, "reasoning_first")
     steps = label_steps(hf.tokenizer, pair_prompts(hf.tokenizer, pairs[:12], hf.spec.prompt_tokens),
-                        [label_prefix(row["reasoning"], graph, "reasoning_first") for row in rows], graph, "reasoning_first", labels)
+                        [label_prefix(row["reasoning"], answer) for row in rows], answer, labels)
     expected = label_step_probabilities(hf.model, steps, batch_size=16)
     for row, probabilities in zip(rows, expected, strict=True):
         assert [q for _, q in row["label_probs"]] == pytest.approx(probabilities, abs=PROB_TOL)
