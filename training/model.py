@@ -21,6 +21,7 @@ from schemas.storage import read_table
 from schemas.tables import CATALOG, QUERIES
 from training.model_files import (
     ADAPTER_CONFIG_FILE,
+    ModelFolderError,
     adapter_base,
     model_version,
     record_adapter_base,
@@ -117,8 +118,6 @@ class ModelMergeConfig:
     max_shard_size: str = help_field("Largest weights file; a bigger model is saved in shards with an index (save_pretrained's).", "5GB")
 
     def __post_init__(self) -> None:
-        from training.model_files import ModelFolderError
-
         try:
             base = adapter_base(self.model)
         except ModelFolderError as error:

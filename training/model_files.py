@@ -111,7 +111,7 @@ def adapter_base(folder: str | Path) -> Path | None:
     if not isinstance(named, str) or not named:
         raise ModelFolderError(f"{folder / ADAPTER_CONFIG_FILE}: base_model_name_or_path names no base model folder; set it to the folder "
                                "the adapter was trained on")
-    base = folder / named  # an absolute path stays itself
+    base = (folder / named).resolve()  # an absolute path stays itself
     if not has_full_weights(base):
         raise ModelFolderError(f"adapter folder {folder}: its base {base} (base_model_name_or_path in {ADAPTER_CONFIG_FILE}) is not a "
                                f"folder of full weights ({WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}); point it at the base model folder "

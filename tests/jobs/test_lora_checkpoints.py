@@ -123,7 +123,7 @@ def test_an_adapter_over_a_changed_base_is_refused(sft_adapter, sharded_policy, 
     adapter = shutil.copytree(sft_adapter, tmp_path / "adapter")
     config = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
     (adapter / ADAPTER_CONFIG_FILE).write_text(json.dumps({**config, "base_model_name_or_path": "../base"}))  # relative: to the adapter
-    assert adapter_base(adapter) == adapter / "../base"
+    assert adapter_base(adapter) == base.resolve()
     model_version(adapter)  # the same weights: accepted
     shard = sorted(base.glob("model-*-of-*.safetensors"))[-1]
     data = bytearray(shard.read_bytes())
@@ -139,3 +139,7 @@ def test_an_adapter_over_a_changed_base_is_refused(sft_adapter, sharded_policy, 
         from training.sft import SFTConfig
 
         SFTConfig(model=sft_adapter, lora_rank=8)
+    with pytest.raises(ConfigError, match="is not an adapter folder"):
+        from training.model import ModelMergeConfig
+
+        ModelMergeConfig(model=sharded_policy, out=tmp_path / "merged")
