@@ -1,7 +1,7 @@
 """LoRA end to end on the real-shaped checkpoint (tests/sharded_checkpoint.py: a tiny Mistral, Mistral's tekken
 tokenizer, weights in shards): SFT with LoRA saves an adapter folder naming its base, GRPO continues that adapter
-against the base with adapters off, `relevance score` scores the adapter unmerged under a version that covers base
-and adapter, and `relevance model merge` writes one folder of full weights that scores as the adapter does."""
+against the base with adapters off, `relevance score` and the distillation teacher score the adapter unmerged under a
+version that covers base and adapter, and `relevance model merge` writes one folder of full weights that scores as the adapter does."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -76,6 +77,8 @@ def test_sft_with_lora_saves_an_adapter_folder_that_names_its_base(sft_adapter, 
 
 
 def test_grpo_continues_the_adapter_and_scores_merge_to_the_same_labels(sft_adapter, sharded_policy, tiny_world, tmp_path):
+    from training.distill import TEACHER_CACHE, DistillConfig
+    from training.distill import run as distill
     from training.grpo.trainer import GRPOConfig
     from training.grpo.trainer import run as grpo
 
@@ -104,6 +107,10 @@ def test_grpo_continues_the_adapter_and_scores_merge_to_the_same_labels(sft_adap
     rows = read_table(RELEVANCE, tmp_path / "scores", days=[DAY])
     assert rows.num_rows == len(pairs)
     assert set(rows["model_version"].to_pylist()) == {scorer_version(ScoreConfig(date=DAY.isoformat(), model=str(continued)).spec())}
+
+    distill(DistillConfig(data=tiny_world, teacher=continued, out=tmp_path / "distill", max_steps=1, batch_size=4, warmup_steps=0,
+                          max_length=48, val_items=2, teacher_batch_size=4, eval_batch_size=4, checkpoint_every=0, threads=1))
+    assert set(pq.read_table(tmp_path / "distill" / TEACHER_CACHE)["model_version"].to_pylist()) == {model_version(continued)}
 
     result = runner.invoke(app, ["model", "merge", "--model", str(continued), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
