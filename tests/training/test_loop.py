@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from training.loop import resume_state, save_policy, validation_subsample
+from training.loop import resume_state, validation_subsample
+from training.model import save_policy
 from training.policy_format import PolicyFormat
 from training.run_folder import RunFolder
 
@@ -34,6 +35,6 @@ def test_save_policy_writes_weights_tokenizer_and_format(tiny_model, tmp_path):
 
     model, tokenizer = load_model(tiny_model)
     policy_format = PolicyFormat(order="reasoning_first", prompt_tokens=40)
-    save_policy(model, tokenizer, tmp_path / "model", lora=False, policy_format=policy_format)
+    save_policy(model, tokenizer, tmp_path / "model", policy_format)
     assert PolicyFormat.load(tmp_path / "model") == policy_format
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "tokenizer.json").is_file()

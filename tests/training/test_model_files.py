@@ -105,3 +105,50 @@ def test_a_broken_index_or_a_mixed_folder_is_refused_by_name(tmp_path):
 
     with pytest.raises(ModelFolderError, match="has no model.safetensors or model.safetensors.index.json"):
         weight_files(tmp_path / "empty")
+
+
+def write_adapter_folder(folder: Path, base: Path | str) -> Path:
+    """An adapter folder (no weights of its own) naming `base`, with the base's version recorded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": str(base)}))
+    (folder / "adapter_model.safetensors").write_bytes(b"adapter")
+    model_files.record_adapter_base(folder, folder / base)
+    return folder
+
+
+def test_an_adapter_folder_is_its_base_files_then_its_adapter(tmp_path):
+    base = write_sharded(tmp_path / "base")
+    adapter = write_adapter_folder(tmp_path / "adapter", "../base")  # relative: read from the adapter folder
+    assert model_files.adapter_base(adapter) == base.resolve() and model_files.adapter_base(base) is None
+    assert weight_files(adapter) == (*weight_files(base.resolve()), adapter / "adapter_config.json", adapter / "adapter_model.safetensors")
+    assert model_files.base_folder(adapter) == base.resolve() and model_files.base_folder(base) == base
+    versions = {model_version(base), model_version(adapter)}
+    (adapter / "adapter_model.safetensors").write_bytes(b"adapter, trained on")
+    assert len(versions | {model_version(adapter)}) == 3
+    refuse_adapter(adapter, "not beside full weights: nothing to refuse")
+
+
+def test_an_adapter_over_another_base_or_no_base_is_refused(tmp_path):
+    base = write_sharded(tmp_path / "base")
+    adapter = write_adapter_folder(tmp_path / "adapter", base)
+    (base / SHARDS[0]).write_bytes(b"retrained base")
+    with pytest.raises(ModelFolderError, match=r"is now model version \w+, but the adapter was trained on version"):
+        model_version(adapter)
+    (adapter / "adapter_base.json").unlink()  # an adapter brought from elsewhere: taken as it is
+    model_version(adapter)
+    for named, refusal in [(tmp_path / "nowhere", "is not a folder of full weights"), ("", "names no base model folder")]:
+        (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": str(named) if named else None}))
+        with pytest.raises(ModelFolderError, match=refusal):
+            weight_files(adapter)
+    write_adapter(base)  # a base with an adapter of its own: no chains
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": str(base)}))
+    with pytest.raises(ModelFolderError, match="holds an adapter of its own; merge that one first"):
+        weight_files(adapter)
+
+
+def test_remove_weights_leaves_a_folder_for_a_save_of_the_other_kind(tmp_path):
+    folder = write_adapter(write_sharded(tmp_path))
+    (folder / "adapter_base.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    model_files.remove_weights(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["tokenizer.json"]

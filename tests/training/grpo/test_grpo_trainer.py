@@ -113,7 +113,7 @@ def test_resume_continues_bit_for_bit(tiny_world, sft_policy, tmp_path):
 
 def test_lora_trains_adapters_against_the_base_as_reference(tiny_world, sft_policy, tmp_path):
     run(_config(tiny_world, sft_policy, tmp_path / "lora", estimator="grpo", lora=True, lora_rank=4, lora_targets=("q_proj", "v_proj"),
-                beta=0.1, lr=1e-2))
+                beta=0.1, lr=1e-2, save_merged=True))
     records = _train_records(tmp_path / "lora")
     assert records[0]["train/kl"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero: policy == reference
     before, after = load_file(sft_policy / "model.safetensors"), load_file(tmp_path / "lora" / "model" / "model.safetensors")

