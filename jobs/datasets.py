@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ from schemas.tables import (
     QUERY_PRODUCT_STATS,
     TRAINING_EXAMPLES,
 )
+
+log = logging.getLogger(__name__)
 
 
 class EmptyDatasetError(ValueError):
@@ -392,6 +395,6 @@ def run(config: DatasetsConfig) -> dict:
     }
     hadoop_fs.write_report(spark, hadoop_fs.join(out, "_datasets", "datasets.json"), json.dumps(summary, indent=2))
     for line in summary_lines(summary):
-        print(line)
-    print(f"written to {outputs[TRAINING_EXAMPLES.name]}")
+        log.info(line)
+    log.info("written to %s", outputs[TRAINING_EXAMPLES.name])
     return summary

@@ -9,6 +9,7 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from schemas.storage import read_table
 from schemas.tables import CATALOG, QUERIES
 from training.model_files import refuse_adapter, weight_files
 from training.prompt import product_facets, render_fields
+
+log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, MASK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, MASK)
@@ -152,7 +155,7 @@ def init_tiny_model(config: ModelInitConfig) -> Path:
     config.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(config.out, safe_serialization=True)
     tokenizer.save_pretrained(config.out)
-    print(f"tiny policy ({model.num_parameters():,} parameters, vocabulary {len(tokenizer)}) written to {config.out}")
+    log.info("tiny policy (%s parameters, vocabulary %d) written to %s", f"{model.num_parameters():,}", len(tokenizer), config.out)
     return config.out
 
 
