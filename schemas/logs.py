@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,8 @@ PROGRESS_SECONDS = 30.0  # ...and at least one per this many seconds
 
 # Every record attribute the logging module sets itself; the others are a record's structured fields.
 _STANDARD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# A line off a terminal (the form scripts and tests read): ISO time, level, logger, message.
+PLAIN_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
 _state = {"mode": "", "quiet": False}
 log = logging.getLogger("relevance.progress")
 
@@ -156,7 +159,7 @@ def mode() -> str:
 
 def duration(seconds: float) -> str:
     """12m15s, 1h02m, 4.2s."""
-    if seconds < 60:
+    if round(seconds, 1) < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
