@@ -17,6 +17,12 @@ failure prints one line to stderr, `relevance <command>: <ErrorType>: <first lin
 first meaningful line (the JVM's message, not its stack). The full traceback is printed only with
 `relevance --debug <command>` (before that line; the exit code is the same), and appended to the file
 `$RELEVANCE_LOG` names, when set.
+
+What a command shows is set up once, in the callback (`schemas.logs.setup`): its log on stderr (a terminal
+gets short lines and progress bars; a pipe or a file gets ISO-timestamped, levelled lines and progress as
+periodic lines; `--quiet` keeps warnings and errors; `--log-json` writes one JSON object per line, the
+failure line included), third-party libraries quietened, and a last line with the command's total time
+when it ran to the end. stdout is left to what a command produces for a reader or a pipe.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 
 LOG_VARIABLE = "RELEVANCE_LOG"
 JOB_ERROR, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
-log = logging.getLogger("relevance")
+relevance_log = logging.getLogger("relevance")  # the CLI's own records: the total time, a failure under --log-json
 
 
 def error_line(error: BaseException) -> str:
@@ -200,7 +206,7 @@ def log_total_time(command: str, started: float) -> None:
 
     if sys.exc_info()[1] is None:
         seconds = time.perf_counter() - started
-        log.info("%s: done in %s", command, duration(seconds), extra={"command": command, "seconds": round(seconds, 2)})
+        relevance_log.info("%s: done in %s", command, duration(seconds), extra={"command": command, "seconds": round(seconds, 2)})
 
 
 def report_failure(line: str) -> None:
@@ -208,9 +214,10 @@ def report_failure(line: str) -> None:
     from schemas.logs import mode
 
     if mode() == "json":
-        log.error(line)
+        relevance_log.error(line)
     else:
         typer.echo(line, err=True)
+
 
 ConfigOption = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML file with this command's config.")
 SetOption = typer.Option(

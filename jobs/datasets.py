@@ -346,6 +346,7 @@ def run(config: DatasetsConfig) -> dict:
     # 1. inputs: row rules and unique keys.
     _require_inputs(spark, config)
     raw_judgments, validated = _split_inputs(spark, config.data, now)
+    log.info("datasets: inputs read and split by their row rules (%.0f s)", time.perf_counter() - started)
     persisted = [frame for pair in validated.values() for frame in pair]
     quarantines = [quarantine for _, quarantine in validated.values()]
 
@@ -374,6 +375,7 @@ def run(config: DatasetsConfig) -> dict:
     judgments_in = raw_judgments.count()
     other_label_sets = judgments.where(~_in_label_set(label_set.name)).count()
     counts = summarise(tally, query_counts, by_reason, judgments_in, other_label_sets, weak_counts)  # reconciles
+    log.info("datasets: %d examples with CoT targets, counts reconciled (%.0f s)", counts["written"], time.perf_counter() - started)
     if counts["written"] == 0:
         for frame in persisted:
             frame.unpersist()

@@ -6,8 +6,8 @@ in one of four forms:
 - on a terminal (stderr is a TTY): `15:17:03 message` (from WARNING up, `15:17:03 WARNING logger:
   message`), and long loops draw tqdm bars in place;
 - off a terminal (a pipe, a file, CI, a scheduler): `2026-12-02T15:17:03.512Z INFO logger: message`,
-  every line with an ISO timestamp and a level; no bars: a long loop logs a line instead every 10% of
-  its work or every 30 s, with rate and ETA;
+  every line with an ISO timestamp and a level; no bars: a long loop logs lines instead (`LoggedProgress`:
+  at its start, per tenth of its work or per 30 s, at its end), with rate and ETA;
 - `quiet`: warnings and errors only, no progress;
 - `json`: one JSON object per line: time, level, logger, message, plus the record's structured fields
   (a progress line's done, total, unit, rate, eta_s; the total-time line's command and seconds).
@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-MODES = ("terminal", "plain", "json")
 # The loggers of our packages (`relevance` is the CLI's own): INFO passes, or WARNING with quiet.
 OUR_LOGGERS = ("relevance", "schemas", "jobs", "training", "evaluation", "abtest")
 # Set (unless the user set them) before the libraries read them at import.
