@@ -41,8 +41,6 @@ LIBRARY_ENVIRONMENT = {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "VLLM_CONFIGURE_LOGGING": "0",  # vLLM's loggers then propagate here instead of printing through their own handler
 }
-# Libraries that log at INFO through the standard root logger: held at WARNING even if they lower their own level.
-CHATTY_LIBRARIES = ("py4j", "urllib3", "filelock", "matplotlib", "great_expectations", "vllm", "httpx", "PIL", "numexpr")
 PROGRESS_EVERY = 0.10  # off a terminal: a line per this share of the work (at most one per PROGRESS_GAP seconds)...
 PROGRESS_GAP = 5.0
 PROGRESS_SECONDS = 30.0  # ...and at least one per this many seconds
@@ -58,8 +56,12 @@ log = logging.getLogger("relevance.progress")
 def quiet_libraries() -> None:
     for name, value in LIBRARY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    for name in CHATTY_LIBRARIES:
-        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def from_warning_unless_ours(record: logging.LogRecord) -> bool:
+    """The handler's filter: another library's record passes from WARNING, even from a logger the library set to
+    INFO itself (great-expectations does; py4j, urllib3 and vLLM log at INFO)."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in OUR_LOGGERS
 
 
 class StderrHandler(logging.StreamHandler):
@@ -142,6 +144,7 @@ def setup(*, quiet: bool = False, json_lines: bool = False) -> str:
         root.removeHandler(handler)
     handler = StderrHandler(terminal=mode == "terminal")
     handler.setFormatter(FORMATTERS[mode]())
+    handler.addFilter(from_warning_unless_ours)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     for name in OUR_LOGGERS:
@@ -263,13 +266,14 @@ class NoProgress:
         pass
 
 
-def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it", initial: int = 0,
+def progress(iterable: Iterable | None = None, *, desc: str | None, total: int | None = None, unit: str = "it", initial: int = 0,
              enabled: bool = True, logger: logging.Logger | None = None):
     """Progress of a long loop: iterate over it, or `update(n)` by hand, `set_postfix(loss=...)`, `close()` (or use it as a
-    context manager). A tqdm bar on a terminal; log lines elsewhere (`LoggedProgress`); nothing under quiet or
-    when not `enabled` (e.g. every process but the first)."""
+    context manager). A tqdm bar on a terminal; log lines elsewhere (`LoggedProgress`); nothing under quiet, when not
+    `enabled` (e.g. every process but the first), for no work (`total` 0) or with no `desc` (a library function whose
+    caller did not name its work: it runs inside a loop that shows its own progress)."""
     shown = mode()
-    if not enabled or _state["quiet"]:
+    if desc is None or not enabled or total == 0 or _state["quiet"]:
         return NoProgress(iterable)
     if shown == "terminal":
         from tqdm import tqdm

@@ -82,7 +82,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     was_training = model.training
     model.eval()
     response_ids, ended, texts, logprobs = [], [], [], []
-    bar = logs.progress(desc=progress or "", total=len(prompts), unit="prompt", enabled=progress is not None and len(prompts) > 0)
+    bar = logs.progress(desc=progress, total=len(prompts), unit="prompt")
     for start in range(0, len(prompts), batch_size):
         input_ids, attention = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id)
         with torch.no_grad():

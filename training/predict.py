@@ -114,7 +114,7 @@ def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int,
     order = sorted(range(len(steps)), key=lambda i: -len(steps[i].context))
     result: list[list[float]] = [[] for _ in steps]
     model.eval()
-    bar = logs.progress(desc=progress or "", total=len(order), unit="pair", enabled=progress is not None and len(order) > 0)
+    bar = logs.progress(desc=progress, total=len(order), unit="pair")
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, attention = left_padded([steps[index].context for index in chunk], 0)

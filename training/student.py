@@ -178,7 +178,7 @@ def predict_probabilities(model: MultiHeadStudent | OnnxStudent, tokenizer, pair
     encodings = tokenize_pairs(tokenizer, pairs, max_length)
     outputs = {name: torch.empty(len(pairs), len(values)) for name, values in model.vocabularies.items()}
     model.eval()
-    bar = logs.progress(desc=progress or "", total=len(pairs), unit="pair", enabled=progress is not None and len(pairs) > 0)
+    bar = logs.progress(desc=progress, total=len(pairs), unit="pair")
     with torch.inference_mode():
         for indices in length_sorted_batches([len(e["input_ids"]) for e in encodings], batch_size):
             batch = {k: v.to(model.device) for k, v in pad_batch([encodings[i] for i in indices], tokenizer.pad_token_id).items()}
