@@ -107,10 +107,12 @@ def iso_time(record: logging.LogRecord) -> str:
 
 
 class PlainFormatter(logging.Formatter):
-    """`2026-12-02T15:17:03.512Z INFO logger: message`."""
+    """`2026-12-02T15:17:03.512Z INFO logger: message`; a message of several lines (a table of counts) gets the prefix
+    on each, so every line a reader greps carries its time and level."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"{iso_time(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        head = f"{iso_time(record)} {record.levelname} {record.name}:"
+        text = "\n".join(f"{head} {line}" for line in record.getMessage().splitlines() or [""])
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
@@ -157,6 +159,11 @@ def setup(*, quiet: bool = False, json_lines: bool = False) -> str:
 def mode() -> str:
     """The mode `setup` chose; without it (a job called from Python), the one stderr calls for."""
     return _state["mode"] or default_mode()
+
+
+def rate_text(rate: float, unit: str) -> str:
+    """3.2 step/s, 56,300 row/s."""
+    return f"{rate:.3g} {unit}/s" if rate < 1000 else f"{rate:,.0f} {unit}/s"
 
 
 def duration(seconds: float) -> str:
@@ -219,7 +226,7 @@ class LoggedProgress:
         eta = (self.total - self.done) / rate if rate and self.total else None
         parts = [self._count() + (f" ({100 * self.done / self.total:.0f}%)" if self.total else "")]
         if rate:
-            parts.append(f"{rate:.3g} {self.unit}/s")
+            parts.append(rate_text(rate, self.unit))
         if eta is not None:
             parts.append(f"ETA {duration(eta)}")
         if self.postfix:
@@ -234,7 +241,7 @@ class LoggedProgress:
         self.closed = True
         elapsed = self.clock() - self.started
         rate = (self.done - self.initial) / elapsed if elapsed > 0 else None
-        tail = f" ({rate:.3g} {self.unit}/s)" if rate else ""
+        tail = f" ({rate_text(rate, self.unit)})" if rate else ""
         self.logger.info("%s: done, %s in %s%s%s", self.desc, self._count(), duration(elapsed), tail,
                          f"; {self.postfix}" if self.postfix else "",
                          extra={"progress": self.desc, "done": self.done, "total": self.total, "unit": self.unit,

@@ -109,5 +109,14 @@ def test_other_libraries_pass_from_warning_only(stderr):
     assert stderr.getvalue().count("\n") == 1
 
 
+def test_every_line_of_a_message_of_several_lines_carries_the_time_and_level(stderr):
+    setup()
+    logging.getLogger("jobs.ingest").info("table   in\nqueries 384")
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == 2 and all(PLAIN_LINE.match(line) for line in lines)
+    assert [line.split(": ", 1)[1] for line in lines] == ["table   in", "queries 384"]
+
+
 def test_durations_read_as_a_person_writes_them():
     assert [logs.duration(s) for s in (4.21, 59.99, 735, 3725)] == ["4.2s", "1m00s", "12m15s", "1h02m"]
+    assert [logs.rate_text(r, "row") for r in (0.0436, 21.34, 56312.0)] == ["0.0436 row/s", "21.3 row/s", "56,312 row/s"]
