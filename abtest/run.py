@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from abtest.metrics import DEFAULT_METRICS, load_metrics
 from abtest.report import write_reports
 from abtest.stats import correction_names
 from schemas.config import ConfigError, help_field
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,10 @@ def run(config: AbtestConfig) -> ExperimentResult:
     if result.quarantine.num_rows:
         pq.write_table(result.quarantine, Path(config.out) / "quarantine.parquet")
     srm = "SRM ALARM" if result.srm.alarm else "sample ratio ok"
-    print(f"{result.experiment_id}: {srm} (p={result.srm.pvalue:.3g})")
+    log.log(logging.WARNING if result.srm.alarm else logging.INFO, "%s: %s (p=%.3g)", result.experiment_id, srm, result.srm.pvalue)
     for decision in result.decisions():
-        print(f"  verdict for {decision.variant}: {decision.verdict.upper()} ({'; '.join(decision.reasons)})")
+        log.info("verdict for %s: %s (%s)", decision.variant, decision.verdict.upper(), "; ".join(decision.reasons))
     for line in result.sentences():
-        print(f"  {line}")
-    print(f"reports: {', '.join(str(p) for p in paths.values())}")
+        log.info(line)
+    log.info("reports: %s", ", ".join(str(p) for p in paths.values()))
     return result

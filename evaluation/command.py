@@ -11,6 +11,7 @@ one after the other (default: the models other than the baseline, in order).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,8 @@ from evaluation.report import write_reports
 from schemas.config import ConfigError, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES, RELEVANCE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,5 +129,5 @@ def run(config: EvaluateConfig) -> EvaluationResult:
         **optional,
     )
     write_reports(result, Path(config.out))
-    print(f"evaluation report: {Path(config.out) / 'report.html'} (and report.md, metrics.json)")
+    log.info("evaluation report: %s (and report.md, metrics.json)", Path(config.out) / "report.html")
     return result

@@ -33,7 +33,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from tqdm import tqdm
 
 from evaluation import agreement as A
 from evaluation import metrics as M
@@ -48,6 +47,7 @@ from evaluation.inputs import (
     predictions_from_table,
 )
 from schemas.graph import LabelSet, ReasoningGraph
+from schemas.logs import progress
 
 METRICS = {
     "accuracy": "share of covered pairs whose predicted label is the gold label",
@@ -484,16 +484,22 @@ def evaluate(
     context: Context = build_context(graph, gold_nodes, queries, catalog, sources.get("gold_nodes", "gold_nodes"))
     joined: dict[str, ScoredPairs] = {}
     models = []
-    for name, table in tqdm(predictions.items(), desc="evaluate", unit="model", disable=None):
+    steps = dict.fromkeys(baseline_steps + lineage_steps)  # a lineage step that is also a baseline comparison runs once
+    # every model, every comparison and the majority class: each a query bootstrap
+    bar = progress(desc=f"evaluate ({n_bootstrap} bootstrap replicates each)", total=len(names) + len(steps) + 1, unit="evaluation")
+    for name, table in predictions.items():
         model = predictions_from_table(name, table, label_set, sources.get(name, name))
         joined[name], n_without_gold = join(gold, model, context, graph)
         models.append(evaluate_model(name, joined[name], n_without_gold, label_set, k, n_bootstrap, seed, level))
-    compared: dict[tuple[str, str], Comparison] = {}  # a lineage step that is also a baseline comparison runs once
-    for before, after in baseline_steps + lineage_steps:
-        if (before, after) not in compared:
-            compared[before, after] = compare(before, joined[before], after, joined[after], label_set, k, n_bootstrap, seed, level)
+        bar.update()
+    compared: dict[tuple[str, str], Comparison] = {}
+    for before, after in steps:
+        compared[before, after] = compare(before, joined[before], after, joined[after], label_set, k, n_bootstrap, seed, level)
+        bar.update()
     floor = majority_class(joined[baseline], label_set)
     majority = evaluate_pairs(f"majority class ({label_set.names[floor.label[0]]})", floor, label_set, k, n_bootstrap, seed, level)
+    bar.update()
+    bar.close()
     return EvaluationResult(
         label_set=label_set.name,
         labels=tuple(label_set.names),

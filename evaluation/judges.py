@@ -26,6 +26,7 @@ Method
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,6 +62,9 @@ TIE_TOLERANCE = 1e-9  # averaged probabilities that differ by float rounding onl
 AGAINST_COMBINATION, AGAINST_OTHERS, AGAINST_GOLD, AMONG_JUDGES = "combination_", "others_", "gold_", "judges_"
 PAIRWISE_KAPPA = "pairwise_kappa"  # (J, J): Cohen's kappa of each two judges
 SHOWN = {"kappa": "κ", "kappa_quadratic": "κ quadratic", "alpha_ordinal": "α ordinal"}
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -350,7 +354,7 @@ def run(config: CombineConfig) -> JudgesResult:
     )
     table_folder = write_table(RELEVANCE, combined_table(judged, label, probs, label_set, config.model_name, model_version), out)
     write_report(result, out)
-    print(f"combined {len(names)} judges ({config.method}) over {len(label)} pairs: {table_folder}; "
+    log.info(f"combined {len(names)} judges ({config.method}) over {len(label)} pairs: {table_folder}; "
           f"report: {out / 'report.html'} (and report.md, judges.json)")
     return result
 

@@ -17,6 +17,12 @@ failure prints one line to stderr, `relevance <command>: <ErrorType>: <first lin
 first meaningful line (the JVM's message, not its stack). The full traceback is printed only with
 `relevance --debug <command>` (before that line; the exit code is the same), and appended to the file
 `$RELEVANCE_LOG` names, when set.
+
+What a command shows is set up once, in the callback (`schemas.logs.setup`): its log on stderr (a terminal
+gets short lines and progress bars; a pipe or a file gets ISO-timestamped, levelled lines and progress as
+periodic lines; `--quiet` keeps warnings and errors; `--log-json` writes one JSON object per line, the
+failure line included), third-party libraries quietened, and a last line with the command's total time
+when it ran to the end. stdout is left to what a command produces for a reader or a pipe.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib
+import logging
 import os
 import sys
+import time
 import traceback
 import typing
 from contextvars import ContextVar
@@ -36,6 +44,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 
 LOG_VARIABLE = "RELEVANCE_LOG"
 JOB_ERROR, USAGE_ERROR, INTERNAL_ERROR = 1, 2, 3
+relevance_log = logging.getLogger("relevance")  # the CLI's own records: the total time, a failure under --log-json
 
 
 def error_line(error: BaseException) -> str:
@@ -79,16 +88,16 @@ class ErrorContract(TyperGroup):
 
             command = f"relevance {ctx.invoked_subcommand}"
             if isinstance(error, ConfigError):  # bad usage: the message says what to change, a trace adds nothing
-                typer.echo(f"{command}: {error_line(error)}", err=True)
+                report_failure(f"{command}: {error_line(error)}")
                 raise typer.Exit(USAGE_ERROR) from None
             log = os.environ.get(LOG_VARIABLE)
             if log:
                 log_trace(log, error)
             where = f"trace in {log}" if log else "trace above" if debug else "relevance --debug shows the trace"
             if is_job_failure(error):
-                typer.echo(f"{command}: {error_line(error)} ({where})", err=True)
+                report_failure(f"{command}: {error_line(error)} ({where})")
                 raise typer.Exit(JOB_ERROR) from None
-            typer.echo(f"{command}: internal error (a bug; please report it with the trace): {error_line(error)} ({where})", err=True)
+            report_failure(f"{command}: internal error (a bug; please report it with the trace): {error_line(error)} ({where})")
             raise typer.Exit(INTERNAL_ERROR) from None
 
 
@@ -166,10 +175,49 @@ def print_version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="On an error, print the full traceback (default: one line)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only: no progress, no info lines."),
+    log_json: bool = typer.Option(False, "--log-json", help="Log one JSON object per line on stderr (time, level, logger, message, fields)."),
     version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True, help="Print the installed version and exit."),
 ) -> None:
     """LLM relevance labeling for e-commerce search: data, Graph-GRPO training, scoring, A/B analysis."""
+    from schemas.logs import setup
+
+    setup(quiet=quiet, json_lines=log_json)
+    command, started = command_name(ctx), time.perf_counter()
+    ctx.call_on_close(lambda: log_total_time(command, started))
+
+
+def command_name(ctx: typer.Context) -> str:
+    """`relevance train sft`: the group's name and the (sub)command names that follow it on the command line."""
+    names, target, words = [ctx.invoked_subcommand], ctx.command.get_command(ctx, ctx.invoked_subcommand), list(ctx.args)
+    while isinstance(target, TyperGroup) and words and not words[0].startswith("-"):
+        names.append(words.pop(0))
+        target = target.get_command(ctx, names[-1])
+    return " ".join(["relevance", *filter(None, names)])
+
+
+def log_total_time(command: str, started: float) -> None:
+    """The last line of a command that ran to the end. It runs as the CLI's context closes, while an exception
+    that ends the command is still being handled: then (a failure's line already said it all, or --help or
+    `config show` printed what was asked) nothing is added."""
+    from schemas.logs import duration
+
+    if sys.exc_info()[1] is None:
+        seconds = time.perf_counter() - started
+        relevance_log.info("%s: done in %s", command, duration(seconds), extra={"command": command, "seconds": round(seconds, 2)})
+
+
+def report_failure(line: str) -> None:
+    """The error contract's one line on stderr: as it is, or a JSON record under --log-json."""
+    from schemas.logs import mode
+
+    if mode() == "json":
+        relevance_log.error(line)
+    else:
+        typer.echo(line, err=True)
+
 
 ConfigOption = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML file with this command's config.")
 SetOption = typer.Option(

@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -117,6 +118,8 @@ from schemas.tables import (
     QUERY_PRODUCT_STATS,
     TRAINING_EXAMPLES,
 )
+
+log = logging.getLogger(__name__)
 
 
 class EmptyDatasetError(ValueError):
@@ -343,6 +346,7 @@ def run(config: DatasetsConfig) -> dict:
     # 1. inputs: row rules and unique keys.
     _require_inputs(spark, config)
     raw_judgments, validated = _split_inputs(spark, config.data, now)
+    log.info("datasets: inputs read and split by their row rules (%.0f s)", time.perf_counter() - started)
     persisted = [frame for pair in validated.values() for frame in pair]
     quarantines = [quarantine for _, quarantine in validated.values()]
 
@@ -371,6 +375,7 @@ def run(config: DatasetsConfig) -> dict:
     judgments_in = raw_judgments.count()
     other_label_sets = judgments.where(~_in_label_set(label_set.name)).count()
     counts = summarise(tally, query_counts, by_reason, judgments_in, other_label_sets, weak_counts)  # reconciles
+    log.info("datasets: %d examples with CoT targets, counts reconciled (%.0f s)", counts["written"], time.perf_counter() - started)
     if counts["written"] == 0:
         for frame in persisted:
             frame.unpersist()
@@ -392,6 +397,6 @@ def run(config: DatasetsConfig) -> dict:
     }
     hadoop_fs.write_report(spark, hadoop_fs.join(out, "_datasets", "datasets.json"), json.dumps(summary, indent=2))
     for line in summary_lines(summary):
-        print(line)
-    print(f"written to {outputs[TRAINING_EXAMPLES.name]}")
+        log.info(line)
+    log.info("written to %s", outputs[TRAINING_EXAMPLES.name])
     return summary

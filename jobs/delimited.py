@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from schemas.logs import progress
 
 # csv's default cap is 128 KiB per field; product descriptions can be longer.
 FIELD_SIZE_LIMIT = 1 << 30
@@ -116,7 +116,7 @@ def delimited_rows(path: Path, required: Sequence[str], desc: str, delimiter: st
         def rows() -> Iterator[DelimitedRow]:
             number = 0
             try:
-                for fields in tqdm(reader, desc=desc, unit=" rows", disable=None, leave=False):
+                for fields in progress(reader, desc=desc, unit="row"):
                     consumed = lines.take()
                     swallowed = [next(csv.reader([line], delimiter=delimiter, quotechar='"', doublequote=True), []) for line in consumed[1:]]
                     if swallowed and all(len(line_fields) == len(header) for line_fields in swallowed):

@@ -8,6 +8,7 @@ every report the stages wrote, each with a one-line verdict (`demo_reports`).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -27,6 +28,8 @@ from jobs.report_index import (
     write_index,
 )
 from schemas.config import help_field
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_WANDS = Path(__file__).parent / "ingest" / "samples" / "wands"
 
@@ -148,7 +151,7 @@ def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
         )
         target = out / "models" / name
         write_table(RELEVANCE, rows, target)
-        print(f"{name} labelled {rows.num_rows} test pairs; written to {target}")
+        log.info("%s labelled %d test pairs; written to %s", name, rows.num_rows, target)
         outputs[f"{name} relevance table"] = str(target)
     return outputs
 
@@ -165,7 +168,7 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
     rows = score_split(run_dir / "model", out / "datasets", "test", model_name="distilled_student", max_pairs=config.eval_pairs)
     target = out / "models" / "distilled_student"
     write_table(RELEVANCE, rows, target)
-    print(f"distilled_student labelled {rows.num_rows} test pairs; written to {target}")
+    log.info("distilled_student labelled %d test pairs; written to %s", rows.num_rows, target)
     return {"distilled student": str(run_dir / "model"), "distillation metrics": str(run_dir / "metrics.jsonl"),
             "distillation summary": str(run_dir / "summary.json"), "distilled_student relevance table": str(target)}
 
@@ -294,18 +297,17 @@ def run(config: DemoConfig) -> list[StageResult]:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for index, (name, stage) in enumerate(STAGES, start=1):
-        print(f"\n== [{index}/{len(STAGES)}] {name}", flush=True)
+        log.info("== [%d/%d] %s", index, len(STAGES), name)
         started = time.perf_counter()
         outputs = stage(config, out)
         results.append(StageResult(name, time.perf_counter() - started, outputs))
     summary = [{"stage": r.name, "seconds": round(r.seconds, 1), "outputs": r.outputs} for r in results]
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     index = write_index(out, "relevance demo: every report", demo_reports(out, results))
-    print("\n== demo finished; outputs:")
+    lines = ["demo finished; outputs:"]
     for result in results:
-        print(f"  {result.name} ({result.seconds:.1f} s)")
-        for what, where in result.outputs.items():
-            print(f"    {what}: {where}")
-    print(f"  summary: {out / 'demo_summary.json'}")
-    print(f"  every report, with a verdict each: {index}")
+        lines.append(f"  {result.name} ({result.seconds:.1f} s)")
+        lines.extend(f"    {what}: {where}" for what, where in result.outputs.items())
+    lines += [f"  summary: {out / 'demo_summary.json'}", f"  every report, with a verdict each: {index}"]
+    print("\n".join(lines), flush=True)  # the demo's result, on stdout; flushed, so it follows the log (stderr) in a shared file
     return results

@@ -62,6 +62,7 @@ about 5 s on 2 cores, churn included); derived columns, churn joins and file wri
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,8 @@ from schemas.config import ConfigError, config_date, help_field
 from schemas.graph import LabelSet
 from schemas.storage import clear_stale_staging, partitions, read_table
 from schemas.tables import QUERIES, RELEVANCE
+
+log = logging.getLogger(__name__)
 
 # The command's public names (the CLI and the nightly job import them from here).
 __all__ = ["ExportConfig", "ExportValidationError", "run"]
@@ -150,7 +153,7 @@ def validate_and_publish(config: ExportConfig) -> dict:
     published_root = Path(config.out) / RELEVANCE.name
     # The day's lock is held, so hidden copies of its folder are a killed export's, not a live one's.
     for line in clear_stale_staging(published_root / f"ds={day.isoformat()}"):
-        print(line)
+        log.warning(line)
     data, source = _read_partition(config.relevance, day)
     label_sets = label_sets_of(data, config.label_set)
     required_label_set = next(iter(label_sets)) if config.label_set is not None else None
@@ -162,8 +165,8 @@ def validate_and_publish(config: ExportConfig) -> dict:
     page = validation_page(suite, day.isoformat(), config.max_prob_sum_error)
     final, manifest = publish_partition(published_root, day, data, str(source), label_sets, validation, page, churn)
     latest = write_latest(published_root)
-    print(f"relevance ds={day}: {len(data)} rows passed {len(suite.outcomes)} expectations; published to {final}")
+    log.info("relevance ds=%s: %d rows passed %d expectations; published to %s", day, len(data), len(suite.outcomes), final)
     for line in churn_lines(churn):
-        print(line)
-    print(f"{published_root / LATEST_FILE} -> {latest}")
+        log.info(line)
+    log.info("%s -> %s", published_root / LATEST_FILE, latest)
     return manifest

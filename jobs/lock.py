@@ -16,11 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 LOCK_FOLDER = "_locks"
 
@@ -67,7 +70,7 @@ def date_lock(root: str | Path, day: dt.date, job: str) -> Iterator[Path]:
                                   "wait for it to finish") from None
         left = _read_holder(fd)
         if left:
-            print(f"{path}: taking over the lock left by {_describe(left)}, which no longer holds it", flush=True)
+            log.warning("%s: taking over the lock left by %s, which no longer holds it", path, _describe(left))
         _write_holder(fd, {"pid": os.getpid(), "host": socket.gethostname(), "job": job,
                            "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
         try:

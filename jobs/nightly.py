@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 import typing
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ from schemas.config import config_date, help_field
 from schemas.storage import partitions, table_path
 from schemas.tables import CATALOG, QUERIES, RELEVANCE, SEARCH_IMPRESSIONS
 from training.predict import REASONING_MODES
+
+log = logging.getLogger(__name__)
 
 REPORTS_FOLDER = "reports"
 NIGHT_REPORT = "nightly.json"
@@ -138,7 +141,7 @@ def run_steps(config: NightlyConfig, score_config: ScoreConfig) -> dict:
     steps: dict[str, Any] = {}
 
     def timed(name: str, step, step_config) -> Any:
-        print(f"\n== nightly {config.date}: {name}", flush=True)
+        log.info("== nightly %s: %s", config.date, name)
         started = time.perf_counter()
         result = step(step_config)
         steps[name] = {"seconds": round(time.perf_counter() - started, 1), "report": result}
@@ -152,8 +155,8 @@ def run_steps(config: NightlyConfig, score_config: ScoreConfig) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2, default=str))
     index = write_index(target.parent, f"Nightly ds={config.date}", night_reports(out, config.date))
-    print(f"\n== nightly {config.date} done: " + ", ".join(f"{name} {step['seconds']} s" for name, step in steps.items())
-          + f"; report {target}, reports linked from {index}", flush=True)
+    log.info("== nightly %s done: %s; report %s, reports linked from %s", config.date,
+             ", ".join(f"{name} {step['seconds']} s" for name, step in steps.items()), target, index)
     return report
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ from jobs.hadoop_fs import table_uri
 from jobs.quarantine import REASON, Rule, first_failure, quarantine_frame, record_json
 from schemas.config import ConfigError, config_date, help_field
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, QUARANTINE, QUERY_PRODUCT_STATS, SEARCH_IMPRESSIONS
+
+log = logging.getLogger(__name__)
 
 HASH_SEPARATOR = "\u001f"
 RAW_QUERY = "raw_query"
@@ -279,6 +282,7 @@ class _Laps:
 
     def lap(self, phase: str) -> None:
         self.seconds[phase] = time.perf_counter() - self.started - sum(self.seconds.values())
+        log.info("prepare: %s done in %.1f s", phase, self.seconds[phase])
 
 
 def _validated_inputs(spark, data: str, day: dt.date, run_suite: bool):
@@ -362,7 +366,7 @@ def run(config: PrepareConfig) -> dict:
         frame.unpersist()
     for split in (validated, catalog):
         split.release()
-    print(catalog.counts.line())
-    print(counts.line() + f" ({late} late rows kept)")
-    print(f"{pairs} (query, product) pairs for {day}; written to {out}")
+    log.info(catalog.counts.line())
+    log.info("%s (%d late rows kept)", counts.line(), late)
+    log.info("%d (query, product) pairs for %s; written to %s", pairs, day, out)
     return summary

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 from schemas.config import load_config
+from schemas.logs import setup
 
 JOBS = {
     "prepare": ("jobs.prepare", "PrepareConfig"),
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config file for the job.")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="key=value override; repeatable.")
     args = parser.parse_args(argv)
+    setup()  # the driver's log as `relevance` would write it (spark-submit's stderr is rarely a terminal: timestamped lines)
     module_name, config_name = JOBS[args.job]
     module = __import__(module_name, fromlist=[config_name])
     module.run(load_config(getattr(module, config_name), args.config, args.sets))

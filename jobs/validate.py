@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+import logging
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -32,7 +33,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from tqdm import tqdm
 
 from jobs import hadoop_fs
 from jobs.pages import page, suite_heading, suite_table
@@ -40,6 +40,7 @@ from jobs.quarantine import FIELD, REASON, Rule, first_failure, quarantine_frame
 from jobs.spark import spark_schema
 from schemas.config import ConfigError, help_field
 from schemas.expectations import SuiteResult, validate_with_gx
+from schemas.logs import progress
 from schemas.storage import (
     check_column_names,
     check_file_schema,
@@ -49,6 +50,8 @@ from schemas.storage import (
 )
 from schemas.table import Column, Table
 from schemas.tables import INPUT_TABLES, QUARANTINE, table
+
+log = logging.getLogger(__name__)
 
 INVALID_UTF8 = "invalid UTF-8"
 VALIDATION_PAGE = "validation.html"
@@ -440,15 +443,15 @@ def _run_pandas(config: ValidateConfig) -> list[ValidationCounts]:
     data_root = Path(config.data)
     out = Path(config.out) if config.out else data_root / "_validation"
     results = []
-    for name in tqdm(_chosen_tables(config, lambda t: table_path(data_root, t).is_dir()), desc="validate (pandas)", unit="table"):
+    for name in progress(_chosen_tables(config, lambda t: table_path(data_root, t).is_dir()), desc="validate (pandas)", unit="table"):
         declared = table(name)
         frame = arrow_to_pandas(read_table(declared, data_root))
         results.append(validate_pandas(declared, frame, source_file=str(table_path(data_root, declared))))
-        print(results[-1].counts.line())
+        log.info(results[-1].counts.line())
     write_table(QUARANTINE, pa.concat_tables([QUARANTINE.from_pandas(r.quarantine) for r in results]), out)
     (out / "validation.json").write_text(_summary_json(config.engine, results))
     (out / VALIDATION_PAGE).write_text(validation_page(config.engine, results))
-    print(f"quarantine, validation.json and {VALIDATION_PAGE} written to {out}")
+    log.info("quarantine, validation.json and %s written to %s", VALIDATION_PAGE, out)
     return [r.counts for r in results]
 
 
@@ -459,16 +462,16 @@ def _run_spark(config: ValidateConfig) -> list[ValidationCounts]:
     out = config.out or hadoop_fs.join(config.data, "_validation")
     names = _chosen_tables(config, lambda t: hadoop_fs.exists(spark, hadoop_fs.table_uri(config.data, t)))
     results = []
-    for name in tqdm(names, desc="validate (spark)", unit="table"):
+    for name in progress(names, desc="validate (spark)", unit="table"):
         declared = table(name)
         frame = read_with_provenance(spark, declared, hadoop_fs.table_uri(config.data, declared))
         results.append(validate_spark(declared, frame))
-        print(results[-1].counts.line())
+        log.info(results[-1].counts.line())
     quarantine = reduce(lambda union, other: union.unionByName(other), [r.quarantine for r in results])
     quarantine.coalesce(1).write.mode("overwrite").parquet(hadoop_fs.table_uri(out, QUARANTINE))
     hadoop_fs.write_report(spark, hadoop_fs.join(out, "validation.json"), _summary_json(config.engine, results))
     hadoop_fs.write_report(spark, hadoop_fs.join(out, VALIDATION_PAGE), validation_page(config.engine, results))
-    print(f"quarantine, validation.json and {VALIDATION_PAGE} written to {out}")
+    log.info("quarantine, validation.json and %s written to %s", VALIDATION_PAGE, out)
     return [r.counts for r in results]
 
 

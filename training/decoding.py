@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from schemas import logs
+
 
 class SamplingParams(Protocol):
     """What sampled decoding reads from a sampling setting (GRPO's `Sampling` has these)."""
@@ -62,12 +64,13 @@ def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-             sampling: SamplingParams | None = None, seed: int | None = None, synced: bool = False) -> Generations:
+             sampling: SamplingParams | None = None, seed: int | None = None, synced: bool = False, progress: str | None = None) -> Generations:
     """One response per prompt id list, `batch_size` left-padded prompts at a time: greedy when
     `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`.
 
     `synced`: the model is FSDP-sharded over processes that all call this with as many prompts; each keeps
-    stepping until every one has finished (transformers' `synced_gpus`), as a forward pass needs them all."""
+    stepping until every one has finished (transformers' `synced_gpus`), as a forward pass needs them all.
+    `progress`: the name of the work, shown as progress over the prompts (None: silent)."""
     import torch
 
     if sampling is not None and seed is None:
@@ -79,6 +82,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     was_training = model.training
     model.eval()
     response_ids, ended, texts, logprobs = [], [], [], []
+    bar = logs.progress(desc=progress, total=len(prompts), unit="prompt")
     for start in range(0, len(prompts), batch_size):
         input_ids, attention = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id)
         with torch.no_grad():
@@ -96,6 +100,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
             texts.append(tokenizer.decode(kept[:-1] if eos else kept, skip_special_tokens=False))
             if drawn is not None:
                 logprobs.append(tuple(drawn[row][: len(kept)]))
+        bar.update(len(generated))
+    bar.close()
     model.train(was_training)
     return Generations(response_ids=tuple(response_ids), ended=tuple(ended), texts=tuple(texts),
                        logprobs=tuple(logprobs) if sampling is not None else None)

@@ -49,6 +49,7 @@ from typing import Any
 from evaluation.metrics import label_scores
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from schemas.logs import progress
 from training.distributed import (
     Parallel,
     all_reduce,
@@ -261,7 +262,8 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
             prompts = pair_prompts(tokenizer, share, policy.prompt_tokens)
             return relevance_rows(model, tokenizer, share, prompts, graph, labels, policy.order, reasoning="all",
                                   model_name=str(config.teacher), model_version=version, ds=dt.date.today(),
-                                  batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens).to_pylist()
+                                  batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens,
+                                  progress="teacher targets" if parallel.is_main else None).to_pylist()
 
         scored = pa.Table.from_pylist(gathered_map(parallel, missing, score), schema=RELEVANCE.arrow_schema())
         cached = pa.concat_tables([cached, scored])
@@ -379,9 +381,9 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
         save_student(saved, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
                      extra={"teacher": str(config.teacher), "teacher_version": model_version(config.teacher), "encoder": str(encoder)})
         (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation "
-              f"({len(val)} pairs): label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
-              f"student in {config.out / 'model'}")
+        log.info(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation "
+                 f"({len(val)} pairs): label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
+                 f"student in {config.out / 'model'}")
     barrier(parallel)
     return summary
 
@@ -414,13 +416,12 @@ def train_steps(config: DistillConfig, training: StudentTraining, tokenizer, tra
                 heads: Mapping[str, Sequence[str]], graph: ReasoningGraph, labels: LabelSet, folder: RunFolder, start_step: int) -> None:
     """Steps start_step .. max_steps: draw (this process's share) -> targets -> loss -> step -> log -> checkpoint when due."""
     import torch
-    from tqdm import tqdm
 
     from training.student import pad_batch, tokenize_pairs
 
     model, optimizer, parallel, device = training.model, training.optimizer, training.parallel, training.parallel.device
-    bar = tqdm(range(start_step, config.max_steps), desc="distill", unit="step", initial=start_step, total=config.max_steps,
-               disable=not parallel.is_main)
+    bar = progress(range(start_step, config.max_steps), desc="distill", unit="step", initial=start_step, total=config.max_steps,
+                   enabled=parallel.is_main)
     for step in bar:
         training.trained.train()
         pairs = [train[i] for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)][parallel.part(config.batch_size)]

@@ -11,6 +11,7 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from training.model_files import (
 )
 from training.policy_format import PolicyFormat
 from training.prompt import product_facets, render_fields
+
+log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, MASK = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, MASK)
@@ -141,7 +144,7 @@ def merge_adapter(config: ModelMergeConfig) -> Path:
     model, tokenizer = load_model(config.model)
     merged = model.merge_and_unload().to(dtype)
     save_policy(merged, tokenizer, config.out, resolve_format(config.model), max_shard_size=config.max_shard_size)
-    print(f"merged {config.model} into its base {adapter_base(config.model)}: {config.out}")
+    log.info(f"merged {config.model} into its base {adapter_base(config.model)}: {config.out}")
     return config.out
 
 
@@ -240,7 +243,7 @@ def init_tiny_model(config: ModelInitConfig) -> Path:
     config.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(config.out, safe_serialization=True)
     tokenizer.save_pretrained(config.out)
-    print(f"tiny policy ({model.num_parameters():,} parameters, vocabulary {len(tokenizer)}) written to {config.out}")
+    log.info("tiny policy (%s parameters, vocabulary %d) written to %s", f"{model.num_parameters():,}", len(tokenizer), config.out)
     return config.out
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from schemas import logs
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.judge_prompt import ZeroShot
 from schemas.tables import RELEVANCE
@@ -127,8 +128,9 @@ def _label_tokens(tokenizer, prefix: str, terminator: list[int], answer: AnswerF
     return tuple(completions[0][:shared]), firsts
 
 
-def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int) -> list[list[float]]:
-    """Per step, the softmax of the model's next-token logits over its label tokens (label-set order)."""
+def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int, progress: str | None = None) -> list[list[float]]:
+    """Per step, the softmax of the model's next-token logits over its label tokens (label-set order); `progress` names
+    the work, shown as progress over the steps (None: silent)."""
     import torch
 
     from training.decoding import left_padded
@@ -136,6 +138,7 @@ def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int)
     order = sorted(range(len(steps)), key=lambda i: -len(steps[i].context))
     result: list[list[float]] = [[] for _ in steps]
     model.eval()
+    bar = logs.progress(desc=progress, total=len(order), unit="pair")
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         ids, attention = left_padded([steps[index].context for index in chunk], 0)
@@ -147,6 +150,8 @@ def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int)
         for row, index in enumerate(chunk):
             chosen = logits[row, list(steps[index].label_tokens)].float()
             result[index] = torch.softmax(chosen, dim=-1).tolist()
+        bar.update(len(chunk))
+    bar.close()
     return result
 
 
@@ -200,21 +205,24 @@ def pair_prompts(tokenizer, pairs: Sequence[dict], prompt_tokens: int, zero_shot
 def relevance_rows(
     model, tokenizer, pairs: Sequence[dict], prompts: Sequence[Sequence[int]], graph: ReasoningGraph, labels: LabelSet,
     order: str, *, reasoning: str, model_name: str, model_version: str, ds: dt.date, batch_size: int = 64,
-    max_new_tokens: int = 96, reasoning_sample: float = 0.0, zero_shot: ZeroShot | None = None,
+    max_new_tokens: int = 96, reasoning_sample: float = 0.0, zero_shot: ZeroShot | None = None, progress: str | None = None,
 ) -> pa.Table:
     """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`
-    (`pair_prompts` with the same `zero_shot`: None for a trained policy)."""
+    (`pair_prompts` with the same `zero_shot`: None for a trained policy); `progress` names the work, shown as
+    progress of the generation and of the label step (None: silent)."""
     from training.decoding import generate
 
     answer = answer_format(graph, order, zero_shot)
     wanted = reasoning_wanted(pairs, reasoning, reasoning_sample)
     to_generate = [i for i, needed in enumerate(generation_needed(answer, wanted)) if needed]
     texts = [""] * len(pairs)
-    generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         progress=progress and f"{progress}: generate")
     for i, text in zip(to_generate, generated.texts):
         texts[i] = text
     prefixes = [label_prefix(text, answer) for text in texts]
-    probabilities = label_step_probabilities(model, label_steps(tokenizer, prompts, prefixes, answer, labels), batch_size)
+    probabilities = label_step_probabilities(model, label_steps(tokenizer, prompts, prefixes, answer, labels), batch_size,
+                                             progress and f"{progress}: label step")
     decisions = [node_decisions(text, graph, order, labels) for text in texts]
     return relevance_table(pairs, probabilities, decisions, [text if keep else None for text, keep in zip(texts, wanted)], labels,
                            model_name=model_name, model_version=model_version, ds=ds)
@@ -270,4 +278,5 @@ def score_split(
     return relevance_rows(
         model, tokenizer, pairs, prompts, ReasoningGraph.load(graph), LabelSet.load(label_set), order,
         reasoning=reasoning, model_name=model_name, model_version=version, ds=dt.date.today(), batch_size=batch_size,
+        progress=f"{model_name}: label the {split} split",
     )

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from pathlib import Path
 
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from schemas.logs import progress
 from training.distributed import (
     Parallel,
     all_reduce,
@@ -78,6 +80,9 @@ from training.run_folder import RunFolder
 from training.validation import evaluate, majority_baseline
 
 SFT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+log = logging.getLogger(__name__)
+
 Rows = list[tuple[list[int], list[int], list[float]]]  # one micro-batch: (input ids, labels, loss weights) per example
 
 
@@ -349,7 +354,7 @@ def train_and_save(config: SFTConfig, parallel: Parallel, autocast_dtype) -> dic
                     PolicyFormat(graph=config.graph, label_set=config.label_set, order=config.order, prompt_tokens=config.prompt_tokens),
                     lora_save_base(config))
         (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(config, summary, len(val))
+        log_summary(config, summary, len(val))
     barrier(parallel)
     return summary
 
@@ -365,15 +370,13 @@ def mask_token_id(tokenizer, config: SFTConfig) -> int | None:
 def train_steps(config: SFTConfig, training: Optimisation, tokenizer, train: Sequence[dict], val: Sequence[Example],
                 graph: ReasoningGraph, labels: LabelSet, folder: RunFolder, start_step: int, mask_input_id: int | None) -> None:
     """Optimizer steps start_step .. max_steps: draw and mask -> step -> log -> validate / checkpoint when due."""
-    from tqdm import tqdm
-
     example_at = functools.cache(lambda index: encode_example(train[index], tokenizer, graph, config.order, config.prompt_tokens))
     reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
     node_weights = dict.fromkeys([*graph.decision_nodes, graph.label_node], config.decision_weight)
     parallel = training.parallel
     board = tensorboard_writer(config, start_step) if parallel.is_main else None
-    bar = tqdm(range(start_step, config.max_steps), desc="sft", unit="step", initial=start_step, total=config.max_steps,
-               disable=not parallel.is_main)
+    bar = progress(range(start_step, config.max_steps), desc="sft", unit="step", initial=start_step, total=config.max_steps,
+                   enabled=parallel.is_main)
     for step in bar:
         training.trained.train()
         batches = masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, mask_input_id, node_weights,
@@ -413,9 +416,9 @@ def tensorboard_writer(config: SFTConfig, start_step: int):
     return SummaryWriter(str(config.out / "tensorboard"), purge_step=start_step + 1)
 
 
-def print_summary(config: SFTConfig, summary: dict, val_pairs: int) -> None:
+def log_summary(config: SFTConfig, summary: dict, val_pairs: int) -> None:
     final, majority = summary["val"], summary["val_majority"]
-    print(
+    log.info(
         f"sft: {config.max_steps} steps in {summary['train_seconds']:.0f} s; validation ({val_pairs} pairs): parse rate "
         f"{final['parse_rate']:.3f}, label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f} "
         f"(majority class: {majority['label_accuracy']:.3f} / {majority['label_macro_f1']:.3f}); model in {config.out / 'model'}"

@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from schemas import logs
 from schemas.graph import LabelSet, ReasoningGraph, format_facets
 from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import relevance_table
@@ -171,23 +172,28 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def predict_probabilities(model: MultiHeadStudent | OnnxStudent, tokenizer, pairs: Sequence[Mapping], max_length: int,
-                          batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Head name -> (len(pairs), len(vocabulary)) softmax probabilities, rows in input order."""
+                          batch_size: int = 64, progress: str | None = None) -> dict[str, torch.Tensor]:
+    """Head name -> (len(pairs), len(vocabulary)) softmax probabilities, rows in input order; `progress` names the work,
+    shown as progress over the pairs (None: silent)."""
     encodings = tokenize_pairs(tokenizer, pairs, max_length)
     outputs = {name: torch.empty(len(pairs), len(values)) for name, values in model.vocabularies.items()}
     model.eval()
+    bar = logs.progress(desc=progress, total=len(pairs), unit="pair")
     with torch.inference_mode():
         for indices in length_sorted_batches([len(e["input_ids"]) for e in encodings], batch_size):
             batch = {k: v.to(model.device) for k, v in pad_batch([encodings[i] for i in indices], tokenizer.pad_token_id).items()}
             for name, logits in zip(model.head_names, model(**batch)):
                 outputs[name][indices] = torch.softmax(logits.float(), dim=-1).cpu()
+            bar.update(len(indices))
+    bar.close()
     return outputs
 
 
 def student_rows(model: MultiHeadStudent | OnnxStudent, tokenizer, pairs: Sequence[Mapping], labels: LabelSet, label_node: str, *, max_length: int,
-                 model_name: str, model_version: str, ds: dt.date, batch_size: int = 64) -> pa.Table:
-    """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id and the product fields)."""
-    probabilities = predict_probabilities(model, tokenizer, pairs, max_length, batch_size)
+                 model_name: str, model_version: str, ds: dt.date, batch_size: int = 64, progress: str | None = None) -> pa.Table:
+    """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id and the product fields); `progress` as in
+    `predict_probabilities`."""
+    probabilities = predict_probabilities(model, tokenizer, pairs, max_length, batch_size, progress)
     label_probs = probabilities[label_node].tolist()
     decisions = [
         sorted((name, model.vocabularies[name][int(probabilities[name][i].argmax())]) for name in model.head_names if name != label_node)
@@ -212,7 +218,7 @@ def score_split(folder: str | Path, data: str | Path, split: str, *, model_name:
         pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
     version = model_version(folder)
     return student_rows(model, tokenizer, pairs, labels, graph.label_node, max_length=meta["max_length"], model_name=model_name,
-                        model_version=version, ds=dt.date.today(), batch_size=batch_size)
+                        model_version=version, ds=dt.date.today(), batch_size=batch_size, progress=f"{model_name}: label the {split} split")
 
 
 # ---------------------------------------------------------------- ONNX

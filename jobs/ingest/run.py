@@ -9,6 +9,7 @@ quarantined or filtered out.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from jobs.ingest.common import IngestResult
 from schemas.config import ConfigError, help_field
 from schemas.storage import write_table
 from schemas.tables import QUARANTINE, table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,5 +88,5 @@ def run(config: IngestConfig) -> IngestResult:
     for name, data in result.tables().items():
         write_table(table(name), data, config.out)
     write_table(QUARANTINE, result.quarantine, config.out)
-    print(format_counts(result))
+    log.info(format_counts(result))
     return result

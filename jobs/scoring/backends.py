@@ -48,6 +48,7 @@ class HFScorer:
             self.model, self.tokenizer, pairs, pair_prompts(self.tokenizer, pairs, spec.prompt_tokens, zero_shot), self.graph, self.labels,
             spec.order, reasoning=spec.reasoning, reasoning_sample=spec.reasoning_sample, model_name=self.model_name,
             model_version=self.model_version, ds=ds, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, zero_shot=zero_shot,
+            progress="score",
         )
 
     def close(self) -> None:
@@ -72,7 +73,8 @@ class StudentScorer:
         from training.student import student_rows
 
         return student_rows(self.model, self.tokenizer, pairs, self.labels, self.graph.label_node, max_length=self.meta["max_length"],
-                            model_name=self.model_name, model_version=self.model_version, ds=ds, batch_size=self.spec.batch_size)
+                            model_name=self.model_name, model_version=self.model_version, ds=ds, batch_size=self.spec.batch_size,
+                            progress="score")
 
     def close(self) -> None:
         del self.model

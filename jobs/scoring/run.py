@@ -54,6 +54,7 @@ from jobs.scoring.pairs_file import ScoringInput, is_pairs_file, read_pairs_file
 from jobs.scoring.shards import ShardManifest, write_json_atomically
 from jobs.scoring.spec import ScorerSpec, check_model_folder, open_scorer, pair_dicts, scorer_version
 from schemas.config import config_to_dict
+from schemas.logs import progress
 from schemas.storage import partitions, read_table, table_path, write_table
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, PAIRS_TO_SCORE, QUARANTINE, RELEVANCE
 
@@ -177,8 +178,8 @@ def score_shards(config: ScoreConfig, spec: ScorerSpec, manifest: ShardManifest,
     if not pending:
         return
     done_pairs, total = todo.num_rows - sum(s["stop"] - s["start"] for s in pending), todo.num_rows
-    started_all = time.perf_counter()
-    with shard_scoring(config, spec) as score:
+    shards = len(manifest.manifest["shards"])
+    with shard_scoring(config, spec) as score, progress(desc="score", total=total, initial=done_pairs, unit="pair") as bar:
         for shard in pending:
             manifest.started(shard)
             pairs = todo.slice(shard["start"], shard["stop"] - shard["start"])
@@ -186,10 +187,8 @@ def score_shards(config: ScoreConfig, spec: ScorerSpec, manifest: ShardManifest,
             rows = score(pairs)
             seconds = time.perf_counter() - started
             manifest.finished(shard, rows, seconds)
-            done_pairs += pairs.num_rows
-            elapsed = time.perf_counter() - started_all
-            print(f"score: shard {shard['shard'] + 1}/{len(manifest.manifest['shards'])} done ({pairs.num_rows} pairs, "
-                  f"{pairs.num_rows / seconds:.1f} pairs/s); {done_pairs}/{total} pairs, {elapsed:.0f} s", flush=True)
+            bar.set_postfix(shard=f"{shard['shard'] + 1}/{shards}")
+            bar.update(pairs.num_rows)
 
 
 def day_rows(reused: pa.Table, scored: pa.Table, n_pairs: int, work_folder: Path) -> pa.Table:
@@ -230,8 +229,8 @@ def score_day(config: ScoreConfig, spec: ScorerSpec) -> dict:
     version = scorer_version(spec)
     reused = reusable_scores(config.out, day, config.cache_days, version, spec.name, pairs)
     todo = without_reused(pairs, reused)
-    print(f"score: {described}: {reused.num_rows} reused (model version {version}), {todo.num_rows} to score, "
-          f"{quarantine.num_rows} quarantined", flush=True)
+    log.info("score: %s: %d reused (model version %s), %d to score, %d quarantined", described, reused.num_rows, version,
+             todo.num_rows, quarantine.num_rows)
     manifest = ShardManifest(day_folder / version, todo, config.shard_size,
                              {"ds": day.isoformat(), "model_version": version, "config": config_to_dict(config)})
     score_shards(config, spec, manifest, todo)
@@ -249,6 +248,6 @@ def score_day(config: ScoreConfig, spec: ScorerSpec) -> dict:
         "seconds": round(time.perf_counter() - started, 2), "relevance": str(table_path(config.out, RELEVANCE) / f"ds={day.isoformat()}"),
     }
     write_json_atomically(day_folder / "score.json", report)
-    print(f"score: ds={day} written to {report['relevance']}: {scored.num_rows} scored, {reused.num_rows} reused, "
-          f"{quarantine.num_rows} quarantined ({report['seconds']:.1f} s); report {day_folder / 'score.json'}", flush=True)
+    log.info("score: ds=%s written to %s: %d scored, %d reused, %d quarantined (%.1f s); report %s", day, report["relevance"],
+             scored.num_rows, reused.num_rows, quarantine.num_rows, report["seconds"], day_folder / "score.json")
     return report

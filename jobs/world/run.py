@@ -8,15 +8,17 @@ nested experiment block); `seed` is top level so that the command line can set i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from jobs.world.config import PRESETS, WorldConfig
 from jobs.world.generate import STAGES, generate_world, write_world
 from schemas.config import ConfigError, help_field
+from schemas.logs import progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,17 +44,17 @@ class GenerateConfig:
 def run(config: GenerateConfig) -> Path:
     """Generate the world, write it under `config.out`; returns the path of world.json."""
     world_config = config.world_config()
-    with tqdm(total=len(STAGES) + 1, desc="generate world", unit="stage") as bar:
-        def progress(stage: str) -> None:
+    with progress(total=len(STAGES) + 1, desc="generate world", unit="stage") as bar:
+        def stage_done(stage: str) -> None:
             if stage != STAGES[0]:
                 bar.update(1)
-            bar.set_postfix_str(stage)
+            bar.set_postfix(stage=stage)
 
-        world = generate_world(world_config, progress)
+        world = generate_world(world_config, stage_done)
         bar.update(1)
-        bar.set_postfix_str("write")
+        bar.set_postfix(stage="write")
         manifest = write_world(world, config.out)
         bar.update(1)
     rows = ", ".join(f"{name}={count:,}" for name, count in world.manifest["rows"].items())
-    print(f"wrote the {config.preset} world (seed {config.seed}) to {config.out}: {rows}")
+    log.info("wrote the %s world (seed %d) to %s: %s", config.preset, config.seed, config.out, rows)
     return manifest

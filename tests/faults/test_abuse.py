@@ -26,6 +26,7 @@ from typer.testing import CliRunner, Result
 from abtest.metrics import DEFAULT_METRICS
 from abtest.simulate import SimulationSpec, simulate, write
 from jobs.cli import app
+from schemas.logs import PLAIN_LINE
 from schemas.storage import read_table, table_path, write_table
 from schemas.tables import (
     CANDIDATE_PAIRS,
@@ -52,14 +53,14 @@ def invoke(*args: str | pathlib.Path) -> Result:
 
 
 def failure_line(result: Result, exit_code: int, command: str) -> str:
-    """The one line a failed command printed (progress bars aside), after checking the exit code and that
-    no exception escaped the CLI and no traceback was printed."""
+    """The one line a failed command printed after its log, after checking the exit code, that no exception
+    escaped the CLI, no traceback was printed and every line before it is a log record."""
     assert result.exit_code == exit_code, result.output
     assert isinstance(result.exception, SystemExit), f"an exception escaped the CLI: {result.exception!r}"
     assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.split("\n") if line.strip() and "\r" not in line]  # tqdm redraws with \r
-    assert len(lines) == 1 and lines[0].startswith(f"relevance {command}: "), result.stderr
-    return lines[0]
+    *logged, line = result.stderr.strip().splitlines()
+    assert line.startswith(f"relevance {command}: ") and all(PLAIN_LINE.match(record) for record in logged), result.stderr
+    return line
 
 
 def new_entries(folder: pathlib.Path, before: set[pathlib.Path]) -> set[pathlib.Path]:

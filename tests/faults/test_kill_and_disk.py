@@ -35,6 +35,7 @@ from jobs.export import ExportConfig
 from jobs.export import run as export
 from jobs.lock import lock_path
 from jobs.publishing.publish import LATEST_FILE, MANIFEST_FILE, latest_published_day, read_published, sha256_of
+from schemas.logs import PLAIN_LINE
 from schemas.storage import partitions, read_table, write_table
 from schemas.tables import CANDIDATE_PAIRS, RELEVANCE, SEARCH_IMPRESSIONS
 
@@ -322,12 +323,12 @@ def fill(disk: Path, leave: int) -> Path:
 
 
 def failure_line(result: Result) -> str:
-    """The one line a failed job prints on stderr (its progress lines go to stdout)."""
+    """The one line a failed job prints on stderr after its log (every line before it a log record)."""
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    *logged, line = result.stderr.strip().splitlines()
+    assert not PLAIN_LINE.match(line) and all(PLAIN_LINE.match(record) for record in logged), result.stderr
+    return line
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -392,8 +393,9 @@ def test_a_full_disk_emulated_with_rlimit_fsize_fails_export_in_one_line(referen
 
     failed = subprocess.run(args, cwd=REPO, capture_output=True, text=True, preexec_fn=limit_file_size(FREE_BYTES), timeout=300)
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
-    assert "File too large" in failed.stderr and str(stored_day) in failed.stderr, failed.stderr
+    *logged, line = failed.stderr.strip().splitlines()
+    assert "Traceback" not in failed.stderr and all(PLAIN_LINE.match(record) for record in logged), failed.stderr
+    assert "File too large" in line and str(stored_day) in line, failed.stderr
     assert files_of(stored_day) == before and (published_root(root) / LATEST_FILE).read_text() == latest_before
     leftovers = half_written(root)
     assert leftovers == [], leftovers

@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import duckdb
@@ -111,7 +112,8 @@ def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by([(name, "ascending") for name in RELEVANCE.key])
 
 
-def test_first_night_publishes_every_format_and_a_manifest_that_checks_out(roots, capsys):
+def test_first_night_publishes_every_format_and_a_manifest_that_checks_out(roots, caplog):
+    caplog.set_level(logging.INFO, logger="jobs")
     data, out = roots
     manifest = run(_config(data, out, NIGHT_1))
     folder = out / "relevance" / "ds=2024-05-01"
@@ -163,7 +165,7 @@ def test_first_night_publishes_every_format_and_a_manifest_that_checks_out(roots
     assert "First night" in (folder / "churn.md").read_text()
     assert (out / "relevance" / LATEST_FILE).read_text() == "2024-05-01\n"
     assert _hidden_entries(out) == []
-    assert str(folder) in capsys.readouterr().out
+    assert str(folder) in caplog.text
 
 
 def test_churn_against_the_previous_night_matches_a_hand_count(roots):
@@ -240,7 +242,8 @@ def test_reexporting_a_night_is_idempotent(roots):
     assert sorted(p.name for p in (out / "relevance").iterdir()) == [LATEST_FILE, "ds=2024-05-01"]
 
 
-def test_copies_left_by_a_killed_export_are_cleaned_up_by_the_next(roots, capsys):
+def test_copies_left_by_a_killed_export_are_cleaned_up_by_the_next(roots, caplog):
+    caplog.set_level(logging.INFO, logger="jobs")
     data, out = roots
     run(_config(data, out, NIGHT_1))
     run(_config(data, out, NIGHT_2))
@@ -249,10 +252,10 @@ def test_copies_left_by_a_killed_export_are_cleaned_up_by_the_next(roots, capsys
     (published / "ds=2024-05-02").rename(published / ".retired-ds=2024-05-02-0123abcd")
     (published / ".staging-ds=2024-05-02-0123abcd").mkdir()
     (published / ".staging-ds=2024-05-02-0123abcd" / PARQUET_FILE).write_bytes(b"half")
-    capsys.readouterr()
+    caplog.clear()
 
     run(_config(data, out, NIGHT_2))
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "restored from .retired-ds=2024-05-02-0123abcd" in printed
     assert "removed .staging-ds=2024-05-02-0123abcd" in printed
     assert _hidden_entries(out) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -486,13 +487,14 @@ def test_a_truncated_esci_parquet_is_named(tmp_path):
 # ---------------------------------------------------------------- run(config)
 
 
-def test_run_writes_the_tables_and_prints_counts(tmp_path, capsys):
+def test_run_writes_the_tables_and_logs_counts(tmp_path, caplog):
     source = tmp_path / "wands"
     shutil.copytree(WANDS_FIXTURE, source)
     _bad_labels(source)
     config = load_config(IngestConfig, overrides=["format=wands", f"source={source}", f"out={tmp_path / 'data'}"])
-    result = run(config)
-    printed = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="jobs"):
+        result = run(config)
+    printed = caplog.text
     assert "judgments             8          2            6" in printed
     assert "gold_nodes" in printed and "(derived)" in printed
     for name, declared in {"catalog": CATALOG, "queries": QUERIES, "judgments": JUDGMENTS,

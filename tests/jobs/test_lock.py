@@ -50,7 +50,7 @@ def test_an_export_while_another_process_holds_the_day_fails_at_once_naming_it(t
     assert holder.returncode == 0
 
 
-def test_the_lock_of_a_dead_holder_is_taken_over_with_a_message(tmp_path, capsys):
+def test_the_lock_of_a_dead_holder_is_taken_over_with_a_warning(tmp_path, caplog):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(gone.stdout)
     path = lock_path(tmp_path, DAY)
@@ -58,4 +58,4 @@ def test_the_lock_of_a_dead_holder_is_taken_over_with_a_message(tmp_path, capsys
     path.write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname(), "job": "nightly", "since": "2024-03-02T01:00:00+00:00"}))
     with date_lock(tmp_path, DAY, "nightly"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert f"taking over the lock left by pid {dead_pid} on {socket.gethostname()} (nightly since" in capsys.readouterr().out
+    assert f"taking over the lock left by pid {dead_pid} on {socket.gethostname()} (nightly since" in caplog.text

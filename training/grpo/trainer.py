@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
+from schemas.logs import progress
 from training.distributed import (
     Parallel,
     all_gather,
@@ -81,6 +83,8 @@ from training.model import save_policy
 from training.policy_format import PolicyFormat, resolve_format
 from training.run_folder import RunFolder
 from training.validation import evaluate
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -588,7 +592,7 @@ def finish(state: TrainingState, train_seconds: float) -> dict:
     if saved is not None:
         save_policy(saved, state.tokenizer, config.out / "model", config.policy_format, lora_save_base(config))
         (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(
+        log.info(
             f"grpo[{estimator.name}]: {config.steps} steps in {train_seconds:.0f} s; validation ({len(state.val)} pairs): parse rate "
             f"{final['parse_rate']:.3f}, label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
             f"model in {config.out / 'model'}"
@@ -634,15 +638,14 @@ def run(config: GRPOConfig) -> dict:
     """Train, checkpoint, validate; returns the summary written to out/summary.json. Under torchrun every process
     runs this (rank 0 writes)."""
     import torch
-    from tqdm import tqdm
 
     torch.set_num_threads(config.threads)
     device, _ = resolve_device(local_device(config.device), config.precision)
     with parallel_run(device, config.parallel) as parallel:
         state = start_run(config, parallel)
         started = time.perf_counter()
-        bar = tqdm(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
-                   total=config.steps, disable=not parallel.is_main)
+        bar = progress(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
+                       total=config.steps, enabled=parallel.is_main)
         for step in bar:
             record = train_step(state, step)
             bar.set_postfix(reward=f"{record['reward/outcome']:.3f}", kl=f"{record.get('train/kl', 0.0):.4f}")

@@ -266,6 +266,6 @@ def test_the_lock_of_a_killed_score_is_taken_over_with_a_message(tmp_path, tiny_
     killed.wait()
     rerun = subprocess.run(score_command(tmp_path, tiny_world, tiny_model), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"taking over the lock left by pid {killed.pid}" in rerun.stdout
+    assert f"taking over the lock left by pid {killed.pid}" in rerun.stderr
     assert day_rows(tmp_path / "scores", DAY).num_rows == n
     assert lock.read_text() == "", "released cleanly"
