@@ -1,0 +1,93 @@
+"""The ranker ladder, the experiment series and `relevance rankers` / `relevance judge-report` end to end on a tiny world."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from typer.testing import CliRunner
+
+from evaluation.inputs import predictions_from_judgments
+from evaluation.rankers import evaluate_rankers, labels_from_gold_nodes, lists_from_ranked
+from jobs.cli import app
+from jobs.world.config import WorldConfig
+from jobs.world.generate import generate_experiment_series, generate_world
+from jobs.world.ladder import LadderConfig, make_ladder
+from schemas.graph import LabelSet, ReasoningGraph
+from schemas.storage import read_table, write_table
+from schemas.tables import JUDGMENTS, RELEVANCE
+
+runner = CliRunner()
+TINY = {"n_impressions": 20_000, "n_users": 1_000}
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(WorldConfig.tests(**TINY))
+
+
+@pytest.fixture(scope="module")
+def gold(world):
+    return labels_from_gold_nodes(world.gold_nodes, LabelSet.load("wands"), ReasoningGraph.load("relevance7"))
+
+
+def test_the_ladder_order_is_recovered_exactly_under_gold(gold):
+    config = LadderConfig(n_queries=150, seed=1)
+    ranked = make_ladder(gold.pairs[["query_id", "product_id", "gain"]], config).to_pandas()
+    assert ranked["query_id"].nunique() == 150
+    assert (ranked.groupby(["ranker", "query_id"]).size() == config.k).all()
+    result = evaluate_rankers(lists_from_ranked(ranked), gold, k=config.k, n_bootstrap=20, rankers=config.rankers)
+    ndcg = result.estimates("ndcg")
+    assert sorted(config.rankers, key=lambda rung: -ndcg[rung]) == config.rankers
+    assert ndcg["noise_0"] == pytest.approx(1.0)  # noise 0 is the gold order itself
+    assert min(scores.coverage for scores in result.rankers) == 1.0  # the ladder ranks judged products only
+
+
+def test_experiment_series_shares_the_world_and_varies_the_treatment(world):
+    series = generate_experiment_series(WorldConfig.tests(**TINY), (0.8, 0.1))
+    assert [manifest["experiment"]["experiment_id"] for manifest, _ in series] == ["ranker_v2_t0.8", "ranker_v2_t0.1"]
+    assert [manifest["config"]["experiment"]["treatment_noise"] for manifest, _ in series] == [0.8, 0.1]
+    assert all(manifest["rows"]["catalog"] == world.catalog.num_rows for manifest, _ in series)
+    (_, first), (_, second) = series
+    assert first["search_impressions"].num_rows == world.search_impressions.num_rows
+    assert not first["experiment_events"].equals(second["experiment_events"])  # independent samples
+    assert set(pc.unique(first["experiment_assignment"]["experiment_id"]).to_pylist()) == {"ranker_v2_t0.8"}
+
+
+def test_rankers_and_judge_report_end_to_end(tmp_path):
+    world = tmp_path / "world"
+    generated = runner.invoke(app, ["generate", "--out", str(world), "--preset", "tests", "--set", "world.n_impressions=20000",
+                                    "--set", "world.n_users=1000", "--set", "experiment_series=[0.9,0.1]"])
+    assert generated.exit_code == 0, generated.output
+    judged = runner.invoke(app, ["rankers", "--logs", str(world), "--labels", "gold", "--label-path", str(world), "--out",
+                                 str(tmp_path / "rankers"), "--set", "n_bootstrap=50"])
+    assert judged.exit_code == 0, judged.output
+    rankers = json.loads((tmp_path / "rankers" / "rankers.json").read_text())
+    assert [r["ranker"] for r in rankers["rankers"]] == ["control", "treatment"]
+    assert all(0 < r["coverage"] < 1 and r["judged"] < r["shown"] for r in rankers["rankers"])  # logs show unjudged products
+    assert rankers["logged_requests"]["requests judged"] < rankers["logged_requests"]["requests"]
+
+    # a relevance table of the human labels on half the queries: kappa 1 with human, coverage partial on the logs
+    judgments = read_table(JUDGMENTS, world)
+    queries = sorted(set(judgments["query_id"].to_pylist()))[::2]
+    half = judgments.filter(pc.is_in(judgments["query_id"], pa.array(queries)))
+    write_table(RELEVANCE, predictions_from_judgments(half, LabelSet.load("wands"), model_name="rater_table"), tmp_path / "table")
+    report = runner.invoke(app, ["judge-report", "--world", str(world), "--source", f"rater_table={tmp_path / 'table'}",
+                                 "--out", str(tmp_path / "judge"), "--set", "n_bootstrap=30", "--set", "ladder.n_queries=60"])
+    assert report.exit_code == 0, report.output
+    result = json.loads((tmp_path / "judge" / "judge_report.json").read_text())
+    agreement = result["agreement"]
+    assert agreement["rater_table"]["vs_human"]["kappa"] == pytest.approx(1.0)
+    assert agreement["rater_table"]["vs_gold"]["kappa"] == pytest.approx(agreement["human"]["vs_gold"]["kappa"], abs=0.05)
+    assert result["ladder"]["queries"] == 60 and set(result["ladder"]["sources"]) == {"human", "gold", "rater_table"}
+    assert result["ladder"]["sources"]["gold"]["tau"] == pytest.approx(1.0)
+    experiments = result["offline_online"]["experiments"]
+    assert [e["experiment_id"] for e in experiments] == ["ranker_v2", "ranker_v2_t0.1", "ranker_v2_t0.9"]
+    worse = experiments[2]["offline_ndcg_difference"]["gold"]
+    assert worse["high"] < 0  # a noisier treatment ranker is worse offline
+    assert np.isfinite(experiments[0]["online"]["ctr"]["effect"])
+    assert (tmp_path / "judge" / "judge_report.html").read_text().count("data:image/png;base64") == 2
+    assert (tmp_path / "judge" / "ranked_lists").is_dir()
