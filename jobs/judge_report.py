@@ -7,9 +7,9 @@ relevance table of `sources` (a trained policy, the student, a multi-judge combi
 
 1. Agreement: Cohen's kappa (statsmodels; its interval treats pairs as independent) of each source's labels with
    the human labels and with gold, on the pairs both label.
-2. The ranker ladder (`jobs.world.ladder`): rungs of known quality ranked under each source by NDCG@k; Kendall tau
-   (scipy) of each source's order with the true order, over every rung and over the better half (where the LLM-assessor
-   literature finds agreement weakest). The ladder's queries are those every source labels, so every source judges
+2. The ranker ladder (`jobs.world.ladder`): rungs of graded quality ranked under each source by NDCG@k; Kendall tau
+   (scipy) of each source's order with the gold labels' order, over every rung and over gold's better half (where the
+   LLM-assessor literature finds agreement weakest); whether gold recovers the construction order is reported too. The ladder's queries are those every source labels, so every source judges
    the same lists; the ladder is written to OUT/ranked_lists for `relevance rankers`.
 3. Offline vs online: for the world's A/B experiment and every experiment folder of `experiments` (by default
    WORLD/experiments/*, which `relevance generate --set experiment_series=[...]` writes), the offline NDCG difference
@@ -36,6 +36,7 @@ from statsmodels.stats.inter_rater import cohens_kappa
 from evaluation.rankers import PAIR, UNJUDGED_POLICIES, LabelSource, RankerEvaluation, evaluate_rankers, lists_from_ranked
 from jobs.pages import page, table
 from jobs.rankers import interval_text, png_html, read_labels, read_logged_lists
+from jobs.report_index import judge_verdict
 from jobs.world.generate import EXPERIMENT_MANIFEST, MANIFEST
 from jobs.world.ladder import LadderConfig, make_ladder, ranker_name
 from jobs.world.run import SERIES_FOLDER
@@ -106,11 +107,26 @@ def kappa(source: LabelSource, reference: LabelSource, labels: list[str]) -> dic
     return {"pairs": len(both), "kappa": finite(result.kappa), "low": finite(result.kappa_low), "high": finite(result.kappa_upp)}
 
 
-def kendall(true_order: list[str], estimates: dict[str, float]) -> float | None:
-    """Kendall tau-b between the true order (best first) and the estimates (higher is better)."""
-    truth = -np.arange(len(true_order), dtype=float)
-    tau = stats.kendalltau(truth, [estimates[name] for name in true_order]).statistic
+def kendall(reference_order: list[str], estimates: dict[str, float]) -> float | None:
+    """Kendall tau-b between a reference order (best first) and the estimates (higher is better)."""
+    reference = -np.arange(len(reference_order), dtype=float)
+    tau = stats.kendalltau(reference, [estimates[name] for name in reference_order]).statistic
     return None if np.isnan(tau) else float(tau)
+
+
+def told_apart(evaluation: RankerEvaluation, gold_order: list[str]) -> int:
+    """Neighbouring rungs of the gold order whose NDCG difference under this source has an interval that excludes 0
+    on gold's side: how many close calls the source's labels can resolve on this many queries."""
+    position = {rung: index for index, rung in enumerate(evaluation.estimates())}
+    count = 0
+    for better, worse in zip(gold_order, gold_order[1:]):
+        if position[better] < position[worse]:
+            interval = evaluation.difference(better, worse)
+            count += interval.high < 0
+        else:
+            interval = evaluation.difference(worse, better)
+            count += interval.low > 0
+    return int(count)
 
 
 def ladder_queries(sources: dict[str, LabelSource], gold: LabelSource) -> np.ndarray:
@@ -129,16 +145,20 @@ def judge_ladder(sources: dict[str, LabelSource], gold: LabelSource, config: Jud
     write_table(RANKED_LISTS, ranked, out)
     lists = lists_from_ranked(ranked.to_pandas())
     rungs = config.ladder.rankers
-    half = rungs[: len(rungs) // 2]
+    ndcg = {name: evaluate_rankers(lists, source, config.ladder.k, config.unjudged, config.n_bootstrap, config.seed, rankers=rungs)
+            for name, source in sources.items()}
+    gold_order = sorted(rungs, key=lambda rung: -ndcg[GOLD].estimates()[rung])
+    better_half = gold_order[: len(rungs) // 2]
     result = {"queries": int(lists["query_id"].nunique()), "rankers": rungs, "noise_levels": sorted(config.ladder.noise_levels),
-              "sources": {}}
-    for name, source in sources.items():
-        evaluation = evaluate_rankers(lists, source, config.ladder.k, config.unjudged, config.n_bootstrap, config.seed, rankers=rungs)
-        ndcg = evaluation.estimates("ndcg")
+              "gold_order": gold_order, "gold_recovers_construction_order": gold_order == rungs, "sources": {}}
+    for name, evaluation in ndcg.items():
+        estimates = evaluation.estimates()
+        order = sorted(rungs, key=lambda rung: -estimates[rung])
         result["sources"][name] = {
-            "ndcg": ndcg, "coverage": min(s.coverage for s in evaluation.rankers), "queries_compared": evaluation.queries_compared,
-            "tau": kendall(rungs, ndcg), "tau_top_half": kendall(half, ndcg),
-            "order": sorted(rungs, key=lambda rung: -ndcg[rung]), "recovers_true_order": sorted(rungs, key=lambda rung: -ndcg[rung]) == rungs,
+            "ndcg": estimates, "coverage": min(s.coverage for s in evaluation.rankers), "queries_compared": evaluation.queries_compared,
+            "tau": kendall(gold_order, estimates), "tau_top_half": kendall(better_half, estimates), "order": order,
+            "same_winner_as_gold": order[0] == gold_order[0],
+            "neighbours_told_apart": told_apart(evaluation, gold_order),
         }
     return result
 
@@ -220,7 +240,7 @@ def _ladder_plot(ladder: dict):
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, source in ladder["sources"].items():
         axis.plot(ladder["noise_levels"], [source["ndcg"][ranker_name(level)] for level in ladder["noise_levels"]], marker="o", label=name)
-    axis.set_xlabel("rung's ranking noise (the true order: smaller is better)")
+    axis.set_xlabel("rung's ranking noise (construction order: smaller is better)")
     axis.set_ylabel("NDCG@k under the label source")
     axis.legend(fontsize=8)
     return figure
@@ -243,6 +263,7 @@ def _offline_online_plot(rows: list[ExperimentRow], sources: list[str]):
                           fmt="o", capsize=2, label=name, alpha=0.8)
         axis.axhline(0, color="grey", lw=0.5)
         axis.axvline(0, color="grey", lw=0.5)
+        axis.tick_params(axis="x", labelrotation=30)
         axis.set_xlabel("offline NDCG@k difference (treatment - control)")
         axis.set_ylabel(f"online {metric} effect (treatment - control)")
     axes[0].legend(fontsize=8)
@@ -253,20 +274,10 @@ def _number(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def verdict(report: dict) -> str:
-    """One line: each source's ladder tau (overall / top half) and its offline-online CTR correlation."""
-    parts = []
-    for name, ladder in report["ladder"]["sources"].items():
-        across = report["offline_online"]["across"][name]["ctr"]
-        parts.append(f"{name} tau {_number(ladder['tau'], '.2f')}/{_number(ladder['tau_top_half'], '.2f')}, "
-                     f"CTR r {_number(across['pearson'], '.2f')}, signs {across['sign_agreement']}/{across['experiments']}")
-    return "ladder Kendall tau (all/top half), offline-online: " + "; ".join(parts)
-
-
 def _html(report: dict, rows: list[ExperimentRow], sources: list[str], provenance: Provenance) -> str:
     ladder, agreement = report["ladder"], report["agreement"]
     body = [f"<p class='meta'>{html.escape(provenance.line())}</p>",
-            f"<p>{html.escape(verdict(report))}</p>",
+            f"<p>{html.escape(judge_verdict(report))}</p>",
             "<h2>1. Label agreement (Cohen's kappa)</h2>",
             "<p>Kappa of each source's labels with the human labels and with gold, on the pairs both label (the interval "
             "treats pairs as independent). LLM-assessor studies report 0.3-0.64 against human labels.</p>",
@@ -274,12 +285,17 @@ def _html(report: dict, rows: list[ExperimentRow], sources: list[str], provenanc
                   [[name, entry["pairs"], *(f"{_number(k['kappa'])} [{_number(k['low'])}, {_number(k['high'])}] ({k['pairs']})"
                                            for k in (entry["vs_human"], entry["vs_gold"]))] for name, entry in agreement.items()]),
             "<h2>2. The ranker ladder: do the labels pick the same ranker?</h2>",
-            f"<p>{len(ladder['rankers'])} rungs of known quality (gold gain + shared noise of the given std, best first) on "
-            f"{ladder['queries']} queries that every source labels. Kendall tau of each source's NDCG order with the true "
-            "order; the literature reports 0.84-0.89 between LLM- and human-label system rankings, weaker among the top systems.</p>",
-            table(["source", "Kendall tau (all rungs)", "Kendall tau (better half)", "recovers the true order", "lowest coverage@k",
-                   *ladder["rankers"]],
-                  [[name, _number(s["tau"]), _number(s["tau_top_half"]), "yes" if s["recovers_true_order"] else "no",
+            f"<p>{len(ladder['rankers'])} rungs of graded quality (gold gain + noise of the given std; construction order: "
+            f"smaller noise first) on {ladder['queries']} queries that every source labels. Gold labels order the rungs "
+            f"{'as constructed' if ladder['gold_recovers_construction_order'] else 'otherwise than constructed: ' + ', '.join(ladder['gold_order'])}. "
+            "Kendall tau of each source's NDCG@k order with the gold order, over every rung and over gold's better half; the "
+            "literature reports 0.84-0.89 between LLM- and human-label system rankings, weaker among the top systems. "
+            "Neighbours told apart: neighbouring rungs of the gold order whose NDCG difference under the source has a "
+            "bootstrap interval excluding 0 on gold's side (how many close calls the labels resolve).</p>",
+            table(["source", "Kendall tau (all rungs)", "Kendall tau (better half)", "same winner as gold",
+                   f"neighbours told apart (of {len(ladder['rankers']) - 1})", "lowest coverage@k",
+                   *(f"NDCG@k {rung}" for rung in ladder["rankers"])],
+                  [[name, _number(s["tau"]), _number(s["tau_top_half"]), "yes" if s["same_winner_as_gold"] else "no", s["neighbours_told_apart"],
                     f"{s['coverage']:.1%}", *(_number(s["ndcg"][r], ".4f") for r in ladder["rankers"])]
                    for name, s in ladder["sources"].items()]),
             png_html(_ladder_plot(ladder), "NDCG per rung and label source"),
@@ -338,7 +354,7 @@ def run(config: JudgeReportConfig) -> dict:
     provenance = Provenance.now()
     (out / JUDGE_JSON).write_text(json.dumps({**report, "provenance": provenance.line()}, indent=2, default=float) + "\n")
     (out / JUDGE_PAGE).write_text(_html(report, rows, names, provenance))
-    print(verdict(report))
+    print(judge_verdict(report))
     print(f"reports: {out / JUDGE_PAGE}, {out / JUDGE_JSON}")
     return report
 

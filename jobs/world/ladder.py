@@ -1,10 +1,12 @@
-"""A ladder of rankers of known quality: what a label source must order right to be trusted for offline evaluation.
+"""A ladder of rankers of graded quality: what a label source must order right to be trusted for offline evaluation.
 
-Each rung ranks every sampled query's judged products by gold gain + sigma * z and keeps the first k, with one
-standard normal z per (query, product) shared by every rung (common random numbers): a rung with a smaller sigma
-orders each query's products at least as close to the gold order in expectation, so the ladder's true order is the
-order of sigma (smallest first). Ties (sigma = 0 and equal gains) fall to z. Ranking the judged products keeps
-human and gold labels complete on the ladder's lists; a relevance table's coverage of them is whatever it scored.
+Each rung ranks every sampled query's judged products by gold gain + sigma * z, z standard normal drawn afresh for
+each rung, and keeps the first k; ties (equal scores) fall to a further draw. A rung with a smaller sigma keeps the
+gold order better in expectation, so the construction order is the order of sigma (smallest first); with independent
+draws, neighbouring rungs differ by little on a finite sample, as real rankers near the top do. Ranking the judged
+products keeps human and gold labels complete on the ladder's lists; a relevance table's coverage of them is
+whatever it scored. Gold gains take few values (WANDS: 0, 0.5, 1), so noise levels below about 0.15 reorder only
+products of equal gain and are not told apart by gold: keep the levels apart by more.
 
 The query sample is fixed by `seed`: `n_queries` of the queries given (all when 0 or when fewer are given).
 """
@@ -25,7 +27,7 @@ from schemas.tables import RANKED_LISTS
 class LadderConfig:
     noise_levels: tuple[float, ...] = help_field(
         "Std of the Gaussian noise each rung adds to the gold gain (one rung per level; smaller is better).",
-        (0.0, 0.15, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3),
+        (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0, 1.3),
     )
     n_queries: int = help_field("Queries in the ladder's fixed sample (0: every query given).", 0)
     k: int = help_field("Products each rung lists per query.", 10)
@@ -56,10 +58,10 @@ def make_ladder(gold: pd.DataFrame, config: LadderConfig) -> pa.Table:
     if 0 < config.n_queries < len(queries):
         queries = np.sort(rng.choice(queries, size=config.n_queries, replace=False))
     pairs = gold[gold["query_id"].isin(queries)].sort_values(["query_id", "product_id"], kind="mergesort").reset_index(drop=True)
-    shared = rng.standard_normal(len(pairs))
     parts = []
     for level in sorted(config.noise_levels):
-        scored = pairs.assign(score=pairs["gain"].to_numpy() + level * shared, tiebreak=shared)
+        noise, tiebreak = rng.standard_normal((2, len(pairs)))
+        scored = pairs.assign(score=pairs["gain"].to_numpy() + level * noise, tiebreak=tiebreak)
         scored = scored.sort_values(["query_id", "score", "tiebreak"], ascending=[True, False, False], kind="mergesort")
         scored["rank"] = scored.groupby("query_id", sort=False).cumcount() + 1
         top = scored[scored["rank"] <= config.k]

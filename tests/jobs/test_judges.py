@@ -82,8 +82,9 @@ def test_rankers_and_judge_report_end_to_end(tmp_path):
     agreement = result["agreement"]
     assert agreement["rater_table"]["vs_human"]["kappa"] == pytest.approx(1.0)
     assert agreement["rater_table"]["vs_gold"]["kappa"] == pytest.approx(agreement["human"]["vs_gold"]["kappa"], abs=0.05)
+    assert result["ladder"]["sources"]["human"]["neighbours_told_apart"] <= len(result["ladder"]["rankers"]) - 1
     assert result["ladder"]["queries"] == 60 and set(result["ladder"]["sources"]) == {"human", "gold", "rater_table"}
-    assert result["ladder"]["sources"]["gold"]["tau"] == pytest.approx(1.0)
+    assert result["ladder"]["gold_recovers_construction_order"] and result["ladder"]["sources"]["gold"]["tau"] == pytest.approx(1.0)
     experiments = result["offline_online"]["experiments"]
     assert [e["experiment_id"] for e in experiments] == ["ranker_v2", "ranker_v2_t0.1", "ranker_v2_t0.9"]
     worse = experiments[2]["offline_ndcg_difference"]["gold"]
