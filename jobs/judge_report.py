@@ -33,7 +33,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.inter_rater import cohens_kappa
 
-from evaluation.rankers import PAIR, UNJUDGED_POLICIES, LabelSource, RankerEvaluation, evaluate_rankers, lists_from_ranked
+from evaluation.rankers import PAIR, UNJUDGED_POLICIES, LabelSource, RankerEvaluation, RankerInputError, evaluate_rankers, lists_from_ranked
 from jobs.pages import page, table
 from jobs.rankers import interval_text, png_html, read_labels, read_logged_lists
 from jobs.report_index import judge_verdict
@@ -86,7 +86,7 @@ class ExperimentRow:
     control_noise: float | None
     treatment_noise: float | None
     online: dict[str, dict]
-    offline: dict[str, RankerEvaluation] = field(default_factory=dict)
+    offline: dict[str, RankerEvaluation | str] = field(default_factory=dict)  # a str: why the source has no evaluation
 
 
 def kappa(source: LabelSource, reference: LabelSource, labels: list[str]) -> dict:
@@ -137,28 +137,43 @@ def ladder_queries(sources: dict[str, LabelSource], gold: LabelSource) -> np.nda
     return np.array(sorted(queries))
 
 
+def evaluate_or_reason(lists: pd.DataFrame, source: LabelSource, config: JudgeReportConfig, k: int, rankers: list[str]
+                       ) -> RankerEvaluation | str:
+    """The source's evaluation of the lists, or why it has none (it labels none of their queries, say): one source
+    that cannot judge some lists leaves the others' report whole, saying so."""
+    try:
+        return evaluate_rankers(lists, source, k, config.unjudged, config.n_bootstrap, config.seed, rankers=rankers)
+    except RankerInputError as error:
+        return str(error)
+
+
 def judge_ladder(sources: dict[str, LabelSource], gold: LabelSource, config: JudgeReportConfig, out: Path) -> dict:
     queries = ladder_queries(sources, gold)
-    if len(queries) == 0:
-        raise ConfigError("ladder: no query is labelled by every source; the relevance tables must cover some of the world's queries")
+    common = len(queries) > 0
+    if not common:  # no query labelled by every source: rank gold's, and sources judge what they label of them
+        queries = np.array(sorted(set(gold.pairs["query_id"])))
     ranked = make_ladder(gold.pairs[gold.pairs["query_id"].isin(queries)][[*PAIR, "gain"]], config.ladder)
     write_table(RANKED_LISTS, ranked, out)
     lists = lists_from_ranked(ranked.to_pandas())
     rungs = config.ladder.rankers
-    ndcg = {name: evaluate_rankers(lists, source, config.ladder.k, config.unjudged, config.n_bootstrap, config.seed, rankers=rungs)
-            for name, source in sources.items()}
+    ndcg = {name: evaluate_or_reason(lists, source, config, config.ladder.k, rungs) for name, source in sources.items()}
     gold_order = sorted(rungs, key=lambda rung: -ndcg[GOLD].estimates()[rung])
     better_half = gold_order[: len(rungs) // 2]
-    result = {"queries": int(lists["query_id"].nunique()), "rankers": rungs, "noise_levels": sorted(config.ladder.noise_levels),
-              "gold_order": gold_order, "gold_recovers_construction_order": gold_order == rungs, "sources": {}}
+    result = {"queries": int(lists["query_id"].nunique()), "common_queries": common, "rankers": rungs,
+              "noise_levels": sorted(config.ladder.noise_levels), "gold_order": gold_order,
+              "gold_recovers_construction_order": gold_order == rungs, "sources": {}}
     for name, evaluation in ndcg.items():
+        if isinstance(evaluation, str):
+            result["sources"][name] = {"ndcg": None, "coverage": None, "queries_compared": 0, "tau": None, "tau_top_half": None,
+                                       "order": None, "same_winner_as_gold": None, "neighbours_told_apart": None, "note": evaluation}
+            continue
         estimates = evaluation.estimates()
         order = sorted(rungs, key=lambda rung: -estimates[rung])
         result["sources"][name] = {
             "ndcg": estimates, "coverage": min(s.coverage for s in evaluation.rankers), "queries_compared": evaluation.queries_compared,
             "tau": kendall(gold_order, estimates), "tau_top_half": kendall(better_half, estimates), "order": order,
             "same_winner_as_gold": order[0] == gold_order[0],
-            "neighbours_told_apart": told_apart(evaluation, gold_order),
+            "neighbours_told_apart": told_apart(evaluation, gold_order), "note": "",
         }
     return result
 
@@ -199,13 +214,15 @@ def judge_experiments(sources: dict[str, LabelSource], config: JudgeReportConfig
         control, treatment = block["control"], next(v for v in block["variants"] if v != block["control"])
         row = ExperimentRow(block["experiment_id"], settings.get("control_noise"), settings.get("treatment_noise"), online)
         for name, source in sources.items():
-            row.offline[name] = evaluate_rankers(lists, source, config.k, config.unjudged, config.n_bootstrap, config.seed,
-                                                 rankers=[control, treatment])
+            row.offline[name] = evaluate_or_reason(lists, source, config, config.k, [control, treatment])
         rows.append(row)
     return rows
 
 
-def offline_delta(evaluation: RankerEvaluation) -> dict:
+def offline_delta(evaluation: RankerEvaluation | str) -> dict:
+    """treatment - control NDCG@k with its interval and coverage; None values and the reason when there is none."""
+    if isinstance(evaluation, str):
+        return {"estimate": None, "low": None, "high": None, "coverage": None, "queries_compared": 0, "note": evaluation}
     control, treatment = (s.ranker for s in evaluation.rankers)
     interval = evaluation.difference(control, treatment, "ndcg")
     return {"estimate": interval.estimate, "low": interval.low, "high": interval.high,
@@ -216,14 +233,14 @@ def agreement_across(rows: list[ExperimentRow], sources: list[str]) -> dict:
     """Per source and online metric: Pearson and Spearman correlation of offline and online effects, sign agreement."""
     result = {}
     for name in sources:
-        offline = np.array([row.offline[name].difference(*(s.ranker for s in row.offline[name].rankers), "ndcg").estimate
-                            for row in rows])
+        judged = [row for row in rows if not isinstance(row.offline[name], str)]
+        offline = np.array([offline_delta(row.offline[name])["estimate"] for row in judged], float)
         result[name] = {}
         for metric in ONLINE_METRICS:
-            online = np.array([row.online[metric]["effect"] for row in rows], float)
-            enough = len(rows) >= 3 and np.std(offline) > 0 and np.std(online) > 0
+            online = np.array([row.online[metric]["effect"] for row in judged], float)
+            enough = len(judged) >= 3 and np.std(offline) > 0 and np.std(online) > 0
             result[name][metric] = {
-                "experiments": len(rows),
+                "experiments": len(judged),
                 "pearson": float(stats.pearsonr(offline, online).statistic) if enough else None,
                 "spearman": float(stats.spearmanr(offline, online).statistic) if enough else None,
                 "sign_agreement": int((np.sign(offline) == np.sign(online)).sum()),
@@ -239,6 +256,8 @@ def _ladder_plot(ladder: dict):
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for name, source in ladder["sources"].items():
+        if source["ndcg"] is None:
+            continue
         axis.plot(ladder["noise_levels"], [source["ndcg"][ranker_name(level)] for level in ladder["noise_levels"]], marker="o", label=name)
     axis.set_xlabel("rung's ranking noise (construction order: smaller is better)")
     axis.set_ylabel("NDCG@k under the label source")
@@ -256,10 +275,13 @@ def _offline_online_plot(rows: list[ExperimentRow], sources: list[str]):
     for axis, metric in zip(axes, ONLINE_METRICS):
         online = [row.online[metric] for row in rows]
         for name in sources:
-            deltas = [offline_delta(row.offline[name]) for row in rows]
-            axis.errorbar([d["estimate"] for d in deltas], [o["effect"] for o in online],
+            judged = [(offline_delta(row.offline[name]), effect) for row, effect in zip(rows, online) if not isinstance(row.offline[name], str)]
+            if not judged:
+                continue
+            deltas, effects = zip(*judged)
+            axis.errorbar([d["estimate"] for d in deltas], [o["effect"] for o in effects],
                           xerr=[[d["estimate"] - d["low"] for d in deltas], [d["high"] - d["estimate"] for d in deltas]],
-                          yerr=[[o["effect"] - o["effect_ci_low"] for o in online], [o["effect_ci_high"] - o["effect"] for o in online]],
+                          yerr=[[o["effect"] - o["effect_ci_low"] for o in effects], [o["effect_ci_high"] - o["effect"] for o in effects]],
                           fmt="o", capsize=2, label=name, alpha=0.8)
         axis.axhline(0, color="grey", lw=0.5)
         axis.axvline(0, color="grey", lw=0.5)
@@ -274,8 +296,13 @@ def _number(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _yes_no(value: bool | None) -> str:
+    return "–" if value is None else "yes" if value else "no"
+
+
 def _html(report: dict, rows: list[ExperimentRow], sources: list[str], provenance: Provenance) -> str:
     ladder, agreement = report["ladder"], report["agreement"]
+    unjudged = "; ".join(f"{name}: {entry['note']}" for name, entry in ladder["sources"].items() if entry["note"])
     body = [f"<p class='meta'>{html.escape(provenance.line())}</p>",
             f"<p>{html.escape(judge_verdict(report))}</p>",
             "<h2>1. Label agreement (Cohen's kappa)</h2>",
@@ -286,7 +313,8 @@ def _html(report: dict, rows: list[ExperimentRow], sources: list[str], provenanc
                                            for k in (entry["vs_human"], entry["vs_gold"]))] for name, entry in agreement.items()]),
             "<h2>2. The ranker ladder: do the labels pick the same ranker?</h2>",
             f"<p>{len(ladder['rankers'])} rungs of graded quality (gold gain + noise of the given std; construction order: "
-            f"smaller noise first) on {ladder['queries']} queries that every source labels. Gold labels order the rungs "
+            f"smaller noise first) on {ladder['queries']} queries "
+            f"{'that every source labels' if ladder['common_queries'] else 'with gold labels (no query is labelled by every source)'}. Gold labels order the rungs "
             f"{'as constructed' if ladder['gold_recovers_construction_order'] else 'otherwise than constructed: ' + ', '.join(ladder['gold_order'])}. "
             "Kendall tau of each source's NDCG@k order with the gold order, over every rung and over gold's better half; the "
             "literature reports 0.84-0.89 between LLM- and human-label system rankings, weaker among the top systems. "
@@ -295,9 +323,10 @@ def _html(report: dict, rows: list[ExperimentRow], sources: list[str], provenanc
             table(["source", "Kendall tau (all rungs)", "Kendall tau (better half)", "same winner as gold",
                    f"neighbours told apart (of {len(ladder['rankers']) - 1})", "lowest coverage@k",
                    *(f"NDCG@k {rung}" for rung in ladder["rankers"])],
-                  [[name, _number(s["tau"]), _number(s["tau_top_half"]), "yes" if s["same_winner_as_gold"] else "no", s["neighbours_told_apart"],
-                    f"{s['coverage']:.1%}", *(_number(s["ndcg"][r], ".4f") for r in ladder["rankers"])]
+                  [[name, _number(s["tau"]), _number(s["tau_top_half"]), _yes_no(s["same_winner_as_gold"]), _number(s["neighbours_told_apart"], "d"),
+                    _number(s["coverage"], ".1%"), *(_number((s["ndcg"] or {}).get(r), ".4f") for r in ladder["rankers"])]
                    for name, s in ladder["sources"].items()]),
+            *([f"<p>Not judged on the ladder: {html.escape(unjudged)}</p>"] if unjudged else []),
             png_html(_ladder_plot(ladder), "NDCG per rung and label source"),
             "<h2>3. Offline vs online</h2>",
             "<p>Per experiment: the offline NDCG@k difference on the logged lists of each variant (treatment - control, "
@@ -311,6 +340,9 @@ def _html(report: dict, rows: list[ExperimentRow], sources: list[str], provenanc
         offline = []
         for name in sources:
             evaluation = row.offline[name]
+            if isinstance(evaluation, str):
+                offline.append(f"not judged: {evaluation}")
+                continue
             delta = evaluation.difference(*(s.ranker for s in evaluation.rankers), "ndcg")
             coverage = "/".join(f"{s.coverage:.0%}" for s in evaluation.rankers)
             offline.append(f"{interval_text(delta, signed=True)} ({coverage})")

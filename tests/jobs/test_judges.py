@@ -18,7 +18,7 @@ from jobs.world.generate import generate_experiment_series, generate_world
 from jobs.world.ladder import LadderConfig, make_ladder
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.storage import read_table, write_table
-from schemas.tables import JUDGMENTS, RELEVANCE
+from schemas.tables import GOLD_NODES, JUDGMENTS, RANKED_LISTS, RELEVANCE
 
 runner = CliRunner()
 TINY = {"n_impressions": 20_000, "n_users": 1_000}
@@ -74,8 +74,12 @@ def test_rankers_and_judge_report_end_to_end(tmp_path):
     judgments = read_table(JUDGMENTS, world)
     queries = sorted(set(judgments["query_id"].to_pylist()))[::2]
     half = judgments.filter(pc.is_in(judgments["query_id"], pa.array(queries)))
-    write_table(RELEVANCE, predictions_from_judgments(half, LabelSet.load("wands"), model_name="rater_table"), tmp_path / "table")
+    rater_table = predictions_from_judgments(half, LabelSet.load("wands"), model_name="rater_table")
+    write_table(RELEVANCE, rater_table, tmp_path / "table")
+    elsewhere = rater_table.set_column(1, "query_id", pc.binary_join_element_wise("elsewhere-", rater_table["query_id"], ""))
+    write_table(RELEVANCE, elsewhere, tmp_path / "elsewhere")  # labels no query of the world: judged nowhere, said so
     report = runner.invoke(app, ["judge-report", "--world", str(world), "--source", f"rater_table={tmp_path / 'table'}",
+                                 "--source", f"elsewhere={tmp_path / 'elsewhere'}",
                                  "--out", str(tmp_path / "judge"), "--set", "n_bootstrap=30", "--set", "ladder.n_queries=60"])
     assert report.exit_code == 0, report.output
     result = json.loads((tmp_path / "judge" / "judge_report.json").read_text())
@@ -83,7 +87,9 @@ def test_rankers_and_judge_report_end_to_end(tmp_path):
     assert agreement["rater_table"]["vs_human"]["kappa"] == pytest.approx(1.0)
     assert agreement["rater_table"]["vs_gold"]["kappa"] == pytest.approx(agreement["human"]["vs_gold"]["kappa"], abs=0.05)
     assert result["ladder"]["sources"]["human"]["neighbours_told_apart"] <= len(result["ladder"]["rankers"]) - 1
-    assert result["ladder"]["queries"] == 60 and set(result["ladder"]["sources"]) == {"human", "gold", "rater_table"}
+    assert not result["ladder"]["common_queries"] and "no query has every metric" in result["ladder"]["sources"]["elsewhere"]["note"]
+    assert result["offline_online"]["across"]["elsewhere"]["ctr"]["experiments"] == 0
+    assert result["ladder"]["queries"] == 60 and set(result["ladder"]["sources"]) == {"human", "gold", "rater_table", "elsewhere"}
     assert result["ladder"]["gold_recovers_construction_order"] and result["ladder"]["sources"]["gold"]["tau"] == pytest.approx(1.0)
     experiments = result["offline_online"]["experiments"]
     assert [e["experiment_id"] for e in experiments] == ["ranker_v2", "ranker_v2_t0.1", "ranker_v2_t0.9"]
@@ -91,4 +97,18 @@ def test_rankers_and_judge_report_end_to_end(tmp_path):
     assert worse["high"] < 0  # a noisier treatment ranker is worse offline
     assert np.isfinite(experiments[0]["online"]["ctr"]["effect"])
     assert (tmp_path / "judge" / "judge_report.html").read_text().count("data:image/png;base64") == 2
-    assert (tmp_path / "judge" / "ranked_lists").is_dir()
+    ladder = runner.invoke(app, ["rankers", "--lists", str(tmp_path / "judge"), "--labels", "judgments", "--label-path", str(world),
+                                 "--out", str(tmp_path / "ladder"), "--set", "n_bootstrap=20"])
+    assert ladder.exit_code == 0, ladder.output
+    assert len(json.loads((tmp_path / "ladder" / "rankers.json").read_text())["rankers"]) == 8
+
+
+def test_rankers_refuses_a_list_with_a_repeated_rank(tmp_path):
+    rows = pa.table({"query_id": ["q1", "q1"], "ranker": ["A", "A"], "rank": pa.array([1, 1], pa.int32()), "product_id": ["a", "b"]})
+    write_table(RANKED_LISTS, rows, tmp_path)
+    write_table(GOLD_NODES, pa.table({"query_id": ["q1"], "product_id": ["a"], "nodes": pa.array([[("y", "Exact")]], pa.map_(pa.string(), pa.string()))}),
+                tmp_path)
+    result = runner.invoke(app, ["rankers", "--lists", str(tmp_path), "--labels", "gold", "--label-path", str(tmp_path), "--out",
+                                 str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "rows [1, 2]" in result.output and "each rank of a list holds one product" in result.output
