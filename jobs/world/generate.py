@@ -5,6 +5,10 @@ gold nodes and judgments -> search logs with an A/B experiment, returned as a `W
 conformed to their schemas plus a manifest. `write_world(world, out)` writes them with
 `schemas.storage.write_table` (logs partitioned by ds) and `world.json` last.
 
+`generate_experiment_series(config, treatment_noises)` simulates further A/B experiments on the same
+catalog, queries and judgments (one per treatment ranker noise, each from its own generator), and
+`write_experiment_series` writes each experiment's logs and `experiment.json` in a folder of its own.
+
 Each stage draws from its own generator seeded with (seed, stage number), so changing the log size
 does not change the catalog, and the same config gives byte-identical tables. How each table is
 made (and the gold-label rule) is documented in the stage modules: catalog, queries, judgments, logs.
