@@ -33,18 +33,19 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.inter_rater import cohens_kappa
 
+from evaluation.inputs import read_input
 from evaluation.rankers import PAIR, UNJUDGED_POLICIES, LabelSource, RankerEvaluation, RankerInputError, evaluate_rankers, lists_from_ranked
 from jobs.pages import page, table
 from jobs.rankers import interval_text, png_html, read_labels, read_logged_lists
 from jobs.report_index import judge_verdict
 from jobs.world.generate import EXPERIMENT_MANIFEST, MANIFEST
-from jobs.world.ladder import LadderConfig, make_ladder, ranker_name
+from jobs.world.ladder import GAIN, SUBJECT, LadderConfig, make_ladder, ranker_name, subject_gains
 from jobs.world.run import SERIES_FOLDER
 from schemas.config import ConfigError, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.provenance import Provenance
 from schemas.storage import write_table
-from schemas.tables import RANKED_LISTS
+from schemas.tables import GOLD_NODES, RANKED_LISTS
 
 JUDGE_PAGE = "judge_report.html"
 JUDGE_JSON = "judge_report.json"
@@ -147,12 +148,15 @@ def evaluate_or_reason(lists: pd.DataFrame, source: LabelSource, config: JudgeRe
         return str(error)
 
 
-def judge_ladder(sources: dict[str, LabelSource], gold: LabelSource, config: JudgeReportConfig, out: Path) -> dict:
+def judge_ladder(sources: dict[str, LabelSource], gold: LabelSource, subject: pd.DataFrame, config: JudgeReportConfig, out: Path
+                 ) -> dict:
+    """`subject`: query_id, product_id, subject_gain of the judged pairs (`jobs.world.ladder.subject_gains`)."""
     queries = ladder_queries(sources, gold)
     common = len(queries) > 0
     if not common:  # no query labelled by every source: rank gold's, and sources judge what they label of them
         queries = np.array(sorted(set(gold.pairs["query_id"])))
-    ranked = make_ladder(gold.pairs[gold.pairs["query_id"].isin(queries)][[*PAIR, "gain"]], config.ladder)
+    pairs = gold.pairs[gold.pairs["query_id"].isin(queries)][[*PAIR, "gain"]].merge(subject, on=PAIR, how="left", validate="one_to_one")
+    ranked = make_ladder(pairs, config.ladder)
     write_table(RANKED_LISTS, ranked, out)
     lists = lists_from_ranked(ranked.to_pandas())
     rungs = config.ladder.rankers
@@ -160,8 +164,10 @@ def judge_ladder(sources: dict[str, LabelSource], gold: LabelSource, config: Jud
     gold_order = sorted(rungs, key=lambda rung: -ndcg[GOLD].estimates()[rung])
     better_half = gold_order[: len(rungs) // 2]
     result = {"queries": int(lists["query_id"].nunique()), "common_queries": common, "rankers": rungs,
-              "noise_levels": sorted(config.ladder.noise_levels), "gold_order": gold_order,
-              "gold_recovers_construction_order": gold_order == rungs, "sources": {}}
+              "noise_levels": sorted(config.ladder.noise_levels), "subject_noise_levels": sorted(config.ladder.subject_noise_levels),
+              "gold_order": gold_order,
+              "gold_recovers_construction_order": [rung for rung in gold_order if rung in config.ladder.graded] == config.ladder.graded,
+              "sources": {}}
     for name, evaluation in ndcg.items():
         if isinstance(evaluation, str):
             result["sources"][name] = {"ndcg": None, "coverage": None, "queries_compared": 0, "tau": None, "tau_top_half": None,
@@ -258,8 +264,13 @@ def _ladder_plot(ladder: dict):
     for name, source in ladder["sources"].items():
         if source["ndcg"] is None:
             continue
-        axis.plot(ladder["noise_levels"], [source["ndcg"][ranker_name(level)] for level in ladder["noise_levels"]], marker="o", label=name)
-    axis.set_xlabel("rung's ranking noise (construction order: smaller is better)")
+        line = axis.plot(ladder["noise_levels"], [source["ndcg"][ranker_name(level, GAIN)] for level in ladder["noise_levels"]], marker="o",
+                         label=name)
+        subject = ladder["subject_noise_levels"]
+        if subject:
+            axis.plot(subject, [source["ndcg"][ranker_name(level, SUBJECT)] for level in subject], marker="x", linestyle="none",
+                      markersize=9, color=line[0].get_color())
+    axis.set_xlabel("rung's ranking noise (o: gold gain + noise, smaller is better; x: subject gain + noise)")
     axis.set_ylabel("NDCG@k under the label source")
     axis.legend(fontsize=8)
     return figure
@@ -312,10 +323,12 @@ def _html(report: dict, rows: list[ExperimentRow], sources: list[str], provenanc
                   [[name, entry["pairs"], *(f"{_number(k['kappa'])} [{_number(k['low'])}, {_number(k['high'])}] ({k['pairs']})"
                                            for k in (entry["vs_human"], entry["vs_gold"]))] for name, entry in agreement.items()]),
             "<h2>2. The ranker ladder: do the labels pick the same ranker?</h2>",
-            f"<p>{len(ladder['rankers'])} rungs of graded quality (gold gain + noise of the given std; construction order: "
-            f"smaller noise first) on {ladder['queries']} queries "
-            f"{'that every source labels' if ladder['common_queries'] else 'with gold labels (no query is labelled by every source)'}. Gold labels order the rungs "
-            f"{'as constructed' if ladder['gold_recovers_construction_order'] else 'otherwise than constructed: ' + ', '.join(ladder['gold_order'])}. "
+            f"<p>{len(ladder['rankers'])} rungs on {ladder['queries']} queries "
+            f"{'that every source labels' if ladder['common_queries'] else 'with gold labels (no query is labelled by every source)'}. The noise_* rungs rank by gold gain + "
+            "noise of the given std (construction order: smaller noise first); the subject_* rungs by the product type alone "
+            "(attributes ignored) + noise: a blind spot that a judge lenient on attributes rewards. Gold orders the noise rungs "
+            f"{'as constructed' if ladder['gold_recovers_construction_order'] else 'otherwise than constructed'}; its order: "
+            f"{', '.join(ladder['gold_order'])}. "
             "Kendall tau of each source's NDCG@k order with the gold order, over every rung and over gold's better half; the "
             "literature reports 0.84-0.89 between LLM- and human-label system rankings, weaker among the top systems. "
             "Neighbours told apart: neighbouring rungs of the gold order whose NDCG difference under the source has a "
@@ -370,7 +383,8 @@ def run(config: JudgeReportConfig) -> dict:
     agreement = {name: {"pairs": len(source.pairs), "left_out": source.left_out,
                         "vs_human": kappa(source, sources[HUMAN], label_set.names), "vs_gold": kappa(source, sources[GOLD], label_set.names)}
                  for name, source in sources.items()}
-    ladder = judge_ladder(sources, sources[GOLD], config, out)
+    gold_nodes = read_input(GOLD_NODES, world, ["query_id", "product_id", "nodes"])
+    ladder = judge_ladder(sources, sources[GOLD], subject_gains(gold_nodes, label_set), config, out)
     print(f"ladder of {len(ladder['rankers'])} rungs on {ladder['queries']} queries: "
           + ", ".join(f"{name} tau {_number(s['tau'], '.2f')}" for name, s in ladder["sources"].items()))
     rows = judge_experiments(sources, config, out)

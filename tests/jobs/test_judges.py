@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from evaluation.inputs import predictions_from_judgments
-from evaluation.rankers import evaluate_rankers, labels_from_gold_nodes, lists_from_ranked
+from evaluation.rankers import LabelSource, evaluate_rankers, labels_from_gold_nodes, lists_from_ranked
 from jobs.cli import app
 from jobs.world.config import WorldConfig
 from jobs.world.generate import generate_experiment_series, generate_world
-from jobs.world.ladder import LadderConfig, make_ladder
+from jobs.world.ladder import LadderConfig, make_ladder, subject_gains
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.storage import read_table, write_table
 from schemas.tables import GOLD_NODES, JUDGMENTS, RANKED_LISTS, RELEVANCE
@@ -34,15 +34,20 @@ def gold(world):
     return labels_from_gold_nodes(world.gold_nodes, LabelSet.load("wands"), ReasoningGraph.load("relevance7"))
 
 
-def test_the_ladder_order_is_recovered_exactly_under_gold(gold):
+def test_the_ladder_order_is_recovered_exactly_under_gold(world, gold):
     config = LadderConfig(n_queries=150, seed=1)
-    ranked = make_ladder(gold.pairs[["query_id", "product_id", "gain"]], config).to_pandas()
+    subject = subject_gains(world.gold_nodes, LabelSet.load("wands"))
+    ranked = make_ladder(gold.pairs[["query_id", "product_id", "gain"]].merge(subject, on=["query_id", "product_id"]), config).to_pandas()
     assert ranked["query_id"].nunique() == 150
     assert (ranked.groupby(["ranker", "query_id"]).size() == config.k).all()
+    assert config.rankers == [*config.graded, "subject_0", "subject_0.3"]
     result = evaluate_rankers(lists_from_ranked(ranked), gold, k=config.k, n_bootstrap=20, rankers=config.rankers)
     ndcg = result.estimates("ndcg")
-    assert sorted(config.rankers, key=lambda rung: -ndcg[rung]) == config.rankers
+    assert sorted(config.graded, key=lambda rung: -ndcg[rung]) == config.graded
     assert ndcg["noise_0"] == pytest.approx(1.0)  # noise 0 is the gold order itself
+    assert ndcg["subject_0"] < 1.0  # ignoring attributes costs under gold ...
+    subject_labels = LabelSource("subject", subject.rename(columns={"subject_gain": "gain"}).assign(label="", relevant=0.0))
+    assert evaluate_rankers(lists_from_ranked(ranked), subject_labels, k=config.k, n_bootstrap=20).estimates()["subject_0"] == 1.0  # ... not under its own
     assert min(scores.coverage for scores in result.rankers) == 1.0  # the ladder ranks judged products only
 
 
@@ -100,7 +105,7 @@ def test_rankers_and_judge_report_end_to_end(tmp_path):
     ladder = runner.invoke(app, ["rankers", "--lists", str(tmp_path / "judge"), "--labels", "judgments", "--label-path", str(world),
                                  "--out", str(tmp_path / "ladder"), "--set", "n_bootstrap=20"])
     assert ladder.exit_code == 0, ladder.output
-    assert len(json.loads((tmp_path / "ladder" / "rankers.json").read_text())["rankers"]) == 8
+    assert len(json.loads((tmp_path / "ladder" / "rankers.json").read_text())["rankers"]) == 10
 
 
 def test_rankers_refuses_a_list_with_a_repeated_rank(tmp_path):
