@@ -7,9 +7,11 @@ relevance table of `sources` (a trained policy, the student, a multi-judge combi
 
 1. Agreement: Cohen's kappa (statsmodels; its interval treats pairs as independent) of each source's labels with
    the human labels and with gold, on the pairs both label.
-2. The ranker ladder (`jobs.world.ladder`): rungs of graded quality ranked under each source by NDCG@k; Kendall tau
-   (scipy) of each source's order with the gold labels' order, over every rung and over gold's better half (where the
-   LLM-assessor literature finds agreement weakest); whether gold recovers the construction order is reported too. The ladder's queries are those every source labels, so every source judges
+2. The ranker ladder (`jobs.world.ladder`): rungs of graded quality and rungs blind to attributes, ranked under each
+   source by NDCG@k; Kendall tau (scipy) of each source's order with the gold labels' order, over every rung and over
+   gold's better half (where the LLM-assessor literature finds agreement weakest), whether the source picks gold's
+   winner, and how many neighbouring rungs of gold's order its labels tell apart; whether gold recovers the
+   construction order of the graded rungs is reported too. The ladder's queries are those every source labels, so every source judges
    the same lists; the ladder is written to OUT/ranked_lists for `relevance rankers`.
 3. Offline vs online: for the world's A/B experiment and every experiment folder of `experiments` (by default
    WORLD/experiments/*, which `relevance generate --set experiment_series=[...]` writes), the offline NDCG difference
