@@ -608,6 +608,47 @@ def demo(
     run(_load(DemoConfig, config, sets, out=out, preset=preset))
 
 
+@app.command(cls=config_command("jobs.rankers:RankersConfig"))
+def rankers(
+    lists: Path | None = typer.Option(None, help="RANKED_LISTS table: file, table folder or data root."),
+    logs: Path | None = typer.Option(None, help="Folder with search_impressions and experiment_assignment: judge each A/B variant's lists."),
+    labels: str | None = typer.Option(None, help="Label source kind: judgments, gold or relevance."),
+    label_path: Path | None = typer.Option(None, help="The label source's table: file, table folder or data root."),
+    label_set: str | None = typer.Option(None, help="wands, esci or a label-set YAML."),
+    k: int | None = typer.Option(None, help="Rank cutoff."),
+    unjudged: str | None = typer.Option(None, help="Unjudged products in the first k: zero or condense."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for rankers.json and rankers.html."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
+) -> None:
+    """Judge rankers offline: NDCG@k, P@k, mean gain per ranker under a label source, coverage, bootstrap CIs of differences."""
+    from jobs.rankers import RankersConfig, run
+
+    run(_load(RankersConfig, config, sets, lists=lists, logs=logs, labels=labels, label_path=label_path, label_set=label_set, k=k,
+              unjudged=unjudged, out=out))
+
+
+@app.command("judge-report", cls=config_command("jobs.judge_report:JudgeReportConfig"))
+def judge_report(
+    world: Path | None = typer.Option(None, help="World folder: judgments, gold_nodes, world.json and its A/B logs."),
+    source: list[str] | None = typer.Option(None, "--source", help="NAME=PATH of a relevance table to judge as a label source; repeatable."),
+    experiment: list[str] | None = typer.Option(None, "--experiment", help="Further experiment folder (default: WORLD/experiments/*); repeatable."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for judge_report.html and judge_report.json."),
+    config: Path | None = ConfigOption,
+    sets: list[str] | None = SetOption,
+) -> None:
+    """Can a search team trust these labels? Kappa with human labels, the ranker ladder's Kendall tau, offline vs online effects."""
+    from jobs.judge_report import JudgeReportConfig, run
+
+    sources = None
+    if source:
+        malformed = [item for item in source if "=" not in item]
+        if malformed:
+            raise typer.BadParameter(f"--source takes NAME=PATH, got {malformed}")
+        sources = dict(item.split("=", 1) for item in source)
+    run(_load(JudgeReportConfig, config, sets, world=world, sources=sources, experiments=experiment or None, out=out))
+
+
 
 # Everything after COMMAND is the command's own (its --config, --set and options), not show's.
 @config_app.command("show", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})

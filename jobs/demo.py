@@ -22,6 +22,7 @@ from jobs.report_index import (
     abtest_report,
     datasets_verdict,
     evaluation_report,
+    judge_report,
     prepare_verdict,
     training_report,
     validation_report,
@@ -244,6 +245,31 @@ def _abtest(config: DemoConfig, out: Path) -> dict[str, str]:
     return {"A/B report": str(report / "report.html"), "A/B result": str(report / "result.json")}
 
 
+# Treatment ranker noises of the experiments added beside the world's own (control noise 0.5): two worse, one near
+# neutral, two better, so the offline-to-online view has effects of both signs.
+EXPERIMENT_SERIES = (0.8, 0.6, 0.45, 0.3, 0.1)
+
+
+def _judge_labels(config: DemoConfig, out: Path) -> dict[str, str]:
+    """Can a search team trust these labels? More A/B experiments on the same world (other treatment strengths), then
+    kappa with the human labels, the ranker ladder and offline vs online effects under every labeller: the human rater,
+    gold, each trained policy and the student on the test pairs, and the nightly Graph-GRPO scores of logged pairs."""
+    from jobs.judge_report import JUDGE_PAGE, JudgeReportConfig, run
+    from jobs.world.config import WorldConfig
+    from jobs.world.generate import generate_experiment_series, write_experiment_series
+    from jobs.world.run import SERIES_FOLDER
+
+    world = out / "world"
+    world_config = WorldConfig.preset(config.preset, **json.loads((world / "world.json").read_text())["config"])
+    write_experiment_series(generate_experiment_series(world_config, EXPERIMENT_SERIES), world / SERIES_FOLDER)
+    tables = {name: out / "models" / name for name in (*POLICIES, "distilled_student")}
+    tables["graph_grpo_policy_nightly"] = out / "nightly" / "scores"
+    report = out / "judge_report"
+    run(JudgeReportConfig(world=str(world), sources={name: str(path) for name, path in tables.items() if path.is_dir()}, out=str(report)))
+    return {"experiment series": str(world / SERIES_FOLDER), "judge report": str(report / JUDGE_PAGE),
+            "ranker ladder lists": str(report / "ranked_lists")}
+
+
 STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("generate the synthetic world", _generate),
     ("validate it (great-expectations + quarantine)", _validate),
@@ -257,6 +283,7 @@ STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [
     ("evaluate every labeller against the gold labels", _evaluate),
     ("two nights of nightly scoring: prepare, score incrementally, validate, publish", _nightly),
     ("analyse the A/B experiment", _abtest),
+    ("judge the labels: agreement, the ranker ladder, offline vs online A/B effects", _judge_labels),
 ]
 
 
@@ -287,7 +314,7 @@ def demo_reports(out: Path, results: list[StageResult]) -> list[Report]:
         training_report("Masked SFT of the tiny policy", out / "sft"),
         training_report("Graph-GRPO from the SFT policy", out / "grpo"),
         training_report("Distillation into the MiniLM student", out / "distill"),
-        evaluation_report(out / "evaluation"), *nights, abtest_report(out / "abtest"), summary,
+        evaluation_report(out / "evaluation"), *nights, abtest_report(out / "abtest"), judge_report(out / "judge_report"), summary,
     ]
     return [report for report in reports if report is not None]
 

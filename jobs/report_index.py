@@ -169,6 +169,26 @@ def abtest_report(folder: Path) -> Report | None:
                   (folder / "report.html", folder / "report.md", folder / "result.json"))
 
 
+def judge_verdict(report: dict) -> str:
+    """Per label source: the ranker ladder's Kendall tau with the true order (all rungs / better half) and how the offline
+    NDCG differences track the online CTR effects across the experiments (Pearson r, experiments with the same sign)."""
+    parts = []
+    for name, ladder in report["ladder"]["sources"].items():
+        across = report["offline_online"]["across"][name]["ctr"]
+        parts.append(f"{name} tau {_number(ladder['tau'], '.2f')}/{_number(ladder['tau_top_half'], '.2f')}, "
+                     f"CTR r {_number(across['pearson'], '.2f')}, same sign {across['sign_agreement']}/{across['experiments']}")
+    return "ladder tau (all/better half), offline vs online: " + "; ".join(parts)
+
+
+def judge_report(folder: Path) -> Report | None:
+    """`relevance judge-report`'s folder (judge_report.html, judge_report.json)."""
+    report = _load(folder / "judge_report.json")
+    if report is None:
+        return None
+    return Report("Can a search team trust these labels? Agreement, ranker ladder, offline vs online", judge_verdict(report),
+                  (folder / "judge_report.html", folder / "judge_report.json"))
+
+
 def training_report(title: str, run_dir: Path) -> Report | None:
     """A training run folder: summary.json, metrics.jsonl and whatever plots or pages it holds."""
     summary = _load(run_dir / "summary.json")

@@ -284,6 +284,18 @@ TRAINING_EXAMPLES = Table(
     ),
 )
 
+RANKED_LISTS = Table(
+    name="ranked_lists",
+    doc="Result lists of rankers, judged offline by `relevance rankers`: one row per (ranker, query, rank).",
+    key=("ranker", "query_id", "rank"),
+    columns=(
+        Column("query_id", "string"),
+        Column("ranker", "string", doc="The ranker (a system, an A/B variant, a rung of the world's ladder) that made the list."),
+        Column("rank", "int32", min_value=1, doc="1-based position in the list (best first)."),
+        Column("product_id", "string"),
+    ),
+)
+
 ALL_TABLES: dict[str, Table] = {
     table.name: table
     for table in (
@@ -302,6 +314,7 @@ ALL_TABLES: dict[str, Table] = {
         PAIRS_FILE,
         PAIRS_FILE_WITH_TEXT,
         TRAINING_EXAMPLES,
+        RANKED_LISTS,
     )
 }
 

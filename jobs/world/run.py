@@ -1,6 +1,10 @@
 """`relevance generate`: build the synthetic world from a preset (plus overrides) and write it.
 
     relevance generate --out world --preset demo --seed 0 --set world.n_products=5000
+    relevance generate --out world --preset tests --set experiment_series=[0.8,0.5,0.3,0.1]
+
+`experiment_series` adds one A/B experiment per treatment ranker noise on the same world, each under
+`out`/experiments/<experiment_id>/ (its logs and experiment.json), for judging offline metrics against online ones.
 
 `world` holds WorldConfig fields that override the preset (`world.experiment.aa=true` for the
 nested experiment block); `seed` is top level so that the command line can set it directly.
@@ -14,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from jobs.world.config import PRESETS, WorldConfig
-from jobs.world.generate import STAGES, generate_world, write_world
+from jobs.world.generate import STAGES, generate_experiment_series, generate_world, write_experiment_series, write_world
 from schemas.config import ConfigError, help_field
 from schemas.logs import progress
 
 log = logging.getLogger(__name__)
+
+SERIES_FOLDER = "experiments"
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,13 @@ class GenerateConfig:
         "WorldConfig fields overriding the preset, e.g. world.n_products=5000, world.experiment.aa=true.", {}
     )
 
+    experiment_series: tuple[float, ...] = help_field(
+        "Treatment ranker noises of further experiments on this world, written under OUT/experiments/ (empty: none).", ()
+    )
+
     def __post_init__(self) -> None:
+        if any(noise < 0 for noise in self.experiment_series):
+            raise ConfigError(f"experiment_series: noises must be >= 0, got {list(self.experiment_series)}")
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: unknown preset {self.preset!r}; presets: {sorted(PRESETS)}")
         if "seed" in self.world:
@@ -57,4 +69,9 @@ def run(config: GenerateConfig) -> Path:
         bar.update(1)
     rows = ", ".join(f"{name}={count:,}" for name, count in world.manifest["rows"].items())
     log.info("wrote the %s world (seed %d) to %s: %s", config.preset, config.seed, config.out, rows)
+    if config.experiment_series:
+        written = write_experiment_series(generate_experiment_series(world_config, config.experiment_series),
+                                          Path(config.out) / SERIES_FOLDER)
+        log.info("wrote %d more experiments under %s: %s", len(written), Path(config.out) / SERIES_FOLDER,
+                 ", ".join(path.parent.name for path in written))
     return manifest

@@ -16,7 +16,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("generate", "ingest", "validate", "evaluate", "abtest", "demo"):
+    for command in ("generate", "ingest", "validate", "evaluate", "abtest", "demo", "rankers", "judge-report"):
         assert command in result.output
 
 
@@ -194,7 +194,7 @@ def test_every_command_names_the_config_its_body_loads():
             yield from commands(command) if hasattr(command, "commands") else [command]
 
     configured = [command for command in commands(typer.main.get_command(app)) if isinstance(command, ConfigCommand)]
-    assert len(configured) == 17  # judges combine and model merge joined
+    assert len(configured) == 19  # judges combine, model merge, rankers and judge-report joined
     for command in configured:
         assert command.config_fields(), command.name
         assert re.search(rf"_load\(\s*{command.config_class.split(':')[1]},", inspect.getsource(command.callback)), command.name
