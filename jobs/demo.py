@@ -254,20 +254,29 @@ def _judge_labels(config: DemoConfig, out: Path) -> dict[str, str]:
     """Can a search team trust these labels? More A/B experiments on the same world (other treatment strengths), then
     kappa with the human labels, the ranker ladder and offline vs online effects under every labeller: the human rater,
     gold, each trained policy and the student on the test pairs, and the nightly Graph-GRPO scores of logged pairs."""
+    from evaluation.judges import CombineConfig
+    from evaluation.judges import run as combine_judges
     from jobs.judge_report import JUDGE_PAGE, JudgeReportConfig, run
     from jobs.world.config import WorldConfig
     from jobs.world.generate import generate_experiment_series, write_experiment_series
     from jobs.world.run import SERIES_FOLDER
 
     world = out / "world"
-    world_config = WorldConfig.preset(config.preset, **json.loads((world / "world.json").read_text())["config"])
+    manifest = json.loads((world / "world.json").read_text())
+    world_config = WorldConfig.preset(config.preset, **manifest["config"])
     write_experiment_series(generate_experiment_series(world_config, EXPERIMENT_SERIES), world / SERIES_FOLDER)
     tables = {name: out / "models" / name for name in (*POLICIES, "distilled_student")}
+    # the three labellers of the test pairs as one judge (majority vote, ties to the lower gain), judged beside them
+    judges = out / "multi_judge"
+    combine_judges(CombineConfig(tables={name: str(path) for name, path in tables.items()}, method="majority",
+                                 label_set=manifest["label_set"], gold_nodes=str(out / "evaluation_gold"),
+                                 model_name="multi_judge", n_bootstrap=200, out=str(judges)))
+    tables["multi_judge_majority"] = judges / "relevance"
     tables["graph_grpo_policy_nightly"] = out / "nightly" / "scores"
     report = out / "judge_report"
     run(JudgeReportConfig(world=str(world), sources={name: str(path) for name, path in tables.items() if path.is_dir()}, out=str(report)))
-    return {"experiment series": str(world / SERIES_FOLDER), "judge report": str(report / JUDGE_PAGE),
-            "ranker ladder lists": str(report / "ranked_lists")}
+    return {"experiment series": str(world / SERIES_FOLDER), "multi-judge agreement": str(judges / "report.html"),
+            "judge report": str(report / JUDGE_PAGE), "ranker ladder lists": str(report / "ranked_lists")}
 
 
 STAGES: list[tuple[str, Callable[[DemoConfig, Path], dict[str, str]]]] = [

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ from schemas.graph import LabelSet, ReasoningGraph
 from schemas.provenance import Provenance
 from schemas.storage import write_table
 from schemas.tables import GOLD_NODES, RANKED_LISTS
+
+log = logging.getLogger(__name__)
 
 JUDGE_PAGE = "judge_report.html"
 JUDGE_JSON = "judge_report.json"
@@ -381,13 +384,13 @@ def run(config: JudgeReportConfig) -> dict:
     for name, path in config.sources.items():
         sources[name] = read_labels("relevance", path, label_set, graph, name)
     names = list(sources)
-    print(f"label sources: {', '.join(f'{name} ({len(source.pairs)} pairs)' for name, source in sources.items())}")
+    log.info(f"label sources: {', '.join(f'{name} ({len(source.pairs)} pairs)' for name, source in sources.items())}")
     agreement = {name: {"pairs": len(source.pairs), "left_out": source.left_out,
                         "vs_human": kappa(source, sources[HUMAN], label_set.names), "vs_gold": kappa(source, sources[GOLD], label_set.names)}
                  for name, source in sources.items()}
     gold_nodes = read_input(GOLD_NODES, world, ["query_id", "product_id", "nodes"])
     ladder = judge_ladder(sources, sources[GOLD], subject_gains(gold_nodes, label_set), config, out)
-    print(f"ladder of {len(ladder['rankers'])} rungs on {ladder['queries']} queries: "
+    log.info(f"ladder of {len(ladder['rankers'])} rungs on {ladder['queries']} queries: "
           + ", ".join(f"{name} tau {_number(s['tau'], '.2f')}" for name, s in ladder["sources"].items()))
     rows = judge_experiments(sources, config, out)
     report = {
@@ -402,8 +405,8 @@ def run(config: JudgeReportConfig) -> dict:
     provenance = Provenance.now()
     (out / JUDGE_JSON).write_text(json.dumps({**report, "provenance": provenance.line()}, indent=2, default=float) + "\n")
     (out / JUDGE_PAGE).write_text(_html(report, rows, names, provenance))
-    print(judge_verdict(report))
-    print(f"reports: {out / JUDGE_PAGE}, {out / JUDGE_JSON}")
+    log.info(judge_verdict(report))
+    log.info(f"reports: {out / JUDGE_PAGE}, {out / JUDGE_JSON}")
     return report
 
 

@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,8 @@ from schemas.config import ConfigError, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.provenance import Provenance
 from schemas.tables import EXPERIMENT_ASSIGNMENT, GOLD_NODES, JUDGMENTS, RANKED_LISTS, RELEVANCE, SEARCH_IMPRESSIONS
+
+log = logging.getLogger(__name__)
 
 LABEL_KINDS = ("judgments", "gold", "relevance")
 RANKERS_PAGE = "rankers.html"
@@ -187,6 +190,6 @@ def run(config: RankersConfig) -> RankerEvaluation:
             *ranker_tables(evaluation), png_html(forest_plot(evaluation), "NDCG per ranker")]
     (out / RANKERS_PAGE).write_text(page(f"Rankers judged offline under {labels.name}", body))
     for scores in evaluation.rankers:
-        print(f"{scores.ranker}: NDCG@{config.k} {interval_text(scores.metrics['ndcg'])}, coverage {scores.coverage:.1%}")
-    print(f"reports: {out / RANKERS_PAGE}, {out / RANKERS_JSON}")
+        log.info(f"{scores.ranker}: NDCG@{config.k} {interval_text(scores.metrics['ndcg'])}, coverage {scores.coverage:.1%}")
+    log.info(f"reports: {out / RANKERS_PAGE}, {out / RANKERS_JSON}")
     return evaluation
