@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/judges.py --preset tests            # no trained models: human and gold only
 
 Runs `relevance judge-report` (jobs/judge_report.py) on a world and its labellers: human labels, gold, and with
-`--demo-output` a finished demo's trained policies, student and nightly scores (models/*, nightly/scores), plus any
+`--demo-output` a finished demo's trained policies, student, their majority vote and nightly scores, plus any
 `--source NAME=PATH` relevance table (e.g. the multi-judge table of `relevance judges combine`). The experiments are the
 world's own plus a series generated here with `--series` treatment noises (the world folder is only read). Writes the
 side-by-side summary (kappa vs human and gold, ladder Kendall tau overall and among gold's better half, neighbours told
@@ -32,7 +32,8 @@ from jobs.world.ladder import LadderConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "judges.json"
 DEMO_SOURCES = {"sft_policy": "models/sft_policy", "graph_grpo_policy": "models/graph_grpo_policy",
-                "distilled_student": "models/distilled_student", "graph_grpo_policy_nightly": "nightly/scores"}
+                "distilled_student": "models/distilled_student", "multi_judge_majority": "multi_judge/relevance",
+                "graph_grpo_policy_nightly": "nightly/scores"}
 
 
 def main() -> None:
