@@ -2,18 +2,22 @@
 
 Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, wires and writes):
 
-1. Read the day's `search_impressions` partition and the `catalog` with their declared schemas, split
-   both with the great-expectations suites (`jobs.validate.validate_spark`: row rules + duplicate
-   keys go to quarantine), then `check_impressions` quarantines what only this job can see: a product
-   missing from the catalog, an engagement event without the step before it (a cart without a click,
-   an order without a cart, a quantity that disagrees with `ordered`) and a `ts` after its partition
-   day. Late data (a `ts` before the partition day) is kept and counted in the day it arrived, so
+1. Read the `catalog` and the day's `search_impressions` partition with their declared schemas. The
+   catalog is split and certified with its great-expectations suite (`jobs.validate.validate_spark`).
+   The impressions are read once: the table's column rules mark each row (`mark_rule_breaks`), that
+   frame is cached as the duplicate search first reads it (`mark_duplicates`: every repeat of a key
+   after the first goes to quarantine), then `check_impressions` marks what only this job can see: a
+   product missing from the catalog, an engagement event without the step before it (a cart without
+   a click, an order without a cart, a quantity that disagrees with `ordered`) and a `ts` after its
+   partition day. One aggregate over the marked rows gives the counts by reason, the late rows and
+   the measures that certify the rows the table's rules accept with its suite (`jobs.certify`).
+   Late data (a `ts` before the partition day) is kept and counted in the day it arrived, so
    re-running a day never touches another. Counts reconcile: rows in = accepted + quarantined.
 2. `normalise_queries`: NFKC unicode form, lower case, whitespace runs -> one space, trimmed, then
    whole-token synonyms (`PrepareConfig.synonyms`, e.g. couch -> sofa). Computed on the distinct raw
-   query strings and joined back.
-3. `position_cells` then `examination_rates`: the probability that a result at position p is looked at, relative to
-   position 1, estimated from the same day's logs by chaining adjacent positions over the
+   query strings of the position cells, which `merge_cells` then sums per normalised query.
+3. `position_cells` (per raw query, merged after step 2) then `examination_rates`: the probability
+   that a result at position p is looked at, relative to position 1, estimated from the same day's logs by chaining adjacent positions over the
    (query, product) pairs shown at both (a matched-pair ratio, so relevance does not masquerade as
    position bias). Under the examination hypothesis P(click | q, d, p) = e_p * a_qd, each pair's
    CTR at p and p-1 estimates e_p * a_qd and e_{p-1} * a_qd, so with weights w_qd that do not depend
