@@ -4,7 +4,8 @@ The row rules come from the table's declaration (`schemas.table.Column`); every 
 its file, row number, offending field, a reason and the whole record as JSON, so nothing is lost and
 `rows_in == accepted + quarantined` always holds. After the split, the great-expectations suite of
 the table runs on the accepted rows: a failure there means the split and the suite disagree, which
-is a bug, and is raised.
+is a bug, and is raised. On Spark the suite is decided by aggregates over the rows already cached for
+the split (`jobs.certify`), and great-expectations itself reports any failure.
 
 Duplicate keys are quarantined too (every occurrence after the first in file order), not dropped.
 
