@@ -355,7 +355,7 @@ def _pair_cells(kept, synonyms: dict[str, str]):
 
 def run(config: PrepareConfig) -> dict:
     """Prepare one day; returns (and writes as prepare.json) the counts, rates and output paths."""
-    from jobs.spark import get_spark
+    from jobs.spark import get_spark, spark_schema
     from jobs.validate import split_marked
 
     laps = _Laps(time.perf_counter())
@@ -365,6 +365,8 @@ def run(config: PrepareConfig) -> dict:
     catalog, checked, counts, late, by_reason = _checked_day(spark, config.data, day, config.run_suite)
     laps.lap("read_and_validate")
     kept, quarantine = split_marked(SEARCH_IMPRESSIONS, checked)
+    if not counts.quarantined:  # the counts already say so: no pass over the day to find no rows
+        quarantine = spark.createDataFrame([], spark_schema(QUARANTINE))
 
     persisted = _pair_cells(kept, config.synonyms)
     rates, aggregates = persisted[-2:]
