@@ -34,8 +34,12 @@ class Rule(NamedTuple):
     field: str
 
 
-def first_failure(rules: Sequence[Rule]):
-    """(`_reason`, `_field`) Columns: those of the first rule a row fails, null when it fails none."""
+def first_failure(rules: Sequence[Rule], after_marked: bool = False):
+    """(`_reason`, `_field`) Columns: those of the first rule a row fails, null when it fails none.
+
+    `after_marked`: the frame already has `_reason` / `_field` from earlier checks; a row they mark
+    keeps its reason and the rules only judge the others.
+    """
     from pyspark.sql import functions as F
 
     reason = F.lit(None).cast("string")
@@ -44,6 +48,10 @@ def first_failure(rules: Sequence[Rule]):
     for rule in reversed(rules):
         reason = F.when(rule.failed, F.lit(rule.reason)).otherwise(reason)
         field = F.when(rule.failed, F.lit(rule.field)).otherwise(field)
+    if after_marked:
+        marked = F.col(REASON).isNotNull()
+        reason = F.when(marked, F.col(REASON)).otherwise(reason)
+        field = F.when(marked, F.col(FIELD)).otherwise(field)
     return reason.alias(REASON), field.alias(FIELD)
 
 

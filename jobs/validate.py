@@ -4,7 +4,8 @@ The row rules come from the table's declaration (`schemas.table.Column`); every 
 its file, row number, offending field, a reason and the whole record as JSON, so nothing is lost and
 `rows_in == accepted + quarantined` always holds. After the split, the great-expectations suite of
 the table runs on the accepted rows: a failure there means the split and the suite disagree, which
-is a bug, and is raised.
+is a bug, and is raised. On Spark the suite is decided by aggregates over the rows already cached for
+the split (`jobs.certify`), and great-expectations itself reports any failure.
 
 Duplicate keys are quarantined too (every occurrence after the first in file order), not dropped.
 
@@ -191,7 +192,7 @@ def split_pandas(table: Table, frame: pd.DataFrame, source_file: str | None = No
         clean = reason == None  # noqa: E711
         duplicate = np.zeros(len(frame), dtype=bool)
         duplicate[clean] = frame.loc[clean, list(table.key)].duplicated(keep="first").to_numpy()
-        reason[duplicate] = f"duplicate key {list(table.key)}"
+        reason[duplicate] = duplicate_reason(table)
         field[duplicate] = ",".join(table.key)
     rejected = reason != None  # noqa: E711
     records = [
@@ -243,46 +244,73 @@ def _spark_violation(column: Column, kind: str):
     return value.isNotNull() & (value > F.lit(column.max_value))
 
 
-# Above this many repeated keys the duplicate marks are joined back with a shuffle, not a broadcast.
+# Above this many repeated key hashes the duplicate marks are joined back with a shuffle, not a broadcast.
 BROADCAST_REPEATED_KEYS = 1_000_000
+KEY_HASH = "_key_hash"
 
 
-def _mark_duplicates(table: Table, checked, has_provenance: bool):
+def _maybe_broadcast(frame, rows: int):
+    from pyspark.sql import functions as F
+
+    return F.broadcast(frame) if rows <= BROADCAST_REPEATED_KEYS else frame
+
+
+def mark_duplicates(table: Table, checked):
     """Mark every clean row after the first (in file order) of its key as a duplicate.
 
-    A hash aggregate finds the keys seen more than once and their first row; only those keys are
-    joined back (broadcast while few). A window over the key would sort every row instead, which
-    on 10M impressions costs several times more.
+    Two steps, so the shuffle of every row carries a 64-bit hash of its key and nothing else: an
+    aggregate over the clean rows' key hashes finds the hashes seen more than once (on a clean day
+    none, and the frame comes back unchanged, with no join); only the rows with such a hash are then
+    grouped by their true key (a hash collision is no duplicate) for each repeated key's first row,
+    which is joined back. A window over the key would sort every row instead.
     """
     from pyspark.sql import functions as F
 
+    clean = F.col(REASON).isNull()
+    key_hash = F.xxhash64(*table.key).alias(KEY_HASH)
+    repeated_hashes = (
+        checked.where(clean).groupBy(key_hash).count().where(F.col("count") > 1).select(KEY_HASH).persist()
+    )
+    hashes = repeated_hashes.count()
+    if not hashes:
+        repeated_hashes.unpersist()
+        return checked
     order = (
         F.struct(F.col(SOURCE_FILE_COL), F.col(ROW_INDEX_COL))
-        if has_provenance
+        if _has_provenance(checked)
         else F.struct(F.monotonically_increasing_id().alias("_id"))
     )
     checked = checked.withColumn("_order", order)
-    clean = F.col(REASON).isNull()
     repeated = (
         checked.where(clean)
+        .withColumn(KEY_HASH, F.xxhash64(*table.key))
+        .join(_maybe_broadcast(repeated_hashes, hashes), on=KEY_HASH, how="left_semi")
         .groupBy(*table.key)
         .agg(F.count(F.lit(1)).alias("_copies"), F.min("_order").alias("_first"))
         .where(F.col("_copies") > 1)
         .drop("_copies")
-        .persist()
     )
-    few = repeated.count() <= BROADCAST_REPEATED_KEYS
-    marked = checked.join(F.broadcast(repeated) if few else repeated, on=list(table.key), how="left")
+    marked = checked.join(_maybe_broadcast(repeated, hashes), on=list(table.key), how="left")
     is_duplicate = clean & F.col("_first").isNotNull() & (F.col("_order") != F.col("_first"))
     return (
         marked.withColumn(FIELD, F.when(is_duplicate, F.lit(",".join(table.key))).otherwise(F.col(FIELD)))
-        .withColumn(REASON, F.when(is_duplicate, F.lit(f"duplicate key {list(table.key)}")).otherwise(F.col(REASON)))
+        .withColumn(REASON, F.when(is_duplicate, F.lit(duplicate_reason(table))).otherwise(F.col(REASON)))
         .drop("_order", "_first")
     )
 
 
-def mark_rows(table: Table, frame):
-    """`frame` plus `_reason` / `_field`: null on rows that pass every rule, else the first broken one."""
+def duplicate_reason(table: Table) -> str:
+    return f"duplicate key {list(table.key)}"
+
+
+def table_reasons(table: Table) -> list[str]:
+    """Every reason the table's own rules give a row (its column rules, then a repeated key)."""
+    reasons = [message for column in table.columns for _, message in _rule_messages(column)]
+    return list(dict.fromkeys(reasons + ([duplicate_reason(table)] if table.key else [])))
+
+
+def mark_rule_breaks(table: Table, frame):
+    """`frame` plus `_reason` / `_field` of the first column rule a row breaks (null when none): one narrow select."""
     check_columns(table, frame.columns, table.name)
     # The declared order, as in the pandas split: the first broken rule names the row's reason.
     rules = [
@@ -290,10 +318,13 @@ def mark_rows(table: Table, frame):
         for column in table.columns
         for kind, message in _rule_messages(column)
     ]
-    checked = frame.select("*", *first_failure(rules))
-    if table.key:
-        checked = _mark_duplicates(table, checked, _has_provenance(checked))
-    return checked
+    return frame.select("*", *first_failure(rules))
+
+
+def mark_rows(table: Table, frame):
+    """`frame` plus `_reason` / `_field`: null on rows that pass every rule, else the first broken one."""
+    checked = mark_rule_breaks(table, frame)
+    return mark_duplicates(table, checked) if table.key else checked
 
 
 def _has_provenance(frame) -> bool:
@@ -338,19 +369,26 @@ def split_spark(table: Table, frame, quarantined_at: dt.datetime | None = None):
 def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
     """Split then certify the accepted rows with the table's GE suite (Spark engine).
 
-    One cached frame (the input with its marks) backs both sides of the split: the counts come from
-    one pass over it and the suite's per-metric jobs re-read it instead of recomputing the split.
+    The input with its column-rule marks is cached as it is first read (by the duplicate search);
+    the counts and the suite's measures (`jobs.certify.SparkSuite`) then come from one aggregate
+    over it, and both sides of the split are filters of it.
     """
     from pyspark.sql import functions as F
 
-    checked = mark_rows(table, frame).persist()
-    tally = checked.agg(F.count(F.lit(1)).alias("rows"), F.count(F.col(REASON)).alias("rejected")).first()
+    from jobs.certify import SparkSuite
+
+    cached = mark_rule_breaks(table, frame).persist()
+    checked = mark_duplicates(table, cached) if table.key else cached
+    suite = SparkSuite(table, F.col(REASON).isNull()) if run_suite else None
+    tally = checked.agg(
+        F.count(F.lit(1)).alias("rows"), F.count(F.col(REASON)).alias("rejected"), *(suite.aggregates() if suite else [])
+    ).first()
     accepted, quarantine = split_marked(table, checked)
     counts = ValidationCounts(table.name, tally["rows"], tally["rows"] - tally["rejected"], tally["rejected"])
-    suite = validate_with_gx(table, accepted, "spark") if run_suite else None
-    if suite is not None and not suite.success:
-        raise AssertionError(f"accepted rows fail the suite (split and suite disagree):\n{suite.summary()}")
-    return Validated(accepted, quarantine, counts, suite, checked)
+    result = suite.result(tally.asDict(), checked) if suite else None
+    if result is not None and not result.success:
+        raise AssertionError(f"accepted rows fail the suite (split and suite disagree):\n{result.summary()}")
+    return Validated(accepted, quarantine, counts, result, cached)
 
 
 def read_with_provenance(spark, table: Table, path: str, days: list[dt.date] | None = None):

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from prepare_reference import duckdb_prepare
 from pyspark.testing import assertDataFrameEqual
@@ -64,8 +65,8 @@ def _write_inputs(root: Path, rows: list[dict]) -> None:
     write_table(SEARCH_IMPRESSIONS, pa.Table.from_pylist(rows, schema=SEARCH_IMPRESSIONS.arrow_schema()), root)
 
 
-def _prepare(root: Path, day: dt.date) -> dict:
-    return run(PrepareConfig(date=day.isoformat(), data=str(root), run_suite=False, spark_master="local[2]"))
+def _prepare(root: Path, day: dt.date, run_suite: bool = False) -> dict:
+    return run(PrepareConfig(date=day.isoformat(), data=str(root), run_suite=run_suite, spark_master="local[2]"))
 
 
 def test_day_hand_worked_with_quarantine_rerun_and_empty_day(spark, tmp_path):
@@ -74,7 +75,8 @@ def test_day_hand_worked_with_quarantine_rerun_and_empty_day(spark, tmp_path):
     earlier = dict(query="q", product_id="B", impressions=1, clicks=0, add_to_carts=0, orders=0, gmv=0.0,
                    expected_examinations=1.0, debiased_ctr=0.0, product_content_hash="h", ds=OTHER_DAY)
     write_table(QUERY_PRODUCT_STATS, pa.Table.from_pylist([earlier], schema=QUERY_PRODUCT_STATS.arrow_schema()), tmp_path)
-    summary = _prepare(tmp_path, DAY)
+    # The suite certifies the rows the table's rules accept, those the job's checks quarantine included.
+    summary = _prepare(tmp_path, DAY, run_suite=True)
 
     assert summary["search_impressions"] == {
         "rows_in": 12, "accepted": 8, "quarantined": 4, "late_rows_kept": 2,
@@ -88,6 +90,9 @@ def test_day_hand_worked_with_quarantine_rerun_and_empty_day(spark, tmp_path):
     assert summary["examination_rates"] == pytest.approx({"1": 1.0, "2": 1 / 3})
     report = Path(summary["outputs"]["quarantine"])
     assert json.loads((report.parent / "prepare.json").read_text())["pairs"] == 2
+    # Every quarantined row, the job's checks' too, names its file and 1-based row.
+    rows = {(r["reason"], r["row_number"]) for r in pq.read_table(report).to_pylist() if r["source_file"].endswith(".parquet")}
+    assert len(rows) == 4 and all(number >= 9 for _, number in rows)
 
     stats = spark.read.schema(spark_schema(QUERY_PRODUCT_STATS)).parquet(str(table_path(tmp_path, QUERY_PRODUCT_STATS)))
     expected_examinations = 2 * 1.0 + 2 * (1 / 3)
