@@ -329,6 +329,25 @@ def score_pending_shards(todo, spec: ScorerSpec, day: dt.date, work: ShardWork, 
     return {"scored": scored, "tasks": tasks, "seconds": seconds, "task_seconds": sum(summary["seconds"] for summary in summaries)}
 
 
+def score_todo(todo, fingerprint: str, to_score: int, spec: ScorerSpec, day: dt.date, folder: Path, shard_size: int, partitions: int,
+               context: dict, scorer_for_task: Callable[[ScorerSpec, object], Scorer] = task_scorer) -> tuple[ShardWork, dict]:
+    """Steps 3-5: `todo` (PAIRS_TO_SCORE, `to_score` pairs) cut into shards, the ones no earlier run committed scored and
+    committed under `folder`; returns the work folder (its committed files) and the job's counts."""
+    shards = max(1, math.ceil(to_score / shard_size))
+    todo = with_shards(todo, shards)
+    work = ShardWork(folder, fingerprint, lambda: {row[SHARD]: row["count"] for row in todo.groupBy(SHARD).count().collect()},
+                     shard_size, {**context, "pairs": to_score, "shards": shards})
+    done = work.committed()
+    pending = sorted(set(work.expected()) - done)
+    job = {"scored": 0, "tasks": 0, "seconds": 0.0, "task_seconds": 0.0}
+    if pending:
+        print(f"score: {len(pending)} of {len(work.expected())} shards to score on Spark in {min(partitions, len(pending))} tasks "
+              f"({len(done)} committed by an earlier run)", flush=True)
+        job = score_pending_shards(todo, spec, day, work, pending, partitions, scorer_for_task)
+        print(f"score: {job['scored']} pairs scored in {job['seconds']:.0f} s ({job['scored'] / job['seconds']:.1f} pairs/s)", flush=True)
+    return work, {**job, "shards_committed_earlier": len(done), "shards_scored": len(pending)}
+
+
 # --- the job -------------------------------------------------------------------------------------------------------
 
 
@@ -401,21 +420,9 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str) 
     n_reused = reused.count()
     print(f"score: {described}: {n_reused} reused (model version {version}), {to_score} to score, {quarantined} quarantined", flush=True)
 
-    shards = max(1, math.ceil(to_score / config.shard_size))
-    todo = with_shards(todo, shards)
-    work = ShardWork(day_folder / version, fingerprint, lambda: {row[SHARD]: row["count"] for row in todo.groupBy(SHARD).count().collect()},
-                     config.shard_size, {"ds": day.isoformat(), "model_version": version, "pairs": to_score, "shards": shards,
-                                         "config": config_to_dict(config)})
-    done = work.committed()
-    pending = sorted(set(work.expected()) - done)
-    job = {"scored": 0, "tasks": 0, "seconds": 0.0, "task_seconds": 0.0}
-    if pending:
-        partitions_ = config.spark_partitions or spark.sparkContext.defaultParallelism
-        print(f"score: {len(pending)} of {len(work.expected())} shards to score on Spark in {min(partitions_, len(pending))} tasks "
-              f"({len(done)} committed by an earlier run)", flush=True)
-        job = score_pending_shards(todo, spec, day, work, pending, partitions_)
-        print(f"score: {job['scored']} pairs scored in {job['seconds']:.0f} s ({job['scored'] / job['seconds']:.1f} pairs/s)", flush=True)
-
+    work, job = score_todo(todo, fingerprint, to_score, spec, day, day_folder / version, config.shard_size,
+                           config.spark_partitions or spark.sparkContext.defaultParallelism,
+                           {"ds": day.isoformat(), "model_version": version, "config": config_to_dict(config)})
     scored = read_parquet(spark, RELEVANCE, work.files()) if work.expected() else spark.createDataFrame([], schema=spark_schema(RELEVANCE))
     rows = reused.unionByName(scored)
     check = rows.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct("query", "product_id").alias("pairs")).first()
@@ -437,7 +444,8 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str) 
     report = {
         "ds": day.isoformat(), "backend": config.backend, "engine": config.engine, "model_name": spec.name, "model_version": version,
         "pairs": config.pairs, "candidates": read, "reused": n_reused, "scored": to_score, "quarantined": quarantined,
-        "shards": len(work.expected()), "shards_committed_earlier": len(done), "shards_scored": len(pending), "spark_tasks": job["tasks"],
+        "shards": len(work.expected()), "shards_committed_earlier": job["shards_committed_earlier"], "shards_scored": job["shards_scored"],
+        "spark_tasks": job["tasks"],
         "scored_this_run": job["scored"], "scoring_seconds": round(job["seconds"], 2),
         "pairs_per_second": round(job["scored"] / job["seconds"], 2) if job["seconds"] else None,
         "seconds": round(time.perf_counter() - started, 2), "relevance": str(day_path),
