@@ -68,13 +68,33 @@ from pathlib import Path
 import pyarrow as pa
 
 from jobs.lock import date_lock
-from jobs.publishing.churn import churn_lines, churn_report, query_segments
-from jobs.publishing.publish import LATEST_FILE, publish_partition, published_days, read_published, write_latest
-from jobs.publishing.validation import ExportValidationError, label_sets_of, validate_relevance, validation_page, validation_summary
+from jobs.publishing.churn import churn_lines, churn_report, churn_report_spark, query_segments
+from jobs.publishing.publish import (
+    LATEST_FILE,
+    PARQUET_FILE,
+    label_counts,
+    models_summary,
+    publish_partition,
+    published_days,
+    read_published,
+    write_data_files,
+    write_data_files_spark,
+    write_latest,
+)
+from jobs.publishing.validation import (
+    ExportValidationError,
+    label_sets_of,
+    validate_relevance,
+    validate_relevance_spark,
+    validation_page,
+    validation_summary,
+)
 from schemas.config import ConfigError, config_date, help_field
 from schemas.graph import LabelSet
-from schemas.storage import clear_stale_staging, partitions, read_table
+from schemas.storage import clear_stale_staging, dataset, partitions, read_table
 from schemas.tables import QUERIES, RELEVANCE
+
+ENGINES = ("local", "spark")
 
 # The command's public names (the CLI and the nightly job import them from here).
 __all__ = ["ExportConfig", "ExportValidationError", "run"]
@@ -92,6 +112,10 @@ class ExportConfig:
         "Label set (name or .yaml) every row must use; default: each row's own label_set column.", None
     )
     max_prob_sum_error: float = help_field("Largest accepted |sum of label_probs - 1| per row.", 1e-4)
+    engine: str = help_field("local (the night as one Arrow table, DuckDB and pandas) or spark (validated, compared and written by Spark).",
+                             "local", choices=ENGINES)
+    csv: bool | None = help_field("Publish relevance.csv too; default: yes with engine=local, no with engine=spark (large nights).", None)
+    spark_master: str | None = help_field("Spark master with engine=spark; default local[*] or spark-submit's.", None)
 
     def __post_init__(self) -> None:
         config_date(self.date)
@@ -102,6 +126,8 @@ class ExportConfig:
             raise ConfigError(
                 f"out must differ from the relevance data root ({self.out}): publishing would replace the input"
             )
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if not 0 < self.max_prob_sum_error < 1:
             raise ConfigError(f"max_prob_sum_error must be in (0, 1), e.g. 1e-4; got {self.max_prob_sum_error}")
         if self.label_set is not None:
@@ -113,6 +139,10 @@ class ExportConfig:
     @property
     def day(self) -> dt.date:
         return config_date(self.date)
+
+    @property
+    def with_csv(self) -> bool:
+        return self.engine == "local" if self.csv is None else self.csv
 
 
 def _read_partition(root: str, day: dt.date) -> tuple[pa.Table, Path]:
@@ -138,6 +168,62 @@ def _churn(config: ExportConfig, published_root: Path, data: pa.Table, label_set
     return churn_report(data, previous, previous_ds, day, segments, label_sets)
 
 
+def _publish_locally(config: ExportConfig, published_root: Path):
+    """(published folder, manifest, suite, churn report) of the night as one Arrow table."""
+    day = config.day
+    data, source = _read_partition(config.relevance, day)
+    label_sets = label_sets_of(data, config.label_set)
+    required_label_set = next(iter(label_sets)) if config.label_set is not None else None
+    suite = validate_relevance(data, label_sets, config.max_prob_sum_error, f"ds={day.isoformat()} ({source})", required_label_set)
+    churn = _churn(config, published_root, data, label_sets)
+    final, manifest = publish_partition(
+        published_root, day, lambda folder, _: write_data_files(data, folder, csv=config.with_csv), len(data),
+        models_summary(label_counts(data), label_sets), str(source), validation_summary(suite, config.max_prob_sum_error),
+        validation_page(suite, day.isoformat(), config.max_prob_sum_error), churn)
+    return final, manifest, suite, churn
+
+
+def _publish_on_spark(config: ExportConfig, published_root: Path):
+    """(published folder, manifest, suite, churn report): the night read, validated, compared with the previous one
+    and written by Spark; the driver gets aggregates (label sets, counts, the churn tables)."""
+    from pyspark.sql import functions as F
+
+    from jobs.spark import get_spark, spark_schema
+
+    day = config.day
+    spark = get_spark("relevance-export", master=config.spark_master)
+    source = Path(config.relevance) / RELEVANCE.name / f"ds={day.isoformat()}"
+    if day not in partitions(RELEVANCE, config.relevance):
+        _read_partition(config.relevance, day)  # raises naming the partitions there are
+    dataset(RELEVANCE, config.relevance, days=[day])  # each file's own schema checked: given a schema, Spark fills gaps with nulls
+    frame = (spark.read.schema(spark_schema(RELEVANCE)).option("basePath", str(source.parent)).parquet(str(source))
+             .select(*RELEVANCE.names).cache())
+    named = [row["label_set"] for row in frame.select("label_set").distinct().collect()]
+    label_sets = label_sets_of(pa.table({"label_set": pa.array(named, pa.string())}), config.label_set)
+    required_label_set = next(iter(label_sets)) if config.label_set is not None else None
+    suite = validate_relevance_spark(frame, label_sets, config.max_prob_sum_error, f"ds={day.isoformat()} ({source})", required_label_set)
+
+    earlier = [d for d in published_days(published_root) if d < day]
+    previous = None
+    if earlier:
+        previous = spark.read.schema(spark_schema(RELEVANCE)).parquet(str(published_root / f"ds={earlier[-1].isoformat()}" / PARQUET_FILE))
+    segments = None
+    if config.queries:
+        queries = query_segments(read_table(QUERIES, config.queries, columns=["query_id", "segment"]), config.queries)
+        segments = spark.createDataFrame(queries, schema="query_id STRING, segment STRING")
+    churn = churn_report_spark(frame, previous, earlier[-1] if earlier else None, day, segments, label_sets)
+    counts = [row.asDict() for row in frame.groupBy("model_name", "model_version", "label_set", "label")
+              .agg(F.count(F.lit(1)).alias("label_count")).collect()]
+    total = sum(row["label_count"] for row in counts)
+    ordered = frame.sortWithinPartitions(*RELEVANCE.key)
+    final, manifest = publish_partition(
+        published_root, day, lambda folder, final: write_data_files_spark(ordered, folder, final, total, config.with_csv), total,
+        models_summary(counts, label_sets), str(source), validation_summary(suite, config.max_prob_sum_error),
+        validation_page(suite, day.isoformat(), config.max_prob_sum_error), churn)
+    frame.unpersist()
+    return final, manifest, suite, churn
+
+
 def run(config: ExportConfig) -> dict:
     """Validate the day's relevance partition, publish it with its churn report; returns the manifest. Holds
     the lock of `out` and the day (`jobs.lock`): a second export of that day fails at once."""
@@ -151,18 +237,12 @@ def validate_and_publish(config: ExportConfig) -> dict:
     # The day's lock is held, so hidden copies of its folder are a killed export's, not a live one's.
     for line in clear_stale_staging(published_root / f"ds={day.isoformat()}"):
         print(line)
-    data, source = _read_partition(config.relevance, day)
-    label_sets = label_sets_of(data, config.label_set)
-    required_label_set = next(iter(label_sets)) if config.label_set is not None else None
-    partition = f"ds={day.isoformat()} ({source})"
-    suite = validate_relevance(data, label_sets, config.max_prob_sum_error, partition, required_label_set)
-
-    churn = _churn(config, published_root, data, label_sets)
-    validation = validation_summary(suite, config.max_prob_sum_error)
-    page = validation_page(suite, day.isoformat(), config.max_prob_sum_error)
-    final, manifest = publish_partition(published_root, day, data, str(source), label_sets, validation, page, churn)
+    if config.engine == "spark":
+        final, manifest, suite, churn = _publish_on_spark(config, published_root)
+    else:
+        final, manifest, suite, churn = _publish_locally(config, published_root)
     latest = write_latest(published_root)
-    print(f"relevance ds={day}: {len(data)} rows passed {len(suite.outcomes)} expectations; published to {final}")
+    print(f"relevance ds={day}: {manifest['rows']} rows passed {len(suite.outcomes)} expectations; published to {final}")
     for line in churn_lines(churn):
         print(line)
     print(f"{published_root / LATEST_FILE} -> {latest}")
