@@ -29,8 +29,11 @@ CSV_FILE = "relevance.csv"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "_LATEST"
 
-# The published database of a Spark export: a view over the published parquet, not a copy of a large night.
-VIEW_SQL = "CREATE OR REPLACE VIEW relevance AS SELECT * FROM read_parquet({path})"
+# The published database of a Spark export: a view over the published parquet, not a copy of a large night. DuckDB
+# binds a view when it is created, before the staging folder is swapped in: the variable `relevance_parquet` points
+# it at the staging copy then (and lets a reader point it at a moved copy); unset, it reads the published path.
+VIEW_VARIABLE = "relevance_parquet"
+VIEW_SQL = "CREATE VIEW relevance AS SELECT * FROM read_parquet(coalesce(getvariable('relevance_parquet'), {path}))"
 CSV_SQL = """
 COPY (
     SELECT * REPLACE (
@@ -77,20 +80,20 @@ def write_data_files(data: pa.Table, folder: Path, csv: bool = True) -> dict[str
 def write_data_files_spark(frame, folder: Path, final: Path, rows: int, csv: bool) -> dict[str, int]:
     """relevance.parquet (a folder of part files, written by Spark's executors), relevance.duckdb (a database whose view
     `relevance` reads that parquet where it is published: `final`, no second copy) and, when `csv`, relevance.csv
-    (written by DuckDB from the parquet); rows read back from each."""
+    (written by DuckDB from the parquet); rows read back from each (the view through the staging copy)."""
     import duckdb
 
     frame.write.mode("overwrite").parquet(str(folder / PARQUET_FILE))
     counts = {PARQUET_FILE: sum(pq.read_metadata(part).num_rows for part in parquet_parts(folder / PARQUET_FILE))}
     with duckdb.connect(str(folder / DUCKDB_FILE)) as con:
         con.execute("SET TimeZone = 'UTC'")
-        con.execute(VIEW_SQL.format(path=literal(str(folder / PARQUET_FILE / "*.parquet"))))
+        con.execute(f"SET VARIABLE {VIEW_VARIABLE} = $path", {"path": str(folder / PARQUET_FILE / "*.parquet")})
+        con.execute(VIEW_SQL.format(path=literal(str(final / PARQUET_FILE / "*.parquet"))))
         counts[DUCKDB_FILE] = con.execute("SELECT count(*) FROM relevance").fetchone()[0]
         if csv:
             csv_file = folder / CSV_FILE
             con.execute(CSV_SQL.format(path=literal(str(csv_file))))
             counts[CSV_FILE] = con.execute(CSV_COUNT_SQL, {"path": str(csv_file), "max_line_size": csv_file.stat().st_size + 1}).fetchone()[0]
-        con.execute(VIEW_SQL.format(path=literal(str(final / PARQUET_FILE / "*.parquet"))))  # where it is read once swapped in
     wrong = {name: count for name, count in counts.items() if count != rows}
     if wrong:
         raise OSError(f"{folder}: files read back with {wrong} rows, {rows} were written")
