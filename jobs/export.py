@@ -36,9 +36,11 @@ The steps live in `jobs/publishing/`: `validation` (step 2), `churn` (step 3), `
    under the day's lock; a copy retired mid-swap is restored when the day's folder is missing).
 
 Files of a published partition:
-- `relevance.parquet`: the RELEVANCE schema, `ds` included (a reader of one file has it).
-- `relevance.duckdb`: a DuckDB database with one table `relevance` holding the same rows.
-- `relevance.csv`: UTF-8, header row, comma separated, RFC 4180 quoting (cells may hold newlines);
+- `relevance.parquet`: the RELEVANCE schema, `ds` included (a reader of one file has it); engine=spark: a folder
+  of part files (`pyarrow.parquet.read_table` and Spark read it as one table).
+- `relevance.duckdb`: a DuckDB database with one table `relevance` holding the same rows (engine=spark: a view
+  `relevance` over the published parquet folder).
+- `relevance.csv` (opt-in with engine=spark: `csv=true`): UTF-8, header row, comma separated, RFC 4180 quoting (cells may hold newlines);
   an empty cell is null, `""` the empty string; `label_probs` and `node_decisions` are JSON objects;
   `scored_at` is ISO 8601 UTC (`2024-05-02T03:04:05.123456Z`); `ds` is YYYY-MM-DD.
 - `validation.html`: every expectation of the suite, what it expected and checks, met or not, the
@@ -55,8 +57,18 @@ with `pyarrow.parquet.read_table(".../ds=D/relevance.parquet")` or all days with
 `jobs.publishing.publish.read_published(<out>/relevance)`: the day `_LATEST` names, or the newest
 complete one when that folder is missing (mid re-export).
 
-Scale: the suite runs on one machine's pandas frame of the partition (a 200k-row night exports in
-about 5 s on 2 cores, churn included); derived columns, churn joins and file writes run in DuckDB.
+Scale: with `engine=local` the night is one Arrow table in this process and the suite runs on its pandas
+frame (a 200k-row night exports in about 5 s on 2 cores, churn included); derived columns, churn joins
+and file writes run in DuckDB. Nights of millions of rows take `engine=spark` (the nightly job's engine):
+the partition is read by Spark with the declared schema (each file's own schema checked first), the
+declared suite (columns, nullability, allowed values, bounds, key uniqueness, a non-empty table) runs as
+great-expectations on the Spark frame, the derived checks as one aggregate pass of Spark expressions
+(`validation.validate_relevance_spark`: GE would scan the frame once per expectation), the churn joins
+as Spark SQL against the previous published night (`churn.churn_report_spark`), and the executors write
+`relevance.parquet` as a folder of part files (each listed in the manifest). `relevance.duckdb` is then a
+database whose view `relevance` reads that parquet at its published path (no second copy), and the CSV
+is opt-in (`csv=true`, written by DuckDB from the parquet). The driver sees label sets, counts and the
+churn aggregates, never the rows.
 """
 
 from __future__ import annotations
