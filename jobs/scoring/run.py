@@ -220,7 +220,8 @@ def score_day(config: ScoreConfig, spec: ScorerSpec) -> dict:
     if config.engine == "spark":  # the same steps on Spark's executors: `jobs.scoring.spark`
         from jobs.scoring.spark import score_day_on_spark
 
-        return score_day_on_spark(config, spec, WORK_FOLDER)
+        file_input = score_input(config) if is_pairs_file(config.pairs) or Path(config.pairs).is_file() else None
+        return score_day_on_spark(config, spec, WORK_FOLDER, file_input)
     started = time.perf_counter()
     day = config.day
     day_folder = Path(config.out) / WORK_FOLDER / f"ds={day.isoformat()}"

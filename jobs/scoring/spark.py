@@ -68,7 +68,7 @@ import pyarrow.parquet as pq
 
 from jobs.quarantine import quarantine_frame, record_json
 from jobs.scoring.config import ScoreConfig
-from jobs.scoring.pairs_file import is_pairs_file
+from jobs.scoring.pairs_file import ScoringInput
 from jobs.scoring.shards import write_json_atomically
 from jobs.scoring.spec import Scorer, ScorerSpec, open_scorer, pair_dicts, scorer_version
 from jobs.spark import spark_schema
@@ -359,12 +359,12 @@ def read_parquet(spark, table, paths: Sequence[str], base: Path | None = None):
     return reader.parquet(*paths)
 
 
-def day_pairs_frame(spark, config: ScoreConfig, quarantined_at: dt.datetime):
-    """(what was read, for the progress line; candidates read; pairs to score; quarantine rows) as Spark frames."""
-    from jobs.scoring.run import score_input
-
-    if is_pairs_file(config.pairs) or Path(config.pairs).is_file():
-        described, (read, pairs, quarantine) = score_input(config)  # a file is read and checked row by row on the driver
+def day_pairs_frame(spark, config: ScoreConfig, quarantined_at: dt.datetime, file_input: tuple[str, ScoringInput] | None):
+    """(what was read, for the progress line; candidates read; pairs to score; quarantine rows) as Spark frames.
+    `file_input`: a pairs file's, read and checked row by row on the driver (`jobs.scoring.run.score_input`); None: the day's
+    candidate pairs, read by Spark."""
+    if file_input is not None:
+        described, (read, pairs, quarantine) = file_input
         return (described, read, spark.createDataFrame(pairs, schema=spark_schema(PAIRS_TO_SCORE)),
                 spark.createDataFrame(quarantine, schema=spark_schema(QUARANTINE)))
     day = config.day
@@ -396,8 +396,9 @@ def history_frame(spark, out: str, day: dt.date, cache_days: int):
     return read_parquet(spark, RELEVANCE, [str(root / f"ds={d.isoformat()}") for d in days], base=root)
 
 
-def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str) -> dict:
-    """`jobs.scoring.run.score_day` on Spark (see the module docstring); returns the same report."""
+def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str, file_input: tuple[str, ScoringInput] | None) -> dict:
+    """`jobs.scoring.run.score_day` on Spark (see the module docstring); returns the same report. `file_input`: see
+    `day_pairs_frame`."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -407,7 +408,7 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str) 
     spark = get_spark("relevance-score", master=config.spark_master)
     day = config.day
     day_folder = Path(config.out) / work_folder / f"ds={day.isoformat()}"
-    described, read, pairs, quarantine = day_pairs_frame(spark, config, dt.datetime.now(dt.UTC))
+    described, read, pairs, quarantine = day_pairs_frame(spark, config, dt.datetime.now(dt.UTC), file_input)
     pairs = pairs.persist(StorageLevel.MEMORY_AND_DISK)
     replace_folder(day_folder / QUARANTINE.name, lambda staging: quarantine.write.mode("overwrite").parquet(str(staging)))
     quarantined = spark.read.schema(spark_schema(QUARANTINE)).parquet(str(day_folder / QUARANTINE.name)).count()
