@@ -163,7 +163,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     world, model = build_world_and_policy(args.work)
     results = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(), "master": "local[2]",
-               "policy": "tiny (width 32, 1 layer), hf backend, reasoning=none, label_first, batch_size 64", "shard_size": args.shard_size,
+               "policy": "tiny (width 32, 1 layer), hf backend, reasoning=none, label_first, batch_size 64",
                "command": "python benchmarks/night.py " + " ".join(sys.argv[1:]), "nights": {}}
     if RESULTS.is_file():  # a later run of other sizes adds to the nights measured before
         earlier = json.loads(RESULTS.read_text())
@@ -173,11 +173,12 @@ def main() -> None:
         root = args.work / f"pairs_{size}"
         write_night(world, root, size)
         print(f"night of {size} pairs ({root})", flush=True)
-        night = {engine: run_child(root, model, engine, args.shard_size) for engine in args.engines}
+        night: dict = {"shard_size": args.shard_size}
+        night.update({engine: run_child(root, model, engine, args.shard_size) for engine in args.engines})
         if "spark" in night:
             night["spark_rerun"] = run_child(root, model, "spark", args.shard_size)
             night["rerun_share_of_first_run_seconds"] = round(night["spark_rerun"]["seconds"] / night["spark"]["seconds"], 3)
-        if len(night) == 3:
+        if "local" in night and "spark" in night:
             night["spark_vs_local_pairs_per_second"] = round(night["spark"]["pairs_per_second"] / night["local"]["pairs_per_second"], 3)
         results["nights"][str(size)] = night
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
