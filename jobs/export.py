@@ -36,9 +36,11 @@ The steps live in `jobs/publishing/`: `validation` (step 2), `churn` (step 3), `
    under the day's lock; a copy retired mid-swap is restored when the day's folder is missing).
 
 Files of a published partition:
-- `relevance.parquet`: the RELEVANCE schema, `ds` included (a reader of one file has it).
-- `relevance.duckdb`: a DuckDB database with one table `relevance` holding the same rows.
-- `relevance.csv`: UTF-8, header row, comma separated, RFC 4180 quoting (cells may hold newlines);
+- `relevance.parquet`: the RELEVANCE schema, `ds` included (a reader of one file has it); engine=spark: a folder
+  of part files (`pyarrow.parquet.read_table` and Spark read it as one table).
+- `relevance.duckdb`: a DuckDB database with one table `relevance` holding the same rows (engine=spark: a view
+  `relevance` over the published parquet folder).
+- `relevance.csv` (opt-in with engine=spark: `csv=true`): UTF-8, header row, comma separated, RFC 4180 quoting (cells may hold newlines);
   an empty cell is null, `""` the empty string; `label_probs` and `node_decisions` are JSON objects;
   `scored_at` is ISO 8601 UTC (`2024-05-02T03:04:05.123456Z`); `ds` is YYYY-MM-DD.
 - `validation.html`: every expectation of the suite, what it expected and checks, met or not, the
@@ -55,8 +57,18 @@ with `pyarrow.parquet.read_table(".../ds=D/relevance.parquet")` or all days with
 `jobs.publishing.publish.read_published(<out>/relevance)`: the day `_LATEST` names, or the newest
 complete one when that folder is missing (mid re-export).
 
-Scale: the suite runs on one machine's pandas frame of the partition (a 200k-row night exports in
-about 5 s on 2 cores, churn included); derived columns, churn joins and file writes run in DuckDB.
+Scale: with `engine=local` the night is one Arrow table in this process and the suite runs on its pandas
+frame (a 200k-row night exports in about 5 s on 2 cores, churn included); derived columns, churn joins
+and file writes run in DuckDB. Nights of millions of rows take `engine=spark` (the nightly job's engine):
+the partition is read by Spark with the declared schema (each file's own schema checked first), the
+declared suite (columns, nullability, allowed values, bounds, key uniqueness, a non-empty table) runs as
+great-expectations on the Spark frame, the derived checks as one aggregate pass of Spark expressions
+(`validation.validate_relevance_spark`: GE would scan the frame once per expectation), the churn joins
+as Spark SQL against the previous published night (`churn.churn_report_spark`), and the executors write
+`relevance.parquet` as a folder of part files (each listed in the manifest). `relevance.duckdb` is then a
+database whose view `relevance` reads that parquet at its published path (no second copy), and the CSV
+is opt-in (`csv=true`, written by DuckDB from the parquet). The driver sees label sets, counts and the
+churn aggregates, never the rows.
 """
 
 from __future__ import annotations
@@ -69,15 +81,35 @@ from pathlib import Path
 import pyarrow as pa
 
 from jobs.lock import date_lock
-from jobs.publishing.churn import churn_lines, churn_report, query_segments
-from jobs.publishing.publish import LATEST_FILE, publish_partition, published_days, read_published, write_latest
-from jobs.publishing.validation import ExportValidationError, label_sets_of, validate_relevance, validation_page, validation_summary
+from jobs.publishing.churn import churn_lines, churn_report, churn_report_spark, query_segments
+from jobs.publishing.publish import (
+    LATEST_FILE,
+    PARQUET_FILE,
+    label_counts,
+    models_summary,
+    publish_partition,
+    published_days,
+    read_published,
+    write_data_files,
+    write_data_files_spark,
+    write_latest,
+)
+from jobs.publishing.validation import (
+    ExportValidationError,
+    label_sets_of,
+    validate_relevance,
+    validate_relevance_spark,
+    validation_page,
+    validation_summary,
+)
 from schemas.config import ConfigError, config_date, help_field
 from schemas.graph import LabelSet
-from schemas.storage import clear_stale_staging, partitions, read_table
+from schemas.storage import clear_stale_staging, dataset, partitions, read_table
 from schemas.tables import QUERIES, RELEVANCE
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("local", "spark")
 
 # The command's public names (the CLI and the nightly job import them from here).
 __all__ = ["ExportConfig", "ExportValidationError", "run"]
@@ -95,6 +127,10 @@ class ExportConfig:
         "Label set (name or .yaml) every row must use; default: each row's own label_set column.", None
     )
     max_prob_sum_error: float = help_field("Largest accepted |sum of label_probs - 1| per row.", 1e-4)
+    engine: str = help_field("local (the night as one Arrow table, DuckDB and pandas) or spark (validated, compared and written by Spark).",
+                             "local", choices=ENGINES)
+    csv: bool | None = help_field("Publish relevance.csv too; default: yes with engine=local, no with engine=spark (large nights).", None)
+    spark_master: str | None = help_field("Spark master with engine=spark; default local[*] or spark-submit's.", None)
 
     def __post_init__(self) -> None:
         config_date(self.date)
@@ -105,6 +141,8 @@ class ExportConfig:
             raise ConfigError(
                 f"out must differ from the relevance data root ({self.out}): publishing would replace the input"
             )
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if not 0 < self.max_prob_sum_error < 1:
             raise ConfigError(f"max_prob_sum_error must be in (0, 1), e.g. 1e-4; got {self.max_prob_sum_error}")
         if self.label_set is not None:
@@ -116,6 +154,10 @@ class ExportConfig:
     @property
     def day(self) -> dt.date:
         return config_date(self.date)
+
+    @property
+    def with_csv(self) -> bool:
+        return self.engine == "local" if self.csv is None else self.csv
 
 
 def _read_partition(root: str, day: dt.date) -> tuple[pa.Table, Path]:
@@ -141,6 +183,62 @@ def _churn(config: ExportConfig, published_root: Path, data: pa.Table, label_set
     return churn_report(data, previous, previous_ds, day, segments, label_sets)
 
 
+def _publish_locally(config: ExportConfig, published_root: Path):
+    """(published folder, manifest, suite, churn report) of the night as one Arrow table."""
+    day = config.day
+    data, source = _read_partition(config.relevance, day)
+    label_sets = label_sets_of(data, config.label_set)
+    required_label_set = next(iter(label_sets)) if config.label_set is not None else None
+    suite = validate_relevance(data, label_sets, config.max_prob_sum_error, f"ds={day.isoformat()} ({source})", required_label_set)
+    churn = _churn(config, published_root, data, label_sets)
+    final, manifest = publish_partition(
+        published_root, day, lambda folder, _: write_data_files(data, folder, csv=config.with_csv), len(data),
+        models_summary(label_counts(data), label_sets), str(source), validation_summary(suite, config.max_prob_sum_error),
+        validation_page(suite, day.isoformat(), config.max_prob_sum_error), churn)
+    return final, manifest, suite, churn
+
+
+def _publish_on_spark(config: ExportConfig, published_root: Path):
+    """(published folder, manifest, suite, churn report): the night read, validated, compared with the previous one
+    and written by Spark; the driver gets aggregates (label sets, counts, the churn tables)."""
+    from pyspark.sql import functions as F
+
+    from jobs.spark import get_spark, spark_schema
+
+    day = config.day
+    spark = get_spark("relevance-export", master=config.spark_master)
+    source = Path(config.relevance) / RELEVANCE.name / f"ds={day.isoformat()}"
+    if day not in partitions(RELEVANCE, config.relevance):
+        _read_partition(config.relevance, day)  # raises naming the partitions there are
+    dataset(RELEVANCE, config.relevance, days=[day])  # each file's own schema checked: given a schema, Spark fills gaps with nulls
+    frame = (spark.read.schema(spark_schema(RELEVANCE)).option("basePath", str(source.parent)).parquet(str(source))
+             .select(*RELEVANCE.names).cache())
+    named = [row["label_set"] for row in frame.select("label_set").distinct().collect()]
+    label_sets = label_sets_of(pa.table({"label_set": pa.array(named, pa.string())}), config.label_set)
+    required_label_set = next(iter(label_sets)) if config.label_set is not None else None
+    suite = validate_relevance_spark(frame, label_sets, config.max_prob_sum_error, f"ds={day.isoformat()} ({source})", required_label_set)
+
+    earlier = [d for d in published_days(published_root) if d < day]
+    previous = None
+    if earlier:
+        previous = spark.read.schema(spark_schema(RELEVANCE)).parquet(str(published_root / f"ds={earlier[-1].isoformat()}" / PARQUET_FILE))
+    segments = None
+    if config.queries:
+        queries = query_segments(read_table(QUERIES, config.queries, columns=["query_id", "segment"]), config.queries)
+        segments = spark.createDataFrame(queries, schema="query_id STRING, segment STRING")
+    churn = churn_report_spark(frame, previous, earlier[-1] if earlier else None, day, segments, label_sets)
+    counts = [row.asDict() for row in frame.groupBy("model_name", "model_version", "label_set", "label")
+              .agg(F.count(F.lit(1)).alias("label_count")).collect()]
+    total = sum(row["label_count"] for row in counts)
+    ordered = frame.sortWithinPartitions(*RELEVANCE.key)
+    final, manifest = publish_partition(
+        published_root, day, lambda folder, final: write_data_files_spark(ordered, folder, final, total, config.with_csv), total,
+        models_summary(counts, label_sets), str(source), validation_summary(suite, config.max_prob_sum_error),
+        validation_page(suite, day.isoformat(), config.max_prob_sum_error), churn)
+    frame.unpersist()
+    return final, manifest, suite, churn
+
+
 def run(config: ExportConfig) -> dict:
     """Validate the day's relevance partition, publish it with its churn report; returns the manifest. Holds
     the lock of `out` and the day (`jobs.lock`): a second export of that day fails at once."""
@@ -154,18 +252,12 @@ def validate_and_publish(config: ExportConfig) -> dict:
     # The day's lock is held, so hidden copies of its folder are a killed export's, not a live one's.
     for line in clear_stale_staging(published_root / f"ds={day.isoformat()}"):
         log.warning(line)
-    data, source = _read_partition(config.relevance, day)
-    label_sets = label_sets_of(data, config.label_set)
-    required_label_set = next(iter(label_sets)) if config.label_set is not None else None
-    partition = f"ds={day.isoformat()} ({source})"
-    suite = validate_relevance(data, label_sets, config.max_prob_sum_error, partition, required_label_set)
-
-    churn = _churn(config, published_root, data, label_sets)
-    validation = validation_summary(suite, config.max_prob_sum_error)
-    page = validation_page(suite, day.isoformat(), config.max_prob_sum_error)
-    final, manifest = publish_partition(published_root, day, data, str(source), label_sets, validation, page, churn)
+    if config.engine == "spark":
+        final, manifest, suite, churn = _publish_on_spark(config, published_root)
+    else:
+        final, manifest, suite, churn = _publish_locally(config, published_root)
     latest = write_latest(published_root)
-    log.info("relevance ds=%s: %d rows passed %d expectations; published to %s", day, len(data), len(suite.outcomes), final)
+    log.info("relevance ds=%s: %d rows passed %d expectations; published to %s", day, manifest["rows"], len(suite.outcomes), final)
     for line in churn_lines(churn):
         log.info(line)
     log.info("%s -> %s", published_root / LATEST_FILE, latest)

@@ -74,7 +74,7 @@ def settings_section(name: str, config_class: type, set_by_nightly: set[str]) ->
 
 PrepareSettings = settings_section("PrepareSettings", PrepareConfig, {"date", "data", "out"})
 ScoreSettings = settings_section("ScoreSettings", ScoreConfig, {"date", "pairs", "catalog", "out", "backend", "model", "reasoning", "engine"})
-ExportSettings = settings_section("ExportSettings", ExportConfig, {"relevance", "date", "out", "queries"})
+ExportSettings = settings_section("ExportSettings", ExportConfig, {"relevance", "date", "out", "queries", "engine"})
 
 
 def section_values(settings: Any) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class NightlyConfig:
     out: str = help_field("Root of the night's outputs: prepared/, scores/, published/, reports/.", "nightly_output")
     backend: str = help_field("Scoring backend: hf, vllm or student.", "hf", choices=BACKENDS)
     reasoning: str = help_field("Reasoning text kept: none, sample or all.", "sample", choices=REASONING_MODES)
-    engine: str = help_field("Scoring engine: local or spark.", "local", choices=ENGINES)
+    engine: str = help_field("Engine of scoring and export: local, or spark (the driver holds counts, never rows).", "local", choices=ENGINES)
     score: ScoreSettings = help_field("More `relevance score` settings (shard_size, batch_size, prompt_tokens, ...).",
                                       default_factory=ScoreSettings)
     prepare: PrepareSettings = help_field("More `relevance prepare` settings (synonyms, spark_master, ...).",
@@ -114,7 +114,7 @@ class NightlyConfig:
     def export_config(self) -> ExportConfig:
         out = Path(self.out)
         return ExportConfig(relevance=str(out / "scores"), date=self.date, out=str(out / "published"), queries=self.data,
-                            **section_values(self.export))
+                            engine=self.engine, **section_values(self.export))
 
 
 def check_inputs(data: str, day) -> None:
@@ -182,6 +182,6 @@ def night_reports(out: str | Path, date: str) -> list[Report]:
         Report("Validation before publishing", expectations_verdict(manifest["validation"]["met"], manifest["validation"]["expectations"]),
                (published / VALIDATION_PAGE,)),
         Report(churn_title(churn), churn_verdict(churn), tuple(published / name for name in (CHURN_PAGE, CHURN_MARKDOWN, CHURN_PLOT, CHURN_JSON))),
-        Report("Published partition", published_verdict(manifest),
-               tuple(published / name for name in (MANIFEST_FILE, PARQUET_FILE, CSV_FILE, DUCKDB_FILE))),
+        Report("Published partition", published_verdict(manifest),  # CSV is opt-in for a night on Spark
+               tuple(published / name for name in (MANIFEST_FILE, PARQUET_FILE, CSV_FILE, DUCKDB_FILE) if (published / name).exists())),
     ]

@@ -68,6 +68,14 @@ SELECT model_name, list(DISTINCT model_version ORDER BY model_version) AS versio
 FROM {rows} GROUP BY model_name
 """
 
+# Spark's SQL spells these differently from DuckDB's (no GROUP BY ALL with ORDER BY ALL, no ordered list aggregate).
+GROUP_TRANSITIONS = "GROUP BY model_name, previous_label, current_label ORDER BY model_name, previous_label, current_label"
+GROUP_SEGMENTS = f"GROUP BY p.model_name, coalesce(q.segment, '{UNKNOWN_SEGMENT}') ORDER BY 1, 2"
+MODELS_SPARK_SQL = """
+SELECT model_name, sort_array(collect_set(model_version)) AS versions, sort_array(collect_set(label_set)) AS label_sets
+FROM {rows} GROUP BY model_name
+"""
+
 
 def _share(part: int, whole: int) -> float | None:
     return part / whole if whole else None
@@ -126,6 +134,39 @@ def churn_report(
             night: {row["model_name"]: row for row in con.sql(MODELS_SQL.format(rows=view)).to_arrow_table().to_pylist()}
             for night, view in (("previous", "previous_rows"), ("current", "current_rows"))
         }
+    return report_from_aggregates(report, counts, transitions, by_segment if segments is not None else None, models, label_sets)
+
+
+def churn_report_spark(current, previous, previous_ds: dt.date | None, day: dt.date, segments, label_sets: dict[str, LabelSet]) -> dict:
+    """`churn_report` of Spark frames: the same joins and aggregates run by Spark (the SQL above in Spark's dialect),
+    so a night of any size is compared without its rows leaving the executors; the driver gets the aggregates."""
+    report: dict[str, Any] = {"ds": day.isoformat(), "previous_ds": None, "first_night": previous is None, "models": {}}
+    if previous is None:
+        return report
+    report["previous_ds"] = previous_ds.isoformat()
+    spark = current.sparkSession
+    columns = ["model_name", "model_version", "label_set", "query", "query_id", "product_id", "label", "expected_gain"]
+    current.select(*columns).createOrReplaceTempView("current_rows")
+    previous.select(*columns).createOrReplaceTempView("previous_rows")
+    spark.sql(PAIRS_SQL).createOrReplaceTempView("pairs")
+
+    def rows(sql: str) -> list[dict]:
+        return [row.asDict(recursive=True) for row in spark.sql(sql).collect()]
+
+    counts = rows(COUNTS_SQL.replace("quantile_cont(gain_change, 0.95)", "percentile(gain_change, 0.95)"))
+    transitions = rows(TRANSITIONS_SQL.replace("GROUP BY ALL ORDER BY ALL", GROUP_TRANSITIONS))
+    by_segment = None
+    if segments is not None:
+        segments.createOrReplaceTempView("query_segments")
+        by_segment = rows(SEGMENTS_SQL.format(unknown=UNKNOWN_SEGMENT).replace("GROUP BY ALL ORDER BY ALL", GROUP_SEGMENTS))
+    models = {night: {row["model_name"]: row for row in rows(MODELS_SPARK_SQL.format(rows=view))}
+              for night, view in (("previous", "previous_rows"), ("current", "current_rows"))}
+    return report_from_aggregates(report, counts, transitions, by_segment, models, label_sets)
+
+
+def report_from_aggregates(report: dict, counts: list[dict], transitions: list[dict], by_segment: list[dict] | None,
+                           models: dict[str, dict], label_sets: dict[str, LabelSet]) -> dict:
+    """`report` filled with each model's churn from the aggregates of either engine (`by_segment` None: no segments)."""
     for row in counts:
         name = row.pop("model_name")
         models_by_night = {night: models[night].get(name, {"versions": [], "label_sets": []}) for night in models}
@@ -133,7 +174,7 @@ def churn_report(
             row,
             models_by_night,
             [t for t in transitions if t["model_name"] == name],
-            [s for s in by_segment if s["model_name"] == name] if segments is not None else None,
+            [s for s in by_segment if s["model_name"] == name] if by_segment is not None else None,
             label_sets,
         )
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,12 @@ DUCKDB_FILE = "relevance.duckdb"
 CSV_FILE = "relevance.csv"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "_LATEST"
-DATA_FILES = (PARQUET_FILE, DUCKDB_FILE, CSV_FILE)
 
+# The published database of a Spark export: a view over the published parquet, not a copy of a large night. DuckDB
+# binds a view when it is created, before the staging folder is swapped in: the variable `relevance_parquet` points
+# it at the staging copy then (and lets a reader point it at a moved copy); unset, it reads the published path.
+VIEW_VARIABLE = "relevance_parquet"
+VIEW_SQL = "CREATE VIEW relevance AS SELECT * FROM read_parquet(coalesce(getvariable('relevance_parquet'), {path}))"
 CSV_SQL = """
 COPY (
     SELECT * REPLACE (
@@ -50,8 +55,8 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def write_data_files(data: pa.Table, folder: Path) -> dict[str, int]:
-    """relevance.parquet, relevance.duckdb and relevance.csv under `folder`; rows read back from each."""
+def write_data_files(data: pa.Table, folder: Path, csv: bool = True) -> dict[str, int]:
+    """relevance.parquet, relevance.duckdb and (when `csv`) relevance.csv under `folder`; rows read back from each."""
     import duckdb
 
     pq.write_table(data, folder / PARQUET_FILE)
@@ -60,22 +65,57 @@ def write_data_files(data: pa.Table, folder: Path) -> dict[str, int]:
         con.execute("SET TimeZone = 'UTC'")  # strftime renders scored_at in UTC for the CSV
         con.register("published_rows", data)
         con.execute("CREATE TABLE relevance AS SELECT * FROM published_rows")
-        csv_file = folder / CSV_FILE
-        con.execute(CSV_SQL.format(path=literal(str(csv_file))))  # COPY takes no parameter
-        database_rows = con.execute("SELECT count(*) FROM relevance").fetchone()[0]
-        csv_rows = con.execute(CSV_COUNT_SQL, {"path": str(csv_file), "max_line_size": csv_file.stat().st_size + 1}).fetchone()[0]
-    parquet_rows = pq.read_metadata(folder / PARQUET_FILE).num_rows
-    rows = {PARQUET_FILE: parquet_rows, DUCKDB_FILE: database_rows, CSV_FILE: csv_rows}
+        rows = {PARQUET_FILE: pq.read_metadata(folder / PARQUET_FILE).num_rows,
+                DUCKDB_FILE: con.execute("SELECT count(*) FROM relevance").fetchone()[0]}
+        if csv:
+            csv_file = folder / CSV_FILE
+            con.execute(CSV_SQL.format(path=literal(str(csv_file))))  # COPY takes no parameter
+            rows[CSV_FILE] = con.execute(CSV_COUNT_SQL, {"path": str(csv_file), "max_line_size": csv_file.stat().st_size + 1}).fetchone()[0]
     wrong = {name: count for name, count in rows.items() if count != len(data)}
     if wrong:
         raise OSError(f"{folder}: files read back with {wrong} rows, {len(data)} were written")
     return rows
 
 
-def models_summary(data: pa.Table, label_sets: dict[str, LabelSet]) -> list[dict]:
-    """Per (model_name, model_version, label_set): rows and the count of each label (label-set order)."""
+def write_data_files_spark(frame, folder: Path, final: Path, rows: int, csv: bool) -> dict[str, int]:
+    """relevance.parquet (a folder of part files, written by Spark's executors), relevance.duckdb (a database whose view
+    `relevance` reads that parquet where it is published: `final`, no second copy) and, when `csv`, relevance.csv
+    (written by DuckDB from the parquet); rows read back from each (the view through the staging copy)."""
+    import duckdb
+
+    frame.write.mode("overwrite").parquet(str(folder / PARQUET_FILE))
+    counts = {PARQUET_FILE: sum(pq.read_metadata(part).num_rows for part in parquet_parts(folder / PARQUET_FILE))}
+    with duckdb.connect(str(folder / DUCKDB_FILE)) as con:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"SET VARIABLE {VIEW_VARIABLE} = $path", {"path": str(folder / PARQUET_FILE / "*.parquet")})
+        con.execute(VIEW_SQL.format(path=literal(str(final / PARQUET_FILE / "*.parquet"))))
+        counts[DUCKDB_FILE] = con.execute("SELECT count(*) FROM relevance").fetchone()[0]
+        if csv:
+            csv_file = folder / CSV_FILE
+            con.execute(CSV_SQL.format(path=literal(str(csv_file))))
+            counts[CSV_FILE] = con.execute(CSV_COUNT_SQL, {"path": str(csv_file), "max_line_size": csv_file.stat().st_size + 1}).fetchone()[0]
+    wrong = {name: count for name, count in counts.items() if count != rows}
+    if wrong:
+        raise OSError(f"{folder}: files read back with {wrong} rows, {rows} were written")
+    return counts
+
+
+def parquet_parts(path: Path) -> list[Path]:
+    """The data files of a parquet file or of a folder of part files (Spark's `_SUCCESS` and hidden checksums left out)."""
+    if path.is_file():
+        return [path]
+    return sorted(part for part in path.iterdir() if part.is_file() and not part.name.startswith(("_", ".")))
+
+
+def label_counts(data: pa.Table) -> list[dict]:
+    """Rows per (model_name, model_version, label_set, label) of `data`, as `models_summary` takes them."""
+    return data.group_by(["model_name", "model_version", "label_set", "label"]).aggregate([("label", "count")]).to_pylist()
+
+
+def models_summary(counts: list[dict], label_sets: dict[str, LabelSet]) -> list[dict]:
+    """Per (model_name, model_version, label_set): rows and the count of each label (label-set order), from the
+    rows per label (`label_count`) of each."""
     keys = ["model_name", "model_version", "label_set"]
-    counts = data.group_by([*keys, "label"]).aggregate([("label", "count")]).to_pylist()
     models: dict[tuple, dict] = {}
     for row in sorted(counts, key=lambda r: tuple(r[k] for k in keys)):
         key = tuple(row[k] for k in keys)
@@ -126,26 +166,27 @@ def read_published(root: Path, day: dt.date | None = None) -> pa.Table:
 
 
 def manifest_of(
-    folder: Path, data: pa.Table, day: dt.date, source: str, rows: dict[str, int], report_files: list[str],
-    label_sets: dict[str, LabelSet], validation: dict, churn: dict,
+    folder: Path, total: int, day: dt.date, source: str, rows: dict[str, int], report_files: list[str],
+    models: list[dict], validation: dict, churn: dict,
 ) -> dict[str, Any]:
-    """manifest.json of a partition whose other files are written under `folder`."""
+    """manifest.json of a partition of `total` rows whose other files are written under `folder` (a folder of part
+    files is listed file by file)."""
+    files = {}
+    for name in [*rows, *report_files]:
+        parts = parquet_parts(folder / name) if (folder / name).is_dir() else [folder / name]
+        for part in parts:
+            files[str(part.relative_to(folder))] = {**({"rows": rows[name]} if name in rows and part == folder / name else {}),
+                                                     "bytes": part.stat().st_size, "sha256": sha256_of(part)}
     return {
         "table": RELEVANCE.name,
         "schema_version": RELEVANCE.version,
         "ds": day.isoformat(),
-        "rows": len(data),
+        "rows": total,
         "source": source,
         "exported_at": dt.datetime.now(dt.UTC).isoformat(),
-        "files": {
-            name: {
-                **({"rows": rows[name]} if name in rows else {}),
-                "bytes": (folder / name).stat().st_size,
-                "sha256": sha256_of(folder / name),
-            }
-            for name in [*DATA_FILES, *report_files]
-        },
-        "models": models_summary(data, label_sets),
+        "files": files,
+        "data_files": rows,
+        "models": models,
         "validation": validation,
         "churn": {
             "previous_ds": churn["previous_ds"],
@@ -156,21 +197,23 @@ def manifest_of(
 
 
 def publish_partition(
-    root: Path, day: dt.date, data: pa.Table, source: str, label_sets: dict[str, LabelSet], validation: dict, validation_page: str,
-    churn: dict,
+    root: Path, day: dt.date, write_data: Callable[[Path, Path], dict[str, int]], total: int, models: list[dict], source: str,
+    validation: dict, validation_page: str, churn: dict,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the day's files into a staging folder, manifest last, and swap it in as `root/ds=D`.
 
-    `validation`: the suite's summary for the manifest; `validation_page`: validation.html.
-    Returns the published folder and the manifest.
+    `write_data(staging, final)`: writes the data files (`write_data_files`, `write_data_files_spark`), returns the rows
+    read back from each; `total`: the rows they hold; `models`: `models_summary`; `validation`: the suite's summary for
+    the manifest; `validation_page`: validation.html. Returns the published folder and the manifest.
     """
     manifest: dict[str, Any] = {}
+    final = root / f"ds={day.isoformat()}"
 
     def write(folder: Path) -> None:
-        rows = write_data_files(data, folder)
+        rows = write_data(folder, final)
         (folder / VALIDATION_PAGE).write_text(validation_page)
         report_files = [VALIDATION_PAGE, *write_churn(churn, folder)]
-        manifest.update(manifest_of(folder, data, day, source, rows, report_files, label_sets, validation, churn))
+        manifest.update(manifest_of(folder, total, day, source, rows, report_files, models, validation, churn))
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False))
 
-    return replace_folder(root / f"ds={day.isoformat()}", write), manifest
+    return replace_folder(final, write), manifest

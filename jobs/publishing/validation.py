@@ -125,6 +125,18 @@ def derived_columns(data: pa.Table, label_sets: dict[str, LabelSet]) -> pa.Table
     return derived
 
 
+def derived_expectations(max_prob_sum_error: float) -> list[tuple[str, str, dict[str, Any]]]:
+    """(expectation type, column, arguments) of the derived checks, as `relevance_expectations` states them."""
+    return [
+        ("expect_column_values_to_be_between", "label_probs_sum_error", {"min_value": 0.0, "max_value": max_prob_sum_error}),
+        ("expect_column_values_to_be_between", "label_probs_min", {"min_value": 0.0, "max_value": 1.0}),
+        ("expect_column_values_to_be_in_set", "label_probs_match_label_set", {"value_set": [True]}),
+        ("expect_column_values_to_be_null", "label_outside_label_set", {}),
+        ("expect_column_values_to_be_between", "label_probability_shortfall", {"max_value": RECOMPUTE_TOLERANCE}),
+        ("expect_column_values_to_be_between", "expected_gain_error", {"max_value": RECOMPUTE_TOLERANCE}),
+    ]
+
+
 def relevance_expectations(
     label_sets: dict[str, LabelSet], max_prob_sum_error: float, required_label_set: str | None
 ) -> list[Any]:
@@ -135,14 +147,12 @@ def relevance_expectations(
     import great_expectations.expectations as gxe
 
     expectations = expectations_for(RELEVANCE, derived_columns=[check.column for check in DERIVED_CHECKS])
+    classes = {"expect_column_values_to_be_between": gxe.ExpectColumnValuesToBeBetween,
+               "expect_column_values_to_be_in_set": gxe.ExpectColumnValuesToBeInSet,
+               "expect_column_values_to_be_null": gxe.ExpectColumnValuesToBeNull}
     expectations += [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectColumnValuesToBeBetween(column="label_probs_sum_error", min_value=0.0, max_value=max_prob_sum_error),
-        gxe.ExpectColumnValuesToBeBetween(column="label_probs_min", min_value=0.0, max_value=1.0),
-        gxe.ExpectColumnValuesToBeInSet(column="label_probs_match_label_set", value_set=[True]),
-        gxe.ExpectColumnValuesToBeNull(column="label_outside_label_set"),
-        gxe.ExpectColumnValuesToBeBetween(column="label_probability_shortfall", max_value=RECOMPUTE_TOLERANCE),
-        gxe.ExpectColumnValuesToBeBetween(column="expected_gain_error", max_value=RECOMPUTE_TOLERANCE),
+        *(classes[kind](column=column, **arguments) for kind, column, arguments in derived_expectations(max_prob_sum_error)),
         gxe.ExpectColumnValuesToBeBetween(column="versions_of_model_name", min_value=1, max_value=1),
     ]
     if required_label_set is not None:
@@ -217,7 +227,7 @@ def validate_relevance(
 
 def validation_summary(suite: SuiteResult, max_prob_sum_error: float) -> dict:
     return {
-        "engine": "great_expectations (pandas)",
+        "engine": f"great_expectations ({suite.engine})",
         "success": suite.success,
         "expectations": len(suite.outcomes),
         "met": sum(outcome.success for outcome in suite.outcomes),
@@ -237,3 +247,94 @@ def validation_page(suite: SuiteResult, day: str, max_prob_sum_error: float) -> 
         return f"{field} {rule}" if rule else ""
 
     return page(f"Relevance validation: ds={day}", [suite_heading(suite), suite_table(suite, explain)])
+
+
+# --- on Spark: great-expectations for the declared suite, one aggregate pass for the derived checks -----------------
+
+
+def derived_column_exprs(label_sets: dict[str, LabelSet]) -> dict[str, Any]:
+    """The `DERIVED_CHECKS` columns as Spark expressions of one row (the DuckDB `DERIVED_SQL` per row, less the
+    per-model version count, which is an aggregate: `versions_by_model`)."""
+    from pyspark.sql import functions as F
+
+    gains_of_set = F.create_map(*[item for name, labels in sorted(label_sets.items()) for item in (
+        F.lit(name), F.create_map(*[value for label in labels.labels for value in (F.lit(label.name), F.lit(float(label.gain)))]))])
+    gains = F.element_at(gains_of_set, F.col("label_set")) if label_sets else F.lit(None).cast("map<string,double>")
+    probabilities = F.map_values("label_probs")
+    total = F.aggregate(probabilities, F.lit(0.0), lambda acc, p: acc + p)
+    known = F.size(F.filter(F.map_keys("label_probs"), lambda key: F.coalesce(F.map_contains_key(gains, key), F.lit(False))))
+    recomputed = F.aggregate(F.map_entries("label_probs"), F.lit(0.0),
+                             lambda acc, entry: acc + F.coalesce(entry["value"] * F.element_at(gains, entry["key"]), F.lit(0.0)))
+
+    def finite(error):  # NaN or null (a NaN probability, a missing label, an unknown set) fails the bound, as in DuckDB
+        return F.when(error.isNull() | F.isnan(error), F.lit(float("inf"))).otherwise(error)
+
+    return {
+        "label_probs_sum_error": finite(F.abs(total - 1)),
+        "label_probs_min": F.array_min(probabilities),
+        "label_probs_match_label_set": F.coalesce((F.size("label_probs") == F.size(gains)) & (known == F.size(gains)), F.lit(False)),
+        "label_outside_label_set": F.when(~F.coalesce(F.map_contains_key(gains, F.col("label")), F.lit(False)), F.col("label")),
+        "label_probability_shortfall": finite(F.array_max(probabilities) - F.element_at("label_probs", F.col("label"))),
+        "expected_gain_error": finite(F.abs(F.col("expected_gain") - recomputed)),
+    }
+
+
+def violation(expectation: str, column, arguments: dict[str, Any]):
+    """The Spark condition of a row breaking a derived expectation (a null breaks none but `to_be_in_set`, as in GE)."""
+    from pyspark.sql import functions as F
+
+    if expectation == "expect_column_values_to_be_null":
+        return column.isNotNull()
+    if expectation == "expect_column_values_to_be_in_set":
+        return F.coalesce(~column.isin(arguments["value_set"]), F.lit(True))
+    low, high = arguments.get("min_value"), arguments.get("max_value")
+    outside = F.lit(False)
+    if low is not None:
+        outside = outside | (column < F.lit(low))
+    if high is not None:
+        outside = outside | (column > F.lit(high))
+    return F.coalesce(outside, F.lit(False))
+
+
+def derived_outcomes_spark(frame, label_sets: dict[str, LabelSet], max_prob_sum_error: float, examples: int = 3) -> list[ExpectationOutcome]:
+    """The derived checks of `frame` (RELEVANCE rows) in one aggregate pass; a few failing rows fetched only for a failed one."""
+    from pyspark.sql import functions as F
+
+    columns = derived_column_exprs(label_sets)
+    checks = derived_expectations(max_prob_sum_error)
+    derived = frame.select(*EXAMPLE_COLUMNS, "model_name", "model_version", *(expr.alias(name) for name, expr in columns.items()))
+    counts = derived.agg(F.count(F.lit(1)).alias("rows"), *(
+        F.sum(F.when(violation(kind, F.col(name), arguments), 1).otherwise(0)).alias(name) for kind, name, arguments in checks)).first()
+    outcomes = []
+    for kind, name, arguments in checks:
+        failed = counts[name] or 0
+        shown = () if not failed else tuple(
+            row.asDict() for row in derived.where(violation(kind, F.col(name), arguments)).select(*dict.fromkeys([*EXAMPLE_COLUMNS, name]))
+            .limit(examples).collect())
+        outcomes.append(ExpectationOutcome(kind, name, failed == 0, failed, shown, arguments, element_count=counts["rows"]))
+    versions = frame.groupBy("model_name").agg(F.count_distinct("model_version").alias("versions"), F.count(F.lit(1)).alias("rows")).collect()
+    mixed = [row for row in versions if row["versions"] != 1]
+    outcomes.append(ExpectationOutcome(
+        "expect_column_values_to_be_between", "versions_of_model_name", not mixed, sum(row["rows"] for row in mixed),
+        tuple({"model_name": row["model_name"], "versions_of_model_name": row["versions"]} for row in mixed[:examples]),
+        {"min_value": 1, "max_value": 1}, element_count=counts["rows"]))
+    return outcomes
+
+
+def validate_relevance_spark(
+    frame, label_sets: dict[str, LabelSet], max_prob_sum_error: float, partition: str, required_label_set: str | None = None,
+) -> SuiteResult:
+    """`validate_relevance` on a Spark frame of RELEVANCE rows: great-expectations runs the declared suite (columns,
+    nullability, allowed values, bounds, key uniqueness, a non-empty table, the pinned label set) on the frame, and
+    the derived checks run as one aggregate pass (GE would scan the frame once per expectation)."""
+    import great_expectations.expectations as gxe
+
+    expectations = expectations_for(RELEVANCE) + [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
+    if required_label_set is not None:
+        expectations.append(gxe.ExpectColumnValuesToBeInSet(column="label_set", value_set=[required_label_set]))
+    declared = validate_with_gx(RELEVANCE, frame, "spark", expectations=expectations)
+    outcomes = (*declared.outcomes, *derived_outcomes_spark(frame, label_sets, max_prob_sum_error))
+    suite = SuiteResult(table=RELEVANCE.name, engine="spark", success=all(outcome.success for outcome in outcomes), outcomes=outcomes)
+    if not suite.success:
+        raise ExportValidationError(failure_message(partition, suite, max_prob_sum_error))
+    return suite

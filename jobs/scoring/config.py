@@ -58,7 +58,7 @@ class ScoreConfig(ScorerSettings):
     cache_days: int = help_field("Days of earlier partitions searched for reusable scores (0: never reuse).", 30)
     engine: str = help_field("local (this process) or spark (mapInArrow, one scorer per executor).", "local", choices=ENGINES)
     spark_master: str | None = help_field("Spark master with engine=spark; default local[*] or spark-submit's.", None)
-    spark_partitions: int = help_field("Spark partitions per shard with engine=spark (0: Spark's default parallelism).", 0)
+    spark_partitions: int = help_field("Spark tasks of the scoring job with engine=spark (0: Spark's default parallelism).", 0)
     policy_format: PolicyFormat = field(init=False, metadata={"help": "The format scored with: the folder's, checked against the given."})
 
     def __post_init__(self) -> None:

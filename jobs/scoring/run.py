@@ -17,7 +17,7 @@ Steps:
    A pair without a content hash is always scored (nothing proves its text is unchanged).
 3. The pairs left are sorted by key and cut into shards of `shard_size`, listed in a manifest
    (`<out>/_scoring/ds=D/<model version>/manifest.json`) with a fingerprint of the pairs. Each shard is
-   scored (in this process, or across a Spark cluster with `engine=spark`), written to its own
+   scored in this process, written to its own
    parquet file through a temporary name and an atomic rename, and only then marked done in the
    manifest (also replaced atomically). A job killed at any point (SIGKILL included) loses at most the
    shard in progress: the re-run finds the same fingerprint, skips the done shards and scores the
@@ -33,6 +33,9 @@ holds the lock of its `out` root and date (`jobs.lock`) from then on: a second `
 or `export` of that root and date fails at once instead of scoring the same pairs or removing
 shards the other is reading. Re-running a finished day scores nothing and rewrites the same rows:
 idempotent per date.
+
+With `engine=spark` the same steps run on Spark and the executors write the rows; the driver holds counts
+only (`jobs.scoring.spark`: shards by hash of the pair, one file per task attempt, committed per shard).
 """
 
 from __future__ import annotations
@@ -156,15 +159,7 @@ def without_reused(pairs: pa.Table, reused: pa.Table) -> pa.Table:
 
 @contextmanager
 def shard_scoring(config: ScoreConfig, spec: ScorerSpec) -> Iterator[Callable[[pa.Table], pa.Table]]:
-    """A function from one shard's pairs to their RELEVANCE rows: Spark's workers with engine=spark, else one
-    scorer in this process (closed on exit)."""
-    if config.engine == "spark":
-        from jobs.scoring.spark import score_with_spark
-        from jobs.spark import get_spark
-
-        spark = get_spark("relevance-score", master=config.spark_master)
-        yield lambda pairs: score_with_spark(spark, pairs, spec, config.day, partitions=config.spark_partitions or None)
-        return
+    """A function from one shard's pairs to their RELEVANCE rows: one scorer in this process (closed on exit)."""
     scorer = open_scorer(spec)
     try:
         yield lambda pairs: scorer.score(pair_dicts(pairs), config.day)
@@ -221,6 +216,11 @@ def run(config: ScoreConfig) -> dict:
 
 
 def score_day(config: ScoreConfig, spec: ScorerSpec) -> dict:
+    if config.engine == "spark":  # the same steps on Spark's executors: `jobs.scoring.spark`
+        from jobs.scoring.spark import score_day_on_spark
+
+        file_input = score_input(config) if is_pairs_file(config.pairs) or Path(config.pairs).is_file() else None
+        return score_day_on_spark(config, spec, WORK_FOLDER, file_input)
     started = time.perf_counter()
     day = config.day
     day_folder = Path(config.out) / WORK_FOLDER / f"ds={day.isoformat()}"

@@ -362,3 +362,57 @@ def test_a_3_mb_reasoning_cell_publishes_and_reads_back_in_every_format(tmp_path
     csv.field_size_limit(len(reasoning) + 1)
     with (out / "relevance" / "ds=2024-05-01" / CSV_FILE).open(newline="", encoding="utf-8") as handle:
         assert max(len(record["reasoning"]) for record in csv.DictReader(handle)) == len(reasoning)
+
+
+# --- engine=spark: the same nights validated, compared and written by Spark ---------------------------------------------
+
+
+@pytest.mark.spark
+def test_on_spark_the_nights_publish_what_the_local_export_publishes_with_a_duckdb_view_over_the_parquet(roots, spark, tmp_path):
+    data, out = roots
+    for night in (NIGHT_1, NIGHT_2):
+        local = run(_config(data, out, night))
+        on_spark = run(_config(data, tmp_path / "on_spark", night, engine="spark"))
+    folder = tmp_path / "on_spark" / "relevance" / "ds=2024-05-02"
+    assert _sorted(read_published(tmp_path / "on_spark" / "relevance")).equals(_sorted(_relevance(NIGHT_2_ROWS)))
+    assert json.loads((folder / "churn.json").read_text()) == json.loads((out / "relevance" / "ds=2024-05-02" / "churn.json").read_text())
+    assert (on_spark["validation"]["engine"], on_spark["validation"]["met"]) == ("great_expectations (spark)", local["validation"]["met"])
+    assert on_spark["validation"]["checked"] == local["validation"]["checked"]
+    assert on_spark["models"] == local["models"]
+    assert not (folder / CSV_FILE).exists()  # opt-in on Spark
+    assert (folder / PARQUET_FILE).is_dir()  # part files written by the executors, each in the manifest
+    assert all(_sha256(folder / name) == entry["sha256"] for name, entry in on_spark["files"].items())
+    with duckdb.connect(str(folder / DUCKDB_FILE), read_only=True) as con:
+        assert con.sql("SELECT table_name FROM duckdb_tables()").fetchall() == []  # no second copy of the night
+        from_duckdb = con.sql("SELECT * FROM relevance").to_arrow_table()
+    assert _sorted(from_duckdb.cast(RELEVANCE.arrow_schema())).equals(_sorted(_relevance(NIGHT_2_ROWS)))
+    with_csv = run(_config(data, tmp_path / "with_csv", NIGHT_1, engine="spark", csv=True))
+    assert with_csv["files"][CSV_FILE]["rows"] == len(NIGHT_1_ROWS)
+
+
+@pytest.mark.spark
+def test_on_spark_great_expectations_and_the_aggregate_pass_refuse_a_broken_night(tmp_path, spark):
+    data, out = tmp_path / "data", tmp_path / "published"
+    broken = [
+        _row(NIGHT_2, "sofa", "p1", "Exact", (0.8, 0.2, 0.0), 0.9),
+        _row(NIGHT_2, "sofa", "p2", "Exact", (0.6, 0.3, 0.0), 0.75),  # probabilities sum to 0.9
+        _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),
+        _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),  # the key again
+        _row(NIGHT_2, "rug", "p6", "Great", (0.5, 0.3, 0.2), 0.65),  # not a wands label
+        _row(NIGHT_2, "rug", "p8", "Partial", (0.2, 0.5, 0.3), 0.9),  # expected_gain should be 0.45
+        _row(NIGHT_2, "sofa", "p9", "Exact", (1.0, 0.0, 0.0), 1.0, version="pol-9"),  # a second policy version
+        _row(NIGHT_2, "sofa", "p10", "Exact", (1.0, float("nan"), 0.0), 1.0),  # NaN sums to NaN, not within any bound
+        _row(NIGHT_2, "sofa", "p12", "Exact", (0.7, 0.3), 0.85),  # no Irrelevant entry
+    ]
+    write_table(RELEVANCE, _relevance(broken), data)
+    with pytest.raises(ExportValidationError) as raised:
+        run(ExportConfig(relevance=str(data), date="2024-05-02", out=str(out), engine="spark"))
+    message = str(raised.value)
+    assert "ds=2024-05-02" in message and "nothing published" in message
+    assert "on label_probs_sum_error]: 2 row(s)" in message and "product_id='p2'" in message and "product_id='p10'" in message
+    assert "label_probs: must hold each label of the row's label set once" in message and "product_id='p12'" in message
+    assert "query,product_id,model_version: the key must be unique" in message  # great-expectations on the Spark frame
+    assert "label: must be a label of the row's label_set" in message and "label_outside_label_set='Great'" in message
+    assert "expected_gain: must equal sum of probability x gain" in message and "product_id='p8'" in message
+    assert "model_version: must be one value per model_name" in message
+    assert not (out / "relevance" / "ds=2024-05-02").exists()

@@ -133,3 +133,9 @@ def test_a_wrong_setting_of_any_step_fails_the_night_before_it_starts(tmp_path, 
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
     assert started == [], "no step ran"
     assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_a_night_on_spark_scores_and_publishes_on_spark_with_csv_opt_in(tiny_model, tmp_path):
+    night = NightlyConfig(date="2024-03-02", out=str(tmp_path), model=str(tiny_model), engine="spark")
+    assert (night.score_config().engine, night.export_config().engine, night.export_config().with_csv) == ("spark", "spark", False)
+    assert NightlyConfig(date="2024-03-02", out=str(tmp_path), model=str(tiny_model)).export_config().with_csv

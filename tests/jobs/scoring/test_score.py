@@ -135,12 +135,28 @@ def test_config_errors_name_the_field(tmp_path, tiny_model):
         ScoreConfig(date="2024-03-02", model=str(tmp_path))
 
 
-def test_the_spark_engine_writes_the_rows_the_local_engine_writes(tmp_path, tiny_world, tiny_model, spark):
+def test_the_spark_engine_writes_the_rows_the_local_engine_writes_and_its_driver_collects_no_row(tmp_path, tiny_world, tiny_model, spark,
+                                                                                                 monkeypatch):
+    from pyspark.sql.classic.dataframe import DataFrame
+
     write_candidates(tmp_path / "prepared", tiny_world, DAY)
     local = run(config(tmp_path / "local", tiny_world, tiny_model, pairs=str(tmp_path / "prepared")))
-    on_spark = run(config(tmp_path / "spark", tiny_world, tiny_model, pairs=str(tmp_path / "prepared"), engine="spark", spark_partitions=2,
-                          shard_size=30))
+    collected, collect = [], DataFrame.collect  # every action that brings rows to the driver goes through collect
+
+    def recording_collect(self):
+        collected.append(self.columns)
+        return collect(self)
+
+    monkeypatch.setattr(DataFrame, "collect", recording_collect)
+    for name in ("toArrow", "toPandas", "toLocalIterator"):
+        monkeypatch.setattr(DataFrame, name, lambda self, *args, name=name, **kwargs: pytest.fail(f"the driver fetched rows with {name}"))
+    spark_config = config(tmp_path / "spark", tiny_world, tiny_model, pairs=str(tmp_path / "prepared"), engine="spark", spark_partitions=2,
+                          shard_size=30)
+    on_spark = run(spark_config)
     assert (on_spark["scored"], on_spark["shards"], on_spark["model_version"]) == (local["scored"], 2, local["model_version"])
+    assert collected and not any(set(columns) & {"query", "product_id", "title", "label", "label_probs"} for columns in collected), collected
+    again = run(spark_config)  # a finished night: every pair reused from its own partition, nothing scored
+    assert (again["reused"], again["scored"], again["spark_tasks"]) == (local["scored"], 0, 0)
     expected, got = day_rows(tmp_path / "local" / "scores", DAY), day_rows(tmp_path / "spark" / "scores", DAY)
     assert got.select(["query", "product_id", "label", "node_decisions"]).equals(expected.select(["query", "product_id", "label", "node_decisions"]))
     for mine, theirs in zip(got["label_probs"].to_pylist(), expected["label_probs"].to_pylist()):

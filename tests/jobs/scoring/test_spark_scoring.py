@@ -1,21 +1,39 @@
-"""Scoring on Spark (local[2], 3 partitions) gives what the in-process scorer gives on the same pairs, for
-the student (MiniLM with fresh heads) and the hf policy (the tiny model); GPU placement from the task."""
+"""Scoring on Spark (local[2], 3 tasks) gives what the in-process scorer gives on the same pairs, for
+the student (MiniLM with fresh heads) and the hf policy (the tiny model); GPU placement from the task; the
+commit protocol: a failed job's complete shards are kept by the re-run, a retried task leaves no duplicate."""
 
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.scoring import spark as spark_scoring
-from jobs.scoring.spark import score_with_spark, task_device, task_scorer
+from jobs.scoring.spark import ATTEMPTS, fingerprint_and_count, score_todo, task_device, task_scorer
 from jobs.scoring.spec import ScorerSpec, open_scorer, pair_dicts
+from jobs.spark import spark_schema
 from schemas.storage import read_table
 from schemas.tables import CATALOG, PAIRS_TO_SCORE, QUERIES, RELEVANCE
 
 DS = dt.date(2024, 3, 3)
 PARTITIONS = 3
+SHARD_SIZE = 10  # 48 pairs: 5 shards
+REPO = Path(__file__).resolve().parents[3]
+
+
+def score_with_spark(spark, pairs: pa.Table, spec: ScorerSpec, work: Path, partitions: int = PARTITIONS,
+                     scorer_for_task=task_scorer) -> tuple[pa.Table, dict]:
+    """(the committed rows, the job's counts) of `pairs` scored on Spark into the work folder `work`."""
+    frame = spark.createDataFrame(pairs, schema=spark_schema(PAIRS_TO_SCORE))
+    fingerprint, count = fingerprint_and_count(frame)
+    shards, job = score_todo(frame, fingerprint, count, spec, DS, work, SHARD_SIZE, partitions, {}, scorer_for_task)
+    parts = [pq.read_table(path, schema=RELEVANCE.arrow_schema()) for path in shards.files()]
+    return (pa.concat_tables(parts) if parts else RELEVANCE.empty_arrow()), job
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +87,19 @@ def assert_same_scores(on_spark: pa.Table, expected: pa.Table) -> None:
             assert got[field] == want[field], field
 
 
-def test_student_scores_on_spark_equal_the_in_process_scores(spark, pairs, student_folder):
-    # chunks of 3 * CHUNK_BATCHES = 24 pairs: each partition (about 16 pairs) is one short chunk, padded unlike in-process
+def test_student_scores_on_spark_equal_the_in_process_scores(spark, pairs, student_folder, tmp_path):
+    # chunks of 3 * CHUNK_BATCHES = 24 pairs: each shard (about 10 pairs) is one short chunk, padded unlike in-process
     spec = ScorerSpec(backend="student", model=str(student_folder), batch_size=3)
-    assert_same_scores(score_with_spark(spark, pairs, spec, DS, partitions=PARTITIONS), in_process(pairs, spec))
+    assert_same_scores(score_with_spark(spark, pairs, spec, tmp_path)[0], in_process(pairs, spec))
 
 
-def test_hf_scores_on_spark_equal_the_in_process_scores(spark, pairs, tiny_model):
-    # chunks of 1 * CHUNK_BATCHES = 8 pairs: each partition is scored in several full chunks
+def test_hf_scores_on_spark_equal_the_in_process_scores(spark, pairs, tiny_model, tmp_path):
+    # chunks of 1 * CHUNK_BATCHES = 8 pairs: a shard is scored in a full chunk and a short one
     spec = ScorerSpec(backend="hf", model=str(tiny_model), order="label_first", reasoning="none", batch_size=1)
     spark.conf.set("spark.sql.session.timeZone", "America/New_York")  # scored_at must still come back as the UTC instant
     try:
         before = dt.datetime.now(dt.UTC)
-        on_spark = score_with_spark(spark, pairs, spec, DS, partitions=PARTITIONS)
+        on_spark, _ = score_with_spark(spark, pairs, spec, tmp_path)
         after = dt.datetime.now(dt.UTC)
     finally:
         spark.conf.set("spark.sql.session.timeZone", "UTC")
@@ -92,8 +110,8 @@ def test_hf_scores_on_spark_equal_the_in_process_scores(spark, pairs, tiny_model
 def test_an_empty_day_gives_the_empty_relevance_table_without_loading_the_model(spark, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")  # unreadable: loading it would fail the job
     spec = ScorerSpec(backend="student", model=str(tmp_path))
-    scored = score_with_spark(spark, PAIRS_TO_SCORE.empty_arrow(), spec, DS, partitions=PARTITIONS)
-    assert scored.equals(RELEVANCE.empty_arrow(), check_metadata=True)
+    scored, job = score_with_spark(spark, PAIRS_TO_SCORE.empty_arrow(), spec, tmp_path / "work")
+    assert scored.equals(RELEVANCE.empty_arrow(), check_metadata=True) and job["tasks"] == 0
 
 
 class FakeScorer:
@@ -139,3 +157,83 @@ def test_a_cuda_spec_runs_on_the_task_gpu_and_other_devices_are_kept():
         task_device("cuda", ())
     with pytest.raises(RuntimeError, match=r"\['0', '1'\]"):
         task_device("cuda", ["0", "1"])
+
+
+# --- the commit protocol ---------------------------------------------------------------------------------------------
+
+# Shards each task attempt has opened, by attempt: state of the Python worker running the attempt.
+_SHARDS_OPENED: dict[int, int] = {}
+
+
+def fails_at_its_second_shard_on_attempt_0(spec: ScorerSpec, context):
+    """`task_scorer`, except that a task's first attempt dies when it reaches its second shard."""
+    opened = _SHARDS_OPENED[context.taskAttemptId()] = _SHARDS_OPENED.get(context.taskAttemptId(), 0) + 1
+    if context.attemptNumber() == 0 and opened == 2:
+        raise RuntimeError("injected: the first attempt of this task dies at its second shard")
+    return task_scorer(spec, context)
+
+
+def assert_each_pair_once(rows: pa.Table, pairs: pa.Table) -> None:
+    keys = list(zip(rows["query"].to_pylist(), rows["product_id"].to_pylist()))
+    assert sorted(keys) == sorted(zip(pairs["query"].to_pylist(), pairs["product_id"].to_pylist()))
+
+
+def test_a_failed_job_keeps_its_complete_shards_and_the_rerun_scores_only_the_rest(spark, pairs, tiny_model, tmp_path):
+    from pyspark import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the injected scorer runs in Spark's Python workers
+    spec = ScorerSpec(backend="hf", model=str(tiny_model), order="label_first", reasoning="none", batch_size=4)
+    with pytest.raises(Exception, match="injected"):  # local[2] does not retry: the job dies after its first shard
+        score_with_spark(spark, pairs, spec, tmp_path, partitions=1, scorer_for_task=fails_at_its_second_shard_on_attempt_0)
+    attempts = sorted((tmp_path / ATTEMPTS).rglob("*.parquet"))
+    assert len(attempts) == 1, attempts  # the first shard, complete, written by the attempt, not committed by the driver
+    (attempts[0].parent.parent / "shard-00004").mkdir(exist_ok=True)
+    (attempts[0].parent.parent / "shard-00004" / "0-0.0-99.parquet").write_bytes(b"PAR1 cut short")  # a torn file: never adopted
+
+    rows, job = score_with_spark(spark, pairs, spec, tmp_path)
+    adopted = pq.read_metadata(tmp_path / f"{attempts[0].parent.name}.parquet").num_rows
+    assert (job["shards_committed_earlier"], job["shards_scored"], job["scored"]) == (1, 4, pairs.num_rows - adopted)
+    assert_same_scores(rows, in_process(pairs, spec))
+    assert list((tmp_path / ATTEMPTS).rglob("*.parquet")) == []  # every other attempt's file is gone
+
+
+RETRIED_JOB = """
+import json, sys
+import pyarrow as pa, pyarrow.parquet as pq
+from jobs.scoring.spark import fingerprint_and_count, score_todo, task_scorer
+from jobs.scoring.spec import ScorerSpec
+from jobs.spark import get_spark, spark_schema
+from schemas.tables import PAIRS_TO_SCORE, RELEVANCE
+
+opened = {}
+
+def fails_at_its_second_shard_on_attempt_0(spec, context):
+    opened[context.taskAttemptId()] = opened.get(context.taskAttemptId(), 0) + 1
+    if context.attemptNumber() == 0 and opened[context.taskAttemptId()] == 2:
+        raise RuntimeError("injected: the first attempt of this task dies at its second shard")
+    return task_scorer(spec, context)
+
+pairs_file, model, work = sys.argv[1:]
+spark = get_spark("retried-task", master="local[2,2]")  # a failed task is retried once
+frame = spark.createDataFrame(pq.read_table(pairs_file), schema=spark_schema(PAIRS_TO_SCORE))
+fingerprint, count = fingerprint_and_count(frame)
+spec = ScorerSpec(backend="hf", model=model, order="label_first", reasoning="none", batch_size=4)
+shards, job = score_todo(frame, fingerprint, count, spec, __import__("datetime").date(2024, 3, 3), __import__("pathlib").Path(work), 10, 2, {},
+                         fails_at_its_second_shard_on_attempt_0)
+rows = pa.concat_tables([pq.read_table(path, schema=RELEVANCE.arrow_schema()) for path in shards.files()])
+print(json.dumps({"keys": list(zip(rows["query"].to_pylist(), rows["product_id"].to_pylist())), "job": job}))
+"""
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_a_task_retried_after_its_first_attempt_failed_leaves_no_duplicate_rows(pairs, tiny_model, tmp_path):
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    done = subprocess.run([sys.executable, "-c", RETRIED_JOB, str(tmp_path / "pairs.parquet"), str(tiny_model), str(tmp_path / "work")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "injected: the first attempt" in done.stderr  # attempt 0 of each task did fail, after committing its first shard
+    result = __import__("json").loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(map(tuple, result["keys"])) == sorted(zip(pairs["query"].to_pylist(), pairs["product_id"].to_pylist()))
+    assert result["job"]["scored"] == pairs.num_rows
+    assert list((tmp_path / "work" / ATTEMPTS).rglob("*.parquet")) == []
