@@ -56,6 +56,16 @@ log = logging.getLogger("relevance.progress")
 def quiet_libraries() -> None:
     for name, value in LIBRARY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    # A library imported before the CLI ran (a test runner, a notebook, another tool calling `main`) has read its
+    # variables already: tell it directly, by the same variables.
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:
+        transformers_logging.set_verbosity(getattr(logging, os.environ["TRANSFORMERS_VERBOSITY"].upper(), logging.ERROR))
+        if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            transformers_logging.disable_progress_bar()
+    hub_utils = sys.modules.get("huggingface_hub.utils")
+    if hub_utils is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        hub_utils.disable_progress_bars()
 
 
 def from_warning_unless_ours(record: logging.LogRecord) -> bool:

@@ -120,3 +120,15 @@ def test_every_line_of_a_message_of_several_lines_carries_the_time_and_level(std
 def test_durations_read_as_a_person_writes_them():
     assert [logs.duration(s) for s in (4.21, 59.99, 735, 3725)] == ["4.2s", "1m00s", "12m15s", "1h02m"]
     assert [logs.rate_text(r, "row") for r in (0.0436, 21.34, 56312.0)] == ["0.0436 row/s", "21.3 row/s", "56,312 row/s"]
+
+
+def test_libraries_imported_before_the_setup_are_quieted_too(stderr, monkeypatch):
+    """A library imported first (a test runner, a notebook) read its variables already; the setup tells it directly."""
+    transformers_logging = pytest.importorskip("transformers.utils.logging")
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)
+    transformers_logging.set_verbosity_info()
+    transformers_logging.enable_progress_bar()
+    setup()
+    assert transformers_logging.get_verbosity() == logging.ERROR
+    assert not transformers_logging.is_progress_bar_enabled()
