@@ -35,8 +35,10 @@ LOCAL_CONF = {
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "4",
     "spark.default.parallelism": "4",
+    # C1 only (fast start); its default 48 MB code cache fills with a night's generated code and the JVM then stops
+    # compiling ("CodeCache is full. Compiler has been disabled"), so it gets more room.
     "spark.driver.extraJavaOptions": (
-        f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE} -XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+        f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE} -XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m -XX:+UseSerialGC"
     ),
 }
 
