@@ -81,7 +81,8 @@ def to_jsonable(value):
 # ---------------------------------------------------------------- figures
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
+    """`figure` as PNG bytes (the figure is closed); every report inlines its plots this way."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
@@ -105,7 +106,7 @@ def plot_confusion(model: ModelEvaluation) -> bytes:
     axes.set_ylabel("gold")
     axes.set_title(f"{model.name}: confusion matrix")
     figure.colorbar(image, ax=axes, label="share of gold row")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_class_f1(models: tuple[ModelEvaluation, ...]) -> bytes:
@@ -123,7 +124,7 @@ def plot_class_f1(models: tuple[ModelEvaluation, ...]) -> bytes:
     axes.set_ylabel("F1")
     axes.set_title(f"per-label F1 ({models[0].metrics['f1'].level:.0%} query-bootstrap intervals)")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_reliability(models: tuple[ModelEvaluation, ...]) -> bytes:
@@ -145,7 +146,7 @@ def plot_reliability(models: tuple[ModelEvaluation, ...]) -> bytes:
     axes.legend(fontsize="small")
     counts.set_xlabel("confidence of the predicted label")
     counts.set_ylabel("share of pairs")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_forest(comparisons: tuple[Comparison, ...], k: int, title: str) -> bytes:
@@ -164,7 +165,7 @@ def plot_forest(comparisons: tuple[Comparison, ...], k: int, title: str) -> byte
     axes.invert_yaxis()
     axes.set_xlabel(f"difference ({comparisons[0].metrics['macro_f1_difference'].level:.0%} paired query-bootstrap interval)")
     axes.set_title(title)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def plot_agreement(result: EvaluationResult) -> bytes:
@@ -191,7 +192,7 @@ def plot_agreement(result: EvaluationResult) -> bytes:
     axes.set_xlabel(f"agreement with gold ({result.level:.0%} query-bootstrap intervals); 0 = chance, 1 = perfect")
     axes.set_title("agreement with human judgments")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def figures(result: EvaluationResult) -> dict[str, bytes]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -120,12 +119,9 @@ def read_logged_lists(folder: str | Path, experiment_id: str | None = None) -> t
 
 def png_html(figure, alt: str) -> str:
     """`figure` as an inline PNG <img> (the figure is closed)."""
-    import matplotlib.pyplot as plt
+    from evaluation.report import png_bytes
 
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}'>"
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{base64.b64encode(png_bytes(figure)).decode('ascii')}'>"
 
 
 def interval_text(interval, signed: bool = False) -> str:
