@@ -27,7 +27,7 @@ The same steps as the in-process job (`jobs.scoring.run`), each a DataFrame tran
 5. Resume: a re-run with the same fingerprint keeps the committed shards and adopts, for a shard the
    driver did not get to commit (killed), a complete attempt file with the shard's pair count (every
    complete attempt holds all of its shard's pairs, scored); only the other shards are scored. A
-   different fingerprint starts the work folder afresh.
+   different fingerprint, or a work folder without its manifest, starts the work folder afresh.
 6. The day: reused rows + committed shard rows, checked in one aggregate to hold each pair once, plus the
    rows other model names hold in the stored partition, written by Spark into a hidden sibling of
    `relevance/ds=D` that is swapped in (`schemas.storage.replace_folder`), then the work folder removed.
@@ -129,6 +129,11 @@ def with_shards(pairs, shards: int):
     from pyspark.sql import functions as F
 
     return pairs.withColumn(SHARD, F.pmod(F.xxhash64("query", "product_id"), F.lit(shards)).cast("int"))
+
+
+def shard_pair_counts(pairs) -> dict[int, int]:
+    """The pairs of each shard of `pairs` (with their `shard`), in one groupBy."""
+    return {row[SHARD]: row["count"] for row in pairs.groupBy(SHARD).count().collect()}
 
 
 def fingerprint_and_count(pairs) -> tuple[str, int]:
@@ -269,7 +274,8 @@ class ShardWork:
                 self.manifest = manifest
                 return
             log.warning(f"score: {folder}: the pairs to score changed since the last attempt; starting the shards afresh")
-            shutil.rmtree(folder)
+        # Files without their manifest (a removal killed midway, a speculative copy finishing after it) may hold other pairs.
+        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         counts = shard_pairs()
         self.manifest = {"fingerprint": fingerprint, "shard_size": shard_size, "engine": "spark", **context,
@@ -338,8 +344,7 @@ def score_todo(todo, fingerprint: str, to_score: int, spec: ScorerSpec, day: dt.
     committed under `folder`; returns the work folder (its committed files) and the job's counts."""
     shards = max(1, math.ceil(to_score / shard_size))
     todo = with_shards(todo, shards)
-    work = ShardWork(folder, fingerprint, lambda: {row[SHARD]: row["count"] for row in todo.groupBy(SHARD).count().collect()},
-                     shard_size, {**context, "pairs": to_score, "shards": shards})
+    work = ShardWork(folder, fingerprint, lambda: shard_pair_counts(todo), shard_size, {**context, "pairs": to_score, "shards": shards})
     done = work.committed()
     pending = sorted(set(work.expected()) - done)
     job = {"scored": 0, "tasks": 0, "seconds": 0.0, "task_seconds": 0.0}

@@ -1,12 +1,15 @@
 """Scoring on Spark (local[2], 3 tasks) gives what the in-process scorer gives on the same pairs, for
 the student (MiniLM with fresh heads) and the hf policy (the tiny model); GPU placement from the task; the
-commit protocol: a failed job's complete shards are kept by the re-run, a retried task leaves no duplicate."""
+commit protocol: a failed job's complete shards are kept by the re-run, a retried task leaves no duplicate, of two complete
+attempts of a shard (a speculative copy) one is committed and the other deleted, files without their manifest are never adopted."""
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +17,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.scoring import spark as spark_scoring
-from jobs.scoring.spark import ATTEMPTS, fingerprint_and_count, score_todo, task_device, task_scorer
+from jobs.scoring.spark import (
+    ATTEMPTS,
+    SHARD,
+    SUMMARY_DDL,
+    ShardWork,
+    committed_file,
+    file_rows,
+    fingerprint_and_count,
+    score_shards_of_task,
+    score_todo,
+    shard_folder,
+    shard_pair_counts,
+    task_device,
+    task_scorer,
+    with_shards,
+)
 from jobs.scoring.spec import ScorerSpec, open_scorer, pair_dicts
 from jobs.spark import spark_schema
 from schemas.storage import read_table
@@ -197,6 +215,45 @@ def test_a_failed_job_keeps_its_complete_shards_and_the_rerun_scores_only_the_re
     assert list((tmp_path / ATTEMPTS).rglob("*.parquet")) == []  # every other attempt's file is gone
 
 
+def run_task_attempt(shards, shard: int, spec: ScorerSpec, work: Path) -> dict:
+    """The summary of a task scoring shard `shard` of `shards` (pairs with their shard) into `work`, run as a Spark job of its own:
+    each call is another attempt, with a name of its own."""
+    from pyspark.sql import functions as F
+
+    score = partial(score_shards_of_task, spec=spec, day=DS, work=work, scorer_for_task=task_scorer)
+    [summary] = shards.where(F.col(SHARD) == shard).coalesce(1).mapInArrow(score, SUMMARY_DDL).collect()
+    return summary.asDict()
+
+
+@pytest.mark.spark
+def test_of_two_complete_attempts_of_a_shard_one_is_committed_and_the_other_deleted(spark, pairs, tiny_model, tmp_path):
+    """A speculative copy of a task that completes too. Local mode does not speculate, so each shard's task runs twice. Shard 0:
+    the driver commits the attempt Spark reports. Shard 1: the job is killed before its commit, and the re-run adopts one."""
+    spec = ScorerSpec(backend="hf", model=str(tiny_model), order="label_first", reasoning="none", batch_size=4)
+    frame = spark.createDataFrame(pairs, schema=spark_schema(PAIRS_TO_SCORE))
+    fingerprint, count = fingerprint_and_count(frame)
+    shards = with_shards(frame, math.ceil(count / SHARD_SIZE))  # the shards score_todo cuts
+    work = ShardWork(tmp_path, fingerprint, lambda: shard_pair_counts(shards), SHARD_SIZE, {})
+    expected = work.expected()
+    attempts = {shard: [run_task_attempt(shards, shard, spec, tmp_path) for _ in range(2)] for shard in (0, 1)}
+    for shard, both in attempts.items():
+        assert both[0]["file"] != both[1]["file"]
+        assert [file_rows(Path(attempt["file"])) for attempt in both] == [attempt["rows"] for attempt in both] == [expected[shard]] * 2
+    written = {shard: [pq.read_table(attempt["file"]) for attempt in both] for shard, both in attempts.items()}
+
+    reported, speculative = attempts[0]
+    work.commit_job([reported], expected)
+    assert pq.read_table(committed_file(tmp_path, 0)).equals(written[0][0])
+    assert not Path(speculative["file"]).exists() and not shard_folder(tmp_path, 0).exists()
+
+    rows, job = score_with_spark(spark, pairs, spec, tmp_path)
+    assert (job["shards_committed_earlier"], job["shards_scored"], job["scored"]) == (2, 3, pairs.num_rows - expected[0] - expected[1])
+    assert_each_pair_once(rows, pairs)
+    assert sorted(path.name for path in tmp_path.glob("shard-*.parquet")) == [f"shard-{shard:05d}.parquet" for shard in sorted(expected)]
+    assert pq.read_table(committed_file(tmp_path, 1)) in written[1]  # one attempt's file as it was, not a merge of both
+    assert list((tmp_path / ATTEMPTS).rglob("*.parquet")) == []
+
+
 RETRIED_JOB = """
 import json, sys
 import pyarrow as pa, pyarrow.parquet as pq
@@ -237,3 +294,15 @@ def test_a_task_retried_after_its_first_attempt_failed_leaves_no_duplicate_rows(
     assert sorted(map(tuple, result["keys"])) == sorted(zip(pairs["query"].to_pylist(), pairs["product_id"].to_pylist()))
     assert result["job"]["scored"] == pairs.num_rows
     assert list((tmp_path / "work" / ATTEMPTS).rglob("*.parquet")) == []
+
+
+def test_files_in_a_work_folder_without_its_manifest_are_never_adopted(tmp_path):
+    """A work folder whose manifest is gone (its removal killed midway, a speculative copy finishing after it) may hold other
+    pairs' rows in files of the right length: the run starts afresh instead of adopting them."""
+    stale = pa.table({"query": ["sofa", "lamp", "rug"]})  # a shard file is adopted by its row count alone
+    pq.write_table(stale, committed_file(tmp_path, 0))
+    shard_folder(tmp_path, 1).mkdir(parents=True)
+    pq.write_table(stale, shard_folder(tmp_path, 1) / "0-0.0-7.parquet")
+    work = ShardWork(tmp_path, "6:1234", lambda: {0: 3, 1: 3}, SHARD_SIZE, {})
+    assert work.committed() == set()
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["manifest.json"]
