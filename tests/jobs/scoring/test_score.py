@@ -1,8 +1,10 @@
 """`relevance score`: every candidate scored exactly once, reuse by model version and content hash,
-quarantine of pairs without a product, and a SIGKILL mid-shard that a re-run recovers from."""
+quarantine of pairs without a product, and a SIGKILL mid-shard that a re-run recovers from, in-process and on
+Spark (driver, JVM and Python workers killed together)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -162,6 +164,73 @@ def test_the_spark_engine_writes_the_rows_the_local_engine_writes_and_its_driver
     for mine, theirs in zip(got["label_probs"].to_pylist(), expected["label_probs"].to_pylist()):
         assert [label for label, _ in mine] == [label for label, _ in theirs]
         assert [p for _, p in mine] == pytest.approx([p for _, p in theirs], abs=1e-5)
+
+
+def session_processes(session: int) -> list[int]:
+    """The live processes of `session`: a job started in a session of its own and every process under it (Spark's Python
+    daemon and workers included, though the daemon moves into a process group of its own)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, process_session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:  # ended meanwhile
+            continue
+        if int(process_session) == session and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(job: subprocess.Popen) -> None:
+    """SIGKILL `job` (started with start_new_session=True), its JVM and Spark's Python workers, and wait until none is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)  # the driver and its JVM at once
+    deadline = time.monotonic() + 30
+    while left := session_processes(job.pid):
+        assert time.monotonic() < deadline, f"processes of the killed job still running: {left}"
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    job.wait()
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_a_spark_job_killed_mid_night_resumes_scoring_only_the_shards_no_attempt_completed(tmp_path, tiny_world, tiny_model, spark):
+    n = write_candidates(tmp_path / "prepared", tiny_world, DAY)
+    # one task scores the 8 shards one after the other, so the kill falls between the first complete attempt file and the end
+    settings = {"engine": "spark", "spark_master": "local[2]", "spark_partitions": 1, "shard_size": 6, "reasoning": "all",
+                "max_new_tokens": 32, "batch_size": 3}
+    args = ["score", "--date", DAY.isoformat(), "--model", str(tiny_model), "--pairs", str(tmp_path / "prepared"), "--catalog", str(tiny_world),
+            "--out", str(tmp_path / "scores"), *(arg for key, value in settings.items() for arg in ("--set", f"{key}={value}"))]
+    work = tmp_path / "scores" / "_scoring" / f"ds={DAY}"
+    with (tmp_path / "killed.log").open("wb") as log:
+        job = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while job.poll() is None and time.monotonic() < deadline and not any(work.glob("*/attempts/shard-*/*.parquet")):
+            time.sleep(0.01)
+    finally:
+        kill_session(job)
+    assert job.returncode == -signal.SIGKILL, f"the job ended before the kill: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+    assert not (tmp_path / "scores" / "relevance").exists(), "nothing published by the killed job"
+    # complete attempt files the driver did not get to commit: the re-run adopts them as they are
+    written = {path.parent.name: pq.read_table(path) for path in work.glob("*/attempts/shard-*/*.parquet")}
+    assert written, "killed before an attempt completed a shard"
+
+    rerun = CliRunner().invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    report = json.loads((work / "score.json").read_text())
+    adopted = sum(table.num_rows for table in written.values())
+    assert (report["shards_committed_earlier"], report["shards_scored"]) == (len(written), report["shards"] - len(written))
+    assert report["scored_this_run"] == n - adopted > 0
+    rows = day_rows(tmp_path / "scores", DAY)
+    assert rows.num_rows == n == len(set(keys_of(rows)))
+    scored_at = dict(zip(keys_of(rows), rows["scored_at"].to_pylist()))
+    for table in written.values():  # the killed job's rows, not scored again
+        assert [scored_at[key] for key in keys_of(table)] == table["scored_at"].to_pylist()
+    assert not (work / report["model_version"]).exists(), "no attempt file left"
 
 
 def test_a_contradicting_format_is_refused_naming_both_values(tmp_path, tiny_model):
