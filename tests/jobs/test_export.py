@@ -74,6 +74,19 @@ NIGHT_2_ROWS = [
 ]
 
 
+# A broken night 2 (its defects commented) that the local and the Spark export must both refuse, naming each defect.
+BROKEN_NIGHT_2_ROWS = [
+    _row(NIGHT_2, "sofa", "p1", "Exact", (0.8, 0.2, 0.0), 0.9),
+    _row(NIGHT_2, "sofa", "p2", "Exact", (0.6, 0.3, 0.0), 0.75),  # probabilities sum to 0.9
+    _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),
+    _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),  # the key again
+    _row(NIGHT_2, "rug", "p6", "Great", (0.5, 0.3, 0.2), 0.65),  # not a wands label
+    _row(NIGHT_2, "rug", "p8", "Partial", (0.2, 0.5, 0.3), 0.9),  # expected_gain should be 0.45
+    _row(NIGHT_2, "sofa", "p9", "Exact", (1.0, 0.0, 0.0), 1.0, version="pol-9"),  # a second policy version
+    _row(NIGHT_2, "sofa", "p10", "Exact", (1.0, float("nan"), 0.0), 1.0),  # NaN sums to NaN, not within any bound
+]
+
+
 def _relevance(rows) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=RELEVANCE.arrow_schema())
 
@@ -282,19 +295,9 @@ def test_readers_fall_back_to_the_newest_complete_day_when_latest_names_a_missin
 
 def test_a_broken_night_names_each_defect_and_publishes_nothing(tmp_path):
     data, out = tmp_path / "data", tmp_path / "published"
-    broken = [
-        _row(NIGHT_2, "sofa", "p1", "Exact", (0.8, 0.2, 0.0), 0.9),
-        _row(NIGHT_2, "sofa", "p2", "Exact", (0.6, 0.3, 0.0), 0.75),  # probabilities sum to 0.9
-        _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),
-        _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),  # the key again
-        _row(NIGHT_2, "rug", "p6", "Great", (0.5, 0.3, 0.2), 0.65),  # not a wands label
-        _row(NIGHT_2, "rug", "p8", "Partial", (0.2, 0.5, 0.3), 0.9),  # expected_gain should be 0.45
-        _row(NIGHT_2, "sofa", "p9", "Exact", (1.0, 0.0, 0.0), 1.0, version="pol-9"),  # a second policy version
-        _row(NIGHT_2, "sofa", "p10", "Exact", (1.0, float("nan"), 0.0), 1.0),  # NaN sums to NaN, not within any bound
-        {**_row(NIGHT_2, "sofa", "p11", "Exact", (1.0, 0.0, 0.0), 1.0),
-         "label_probs": [("Exact", 0.5), ("Exact", 0.5), ("Partial", 0.0)]},  # a repeated key, no Irrelevant
-    ]
-    write_table(RELEVANCE, _relevance(NIGHT_1_ROWS + broken), data)
+    repeated_label = {**_row(NIGHT_2, "sofa", "p11", "Exact", (1.0, 0.0, 0.0), 1.0),
+                      "label_probs": [("Exact", 0.5), ("Exact", 0.5), ("Partial", 0.0)]}  # a repeated key, no Irrelevant
+    write_table(RELEVANCE, _relevance(NIGHT_1_ROWS + BROKEN_NIGHT_2_ROWS + [repeated_label]), data)
     run(ExportConfig(relevance=str(data), date="2024-05-01", out=str(out)))
     night_1 = out / "relevance" / "ds=2024-05-01"
     before = {p.name: _sha256(p) for p in night_1.iterdir()}
@@ -393,18 +396,8 @@ def test_on_spark_the_nights_publish_what_the_local_export_publishes_with_a_duck
 @pytest.mark.spark
 def test_on_spark_great_expectations_and_the_aggregate_pass_refuse_a_broken_night(tmp_path, spark):
     data, out = tmp_path / "data", tmp_path / "published"
-    broken = [
-        _row(NIGHT_2, "sofa", "p1", "Exact", (0.8, 0.2, 0.0), 0.9),
-        _row(NIGHT_2, "sofa", "p2", "Exact", (0.6, 0.3, 0.0), 0.75),  # probabilities sum to 0.9
-        _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),
-        _row(NIGHT_2, "lamp", "p4", "Partial", (0.3, 0.6, 0.1), 0.6),  # the key again
-        _row(NIGHT_2, "rug", "p6", "Great", (0.5, 0.3, 0.2), 0.65),  # not a wands label
-        _row(NIGHT_2, "rug", "p8", "Partial", (0.2, 0.5, 0.3), 0.9),  # expected_gain should be 0.45
-        _row(NIGHT_2, "sofa", "p9", "Exact", (1.0, 0.0, 0.0), 1.0, version="pol-9"),  # a second policy version
-        _row(NIGHT_2, "sofa", "p10", "Exact", (1.0, float("nan"), 0.0), 1.0),  # NaN sums to NaN, not within any bound
-        _row(NIGHT_2, "sofa", "p12", "Exact", (0.7, 0.3), 0.85),  # no Irrelevant entry
-    ]
-    write_table(RELEVANCE, _relevance(broken), data)
+    missing_label = _row(NIGHT_2, "sofa", "p12", "Exact", (0.7, 0.3), 0.85)  # no Irrelevant entry
+    write_table(RELEVANCE, _relevance(BROKEN_NIGHT_2_ROWS + [missing_label]), data)
     with pytest.raises(ExportValidationError) as raised:
         run(ExportConfig(relevance=str(data), date="2024-05-02", out=str(out), engine="spark"))
     message = str(raised.value)
