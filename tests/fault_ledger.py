@@ -1,14 +1,18 @@
-"""The fault and abuse suite: every test here tries a hostile input or injects a fault, and records what
+"""The fault and abuse suite: every test in tests/faults tries a hostile input or injects a fault, and records what
 happened in the session's ledger; the terminal summary prints the totals (inputs tried, faults injected,
 rows lost, outputs half-written, injected commands run), which must stay 0 where they count damage.
 
 A test records after its own asserts, so a recorded entry is a checked one: `ledger.input(...)` for a
 hostile input, `ledger.fault(...)` for an injected fault (SIGKILL point, full disk), each with the
 damage it measured.
+
+A plugin of the root conftest, not the faults folder's own conftest: under pytest-xdist the controller, which
+prints the summary, never collects that folder; workers hand their entries over when they finish.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -41,6 +45,23 @@ LEDGER = Ledger()
 @pytest.fixture
 def ledger() -> Ledger:
     return LEDGER
+
+
+LEDGER_KEY = "fault_ledger"
+
+
+def pytest_sessionfinish(session) -> None:
+    """On a pytest-xdist worker: hand this worker's entries to the controller, which prints the totals."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput[LEDGER_KEY] = json.dumps({"inputs": LEDGER.inputs, "faults": LEDGER.faults})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """On the pytest-xdist controller: add a finished worker's entries to the ledger."""
+    entries = json.loads(node.workeroutput.get(LEDGER_KEY, '{"inputs": [], "faults": []}'))
+    LEDGER.inputs.extend(entries["inputs"])
+    LEDGER.faults.extend(entries["faults"])
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
