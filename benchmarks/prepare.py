@@ -1,11 +1,12 @@
 """Time `relevance prepare` (Spark, local[2]) and the DuckDB reference on the same 10M-impression day.
 
-    .venv/bin/python benchmarks/prepare.py [--impressions 10000000] [--work /tmp/prepare_bench]
+    .venv/bin/python benchmarks/prepare.py [--impressions 10000000] [--repeats 3] [--work /tmp/prepare_bench]
 
 Generates the benchmark world with `--impressions` over two log days, moves the first day's file
 into the second day's partition (so one day holds every impression; the moved rows count as late data
-and are kept), runs the full prepare (great-expectations suites included) and the DuckDB reference
-(tests/jobs/prepare_reference.py, 2 threads), checks that both give the same aggregates (every
+and are kept), runs the full prepare (great-expectations suites included, each run in a fresh JVM) and the
+DuckDB reference (tests/jobs/prepare_reference.py, 2 threads) `--repeats` times each, interleaved, and
+compares their medians (the reference alone varied from 11 to 18 s between runs here); checks that both give the same aggregates (every
 query_product_stats row and the examination rates; exits 1 when they differ), and writes seconds,
 CPU seconds and rows/s for both, with the machine's load average, to benchmarks/results/prepare.json.
 CPU seconds (Spark: the driver JVM, which runs the local executors, plus this process; DuckDB: this
@@ -23,6 +24,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests" / "jobs"))
 from prepare_reference import duckdb_prepare  # noqa: E402
 
 from jobs.prepare import PrepareConfig, run  # noqa: E402
+from jobs.spark import get_spark, stop_spark  # noqa: E402
 from jobs.world.config import WorldConfig  # noqa: E402
 from jobs.world.generate import generate_world, write_world  # noqa: E402
 from schemas.storage import partitions, read_table, table_path  # noqa: E402
@@ -74,6 +77,10 @@ def jvm_cpu_seconds() -> float:
     return total
 
 
+def _load() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -105,22 +112,29 @@ def main() -> None:
     parser.add_argument("--impressions", type=int, default=10_000_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/prepare_bench"))
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each engine, interleaved; the figures compared are the medians")
     args = parser.parse_args()
 
     world, day = one_day_world(args.work, args.impressions)
-    load_before = os.getloadavg()
-    started, cpu_started = time.perf_counter(), own_cpu_seconds()
-    summary = run(PrepareConfig(date=day.isoformat(), data=str(world), out=str(args.work / "out"), synonyms=SYNONYMS,
-                                spark_master="local[2]", spark_conf={"spark.driver.memory": "6g"}))
-    spark_seconds = time.perf_counter() - started
-    spark_cpu = jvm_cpu_seconds() + own_cpu_seconds() - cpu_started
-    load_between = os.getloadavg()
-    started, cpu_started = time.perf_counter(), own_cpu_seconds()
-    reference = duckdb_prepare(world, day, SYNONYMS, threads=2)
-    duckdb_seconds = time.perf_counter() - started
-    duckdb_cpu = own_cpu_seconds() - cpu_started
+    load_before = _load()
+    runs = {"spark_prepare_full": [], "duckdb_reference": []}
+    for _ in range(args.repeats):  # interleaved, so a change in the machine's state reaches both alike
+        started, cpu_started = time.perf_counter(), jvm_cpu_seconds() + own_cpu_seconds()  # ended JVMs are counted until reaped
+        summary = run(PrepareConfig(date=day.isoformat(), data=str(world), out=str(args.work / "out"), synonyms=SYNONYMS,
+                                    spark_master="local[2]", spark_conf={"spark.driver.memory": "6g"}))
+        seconds = time.perf_counter() - started
+        runs["spark_prepare_full"].append({"seconds": round(seconds, 1), "cpu_seconds": round(jvm_cpu_seconds() + own_cpu_seconds() - cpu_started, 1),
+                                           "seconds_by_phase": summary["seconds_by_phase"], "load_average_after": _load()})
+        stop_spark(get_spark())  # each repeat starts its own JVM: a warm one would not be a night's first run
+        started, cpu_started = time.perf_counter(), own_cpu_seconds()
+        reference = duckdb_prepare(world, day, SYNONYMS, threads=2)
+        runs["duckdb_reference"].append({"seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(own_cpu_seconds() - cpu_started, 1),
+                                         "load_average_after": _load()})
     differences = aggregate_differences(args.work / "out", day, reference["query_product_stats"],
                                         summary["examination_rates"], reference["rates"])
+    median = {engine: {key: statistics.median(one[key] for one in measured) for key in ("seconds", "cpu_seconds")}
+              for engine, measured in runs.items()}
+    spark_seconds, duckdb_seconds = median["spark_prepare_full"]["seconds"], median["duckdb_reference"]["seconds"]
     rows = summary["search_impressions"]["rows_in"]
     result = {
         "impressions": rows,
@@ -131,11 +145,12 @@ def main() -> None:
         "aggregates_equal": not differences,
         "aggregate_differences": differences,
         "examination_rates": summary["examination_rates"],
-        "seconds": {"spark_prepare_full": round(spark_seconds, 1), "duckdb_reference": round(duckdb_seconds, 1)},
-        "cpu_seconds": {"spark_prepare_full": round(spark_cpu, 1), "duckdb_reference": round(duckdb_cpu, 1)},
-        "spark_seconds_by_phase": summary["seconds_by_phase"],
+        "repeats": args.repeats,
+        "median_seconds": {engine: figures["seconds"] for engine, figures in median.items()},
+        "median_cpu_seconds": {engine: figures["cpu_seconds"] for engine, figures in median.items()},
+        "runs": runs,
         "spark_over_duckdb_time": round(spark_seconds / duckdb_seconds, 2),
-        "spark_over_duckdb_cpu": round(spark_cpu / duckdb_cpu, 2),
+        "spark_over_duckdb_cpu": round(median["spark_prepare_full"]["cpu_seconds"] / median["duckdb_reference"]["cpu_seconds"], 2),
         "rows_per_second": {"spark": round(rows / spark_seconds), "duckdb": round(rows / duckdb_seconds)},
         "target": "full Spark prepare of 10M impressions in at most 4x the DuckDB reference's time, same aggregates",
         "target_met": spark_seconds <= 4 * duckdb_seconds and not differences,
@@ -147,9 +162,7 @@ def main() -> None:
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "load_average_1_5_15_before": [round(x, 2) for x in load_before],
-            "load_average_1_5_15_between": [round(x, 2) for x in load_between],
-            "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+            "load_average_1_5_15_before": load_before,
         },
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)

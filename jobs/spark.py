@@ -35,11 +35,10 @@ LOCAL_CONF = {
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "4",
     "spark.default.parallelism": "4",
-    # C1 only (fast start); its default 48 MB code cache fills with a night's generated code and the JVM then stops
-    # compiling ("CodeCache is full. Compiler has been disabled"), so it gets more room.
-    "spark.driver.extraJavaOptions": (
-        f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE} -XX:TieredStopAtLevel=1 -XX:ReservedCodeCacheSize=256m -XX:+UseSerialGC"
-    ),
+    # The JVM's full tiered JIT: C1 alone (-XX:TieredStopAtLevel=1, which this used to set for fast starts) made a
+    # 10M-impression prepare take 104 s where C1 + C2 take 69-71 s (benchmarks/prepare.py). A night's generated code
+    # fills the default 48 MB code cache and the JVM then stops compiling ("CodeCache is full"), so it gets more room.
+    "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE} -XX:ReservedCodeCacheSize=256m -XX:+UseSerialGC",
 }
 
 
