@@ -35,9 +35,6 @@ LOCAL_CONF = {
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "4",
     "spark.default.parallelism": "4",
-    # Smaller file splits than the 128 MB default keep both local cores busy when a day is a few unequal files: the
-    # 10M-impression prepare (two files of 40 and 30 MB) took 59.0-60.2 s with 16 MB against 67.6-70.9 s without.
-    "spark.sql.files.maxPartitionBytes": "16m",
     # The JVM's full tiered JIT: C1 alone (-XX:TieredStopAtLevel=1, which this used to set for fast starts) made a
     # 10M-impression prepare take 104 s where C1 + C2 take 69-71 s (benchmarks/prepare.py). A night's generated code
     # fills the default 48 MB code cache and the JVM then stops compiling ("CodeCache is full"), so it gets more room.
