@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from machine import load_average  # noqa: E402
 
 from schemas.config import config_to_dict  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph  # noqa: E402
@@ -43,10 +44,6 @@ from training.policy_format import PolicyFormat  # noqa: E402
 from training.student import OnnxStudent, default_encoder, export_onnx, load_student, product_text, quantize_onnx, student_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
-
-
-def _load() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
 
 
 def best_rate(score, n: int, repeats: int) -> float:
@@ -145,9 +142,9 @@ def main() -> None:
         if name != "student_multi_head" and (work / "multi" / TEACHER_CACHE).exists():  # same pairs drawn: reuse the teacher's targets
             config.out.mkdir(parents=True, exist_ok=True)
             shutil.copy(work / "multi" / TEACHER_CACHE, config.out / TEACHER_CACHE)
-        load_before = _load()
+        load_before = load_average()
         summary = run(config)
-        runs[name] = {**summary, "load_before": load_before, "load_after": _load()}
+        runs[name] = {**summary, "load_before": load_before, "load_after": load_average()}
 
     pairs = load_pairs(args.root / "datasets", labels.name, "test")
     if args.test_pairs and len(pairs) > args.test_pairs:
@@ -209,7 +206,7 @@ def main() -> None:
             "multi_head_onnx_int8_throughput_over_cross_encoder":
                 throughput["student_multi_head_onnx_int8"] / throughput["cross_encoder_same_encoder"],
         },
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(), "load": _load()},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(), "load": load_average()},
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2))

@@ -33,12 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import load_average  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results" / "night.json"
 DAY = dt.date(2024, 3, 2)
-
-
-def _load() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
 
 
 def build_world_and_policy(work: Path) -> tuple[Path, Path]:
@@ -123,13 +121,13 @@ def child(args: argparse.Namespace) -> None:
 
     root = Path(args.root)
     memory = PeakMemory()
-    load_before = _load()
+    load_before = load_average()
     started = time.perf_counter()
     report = run(ScoreConfig(date=DAY.isoformat(), pairs=str(root / "prepared"), catalog=str(root / "catalog"), out=str(root / f"scores_{args.child}"),
                              backend="hf", model=args.model, reasoning="none", order="label_first", batch_size=64, shard_size=args.shard_size,
                              engine=args.child, spark_master="local[2]"))
     seconds = time.perf_counter() - started
-    figures = {"seconds": round(seconds, 1), **memory.stop(), "load_before": load_before, "load_after": _load(),
+    figures = {"seconds": round(seconds, 1), **memory.stop(), "load_before": load_before, "load_after": load_average(),
                **{key: report.get(key) for key in ("candidates", "scored", "reused", "shards", "scoring_seconds", "pairs_per_second",
                                                    "scored_this_run", "spark_tasks")}}
     print(json.dumps(figures))

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "jobs"))
 
+from machine import load_average  # noqa: E402
 from prepare_reference import duckdb_prepare  # noqa: E402
 
 from jobs.prepare import PrepareConfig, run  # noqa: E402
@@ -77,10 +78,6 @@ def jvm_cpu_seconds() -> float:
     return total
 
 
-def _load() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -116,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
 
     world, day = one_day_world(args.work, args.impressions)
-    load_before = _load()
+    load_before = load_average()
     runs = {"spark_prepare_full": [], "duckdb_reference": []}
     for _ in range(args.repeats):  # interleaved, so a change in the machine's state reaches both alike
         started, cpu_started = time.perf_counter(), jvm_cpu_seconds() + own_cpu_seconds()  # ended JVMs are counted until reaped
@@ -124,12 +121,12 @@ def main() -> None:
                                     spark_master="local[2]", spark_conf={"spark.driver.memory": "6g"}))
         seconds = time.perf_counter() - started
         runs["spark_prepare_full"].append({"seconds": round(seconds, 1), "cpu_seconds": round(jvm_cpu_seconds() + own_cpu_seconds() - cpu_started, 1),
-                                           "seconds_by_phase": summary["seconds_by_phase"], "load_average_after": _load()})
+                                           "seconds_by_phase": summary["seconds_by_phase"], "load_average_after": load_average()})
         stop_spark(get_spark())  # each repeat starts its own JVM: a warm one would not be a night's first run
         started, cpu_started = time.perf_counter(), own_cpu_seconds()
         reference = duckdb_prepare(world, day, SYNONYMS, threads=2)
         runs["duckdb_reference"].append({"seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(own_cpu_seconds() - cpu_started, 1),
-                                         "load_average_after": _load()})
+                                         "load_average_after": load_average()})
     differences = aggregate_differences(args.work / "out", day, reference["query_product_stats"],
                                         summary["examination_rates"], reference["rates"])
     median = {engine: {key: statistics.median(one[key] for one in measured) for key in ("seconds", "cpu_seconds")}

@@ -12,7 +12,6 @@ prints the summary, never collects that folder; workers hand their entries over 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -53,15 +52,15 @@ LEDGER_KEY = "fault_ledger"
 def pytest_sessionfinish(session) -> None:
     """On a pytest-xdist worker: hand this worker's entries to the controller, which prints the totals."""
     if hasattr(session.config, "workeroutput"):
-        session.config.workeroutput[LEDGER_KEY] = json.dumps({"inputs": LEDGER.inputs, "faults": LEDGER.faults})
+        session.config.workeroutput[LEDGER_KEY] = {"inputs": LEDGER.inputs, "faults": LEDGER.faults}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     """On the pytest-xdist controller: add a finished worker's entries to the ledger."""
-    entries = json.loads(node.workeroutput.get(LEDGER_KEY, '{"inputs": [], "faults": []}'))
-    LEDGER.inputs.extend(entries["inputs"])
-    LEDGER.faults.extend(entries["faults"])
+    entries = node.workeroutput.get(LEDGER_KEY, {})
+    LEDGER.inputs.extend(entries.get("inputs", []))
+    LEDGER.faults.extend(entries.get("faults", []))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
