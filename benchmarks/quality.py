@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.metrics import label_scores  # noqa: E402
 from jobs.world.vocabulary import load_vocabulary  # noqa: E402
-from schemas.graph import LabelSet, ReasoningGraph, parse_facets  # noqa: E402
+from schemas.graph import LabelSet, ReasoningGraph, attribute_match, parse_facets  # noqa: E402
 from training.cot import node_correct, parse_cot  # noqa: E402
 from training.decoding import generate  # noqa: E402
 from training.examples import encode_example, load_pairs  # noqa: E402
@@ -64,12 +64,7 @@ def implied_ms(qs: str | None, ps: str | None, related: set[tuple[str, str]]) ->
 
 def implied_ma(qa: str | None, pa: str | None) -> str | None:
     wanted, have = facets(qa), facets(pa)
-    if wanted is None or have is None:
-        return None
-    if not wanted:
-        return "none"
-    satisfied = sum(have.get(key) == value for key, value in wanted.items())
-    return "match" if satisfied == len(wanted) else ("partial" if satisfied else "mismatch")
+    return None if wanted is None or have is None else attribute_match(wanted, have)
 
 
 def implied_label(ms: str | None, ma: str | None, labels: LabelSet) -> str | None:

@@ -9,6 +9,7 @@ accepted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -231,6 +232,15 @@ def format_facets(facets: dict[str, str]) -> str:
     if not facets:
         return FACETS_NONE
     return "; ".join(f"{key}={value}" for key, value in sorted(facets.items()))
+
+
+def attribute_match(wanted: Mapping[str, str], offered: Mapping[str, str]) -> str:
+    """The `ma` rule of relevance7: none without constraints, match when the product has every wanted value,
+    partial when some, mismatch when none (a product lacking the key does not satisfy it)."""
+    if not wanted:
+        return "none"
+    satisfied = sum(offered.get(key) == value for key, value in wanted.items())
+    return "match" if satisfied == len(wanted) else ("partial" if satisfied else "mismatch")
 
 
 def parse_facets(text: str) -> dict[str, str] | None:
