@@ -30,7 +30,9 @@ The same steps as the in-process job (`jobs.scoring.run`), each a DataFrame tran
    different fingerprint, or a work folder without its manifest, starts the work folder afresh.
 6. The day: reused rows + committed shard rows, checked in one aggregate to hold each pair once, plus the
    rows other model names hold in the stored partition, written by Spark into a hidden sibling of
-   `relevance/ds=D` that is swapped in (`schemas.storage.replace_folder`), then the work folder removed.
+   `relevance/ds=D` that is swapped in (`schemas.storage.replace_folder`), then the work folder removed. A re-run
+   of a finished night (nothing to score, every reused row taken from tonight's partition under this model name, as
+   many as the partition holds for it) leaves the partition as it is: rewriting it would write the same rows.
 
 The work folder must be on storage every executor and the driver share with atomic renames (a local
 disk in local mode, NFS or HDFS mounted at the same path on a cluster).
@@ -82,6 +84,7 @@ log = logging.getLogger(__name__)
 # Chunk = this many scorer batches: enough for length sorting to pay, few enough to stay in memory.
 CHUNK_BATCHES = 8
 SHARD = "shard"
+IN_PLACE = "_in_place"  # a reused row that already stands in tonight's partition under tonight's model name
 ATTEMPTS = "attempts"
 MANIFEST = "manifest.json"
 # What a task returns per shard it wrote: the driver's only view of the scored rows.
@@ -111,7 +114,8 @@ def pairs_frame(candidates, catalog):
 
 def reused_frame(history, pairs, version: str, day: dt.date, model_name: str):
     """The latest RELEVANCE row of each pair of `pairs` that `history` holds under `version` with the same content
-    hash, re-dated to `day` and named `model_name` (see `jobs.scoring.run.reusable_scores`)."""
+    hash, re-dated to `day` and named `model_name` (see `jobs.scoring.run.reusable_scores`), with IN_PLACE: whether the
+    row already stands in `day`'s partition under `model_name`."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -120,8 +124,9 @@ def reused_frame(history, pairs, version: str, day: dt.date, model_name: str):
     same_version = history.where(F.col("model_version") == F.lit(version))
     reused = (same_version.join(pairs.select(*match), on=match, how="inner")
               .withColumn("_rank", F.row_number().over(latest_first)).where(F.col("_rank") == 1)
+              .withColumn(IN_PLACE, (F.col("ds") == F.lit(day)) & (F.col("model_name") == F.lit(model_name)))
               .withColumn("ds", F.lit(day)).withColumn("model_name", F.lit(model_name)))
-    return reused.select(*RELEVANCE.names)
+    return reused.select(*RELEVANCE.names, IN_PLACE)
 
 
 def with_shards(pairs, shards: int):
@@ -423,17 +428,19 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str, 
     version = scorer_version(spec)
     history = history_frame(spark, config.out, day, config.cache_days)
     reused = (reused_frame(history, pairs, version, day, spec.name) if history is not None
-              else spark.createDataFrame([], schema=spark_schema(RELEVANCE))).persist(StorageLevel.MEMORY_AND_DISK)
+              else spark.createDataFrame([], schema=spark_schema(RELEVANCE)).withColumn(IN_PLACE, F.lit(True)))
+    reused = reused.persist(StorageLevel.MEMORY_AND_DISK)
     todo = pairs.join(reused.select("query", "product_id"), on=["query", "product_id"], how="left_anti")
     fingerprint, to_score = fingerprint_and_count(todo)
-    n_reused = reused.count()
+    counts = reused.agg(F.count(F.lit(1)).alias("rows"), F.count_if(F.col(IN_PLACE)).alias("in_place")).first()
+    n_reused, n_in_place = counts["rows"], counts["in_place"]
     log.info(f"score: {described}: {n_reused} reused (model version {version}), {to_score} to score, {quarantined} quarantined")
 
     work, job = score_todo(todo, fingerprint, to_score, spec, day, day_folder / version, config.shard_size,
                            config.spark_partitions or spark.sparkContext.defaultParallelism,
                            {"ds": day.isoformat(), "model_version": version, "config": config_to_dict(config)})
     scored = read_parquet(spark, RELEVANCE, work.files()) if work.expected() else spark.createDataFrame([], schema=spark_schema(RELEVANCE))
-    rows = reused.unionByName(scored)
+    rows = reused.drop(IN_PLACE).unionByName(scored)
     check = rows.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct("query", "product_id").alias("pairs")).first()
     n_pairs = n_reused + to_score
     if check["rows"] != n_pairs or check["pairs"] != n_pairs:
@@ -441,11 +448,17 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str, 
                            f"the work folder {work.folder} is left for inspection")
     relevance_root = table_path(config.out, RELEVANCE)
     day_path = relevance_root / f"ds={day.isoformat()}"
+    rewrite = True
     if day in partitions(RELEVANCE, config.out):
         stored = read_parquet(spark, RELEVANCE, [str(day_path)], base=relevance_root)
         rows = rows.unionByName(stored.where(F.col("model_name") != F.lit(spec.name)))
-    day_rows = rows.drop("ds").sortWithinPartitions("query", "product_id", "model_name")
-    replace_folder(day_path, lambda staging: day_rows.write.mode("overwrite").parquet(str(staging)))
+        # A re-run of a finished night reuses each row from where it stands: the partition would be rewritten as it is.
+        rewrite = not (to_score == 0 and n_in_place == n_reused and stored.where(F.col("model_name") == F.lit(spec.name)).count() == n_reused)
+    if rewrite:
+        day_rows = rows.drop("ds").sortWithinPartitions("query", "product_id", "model_name")
+        replace_folder(day_path, lambda staging: day_rows.write.mode("overwrite").parquet(str(staging)))
+    else:
+        log.info(f"score: {day_path} already holds these {n_reused} rows of {spec.name}: left as it is")
     pairs.unpersist()
     reused.unpersist()
     shutil.rmtree(work.folder)
@@ -454,7 +467,7 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str, 
         "ds": day.isoformat(), "backend": config.backend, "engine": config.engine, "model_name": spec.name, "model_version": version,
         "pairs": config.pairs, "candidates": read, "reused": n_reused, "scored": to_score, "quarantined": quarantined,
         "shards": len(work.expected()), "shards_committed_earlier": job["shards_committed_earlier"], "shards_scored": job["shards_scored"],
-        "spark_tasks": job["tasks"],
+        "spark_tasks": job["tasks"], "partition_rewritten": rewrite,
         "scored_this_run": job["scored"], "scoring_seconds": round(job["seconds"], 2),
         "pairs_per_second": round(job["scored"] / job["seconds"], 2) if job["seconds"] else None,
         "seconds": round(time.perf_counter() - started, 2), "relevance": str(day_path),

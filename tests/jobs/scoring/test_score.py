@@ -157,8 +157,17 @@ def test_the_spark_engine_writes_the_rows_the_local_engine_writes_and_its_driver
     on_spark = run(spark_config)
     assert (on_spark["scored"], on_spark["shards"], on_spark["model_version"]) == (local["scored"], 2, local["model_version"])
     assert collected and not any(set(columns) & {"query", "product_id", "title", "label", "label_probs"} for columns in collected), collected
-    again = run(spark_config)  # a finished night: every pair reused from its own partition, nothing scored
-    assert (again["reused"], again["scored"], again["spark_tasks"]) == (local["scored"], 0, 0)
+    partition = tmp_path / "spark" / "scores" / "relevance" / f"ds={DAY}"
+    written = {path.name: path.stat().st_mtime_ns for path in partition.iterdir()}
+    again = run(spark_config)  # a finished night: every pair reused from its own partition, nothing scored, nothing rewritten
+    assert (again["reused"], again["scored"], again["spark_tasks"], again["partition_rewritten"]) == (local["scored"], 0, 0, False)
+    assert {path.name: path.stat().st_mtime_ns for path in partition.iterdir()} == written
+    next_day = DAY + dt.timedelta(days=1)
+    write_candidates(tmp_path / "prepared", tiny_world, next_day)
+    tomorrow = run(config(tmp_path / "spark", tiny_world, tiny_model, day=next_day, pairs=str(tmp_path / "prepared"), engine="spark",
+                          spark_partitions=2, shard_size=30))  # all reused from yesterday: tonight's partition is new
+    assert (tomorrow["reused"], tomorrow["scored"], tomorrow["partition_rewritten"]) == (local["scored"], 0, True)
+    assert day_rows(tmp_path / "spark" / "scores", next_day).num_rows == local["scored"]
     expected, got = day_rows(tmp_path / "local" / "scores", DAY), day_rows(tmp_path / "spark" / "scores", DAY)
     assert got.select(["query", "product_id", "label", "node_decisions"]).equals(expected.select(["query", "product_id", "label", "node_decisions"]))
     for mine, theirs in zip(got["label_probs"].to_pylist(), expected["label_probs"].to_pylist()):
