@@ -48,7 +48,6 @@ from pathlib import Path
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.logs import progress
-from training.counterfactual import TwinMaker, check_graph_has_twins
 from training.distributed import (
     Parallel,
     all_reduce,
@@ -99,9 +98,6 @@ class SFTConfig:
     p_mask: float = help_field("Probability of dropping each reasoning node's span from the loss.", 0.3)
     decision_weight: float = help_field("Loss weight of the decision nodes' tokens (ms, ma and the label); other tokens weigh 1.", 1.0)
     mask_input: bool = help_field("Also replace the dropped nodes' input tokens by <|mask|>.", False)
-    counterfactual_share: float = help_field(
-        "Share of drawn training pairs replaced by their counterfactual twin: a constrained facet's value changed in the product, "
-        "pa, ma and the label recomputed by relevance7's rules (training.counterfactual; 0: off).", 0.0)
     lora: bool | None = help_field("Train LoRA adapters instead of all weights (default: true when --model is an adapter folder, "
                                    "whose adapter training continues; else false).", None)
     lora_rank: int | None = help_field("LoRA rank (default: the start adapter's, else 8).", None)
@@ -142,10 +138,6 @@ class SFTConfig:
             raise ConfigError(f"decision_weight: must be > 0, got {self.decision_weight}")
         if not 0.0 <= self.p_mask <= 1.0:
             raise ConfigError(f"p_mask: must be a probability in [0, 1], got {self.p_mask}")
-        if not 0.0 <= self.counterfactual_share <= 1.0:
-            raise ConfigError(f"counterfactual_share: must be a share in [0, 1], got {self.counterfactual_share}")
-        if self.counterfactual_share > 0:
-            check_graph_has_twins(ReasoningGraph.load(self.graph))
         resolve_lora(self, SFT_LORA_TARGETS)
         for name in ("max_steps", "batch_size", "grad_accum", "prompt_tokens", "max_new_tokens", "threads"):
             if getattr(self, name) < 1:
@@ -194,23 +186,20 @@ def example_tensors(example: Example, masked: Sequence[str], mask_input_id: int 
             [0.0] * len(example.prompt_ids) + target_weights)
 
 
-def masked_micro_batches(step: int, config: SFTConfig, example_at: Callable[[int, bool], Example], n_train: int,
+def masked_micro_batches(step: int, config: SFTConfig, example_at: Callable[[int], Example], n_train: int,
                          reasoning_nodes: Sequence[str], mask_input_id: int | None, node_weights: Mapping[str, float],
                          part: slice = slice(None)) -> list[Rows]:
     """The `grad_accum` micro-batches of optimizer step `step`, each cut to its examples at `part` (this process's
-    share); sample order, masks and which pairs come as their twins (`example_at(index, twin)`) are functions of
-    (seed, micro-batch), drawn for the whole micro-batch, so a share's draws are those one process would draw."""
+    share); sample order and masks are functions of (seed, micro-batch), drawn for the whole micro-batch, so a
+    share's masks are those one process would draw."""
     import torch
 
     batches = []
     for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
-        draws = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
+        masks = torch.Generator().manual_seed(config.seed * 1_000_003 + micro)
         indices = micro_batch_indices(micro, n_train, config.batch_size, config.seed)
-        masked = [draw_masked_nodes(reasoning_nodes, config.p_mask, draws) for _ in indices]
-        twins = (torch.rand(len(indices), generator=draws) < config.counterfactual_share).tolist() if config.counterfactual_share \
-            else [False] * len(indices)
-        batches.append([example_tensors(example_at(i, twin), nodes, mask_input_id, node_weights)
-                        for i, nodes, twin in list(zip(indices, masked, twins))[part]])
+        masked = [draw_masked_nodes(reasoning_nodes, config.p_mask, masks) for _ in indices]
+        batches.append([example_tensors(example_at(i), nodes, mask_input_id, node_weights) for i, nodes in list(zip(indices, masked))[part]])
     return batches
 
 
@@ -381,15 +370,7 @@ def mask_token_id(tokenizer, config: SFTConfig) -> int | None:
 def train_steps(config: SFTConfig, training: Optimisation, tokenizer, train: Sequence[dict], val: Sequence[Example],
                 graph: ReasoningGraph, labels: LabelSet, folder: RunFolder, start_step: int, mask_input_id: int | None) -> None:
     """Optimizer steps start_step .. max_steps: draw and mask -> step -> log -> validate / checkpoint when due."""
-    encode = functools.partial(encode_example, tokenizer=tokenizer, graph=graph, order=config.order, prompt_tokens=config.prompt_tokens)
-    twins = TwinMaker.from_pairs(train, labels, graph, config.seed) if config.counterfactual_share else None
-
-    @functools.cache
-    def example_at(index: int, twin: bool) -> Example:
-        """Training pair `index`, or its counterfactual twin (the pair itself when it has none), encoded once."""
-        pair = twins.twin(train[index], index) if twin else train[index]
-        return example_at(index, False) if pair is None else encode(pair)
-
+    example_at = functools.cache(lambda index: encode_example(train[index], tokenizer, graph, config.order, config.prompt_tokens))
     reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
     node_weights = dict.fromkeys([*graph.decision_nodes, graph.label_node], config.decision_weight)
     parallel = training.parallel

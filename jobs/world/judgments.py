@@ -6,8 +6,9 @@ Gold nodes of a (query, product) pair, in the graph's text format:
   ms = match     if the product's type is the query's type,
        related   if it is a related type (sibling or accessory; the vocabulary relation, made symmetric),
        mismatch  otherwise
-  ac = none      if the query constrains nothing, else one entry per constraint, `key=value:yes` when the
-       product satisfies it and `key=value:no` when not (only for graphs with the `ac` node: relevance8)
+  ac = none      if the query constrains nothing, else one entry per constraint, `key=wanted/offered:yes|no`:
+       the query's value, the product's value of that key (`-` when it has none), and yes when they are the
+       same (only for graphs with the `ac` node: relevance8)
   ma = none      if the query constrains nothing (no attribute, no brand),
        match     if the product satisfies every constraint (same canonical value, same brand),
        partial   if it satisfies some,
@@ -57,6 +58,7 @@ MA_MATCH, MA_PARTIAL, MA_MISMATCH, MA_NONE = range(4)
 EVIDENCE_NODES = ("qs", "qa", "ps", "pa", "ms", "ma")
 CHECKS_NODE = "ac"  # optional: per-constraint attribute checks (relevance8)
 CHECK_YES, CHECK_NO = "yes", "no"
+NO_VALUE = "-"  # in a check: the product has no value for the constrained key
 RATER = "synthetic_rater"
 
 
@@ -91,16 +93,21 @@ def pair_nodes(queries: Queries, catalog: Catalog, related: np.ndarray, q: np.nd
 
 
 def checks_text(vocabulary: Vocabulary, queries: Queries, catalog: Catalog, q: np.ndarray, p: np.ndarray) -> list[str]:
-    """Gold `ac` of pairs (q[i], p[i]): each query constraint as `key=value:yes|no` (satisfied by the
-    product or not, the rule `pair_nodes` counts), in `format_facets` form; `none` without constraints."""
+    """Gold `ac` of pairs (q[i], p[i]): each query constraint as `key=wanted/offered:yes|no` (the product's value of the
+    key, `-` without one; satisfied or not, the rule `pair_nodes` counts), in `format_facets` form; `none` without
+    constraints. The product's value is written out so that the verdict compares two neighbouring values: a small
+    policy copies a value found by its key readily, and fails to compare values that stand apart (quality.md)."""
+    def value(names, code: int) -> str:
+        return names[code] if code >= 0 else NO_VALUE
+
     texts = []
     for wanted, offered, brand, product_brand in zip(queries.constraints[q].tolist(), catalog.attributes[p].tolist(),
                                                      queries.brand_code[q].tolist(), catalog.brand_code[p].tolist()):
-        checks = {attribute.name: (attribute.values[code], code == have)
+        checks = {attribute.name: (attribute.values[code], value(attribute.values, have), code == have)
                   for attribute, code, have in zip(vocabulary.attributes, wanted, offered) if code >= 0}
         if brand >= 0:
-            checks[BRAND_FACET] = (vocabulary.brands[brand], brand == product_brand)
-        texts.append(format_facets({key: f"{value}:{CHECK_YES if met else CHECK_NO}" for key, (value, met) in checks.items()}))
+            checks[BRAND_FACET] = (vocabulary.brands[brand], value(vocabulary.brands, product_brand), brand == product_brand)
+        texts.append(format_facets({key: f"{want}/{have}:{CHECK_YES if met else CHECK_NO}" for key, (want, have, met) in checks.items()}))
     return texts
 
 

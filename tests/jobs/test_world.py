@@ -125,14 +125,14 @@ def test_gold_nodes_agree_with_a_slow_reference_from_catalog_and_vocabulary(worl
 
 
 def test_attribute_checks_are_each_constraint_looked_up_in_the_product_facets(world):
-    """relevance8's `ac`: one `key=value:yes|no` per constraint of qa, yes when pa holds that value; relevance7 has none."""
+    """relevance8's `ac`: one `key=wanted/offered:yes|no` per constraint of qa, yes when pa holds that value; relevance7 has none."""
     checked = generate_world(WorldConfig.tests(graph="relevance8"))
     assert checked.gold_nodes.select(["query_id", "product_id"]).equals(world.gold_nodes.select(["query_id", "product_id"]))
     verdicts = collections.Counter()
     for row, plain in zip(_nodes(checked), _nodes(world)):
         assert {key: value for key, value in row.items() if key != "ac"} == plain and "ac" not in plain
         wanted, offered = parse_facets(row["qa"]), parse_facets(row["pa"])
-        expected = {key: f"{value}:{'yes' if offered.get(key) == value else 'no'}" for key, value in wanted.items()}
+        expected = {key: f"{value}/{offered.get(key, '-')}:{'yes' if offered.get(key) == value else 'no'}" for key, value in wanted.items()}
         assert parse_facets(row["ac"]) == expected, row
         yes = sum(check.endswith(":yes") for check in expected.values())
         assert row["ma"] == ("none" if not expected else "match" if yes == len(expected) else "partial" if yes else "mismatch")

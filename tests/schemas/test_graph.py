@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.graph import LabelSet, ReasoningGraph, format_facets, parse_facets
+from schemas.graph import LabelSet, ReasoningGraph, attribute_match, format_facets, parse_facets
 
 
 def test_default_graph_is_the_design_graph():
@@ -130,3 +130,11 @@ def test_facets_text_format():
     assert format_facets({"material": "oak", "color": "red"}) == "color=red; material=oak"
     assert parse_facets("color=red; color=blue") is None
     assert parse_facets("color red") is None
+
+
+def test_attribute_match_counts_the_wanted_values_the_product_has():
+    offered = {"color": "gray", "material": "wool"}
+    assert attribute_match({}, offered) == "none"
+    assert attribute_match({"color": "gray", "material": "wool"}, offered) == "match"
+    assert attribute_match({"color": "gray", "material": "linen"}, offered) == "partial"
+    assert attribute_match({"color": "blue", "size": "large"}, offered) == "mismatch"  # a key the product lacks is not satisfied

@@ -131,12 +131,6 @@ def test_smoke_parameters_change_and_loss_goes_down(tiny_world, tiny_model, tmp_
     assert 0.0 <= summary["val"]["parse_rate"] <= 1.0 and summary["val"]["n"] == 4
 
 
-def test_twins_train_in_place_of_their_pairs(tiny_world, tiny_model, tmp_path):
-    run(_config(tiny_world, tiny_model, tmp_path / "pairs", max_steps=2, val_items=1))
-    run(_config(tiny_world, tiny_model, tmp_path / "twins", max_steps=2, val_items=1, counterfactual_share=1.0))
-    assert _losses(tmp_path / "twins") != _losses(tmp_path / "pairs")
-
-
 def test_resume_continues_bit_for_bit(tiny_world, tiny_model, tmp_path):
     whole = _config(tiny_world, tiny_model, tmp_path / "whole", checkpoint_every=3, p_mask=0.5, mask_input=True, grad_accum=2)
     run(whole)
