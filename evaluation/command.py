@@ -20,7 +20,7 @@ from evaluation.evaluate import EvaluationResult, evaluate, resolve_lineage
 from evaluation.inputs import JUDGMENT_COLUMNS, PREDICTION_COLUMNS, judgments_from_gold_nodes, read_input
 from evaluation.report import write_reports
 from schemas.config import ConfigError, help_field
-from schemas.graph import LabelSet, ReasoningGraph
+from schemas.graph import DEFAULT_GRAPH, LabelSet, ReasoningGraph
 from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES, RELEVANCE
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class EvaluateConfig:
     queries: str | None = help_field("optional QUERIES table, for head/torso/tail segments", None)
     catalog: str | None = help_field("optional CATALOG table, for product-type segments", None)
     label_set: str = help_field("label set name (wands, esci) or path to a label-set YAML", "wands")
-    graph: str = help_field("reasoning graph name or YAML path (node kinds for node accuracy)", "relevance7")
+    graph: str = help_field("reasoning graph name or YAML path (node kinds for node accuracy)", DEFAULT_GRAPH)
     annotators: tuple[str, ...] = help_field(
         "judgments of these annotators are gold (majority vote per pair); empty: every non-weak judgment", ()
     )

@@ -50,7 +50,7 @@ from evaluation.inputs import (
 )
 from evaluation.report import Block, fmt, render_html, render_markdown, to_jsonable
 from schemas.config import ConfigError, help_field
-from schemas.graph import LabelSet, ReasoningGraph
+from schemas.graph import DEFAULT_GRAPH, LabelSet, ReasoningGraph
 from schemas.provenance import Provenance
 from schemas.storage import write_table
 from schemas.tables import GOLD_NODES, JUDGMENTS, RELEVANCE
@@ -93,7 +93,7 @@ class CombineConfig:
     gold_nodes: str | None = help_field(
         "optional GOLD_NODES table instead of gold: gold labels from its label node (else the label set's rule on ms/ma)", None
     )
-    graph: str = help_field("with gold_nodes: the reasoning graph (name or YAML path) whose label node is read", "relevance7")
+    graph: str = help_field("with gold_nodes: the reasoning graph (name or YAML path) whose label node is read", DEFAULT_GRAPH)
     annotators: tuple[str, ...] = help_field("with gold: judgments of these annotators only; empty: every non-weak one", ())
     include_weak: bool = help_field("with gold: also count weak (engagement-derived) judgments", False)
     model_name: str = help_field("model_name of the combined table's rows", "judges")

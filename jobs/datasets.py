@@ -107,7 +107,7 @@ from jobs.training_data.report import summarise, summary_lines
 from jobs.training_data.splits import HELD_OUT, SplitFractions, with_splits
 from jobs.training_data.targets import PROBLEM, render_targets
 from schemas.config import ConfigError, config_date, config_to_dict, help_field
-from schemas.graph import LabelSet, ReasoningGraph
+from schemas.graph import DEFAULT_GRAPH, LabelSet, ReasoningGraph
 from schemas.tables import (
     CANDIDATE_PAIRS,
     CATALOG,
@@ -131,7 +131,7 @@ class DatasetsConfig:
     data: str = help_field("Data root with catalog, queries, judgments and (optionally) gold_nodes.")
     out: str = help_field("Data root for training_examples and _datasets/; default: the data root.", "")
     label_set: str = help_field("Label set of the judgments to use (wands, esci or a YAML path).", "wands")
-    graph: str = help_field("Reasoning graph (name or YAML path) of the CoT targets.", "relevance7")
+    graph: str = help_field("Reasoning graph (name or YAML path) of the CoT targets.", DEFAULT_GRAPH)
     cot_order: str = help_field("CoT order of the targets: one of the graph's orders (relevance7: label_first, reasoning_first, product_first).", "label_first")
     fractions: SplitFractions = help_field("Shares of each segment's queries per split.", SplitFractions())
     salt: str = help_field(

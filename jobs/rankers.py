@@ -38,7 +38,7 @@ from evaluation.rankers import (
 )
 from jobs.pages import page, table
 from schemas.config import ConfigError, help_field
-from schemas.graph import LabelSet, ReasoningGraph
+from schemas.graph import DEFAULT_GRAPH, LabelSet, ReasoningGraph
 from schemas.provenance import Provenance
 from schemas.tables import EXPERIMENT_ASSIGNMENT, GOLD_NODES, JUDGMENTS, RANKED_LISTS, RELEVANCE, SEARCH_IMPRESSIONS
 
@@ -63,7 +63,7 @@ class RankersConfig:
     label_name: str = help_field("Name of the label source in the report (empty: the kind).", "")
     annotators: tuple[str, ...] = help_field("With judgments: the annotators to use (empty: every non-weak one except 'gold').", ())
     label_set: str = help_field("Label set (wands, esci or a YAML path): its gains and relevant labels.", "wands")
-    graph: str = help_field("Reasoning graph of the gold nodes (its label node).", "relevance7")
+    graph: str = help_field("Reasoning graph of the gold nodes (its label node).", DEFAULT_GRAPH)
     k: int = help_field("Rank cutoff of NDCG@k, P@k and mean gain.", 10)
     unjudged: str = help_field("Unjudged products in the first k: zero (gain 0, keeps its rank) or condense (removed).", "zero",
                                choices=UNJUDGED_POLICIES)

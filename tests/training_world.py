@@ -58,7 +58,9 @@ def gold_nodes(query: tuple, product: tuple, rooms: dict[str, str]) -> dict[str,
     else:
         hits = sum(pfacets.get(key) == value for key, value in qfacets.items())
         ma = "match" if hits == len(qfacets) else ("partial" if hits else "mismatch")
-    nodes = {"qs": qtype, "qa": format_facets(qfacets), "ps": ptype, "pa": format_facets(pfacets), "ms": ms, "ma": ma}
+    checks = {key: f"{value}/{pfacets.get(key, '-')}:{'yes' if pfacets.get(key) == value else 'no'}" for key, value in qfacets.items()}
+    nodes = {"qs": qtype, "qa": format_facets(qfacets), "ps": ptype, "pa": format_facets(pfacets), "ac": format_facets(checks), "ms": ms,
+             "ma": ma}
     nodes["y"] = LabelSet.load("wands").label_from_nodes(nodes)
     return nodes
 
@@ -85,7 +87,7 @@ def tiny_world(tmp_path_factory) -> Path:
             judgments.append({"query_id": query[0], "product_id": product[0], "label": nodes["y"], "label_set": "wands",
                               "annotator": "gold", "is_weak": False})
             gold.append({"query_id": query[0], "product_id": product[0], "nodes": list(nodes.items())})
-    graph = ReasoningGraph.load("relevance7")
+    graph = ReasoningGraph.load()
     examples = [
         {"split": "validation" if query[0] in VALIDATION_QUERIES else "train", "query_id": query[0], "query": query[1],
          "segment": "head", "product_id": product[0], "title": product[1], "product_type": product[2],

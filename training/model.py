@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import ConfigError, help_field
-from schemas.graph import FACETS_NONE, LabelSet, ReasoningGraph, format_facets
+from schemas.graph import DEFAULT_GRAPH, FACETS_NONE, LabelSet, ReasoningGraph, format_facets
 from schemas.storage import read_table
 from schemas.tables import CATALOG, QUERIES
 from training.model_files import (
@@ -47,7 +47,7 @@ CHAT_TEMPLATE = (
 class ModelInitConfig:
     world: Path = help_field("Folder with the world's tables (catalog, queries) to train the tokenizer on.", Path("world"))
     out: Path = help_field("Folder to write the model and tokenizer to.", Path("models/tiny"))
-    graph: str = help_field("Reasoning graph name or YAML path (its tags and values join the vocabulary).", "relevance7")
+    graph: str = help_field("Reasoning graph name or YAML path (its tags and values join the vocabulary).", DEFAULT_GRAPH)
     label_set: str = help_field("Label set name or YAML path (its labels join the vocabulary).", "wands")
     vocab_size: int = help_field("BPE vocabulary size, special tokens included.", 1024)
     hidden_size: int = help_field("Transformer width.", 128)

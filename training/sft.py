@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
-from schemas.graph import LabelSet, ReasoningGraph
+from schemas.graph import DEFAULT_GRAPH, LabelSet, ReasoningGraph
 from schemas.logs import progress
 from training.distributed import (
     Parallel,
@@ -91,9 +91,9 @@ class SFTConfig:
     data: Path = help_field("Data root with training_examples (the output of `relevance datasets`).", Path("datasets"))
     model: Path = help_field("Model folder to start from (`relevance model init` or any local HF causal LM).", Path("models/tiny"))
     out: Path = help_field("Output folder: checkpoints/, metrics.jsonl, summary.json, model/.", Path("runs/sft"))
-    graph: str = help_field("Reasoning graph name or YAML path.", "relevance7")
+    graph: str = help_field("Reasoning graph name or YAML path.", DEFAULT_GRAPH)
     label_set: str = help_field("Label set of the judgments to train on (wands or esci).", "wands")
-    order: str = help_field("CoT order, one of the graph's orders (relevance7: label_first, reasoning_first, product_first).", "product_first")
+    order: str = help_field("CoT order, one of the graph's orders (relevance7 and relevance8: label_first, reasoning_first, product_first).", "product_first")
     prompt_tokens: int = help_field("Token budget of the prompt text (the description is cut first, then the title).", 48)
     p_mask: float = help_field("Probability of dropping each reasoning node's span from the loss.", 0.3)
     decision_weight: float = help_field("Loss weight of the decision nodes' tokens (ms, ma and the label); other tokens weigh 1.", 1.0)

@@ -17,6 +17,7 @@ from typing import Any
 
 from jobs.world.vocabulary import DEFAULT, VocabularyError, resolve_vocabulary
 from schemas.config import ConfigError, help_field
+from schemas.graph import DEFAULT_GRAPH
 
 LABEL_SETS = ("wands", "esci")
 VARIANTS = ("control", "treatment")
@@ -96,7 +97,7 @@ class WorldConfig:
         "'default' (the bundled jobs/world/vocabulary.yaml) or a path to a vocabulary YAML file.", DEFAULT
     )
     label_set: str = help_field("Label set of the judgments and gold labels: wands or esci.", "wands")
-    graph: str = help_field("Reasoning graph whose nodes get gold values (name or YAML path).", "relevance7")
+    graph: str = help_field("Reasoning graph whose nodes get gold values (name or YAML path).", DEFAULT_GRAPH)
     # sizes
     n_products: int = help_field("Products in the catalog.", 20_000)
     n_queries: int = help_field("Distinct queries.", 2_000)

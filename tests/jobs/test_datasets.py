@@ -191,11 +191,11 @@ def built(spark, tmp_path_factory) -> dict:
     """One run (Spark is slow to start a job) over the tests world plus the hand-made rows and weak labels."""
     root = tmp_path_factory.mktemp("datasets")
     world, weak_root, out = root / "world", root / "prepared", root / "out"
-    write_world(generate_world(WorldConfig.tests()), world)
+    write_world(generate_world(WorldConfig.tests(graph=GRAPH.name)), world)  # the hand-made gold nodes are relevance7's
     world_tables = {t.name: read_table(t, world).to_pylist() for t in (CATALOG, QUERIES, JUDGMENTS, GOLD_NODES)}
     _write_edge_inputs(world, weak_root)
     config = DatasetsConfig(data=str(world), out=str(out), salt=SALT, weak_from=str(weak_root),
-                            weak_start=DAY_1.isoformat(), spark_master="local[2]")
+                            weak_start=DAY_1.isoformat(), spark_master="local[2]", graph=GRAPH.name)
     summary = run(config)
     segments = {r["query_id"]: r["segment"] for r in world_tables["queries"]}
     segments.update({q: segment for q, _, segment in QUERY_ROWS if q != "q4"})  # q4 has weak rows only

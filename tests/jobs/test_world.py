@@ -125,8 +125,9 @@ def test_gold_nodes_agree_with_a_slow_reference_from_catalog_and_vocabulary(worl
 
 
 def test_attribute_checks_are_each_constraint_looked_up_in_the_product_facets(world):
-    """relevance8's `ac`: one `key=wanted/offered:yes|no` per constraint of qa, yes when pa holds that value; relevance7 has none."""
-    checked = generate_world(WorldConfig.tests(graph="relevance8"))
+    """relevance8's `ac` (the default graph): one `key=wanted/offered:yes|no` per constraint of qa, yes when pa holds that value;
+    relevance7 has none and the same other nodes."""
+    checked, world = world, generate_world(WorldConfig.tests(graph="relevance7"))
     assert checked.gold_nodes.select(["query_id", "product_id"]).equals(world.gold_nodes.select(["query_id", "product_id"]))
     verdicts = collections.Counter()
     for row, plain in zip(_nodes(checked), _nodes(world)):
@@ -293,7 +294,7 @@ def test_run_writes_tables_and_a_manifest_with_their_counts(tmp_path):
     for name, declaration in TABLES.items():
         assert read_table(declaration, root).num_rows == manifest["rows"][name], name
     assert manifest["rows"]["search_impressions"] == 20_000
-    assert manifest["seed"] == 3 and manifest["label_set"] == "wands" and manifest["graph"] == "relevance7"
+    assert manifest["seed"] == 3 and manifest["label_set"] == "wands" and manifest["graph"] == "relevance8"
     experiment = manifest["experiment"]
     assert experiment["variants"] == ["control", "treatment"] and experiment["aa"] is True
     assert (experiment["pre_period"]["start"], experiment["pre_period"]["end"], experiment["start_date"]) == (

@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 from schemas.graph import LabelSet, ReasoningGraph, attribute_match, format_facets, parse_facets
 
 
-def test_default_graph_is_the_design_graph():
-    graph = ReasoningGraph.load()
+def test_the_design_graph():
+    graph = ReasoningGraph.load("relevance7")
     assert graph.node_names == ["qs", "qa", "ps", "pa", "ms", "ma", "y"]
     digraph = graph.digraph()
     assert isinstance(digraph, nx.DiGraph)
@@ -19,6 +19,13 @@ def test_default_graph_is_the_design_graph():
     assert graph.credit_order[0] == "y"
     position = {node: i for i, node in enumerate(graph.credit_order)}
     assert all(position[target] < position[source] for source, target in digraph.edges)
+
+
+def test_the_default_graph_is_the_design_graph_with_the_checks_written_out():
+    graph, design = ReasoningGraph.load(), ReasoningGraph.load("relevance7")
+    assert graph.name == "relevance8" and graph.node_names == ["qs", "qa", "ps", "pa", "ac", "ms", "ma", "y"]
+    assert set(graph.edges) == (set(design.edges) - {("qa", "ma"), ("pa", "ma")}) | {("qa", "ac"), ("pa", "ac"), ("ac", "ma")}
+    assert graph.order("product_first") == ("ps", "pa", "qs", "qa", "ms", "ac", "ma", "y")
     assert graph.node("ma").values == ("match", "partial", "mismatch", "none")
     assert graph.decision_nodes == ["ms", "ma"]
 

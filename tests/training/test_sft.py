@@ -212,5 +212,5 @@ def test_the_saved_policy_says_how_it_was_trained(tiny_world, tiny_model, tmp_pa
 
     run(_config(tiny_world, tiny_model, tmp_path / "run", max_steps=1, order="reasoning_first", prompt_tokens=40))
     assert PolicyFormat.load(tmp_path / "run" / "model") == PolicyFormat(
-        graph="relevance7", label_set="wands", order="reasoning_first", prompt_tokens=40
+        graph="relevance8", label_set="wands", order="reasoning_first", prompt_tokens=40
     )
