@@ -123,7 +123,8 @@ def sft_policy(tiny_world, tiny_model, tmp_path_factory) -> Path:
     from training.sft import SFTConfig, run
 
     out = tmp_path_factory.mktemp("sft_policy")
-    run(SFTConfig(data=tiny_world, model=tiny_model, out=out, order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
+    # relevance7: the GRPO tests' budgets (max_new_tokens, steps) are sized for its shorter CoT; the demo test runs relevance8
+    run(SFTConfig(data=tiny_world, model=tiny_model, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
                   val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"
 
@@ -138,6 +139,6 @@ def vllm_policy(tiny_world, tmp_path_factory) -> Path:
     # 2 layers x 128 (head size 32): the smallest shape vLLM's CPU attention runs, trained as briefly as before
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base"), num_layers=2, intermediate_size=256))
     out = tmp_path_factory.mktemp("vllm_sft")
-    run(SFTConfig(data=tiny_world, model=base, out=out, order="label_first", batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
+    run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
                   max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"

@@ -33,6 +33,9 @@ from training.sft import run as run_sft
 REPO = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
+# phi moves by the controller's estimate of how the main loss changed, a difference of two close losses: the
+# summation order of two processes (1e-7 relative in a loss) reaches it as about 1e-4 relative
+PHI_RTOL = 1e-3
 
 
 
@@ -333,7 +336,7 @@ def test_grpo_update_split_over_two_processes_is_the_one_process_update(scenario
     two = grpo_runs["dumps"][scenario]
     for rank in (0, 1):
         assert_close_states(one["model"], two[rank]["model"])
-        torch.testing.assert_close(one["phi"], two[rank]["phi"], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+        torch.testing.assert_close(one["phi"], two[rank]["phi"], rtol=PHI_RTOL, atol=WEIGHT_ATOL)
     out = grpo_runs["root"] / scenario
     for key in ("train/loss", "train/grad_norm", "train/kl", "train/clip_fraction", "train/entropy", "reward/outcome", "adv/y/abs_mean",
                 "rollouts/kept"):
