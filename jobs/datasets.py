@@ -132,7 +132,7 @@ class DatasetsConfig:
     out: str = help_field("Data root for training_examples and _datasets/; default: the data root.", "")
     label_set: str = help_field("Label set of the judgments to use (wands, esci or a YAML path).", "wands")
     graph: str = help_field("Reasoning graph (name or YAML path) of the CoT targets.", DEFAULT_GRAPH)
-    cot_order: str = help_field("CoT order of the targets: one of the graph's orders (relevance7: label_first, reasoning_first, product_first).", "label_first")
+    cot_order: str = help_field("CoT order of the targets: one of the graph's orders (relevance7 and relevance8: label_first, reasoning_first, product_first).", "label_first")
     fractions: SplitFractions = help_field("Shares of each segment's queries per split.", SplitFractions())
     salt: str = help_field(
         "Salt of the per-query split hash; change it to draw other splits.", "relevance-datasets-v1"

@@ -21,6 +21,7 @@ _HERE = Path(__file__).parent
 NODE_KINDS = ("text", "facets", "choice", "label")
 LABEL_KEYS = {"name", "gain", "description"}
 FACETS_NONE = "none"
+NO_VALUE = "-"  # in an attribute check: the product has no value for the constrained key
 # The graph the project's commands default to: relevance7 with the attribute checks written out (`ac`), which a
 # small policy learns where it does not learn relevance7's ma (benchmarks/results/quality.md).
 DEFAULT_GRAPH = "relevance8"
@@ -244,6 +245,15 @@ def attribute_match(wanted: Mapping[str, str], offered: Mapping[str, str]) -> st
         return "none"
     satisfied = sum(offered.get(key) == value for key, value in wanted.items())
     return "match" if satisfied == len(wanted) else ("partial" if satisfied else "mismatch")
+
+
+def attribute_checks(wanted: Mapping[str, str], offered: Mapping[str, str]) -> str:
+    """The `ac` text of relevance8: each wanted key as `key=wanted/offered:yes|no` (the product's value of the key, `-`
+    without one; yes when the two are the same, the test `attribute_match` counts), in `format_facets` form; `none` without
+    constraints. The product's value is written out so that the verdict compares two neighbouring values: a small
+    policy copies a value found by its key readily, and fails to compare values that stand apart (quality.md)."""
+    return format_facets({key: f"{value}/{offered.get(key, NO_VALUE)}:{'yes' if offered.get(key) == value else 'no'}"
+                          for key, value in wanted.items()})
 
 
 def parse_facets(text: str) -> dict[str, str] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from schemas.graph import LabelSet, ReasoningGraph, format_facets
+from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, attribute_match, format_facets
 from schemas.storage import write_table
 from schemas.tables import CATALOG, GOLD_NODES, JUDGMENTS, QUERIES, TRAINING_EXAMPLES
 from training.cot import render_cot
@@ -53,14 +53,8 @@ def gold_nodes(query: tuple, product: tuple, rooms: dict[str, str]) -> dict[str,
         ms = "related"
     else:
         ms = "mismatch"
-    if not qfacets:
-        ma = "none"
-    else:
-        hits = sum(pfacets.get(key) == value for key, value in qfacets.items())
-        ma = "match" if hits == len(qfacets) else ("partial" if hits else "mismatch")
-    checks = {key: f"{value}/{pfacets.get(key, '-')}:{'yes' if pfacets.get(key) == value else 'no'}" for key, value in qfacets.items()}
-    nodes = {"qs": qtype, "qa": format_facets(qfacets), "ps": ptype, "pa": format_facets(pfacets), "ac": format_facets(checks), "ms": ms,
-             "ma": ma}
+    nodes = {"qs": qtype, "qa": format_facets(qfacets), "ps": ptype, "pa": format_facets(pfacets), "ac": attribute_checks(qfacets, pfacets),
+             "ms": ms, "ma": attribute_match(qfacets, pfacets)}
     nodes["y"] = LabelSet.load("wands").label_from_nodes(nodes)
     return nodes
 

@@ -48,7 +48,7 @@ from jobs.world.catalog import BRAND_FACET, Catalog, facets_text
 from jobs.world.columns import string_map, take
 from jobs.world.queries import Queries
 from jobs.world.vocabulary import Vocabulary
-from schemas.graph import LabelSet, ReasoningGraph, format_facets
+from schemas.graph import LabelSet, ReasoningGraph, attribute_checks
 from schemas.tables import GOLD_NODES, JUDGMENTS
 
 MS_VALUES = ("match", "related", "mismatch")
@@ -57,8 +57,6 @@ MS_MATCH, MS_RELATED, MS_MISMATCH = range(3)
 MA_MATCH, MA_PARTIAL, MA_MISMATCH, MA_NONE = range(4)
 EVIDENCE_NODES = ("qs", "qa", "ps", "pa", "ms", "ma")
 CHECKS_NODE = "ac"  # optional: per-constraint attribute checks (relevance8)
-CHECK_YES, CHECK_NO = "yes", "no"
-NO_VALUE = "-"  # in a check: the product has no value for the constrained key
 RATER = "synthetic_rater"
 
 
@@ -93,22 +91,15 @@ def pair_nodes(queries: Queries, catalog: Catalog, related: np.ndarray, q: np.nd
 
 
 def checks_text(vocabulary: Vocabulary, queries: Queries, catalog: Catalog, q: np.ndarray, p: np.ndarray) -> list[str]:
-    """Gold `ac` of pairs (q[i], p[i]): each query constraint as `key=wanted/offered:yes|no` (the product's value of the
-    key, `-` without one; satisfied or not, the rule `pair_nodes` counts), in `format_facets` form; `none` without
-    constraints. The product's value is written out so that the verdict compares two neighbouring values: a small
-    policy copies a value found by its key readily, and fails to compare values that stand apart (quality.md)."""
-    def value(names, code: int) -> str:
-        return names[code] if code >= 0 else NO_VALUE
+    """Gold `ac` of pairs (q[i], p[i]): `schemas.graph.attribute_checks` of the query's constraints (its brand included)
+    against the product's facets; a value names one code per attribute, so equal names are the codes `pair_nodes` counts."""
+    def named(codes: list[int], brand: int) -> dict[str, str]:
+        facets = {attribute.name: attribute.values[code] for attribute, code in zip(vocabulary.attributes, codes) if code >= 0}
+        return {**facets, BRAND_FACET: vocabulary.brands[brand]} if brand >= 0 else facets
 
-    texts = []
-    for wanted, offered, brand, product_brand in zip(queries.constraints[q].tolist(), catalog.attributes[p].tolist(),
-                                                     queries.brand_code[q].tolist(), catalog.brand_code[p].tolist()):
-        checks = {attribute.name: (attribute.values[code], value(attribute.values, have), code == have)
-                  for attribute, code, have in zip(vocabulary.attributes, wanted, offered) if code >= 0}
-        if brand >= 0:
-            checks[BRAND_FACET] = (vocabulary.brands[brand], value(vocabulary.brands, product_brand), brand == product_brand)
-        texts.append(format_facets({key: f"{want}/{have}:{CHECK_YES if met else CHECK_NO}" for key, (want, have, met) in checks.items()}))
-    return texts
+    return [attribute_checks(named(wanted, brand), named(offered, product_brand))
+            for wanted, offered, brand, product_brand in zip(queries.constraints[q].tolist(), catalog.attributes[p].tolist(),
+                                                              queries.brand_code[q].tolist(), catalog.brand_code[p].tolist())]
 
 
 def label_lookup(label_set: LabelSet) -> np.ndarray:

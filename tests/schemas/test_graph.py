@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.graph import LabelSet, ReasoningGraph, attribute_match, format_facets, parse_facets
+from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, attribute_match, format_facets, parse_facets
 
 
 def test_the_design_graph():
@@ -145,3 +145,10 @@ def test_attribute_match_counts_the_wanted_values_the_product_has():
     assert attribute_match({"color": "gray", "material": "wool"}, offered) == "match"
     assert attribute_match({"color": "gray", "material": "linen"}, offered) == "partial"
     assert attribute_match({"color": "blue", "size": "large"}, offered) == "mismatch"  # a key the product lacks is not satisfied
+
+
+def test_attribute_checks_write_the_products_value_beside_each_wanted_one():
+    offered = {"color": "gray", "material": "wool"}
+    assert attribute_checks({}, offered) == "none"
+    assert attribute_checks({"material": "linen", "color": "gray", "size": "large"}, offered) == \
+        "color=gray/gray:yes; material=linen/wool:no; size=large/-:no"
