@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.metrics import label_scores  # noqa: E402
 from jobs.world.vocabulary import load_vocabulary  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph, attribute_match, parse_facets  # noqa: E402
-from training.cot import node_correct, parse_cot  # noqa: E402
+from training.cot import COT_TOKEN_BUDGET, node_correct, parse_cot  # noqa: E402
 from training.decoding import generate  # noqa: E402
 from training.examples import encode_example, load_pairs  # noqa: E402
 from training.model import load_model  # noqa: E402
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--policies", nargs="+", default=["sft", "grpo"])
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=COT_TOKEN_BUDGET)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.curves:

@@ -1,6 +1,11 @@
-"""Decoding with transformers `generate`: left-padded batches, greedy or sampled, one loop for both.
+"""Decoding of left-padded batches, greedy or sampled.
 
-- Greedy (`sampling=None`): validation, scoring and teacher targets.
+- Greedy (`sampling=None`): validation, scoring and teacher targets. Our own loop over the model's KV cache
+  (`_greedy_batch`): the argmax token at each step (the folder's generation_config is not applied) and, as rows
+  reach EOS, they leave the batch and the cache (`DynamicCache.batch_select_indices`), so a batch costs the sum of
+  its CoT lengths rather than its longest times its size (transformers' `generate` computes finished rows to the end).
+  The tokens are those `generate` chooses greedily. Under FSDP (`synced`) every process must keep stepping, so
+  there `generate` runs.
 - Sampled: GRPO rollouts. `torch.manual_seed(seed)` seeds the global generator `generate` draws
   from, `top_k=0` leaves top-p as the only filter, and the raw logits are kept to give each drawn
   token's log-probability under the sampling distribution `log_softmax(logits / T)` (top-p restricts
@@ -85,15 +90,20 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     bar = logs.progress(desc=progress, total=len(prompts), unit="prompt")
     for start in range(0, len(prompts), batch_size):
         input_ids, attention = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id)
+        input_ids, attention = input_ids.to(model.device), attention.to(model.device)
+        drawn = None
         with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, synced_gpus=synced,
-                **options,
-            )
-        generated = output.sequences[:, input_ids.shape[1] :]
-        drawn = _drawn_logprobs(output.logits, generated, sampling.temperature).tolist() if sampling is not None else None
-        for row, ids in enumerate(generated.tolist()):
+            if sampling is None and not synced:
+                generated = _greedy_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id)
+            else:
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, synced_gpus=synced, **options,
+                )
+                sequences = output.sequences[:, input_ids.shape[1] :]
+                generated = sequences.tolist()
+                drawn = _drawn_logprobs(output.logits, sequences, sampling.temperature).tolist() if sampling is not None else None
+        for row, ids in enumerate(generated):
             kept, eos = split_at_eos(ids, tokenizer.eos_token_id)
             response_ids.append(tuple(kept))
             ended.append(eos)
@@ -105,6 +115,37 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     model.train(was_training)
     return Generations(response_ids=tuple(response_ids), ended=tuple(ended), texts=tuple(texts),
                        logprobs=tuple(logprobs) if sampling is not None else None)
+
+
+def _greedy_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int) -> list[list[int]]:
+    """Greedy ids of each left-padded row, up to its EOS or `max_new_tokens`; a row that ends leaves the batch."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits
+    next_position = positions[:, -1:] + 1
+    rows = list(range(len(input_ids)))  # the batch rows still generating, in cache order
+    generated: list[list[int]] = [[] for _ in rows]
+    for step in range(max_new_tokens):
+        tokens = logits[:, -1].argmax(-1)
+        for row, token in zip(rows, tokens.tolist()):
+            generated[row].append(token)
+        going = tokens != eos_id
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows = [rows[i] for i in keep.tolist()]
+            tokens, attention, next_position = tokens[keep], attention[keep], next_position[keep]
+        attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position, past_key_values=cache,
+                       use_cache=True).logits
+        next_position = next_position + 1
+    return generated
 
 
 def _drawn_logprobs(step_logits, generated, temperature: float):

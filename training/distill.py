@@ -10,7 +10,7 @@ Algorithmic choices:
   log-probabilities by teacher forcing and the node decisions parsed (strict, then lenient) from a
   greedy generation (`training.predict.relevance_rows` with `teacher_new_tokens`: when the label
   comes first, 16 tokens cover the y, ms and ma lines; when it comes last, the whole CoT is
-  generated, 96 tokens by default). Only the pairs the run will draw are
+  generated, `COT_TOKEN_BUDGET` tokens by default). Only the pairs the run will draw are
   scored. They are cached in `out/teacher.parquet` (RELEVANCE schema) and a re-run scores only the
   pairs missing there or scored by another teacher version (the hash of its weights).
 - Heads (`training.student.head_vocabularies`): y over the label set, every choice node (ms, ma),
@@ -50,6 +50,7 @@ from evaluation.metrics import label_scores
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.logs import progress
+from training.cot import COT_TOKEN_BUDGET
 from training.distributed import (
     Parallel,
     all_reduce,
@@ -87,7 +88,7 @@ class DistillConfig:
         "are used instead of scoring those pairs again.", None)
     teacher_new_tokens: int | None = help_field(
         "Tokens the teacher generates for its node decisions (default: 16 when its order starts with the label, which cover y, ms "
-        "and ma; 96, the whole CoT, when the label comes last).", None)
+        "and ma; the whole CoT budget, COT_TOKEN_BUDGET, when the label comes last).", None)
     teacher_batch_size: int = help_field("Prompts the teacher scores at once.", 64)
     single_head: bool = help_field("Train the label head only (the single-head baseline).", False)
     class_heads: bool = help_field("Add heads for the text nodes (qs, ps) over the train split's product types.", False)
@@ -119,7 +120,7 @@ class DistillConfig:
         teacher = self.teacher_format()  # a setting that contradicts the teacher (or names no graph) is a usage error, refused before any work
         if self.teacher_new_tokens is None:
             label_first = ReasoningGraph.load(teacher.graph).label_comes_first(teacher.order)
-            object.__setattr__(self, "teacher_new_tokens", 16 if label_first else 96)  # frozen: filled once, while the config is built
+            object.__setattr__(self, "teacher_new_tokens", 16 if label_first else COT_TOKEN_BUDGET)  # frozen: filled once, while the config is built
         for name in ("max_steps", "batch_size", "teacher_new_tokens", "teacher_batch_size", "max_length",
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:

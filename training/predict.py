@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ from schemas import logs
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.judge_prompt import ZeroShot
 from schemas.tables import RELEVANCE
-from training.cot import SEPARATOR, parse_cot
+from training.cot import COT_TOKEN_BUDGET, SEPARATOR, parse_cot
 
+log = logging.getLogger(__name__)
 REASONING_MODES = ("none", "sample", "all")
 
 
@@ -205,7 +207,7 @@ def pair_prompts(tokenizer, pairs: Sequence[dict], prompt_tokens: int, zero_shot
 def relevance_rows(
     model, tokenizer, pairs: Sequence[dict], prompts: Sequence[Sequence[int]], graph: ReasoningGraph, labels: LabelSet,
     order: str, *, reasoning: str, model_name: str, model_version: str, ds: dt.date, batch_size: int = 64,
-    max_new_tokens: int = 96, reasoning_sample: float = 0.0, zero_shot: ZeroShot | None = None, progress: str | None = None,
+    max_new_tokens: int = COT_TOKEN_BUDGET, reasoning_sample: float = 0.0, zero_shot: ZeroShot | None = None, progress: str | None = None,
 ) -> pa.Table:
     """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`
     (`pair_prompts` with the same `zero_shot`: None for a trained policy); `progress` names the work, shown as
@@ -218,6 +220,9 @@ def relevance_rows(
     texts = [""] * len(pairs)
     generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size,
                          progress=progress and f"{progress}: generate")
+    cut_short = generated.ended.count(False)
+    if cut_short:  # their label comes from a CoT without its end: a budget too small for the policy's CoT
+        log.warning("%d of %d generations reached max_new_tokens=%d before their end", cut_short, len(to_generate), max_new_tokens)
     for i, text in zip(to_generate, generated.texts):
         texts[i] = text
     prefixes = [label_prefix(text, answer) for text in texts]

@@ -48,6 +48,7 @@ from pathlib import Path
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import DEFAULT_GRAPH, LabelSet, ReasoningGraph
 from schemas.logs import progress
+from training.cot import COT_TOKEN_BUDGET
 from training.distributed import (
     Parallel,
     all_reduce,
@@ -120,7 +121,7 @@ class SFTConfig:
     val_items: int = help_field("Validation pairs decoded per evaluation, evenly spaced over the held-out pairs (0: all).", 300)
     eval_every: int = help_field("Evaluate every N steps (0: only at the end).", 0)
     eval_batch_size: int = help_field("Prompts decoded at once during validation.", 64)
-    max_new_tokens: int = help_field("Longest generated CoT during validation.", 96)
+    max_new_tokens: int = help_field("Longest generated CoT during validation.", COT_TOKEN_BUDGET)
     threads: int = help_field("torch CPU threads.", 2)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
     precision: str = help_field("auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", "auto")

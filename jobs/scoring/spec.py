@@ -37,6 +37,7 @@ import pyarrow as pa
 from schemas.config import help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.judge_prompt import POLICY_PROMPT, PRODUCT_FIELDS, JudgePrompt, ZeroShot
+from training.cot import COT_TOKEN_BUDGET
 from training.model_files import ModelFolderError, base_folder, weight_files
 from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import REASONING_MODES
@@ -59,7 +60,7 @@ class ScorerSettings:
     reasoning: str = help_field("Reasoning text kept: none (label_first: label step only), sample or all.", "none", choices=REASONING_MODES)
     reasoning_sample: float = help_field("Share of pairs whose reasoning is generated and kept with reasoning=sample.", 0.05)
     batch_size: int = help_field("Pairs per forward/generate batch (hf, student).", 64)
-    max_new_tokens: int = help_field("Longest generated CoT.", 96)
+    max_new_tokens: int = help_field("Longest generated CoT.", COT_TOKEN_BUDGET)
     device: str = help_field("cpu, cuda or cuda:N (vllm: cuda:N makes only that GPU visible to the engine).", "cpu")
     dtype: str = help_field("Weights dtype of a policy: float32, bfloat16 or float16.", "float32")
 

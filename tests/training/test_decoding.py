@@ -55,3 +55,21 @@ def test_sampling_is_seeded_and_scores_each_drawn_token(policy):
     assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
     with pytest.raises(ValueError, match="seed"):
         generate(model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=2, sampling=Sampling())
+
+
+def test_greedy_rows_that_end_leave_the_batch_and_the_others_decode_as_generate_does(policy):
+    """With an EOS that some rows reach early, the rest keep decoding from a smaller cache: the ids are still
+    transformers' greedy ones, row by row."""
+    from training.decoding import _greedy_batch
+
+    model, tokenizer = policy
+    model.eval()
+    ids, attention = left_padded(PROMPTS, tokenizer.pad_token_id)
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=-1)[:, ids.shape[1]:].tolist()
+        eos = reference[0][2]  # row 0 ends at its third token; the other rows end where they meet it, if they do
+        expected = [row[: row.index(eos) + 1] if eos in row else row for row in reference]
+        got = _greedy_batch(model, ids, attention, 8, eos)
+    assert got == expected
+    assert sum(len(row) < 8 for row in got) >= 1 and any(len(row) == 8 for row in got)

@@ -266,9 +266,10 @@ def test_the_format_comes_from_the_teacher_and_a_contradiction_is_refused(tmp_pa
 
 
 def test_the_teacher_generates_the_whole_cot_when_its_label_comes_last(tmp_path):
+    from training.cot import COT_TOKEN_BUDGET
     from training.policy_format import PolicyFormat
 
-    for order, tokens in (("label_first", 16), ("reasoning_first", 96), ("product_first", 96)):
+    for order, tokens in (("label_first", 16), ("reasoning_first", COT_TOKEN_BUDGET), ("product_first", COT_TOKEN_BUDGET)):
         PolicyFormat(order=order).save(tmp_path / order)
         assert DistillConfig(teacher=tmp_path / order).teacher_new_tokens == tokens
     assert DistillConfig(teacher=tmp_path / "product_first", teacher_new_tokens=70).teacher_new_tokens == 70

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.logs import progress
+from training.cot import COT_TOKEN_BUDGET
 from training.distributed import (
     Parallel,
     all_gather,
@@ -118,7 +119,7 @@ class GRPOConfig:
     group_size: int = help_field("Rollouts per prompt (G).", 8)
     temperature: float = help_field("Sampling temperature (the logprobs of the ratio use it too).", 1.0)
     top_p: float = help_field("Nucleus sampling threshold.", 1.0)
-    max_new_tokens: int = help_field("Longest rollout in tokens.", 80)
+    max_new_tokens: int = help_field("Longest rollout in tokens.", COT_TOKEN_BUDGET)
     lr: float = help_field("Policy learning rate (AdamW, linear warmup then constant).", 1e-4)
     warmup_steps: int = help_field("Linear warmup steps.", 5)
     weight_decay: float = help_field("AdamW weight decay.", 0.0)
