@@ -33,6 +33,10 @@ from schemas.config import help_field
 log = logging.getLogger(__name__)
 
 EMBEDDED_WANDS = Path(__file__).parent / "ingest" / "samples" / "wands"
+# Prompts the tiny policy decodes at once in the demo's scoring stages: greedy rows leave the batch when they end, so
+# a wider batch keeps more rows going per step (1.45x the throughput of 64 here; the commands keep 64, which suits a
+# large model's memory).
+SCORING_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
         rows = score_split(
             out / folder, out / "datasets", "test", label_set=policy.label_set, graph=policy.graph,
             order=policy.order, prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name,
-            max_pairs=config.eval_pairs,
+            max_pairs=config.eval_pairs, batch_size=SCORING_BATCH,
         )
         target = out / "models" / name
         write_table(RELEVANCE, rows, target)
@@ -166,7 +170,8 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
     from training.student import score_split
 
     run_dir = out / "distill"
-    run(DistillConfig(data=out / "datasets", teacher=out / "sft" / "model", out=run_dir, max_steps=config.distill_steps, checkpoint_every=0))
+    run(DistillConfig(data=out / "datasets", teacher=out / "sft" / "model", out=run_dir, max_steps=config.distill_steps, checkpoint_every=0,
+                      teacher_batch_size=SCORING_BATCH))
     rows = score_split(run_dir / "model", out / "datasets", "test", model_name="distilled_student", max_pairs=config.eval_pairs)
     target = out / "models" / "distilled_student"
     write_table(RELEVANCE, rows, target)
@@ -188,7 +193,7 @@ def _nightly(config: DemoConfig, out: Path) -> dict[str, str]:
     days = partitions(SEARCH_IMPRESSIONS, out / "world")[-2:]
     for day in days:
         run(NightlyConfig(date=day.isoformat(), data=str(out / "world"), out=str(root), backend=config.nightly_backend,
-                          model=str(out / "grpo" / "model"), reasoning="sample", score=ScoreSettings(model_name="graph_grpo_policy")))
+                          model=str(out / "grpo" / "model"), reasoning="sample", score=ScoreSettings(model_name="graph_grpo_policy", batch_size=SCORING_BATCH)))
     published = root / "published" / "relevance" / f"ds={days[-1].isoformat()}"
     return {"relevance table (scores)": str(root / "scores" / "relevance"), "published partition": str(published),
             "churn report": str(published / CHURN_PAGE), "nightly reports": str(night_folder(root, days[-1].isoformat()) / INDEX_PAGE)}

