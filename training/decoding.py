@@ -90,13 +90,13 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         with torch.no_grad():
             generated, drawn = _decode_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, sampling, synced)
-        for row, ids in enumerate(generated):
-            kept, eos = split_at_eos(ids, tokenizer.eos_token_id)
-            response_ids.append(tuple(kept))
+        for row, ids in enumerate(generated):  # a row's ids stop at its EOS (`_decode_batch`)
+            eos = bool(ids) and ids[-1] == tokenizer.eos_token_id
+            response_ids.append(tuple(ids))
             ended.append(eos)
-            texts.append(tokenizer.decode(kept[:-1] if eos else kept, skip_special_tokens=False))
+            texts.append(tokenizer.decode(ids[:-1] if eos else ids, skip_special_tokens=False))
             if drawn is not None:
-                logprobs.append(tuple(drawn[row][: len(kept)]))
+                logprobs.append(tuple(drawn[row]))
         bar.update(len(generated))
     bar.close()
     model.train(was_training)
