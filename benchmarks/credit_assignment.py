@@ -2,11 +2,17 @@
 
     .venv/bin/python benchmarks/credit_assignment.py [--steps 60] [--seeds 0 1 2] [--estimators grpo ... graph_grpo]
         [--from-demo demo_output] [--work benchmarks/work/credit_assignment] [--test-pairs 1000]
+        [--rl-data DATASETS] [--set KEY=VALUE ...] [--parallel 2 --threads 1]
 
 Setup: with `--from-demo DIR` the demo's world, datasets and SFT policy are reused (`make demo`
 writes them); otherwise the demo-size world is generated, its datasets built and the tiny policy
 trained with the default SFT config, all under `--work`. Each (estimator, seed) run is
-`training.grpo.trainer.run` with the default `GRPOConfig` except steps, seed and evaluation cadence.
+`training.grpo.trainer.run` with the default `GRPOConfig` except steps, seed, evaluation cadence and the
+`--set` overrides, which every run shares. The RL prompts come from the SFT's datasets unless `--rl-data`
+names another datasets root: a policy trained for epochs on its train split has memorised much of it
+(rater noise included), so most rollout groups agree there and carry no outcome signal; a world generated
+with another seed gives prompts the policy never saw. `--parallel N` trains N runs at once (and labels N
+test splits at once), each in its own process with `--threads` threads.
 Each final policy and the SFT starting point label the same test pairs (`training.predict.score_split`,
 whole queries, label probabilities from the label tokens, reasoning by greedy decoding) and
 `relevance evaluate` scores them all in one run against the noise-free gold: macro-F1, per-class F1
@@ -20,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +41,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from schemas.config import config_to_dict  # noqa: E402
+from schemas.config import config_to_dict, load_config  # noqa: E402
 from schemas.graph import ReasoningGraph  # noqa: E402
 from schemas.storage import read_table, write_table  # noqa: E402
 from schemas.tables import GOLD_NODES, RELEVANCE  # noqa: E402
@@ -92,16 +100,29 @@ def curves(run_dir: Path, graph: ReasoningGraph) -> dict[str, list]:
         "val_label_accuracy": [r["val/label_accuracy"] for r in evals],
         "val_macro_f1": [r["val/label_macro_f1"] for r in evals],
         "val_node_accuracy": [float(np.mean([r[f"val/node_accuracy/{node}"] for node in reasoning])) for r in evals],
+        "uniform_group_share": [r["groups/uniform_share"] for r in train],
         "seconds_per_step": float(np.mean([r["time/step"] for r in train])),
     }
 
 
-def label_test_split(model: Path, datasets: Path, name: str, target: Path, test_pairs: int) -> Path:
+def train_one(settings: dict) -> tuple[dict, dict]:
+    """(summary, timing) of one GRPO run; `settings` is the config as `config_to_dict` writes it (a worker process
+    rebuilds the config from it)."""
+    config = load_config(GRPOConfig, values=settings)
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    summary = train_grpo(config)
+    timing = {"seconds": round(time.perf_counter() - started, 1), "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    (config.out / "benchmark_timing.json").write_text(json.dumps(timing))
+    return summary, timing
+
+
+def label_test_split(model: Path, datasets: Path, name: str, target: Path, test_pairs: int, threads: int, batch_size: int) -> Path:
     from training.predict import score_split
 
+    torch.set_num_threads(threads)
     policy = resolve_format(model)
     rows = score_split(model, datasets, "test", label_set=policy.label_set, graph=policy.graph, order=policy.order,
-                       prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name, max_pairs=test_pairs)
+                       prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name, max_pairs=test_pairs, batch_size=batch_size)
     write_table(RELEVANCE, rows, target)
     return target
 
@@ -240,7 +261,12 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--val-items", type=int, default=300)
     parser.add_argument("--test-pairs", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    parser.add_argument("--parallel", type=int, default=1, help="runs trained (and test splits labelled) at once, one process each")
+    parser.add_argument("--rl-data", type=Path, default=None, help="datasets root of the RL prompts (default: the SFT policy's datasets)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="GRPOConfig override shared by every run (repeatable), e.g. prompts_per_step=8")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts decoded at once when labelling the test split")
     parser.add_argument("--from-demo", type=Path, default=None, help="reuse a demo output folder's world, datasets and SFT policy")
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/credit_assignment"))
     parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
@@ -252,41 +278,48 @@ def main() -> None:
     graph = ReasoningGraph.load(SFTConfig().graph)
     world, datasets, sft_model = prepare(args)
 
-    base = GRPOConfig(data=datasets, model=sft_model, steps=args.steps, eval_every=args.eval_every, val_items=args.val_items,
-                      threads=args.threads, checkpoint_every=0, resume=False)
+    base = load_config(GRPOConfig, overrides=args.overrides, values={
+        "data": args.rl_data or datasets, "model": sft_model, "steps": args.steps, "eval_every": args.eval_every,
+        "val_items": args.val_items, "threads": args.threads, "checkpoint_every": 0, "resume": False})
     result = {
-        "setup": {"world": str(world), "sft_model": str(sft_model), "steps": args.steps, "seeds": args.seeds,
+        "setup": {"world": str(world), "sft_model": str(sft_model), "rl_data": str(base.data), "steps": args.steps, "seeds": args.seeds,
                   "grpo": {k: v for k, v in config_to_dict(base).items() if k not in ("data", "model", "out", "estimator", "seed")},
-                  "test_pairs": args.test_pairs},
+                  "test_pairs": args.test_pairs, "parallel": args.parallel},
         "seeds": args.seeds,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
         "runs": [],
     }
     json_path = args.results / "credit_assignment.json"
-    for seed in args.seeds:
-        for estimator in args.estimators:
-            name = f"{estimator}-seed{seed}"
-            run_dir = args.work / "runs" / name
-            config = replace(base, out=run_dir, estimator=estimator, seed=seed)
-            finished = run_dir / "summary.json"
-            if args.reuse and finished.exists() and records(run_dir)[0]["config"] == config_to_dict(config):
-                # the same run (same config, so the same seeds) finished before: its outputs are reused
-                summary, timing = json.loads(finished.read_text()), json.loads((run_dir / "benchmark_timing.json").read_text())
-            else:
-                started, load_before = time.perf_counter(), os.getloadavg()[0]
-                summary = train_grpo(config)
-                timing = {"seconds": round(time.perf_counter() - started, 1), "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-                (run_dir / "benchmark_timing.json").write_text(json.dumps(timing))
-            result["runs"].append({"name": name, "estimator": estimator, "seed": seed, **timing,
-                                   "validation": summary["val"], "phi": summary["phi"], "curves": curves(run_dir, graph)})
-            json_path.write_text(json.dumps(result, indent=1))
-            print(f"[credit_assignment] {name}: {result['runs'][-1]['seconds']} s, validation macro-F1 {summary['val']['label_macro_f1']:.3f}",
-                  flush=True)
+    configs = {f"{estimator}-seed{seed}": replace(base, out=args.work / "runs" / f"{estimator}-seed{seed}", estimator=estimator, seed=seed)
+               for seed in args.seeds for estimator in args.estimators}
 
-    predictions = {"sft": label_test_split(sft_model, datasets, "sft", args.work / "predictions" / "sft", args.test_pairs)}
-    for run in result["runs"]:
-        predictions[run["name"]] = label_test_split(args.work / "runs" / run["name"] / "model", datasets, run["name"],
-                                                    args.work / "predictions" / run["name"], args.test_pairs)
+    def record(name: str, outcome: tuple[dict, dict]) -> None:
+        summary, timing = outcome
+        config = configs[name]
+        result["runs"].append({"name": name, "estimator": config.estimator, "seed": config.seed, **timing,
+                               "validation": summary["val"], "phi": summary["phi"], "curves": curves(config.out, graph)})
+        json_path.write_text(json.dumps(result, indent=1))
+        print(f"[credit_assignment] {name}: {timing['seconds']} s, validation macro-F1 {summary['val']['label_macro_f1']:.3f}", flush=True)
+
+    pending = []
+    for name, config in configs.items():
+        finished = config.out / "summary.json"
+        if args.reuse and finished.exists() and records(config.out)[0]["config"] == config_to_dict(config):
+            # the same run (same config, so the same seeds) finished before: its outputs are reused
+            record(name, (json.loads(finished.read_text()), json.loads((config.out / "benchmark_timing.json").read_text())))
+        else:
+            pending.append(name)
+    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_one, config_to_dict(configs[name])): name for name in pending}
+        for future in as_completed(futures):
+            record(futures[future], future.result())
+    result["runs"].sort(key=lambda run: list(configs).index(run["name"]))
+
+    models = {"sft": sft_model, **{name: config.out / "model" for name, config in configs.items()}}
+    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(label_test_split, model, datasets, name, args.work / "predictions" / name, args.test_pairs,
+                                     args.threads, args.batch_size) for name, model in models.items()}
+        predictions = {name: future.result() for name, future in futures.items()}
     result["evaluation"] = evaluate_all(predictions, world, args.work)
     result["by_estimator"] = summarise(result["runs"], result["evaluation"], graph)
     json_path.write_text(json.dumps(result, indent=1))

@@ -12,7 +12,9 @@
   keeps stepping (on its last rows, their tokens dropped) until all processes have finished.
 
 Each response keeps its ids up to and including the first EOS (nothing after it); its text is
-decoded without the EOS.
+decoded without the EOS. With `watch_ids`, each response also keeps, per generated token, the logits of
+those ids at that step (the distribution the token was chosen from): scoring reads its label step there
+instead of running the prompt and CoT through the model again.
 """
 
 from __future__ import annotations
@@ -37,13 +39,15 @@ class Generations:
 
     `response_ids[i]`: generated ids up to and including the first EOS; `ended[i]`: whether EOS
     came; `texts[i]`: the response decoded without EOS; `logprobs[i]`: per response id, its
-    log-probability under the sampling distribution (None for greedy decoding).
+    log-probability under the sampling distribution (None for greedy decoding); `watched[i][k]`: the
+    logits of the watched ids at the step that chose `response_ids[i][k]` (None without `watch_ids`).
     """
 
     response_ids: tuple[tuple[int, ...], ...]
     ended: tuple[bool, ...]
     texts: tuple[str, ...]
     logprobs: tuple[tuple[float, ...], ...] | None
+    watched: tuple[tuple[tuple[float, ...], ...], ...] | None = None
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int):
@@ -68,9 +72,11 @@ def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
-             sampling: SamplingParams | None = None, seed: int | None = None, synced: bool = False, progress: str | None = None) -> Generations:
+             sampling: SamplingParams | None = None, seed: int | None = None, synced: bool = False, progress: str | None = None,
+             watch_ids: Sequence[int] = ()) -> Generations:
     """One response per prompt id list, `batch_size` left-padded prompts at a time: greedy when
-    `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`.
+    `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`;
+    `watch_ids`: token ids whose logits are kept at every step (`Generations.watched`).
 
     `synced`: the model is FSDP-sharded over processes that all call this with as many prompts; each keeps
     stepping until every one has finished, as a forward pass needs them all.
@@ -83,13 +89,14 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         torch.manual_seed(seed)  # the draws come from the global generator
     was_training = model.training
     model.eval()
-    response_ids, ended, texts, logprobs = [], [], [], []
+    response_ids, ended, texts, logprobs, watched = [], [], [], [], []
     bar = logs.progress(desc=progress, total=len(prompts), unit="prompt")
     for start in range(0, len(prompts), batch_size):
         input_ids, attention = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id)
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         with torch.no_grad():
-            generated, drawn = _decode_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, sampling, synced)
+            generated, drawn, seen = _decode_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, sampling, synced,
+                                                   watch_ids)
         for row, ids in enumerate(generated):  # a row's ids stop at its EOS (`_decode_batch`)
             eos = bool(ids) and ids[-1] == tokenizer.eos_token_id
             response_ids.append(tuple(ids))
@@ -97,17 +104,21 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
             texts.append(tokenizer.decode(ids[:-1] if eos else ids, skip_special_tokens=False))
             if drawn is not None:
                 logprobs.append(tuple(drawn[row]))
+            if seen is not None:
+                watched.append(tuple(seen[row]))
         bar.update(len(generated))
     bar.close()
     model.train(was_training)
     return Generations(response_ids=tuple(response_ids), ended=tuple(ended), texts=tuple(texts),
-                       logprobs=tuple(logprobs) if sampling is not None else None)
+                       logprobs=tuple(logprobs) if sampling is not None else None, watched=tuple(watched) if watch_ids else None)
 
 
 def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int, sampling: SamplingParams | None,
-                  synced: bool = False) -> tuple[list[list[int]], list[list[float]] | None]:
-    """(ids, logprobs of the drawn ids or None when greedy) of each left-padded row, up to its EOS or
-    `max_new_tokens`; a row that ends leaves the batch, except the last ones while other processes go on (`synced`)."""
+                  synced: bool = False, watch_ids: Sequence[int] = ()
+                  ) -> tuple[list[list[int]], list[list[float]] | None, list[list[tuple[float, ...]]] | None]:
+    """(ids, logprobs of the drawn ids or None when greedy, per step the logits of `watch_ids` or None without them) of
+    each left-padded row, up to its EOS or `max_new_tokens`; a row that ends leaves the batch, except the last ones
+    while other processes go on (`synced`)."""
     import torch
     from transformers import DynamicCache
 
@@ -119,6 +130,8 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
     rows = list(range(len(input_ids)))  # the batch rows in the cache, in cache order
     generated: list[list[int]] = [[] for _ in rows]
     drawn: list[list[float]] = [[] for _ in rows]
+    seen: list[list[tuple[float, ...]]] = [[] for _ in rows]
+    watch = torch.tensor(list(watch_ids), dtype=torch.long, device=input_ids.device)
     ended = False  # every row of this process has ended (rows stay in the cache only while other processes go on)
     for step in range(max_new_tokens):
         if sampling is None:
@@ -131,6 +144,9 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
             if sampling is not None:
                 for row, logprob in zip(rows, logprobs.tolist()):
                     drawn[row].append(logprob)
+            if watch_ids:
+                for row, values in zip(rows, logits[:, -1, watch].float().tolist()):
+                    seen[row].append(tuple(values))
         going = (tokens != eos_id) & (not ended)
         ended = not bool(going.any())
         if step == max_new_tokens - 1 or not _anyone_going(not ended, synced, logits.device):
@@ -144,7 +160,7 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
         logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position, past_key_values=cache,
                        use_cache=True).logits
         next_position = next_position + 1
-    return generated, (drawn if sampling is not None else None)
+    return generated, (drawn if sampling is not None else None), (seen if watch_ids else None)
 
 
 def _anyone_going(going: bool, synced: bool, device) -> bool:

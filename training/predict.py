@@ -9,6 +9,9 @@ label is scored by. Because the terminator is included, a label that is a prefix
 still told apart (EOS against the longer label's next token). Labels that share that first token
 cannot be told apart by one step, and are refused with an error naming them. Every backend (this
 transformers path, the vLLM scorer with `allowed_token_ids`) computes exactly this distribution.
+Where the greedy generation itself wrote that context, the distribution is read from the decoding
+step that chose the label (`training.decoding.generate` keeps the label tokens' logits of every
+step); the other pairs get one more forward pass over their context.
 
 - `label_first` with no reasoning wanted: only the label step is run, nothing is generated (the
   fast path: one forward pass per pair).
@@ -157,6 +160,27 @@ def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int,
     return result
 
 
+def likely_label_tokens(tokenizer, answer: AnswerFormat, labels: LabelSet) -> tuple[int, ...]:
+    """The label tokens of the label step after the bare tag and after a reasoning line: the ids whose logits decoding keeps."""
+    terminator = [tokenizer.eos_token_id] if answer.label_last else []
+    found = {token for prefix in (answer.tag, f"reasoning\n{answer.tag}")
+             for token in _label_tokens(tokenizer, prefix, terminator, answer, labels)[1]}
+    return tuple(sorted(found))
+
+
+def decoded_label_probabilities(step: LabelStep, prompt_length: int, response: Sequence[int], watched: Sequence[Sequence[float]],
+                                watch: Sequence[int]) -> list[float] | None:
+    """The label step's distribution read from greedy decoding, or None where decoding did not write the step's
+    context (its tokens differ from the canonical ones) or a label token was not watched."""
+    import torch
+
+    written = step.context[prompt_length:]
+    if len(written) >= len(watched) or tuple(response[: len(written)]) != written or not set(step.label_tokens) <= set(watch):
+        return None
+    logits = torch.tensor([watched[len(written)][watch.index(token)] for token in step.label_tokens])
+    return torch.softmax(logits.float(), dim=-1).tolist()
+
+
 def node_decisions(text: str, graph: ReasoningGraph, order: str, labels: LabelSet) -> list[tuple[str, str]]:
     """The reasoning nodes' values in a generation, strict parse first and lenient for what it misses, sorted."""
     strict = parse_cot(text, graph, order, labels.names, "strict")
@@ -218,16 +242,21 @@ def relevance_rows(
     wanted = reasoning_wanted(pairs, reasoning, reasoning_sample)
     to_generate = [i for i, needed in enumerate(generation_needed(answer, wanted)) if needed]
     texts = [""] * len(pairs)
+    watch = likely_label_tokens(tokenizer, answer, labels)
     generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         progress=progress and f"{progress}: generate")
+                         progress=progress and f"{progress}: generate", watch_ids=watch)
     cut_short = generated.ended.count(False)
     if cut_short:  # their label comes from a CoT without its end: a budget too small for the policy's CoT
         log.warning("%d of %d generations reached max_new_tokens=%d before their end", cut_short, len(to_generate), max_new_tokens)
     for i, text in zip(to_generate, generated.texts):
         texts[i] = text
-    prefixes = [label_prefix(text, answer) for text in texts]
-    probabilities = label_step_probabilities(model, label_steps(tokenizer, prompts, prefixes, answer, labels), batch_size,
-                                             progress and f"{progress}: label step")
+    steps = label_steps(tokenizer, prompts, [label_prefix(text, answer) for text in texts], answer, labels)
+    probabilities: list[list[float] | None] = [None] * len(pairs)
+    for k, i in enumerate(to_generate):
+        probabilities[i] = decoded_label_probabilities(steps[i], len(prompts[i]), generated.response_ids[k], generated.watched[k], watch)
+    again = [i for i, found in enumerate(probabilities) if found is None]
+    for i, found in zip(again, label_step_probabilities(model, [steps[i] for i in again], batch_size, progress and f"{progress}: label step")):
+        probabilities[i] = found
     decisions = [node_decisions(text, graph, order, labels) for text in texts]
     return relevance_table(pairs, probabilities, decisions, [text if keep else None for text, keep in zip(texts, wanted)], labels,
                            model_name=model_name, model_version=model_version, ds=ds)

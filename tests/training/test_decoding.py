@@ -70,7 +70,7 @@ def test_greedy_rows_that_end_leave_the_batch_and_the_others_decode_as_generate_
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=-1)[:, ids.shape[1]:].tolist()
         eos = reference[0][2]  # row 0 ends at its third token; the other rows end where they meet it, if they do
         expected = [row[: row.index(eos) + 1] if eos in row else row for row in reference]
-        got, logprobs = _decode_batch(model, ids, attention, 8, eos, None)
+        got, logprobs, _ = _decode_batch(model, ids, attention, 8, eos, None)
     assert got == expected and logprobs is None
     assert sum(len(row) < 8 for row in got) >= 1 and any(len(row) == 8 for row in got)
 

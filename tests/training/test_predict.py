@@ -12,9 +12,12 @@ from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import RELEVANCE
 from training.cot import parse_cot
 from training.model import load_model
+from training.decoding import generate
 from training.predict import (
+    LabelStep,
     answer_format,
     candidate_completions,
+    decoded_label_probabilities,
     label_prefix,
     label_step_probabilities,
     label_steps,
@@ -65,6 +68,23 @@ def test_label_probabilities_are_the_label_step_softmax_over_label_tokens(tiny_m
         with torch.inference_mode():  # one unpadded pass per pair
             logits = model(input_ids=torch.tensor([list(step.context)])).logits[0, -1]
         assert got == pytest.approx(torch.softmax(logits[list(step.label_tokens)], -1).tolist(), abs=1e-5)
+
+
+def test_the_label_step_read_from_decoding_is_the_forward_pass_over_its_context(tiny_model):
+    model, tokenizer = load_model(tiny_model)
+    prompts = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12], [1, 13]]
+    watch = (30, 31, 32, 40)
+    generated = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, watch_ids=watch)
+    for prompt, response, watched in zip(prompts, generated.response_ids, generated.watched):
+        assert len(watched) == len(response) and all(len(step) == len(watch) for step in watched)
+        for written in range(len(response)):  # a label step after each prefix the model wrote itself
+            step = LabelStep(context=tuple(prompt) + response[:written], label_tokens=(32, 30, 40))
+            expected = label_step_probabilities(model, [step], batch_size=1)[0]
+            assert decoded_label_probabilities(step, len(prompt), response, watched, watch) == pytest.approx(expected, abs=1e-5)
+        other = (response[0] + 1,)  # a context the model did not write: the caller runs the forward pass instead
+        assert decoded_label_probabilities(LabelStep(tuple(prompt) + other, (30, 31, 32)), len(prompt), response, watched, watch) is None
+        unwatched = LabelStep(tuple(prompt), (30, 33, 32))
+        assert decoded_label_probabilities(unwatched, len(prompt), response, watched, watch) is None
 
 
 def test_labels_sharing_their_first_token_are_refused(tiny_model):
