@@ -198,6 +198,20 @@ def markdown(result: dict, graph: ReasoningGraph) -> str:
         cost = f"{entry['seconds_per_step_mean']:.2f} ({entry.get('step_cost_over_grpo', float('nan')):.2f}x)"
         lines.append(f"| {name} | {entry['seeds']} | {entry['macro_f1_mean']:.3f} ({entry['macro_f1_sd']:.3f}) | "
                      f"{entry['accuracy_mean']:.3f} | {entry['node_accuracy_mean']:.3f} | {cost} |")
+    lines += ["", "Where each estimator's credit went (means over seeds and steps): the mean |advantage| of each node's tokens, "
+              "the share of rollout groups whose outcomes all agreed (no outcome signal), and graph_grpo's final phi per edge.", "",
+              "| estimator | uniform groups | " + " | ".join(f"\\|adv\\| {node}" for node in graph.node_names) + " |",
+              "|---|---|" + "---|" * len(graph.node_names)]
+    for name in result["by_estimator"]:
+        runs = [run["curves"] for run in result["runs"] if run["estimator"] == name]
+        uniform = float(np.mean([np.mean(c["uniform_group_share"]) for c in runs]))
+        advantage = [float(np.mean([c["advantage_abs_mean"][node] for c in runs])) for node in graph.node_names]
+        lines.append(f"| {name} | {uniform:.2f} | " + " | ".join(f"{value:.3f}" for value in advantage) + " |")
+    learned = [run for run in result["runs"] if run["estimator"] == "graph_grpo"]
+    if learned:
+        edges = list(learned[0]["phi"])
+        lines += ["", "| graph_grpo | " + " | ".join(edges) + " |", "|---|" + "---|" * len(edges)]
+        lines += [f"| seed {run['seed']} | " + " | ".join(f"{run['phi'][edge]:.2f}" for edge in edges) + " |" for run in learned]
     return "\n".join(lines) + "\n"
 
 
