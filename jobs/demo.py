@@ -49,8 +49,8 @@ class DemoConfig:
     order: str = help_field("CoT order of the policy the demo trains (one of the graph's orders; label_first is the one-forward-pass "
                             "scoring path, the default product_first labels better).", "product_first")
     sft_steps: int = help_field(
-        "SFT optimizer steps (0: the SFT default, 4000, about 22 minutes here at 2 threads; the demo trains fewer, and with 1600 the "
-        "whole demo took 18m54s here).", 1600)
+        "SFT optimizer steps (0: the SFT default, 4000, 22-27 minutes here at 2 threads; the demo trains fewer, and with 1600 the "
+        "whole demo took 19m52s here).", 1600)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
