@@ -11,8 +11,8 @@ import torch
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.tables import RELEVANCE
 from training.cot import parse_cot
-from training.model import load_model
 from training.decoding import generate
+from training.model import load_model
 from training.predict import (
     LabelStep,
     answer_format,
