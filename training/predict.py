@@ -163,8 +163,12 @@ def label_step_probabilities(model, steps: Sequence[LabelStep], batch_size: int,
 def likely_label_tokens(tokenizer, answer: AnswerFormat, labels: LabelSet) -> tuple[int, ...]:
     """The label tokens of the label step after the bare tag and after a reasoning line: the ids whose logits decoding keeps."""
     terminator = [tokenizer.eos_token_id] if answer.label_last else []
-    found = {token for prefix in (answer.tag, f"reasoning\n{answer.tag}")
-             for token in _label_tokens(tokenizer, prefix, terminator, answer, labels)[1]}
+    found: set[int] = set()
+    for prefix in (answer.tag, f"reasoning\n{answer.tag}"):
+        try:
+            found.update(_label_tokens(tokenizer, prefix, terminator, answer, labels)[1])
+        except ValueError:  # labels that clash after this made-up prefix: only the pairs' own prefixes can refuse them
+            continue
     return tuple(sorted(found))
 
 
