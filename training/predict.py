@@ -259,8 +259,10 @@ def relevance_rows(
     for k, i in enumerate(to_generate):
         probabilities[i] = decoded_label_probabilities(steps[i], len(prompts[i]), generated.response_ids[k], generated.watched[k], watch)
     again = [i for i, found in enumerate(probabilities) if found is None]
-    for i, found in zip(again, label_step_probabilities(model, [steps[i] for i in again], batch_size, progress and f"{progress}: label step")):
-        probabilities[i] = found
+    if again:  # the pairs decoding did not answer (or did not generate: label_first without reasoning)
+        found = label_step_probabilities(model, [steps[i] for i in again], batch_size, progress and f"{progress}: label step")
+        for i, distribution in zip(again, found):
+            probabilities[i] = distribution
     decisions = [node_decisions(text, graph, order, labels) for text in texts]
     return relevance_table(pairs, probabilities, decisions, [text if keep else None for text, keep in zip(texts, wanted)], labels,
                            model_name=model_name, model_version=model_version, ds=ds)
