@@ -20,7 +20,7 @@ The same steps as the in-process job (`jobs.scoring.run`), each a DataFrame tran
    placed on the task's GPU: `task_scorer`) and streams them into a file named after the task attempt
    (`attempts/shard-K/<stage>-<partition>.<attempt>-<taskAttemptId>.parquet`, written under a hidden name
    and renamed when complete: the attempt's commit of that shard). It returns one summary row per shard
-   (shard, file, rows), the only rows the driver collects. The driver then commits the job: for each
+   (shard, file, rows, seconds, the task's GPU addresses), the only rows the driver collects. The driver then commits the job: for each
    shard, the file of the attempt Spark reports successful is renamed to `shard-K.parquet` and every
    other attempt's file (a failed attempt, a speculative duplicate) is deleted. So a retried or
    speculative task leaves neither a duplicate nor a partial file, and only committed shards are read.
@@ -63,6 +63,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -87,8 +88,9 @@ SHARD = "shard"
 IN_PLACE = "_in_place"  # a reused row that already stands in tonight's partition under tonight's model name
 ATTEMPTS = "attempts"
 MANIFEST = "manifest.json"
-# What a task returns per shard it wrote: the driver's only view of the scored rows.
-SUMMARY_DDL = "shard INT, file STRING, rows BIGINT, seconds DOUBLE"
+# What a task returns per shard it wrote: the driver's only view of the scored rows. `gpus`: the GPU addresses Spark
+# gave the task (comma-separated, empty without GPU scheduling), so the report shows where each shard was scored.
+SUMMARY_DDL = "shard INT, file STRING, rows BIGINT, seconds DOUBLE, gpus STRING"
 
 # The scorer this Python worker holds, by the spec it was opened with (placed on this worker's device).
 _WORKER_SCORERS: dict[ScorerSpec, Scorer] = {}
@@ -207,7 +209,10 @@ def score_shards_of_task(batches: Iterator[pa.RecordBatch], spec: ScorerSpec, da
 
     context = TaskContext.get()
     attempt = attempt_name(context)
-    summary_schema = pa.schema([(SHARD, pa.int32()), ("file", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64())])
+    gpu = context.resources().get("gpu")
+    gpus = ",".join(gpu.addresses) if gpu else ""
+    summary_schema = pa.schema([(SHARD, pa.int32()), ("file", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64()),
+                                ("gpus", pa.string())])
     writer: ShardWriter | None = None
     for batch in batches:
         shards = batch.column(SHARD).to_numpy()
@@ -215,7 +220,7 @@ def score_shards_of_task(batches: Iterator[pa.RecordBatch], spec: ScorerSpec, da
         for start, stop in zip(boundaries, boundaries[1:]):
             shard = int(shards[start])
             if writer is not None and writer.shard != shard:
-                yield pa.RecordBatch.from_pylist([writer.commit()], schema=summary_schema)
+                yield pa.RecordBatch.from_pylist([{**writer.commit(), "gpus": gpus}], schema=summary_schema)
                 writer = None
             if writer is None:
                 scorer = scorer_for_task(spec, context)  # opened here, so a task without pairs loads no model
@@ -223,7 +228,7 @@ def score_shards_of_task(batches: Iterator[pa.RecordBatch], spec: ScorerSpec, da
                                      spec.batch_size * CHUNK_BATCHES)
             writer.add(pa.Table.from_batches([batch.slice(start, stop - start)]).drop_columns([SHARD]))
     if writer is not None:
-        yield pa.RecordBatch.from_pylist([writer.commit()], schema=summary_schema)
+        yield pa.RecordBatch.from_pylist([{**writer.commit(), "gpus": gpus}], schema=summary_schema)
 
 
 def task_scorer(spec: ScorerSpec, context) -> Scorer:
@@ -340,7 +345,9 @@ def score_pending_shards(todo, spec: ScorerSpec, day: dt.date, work: ShardWork, 
     work.commit_job(summaries, work.expected())
     seconds = time.perf_counter() - started
     scored = sum(summary["rows"] for summary in summaries)
-    return {"scored": scored, "tasks": tasks, "seconds": seconds, "task_seconds": sum(summary["seconds"] for summary in summaries)}
+    by_gpu = Counter(summary["gpus"] for summary in summaries if summary["gpus"])
+    return {"scored": scored, "tasks": tasks, "seconds": seconds, "task_seconds": sum(summary["seconds"] for summary in summaries),
+            "shards_by_gpu": dict(sorted(by_gpu.items()))}
 
 
 def score_todo(todo, fingerprint: str, to_score: int, spec: ScorerSpec, day: dt.date, folder: Path, shard_size: int, partitions: int,
@@ -352,7 +359,7 @@ def score_todo(todo, fingerprint: str, to_score: int, spec: ScorerSpec, day: dt.
     work = ShardWork(folder, fingerprint, lambda: shard_pair_counts(todo), shard_size, {**context, "pairs": to_score, "shards": shards})
     done = work.committed()
     pending = sorted(set(work.expected()) - done)
-    job = {"scored": 0, "tasks": 0, "seconds": 0.0, "task_seconds": 0.0}
+    job = {"scored": 0, "tasks": 0, "seconds": 0.0, "task_seconds": 0.0, "shards_by_gpu": {}}
     if pending:
         log.info(f"score: {len(pending)} of {len(work.expected())} shards to score on Spark in {min(partitions, len(pending))} tasks "
                  f"({len(done)} committed by an earlier run)")
@@ -467,7 +474,7 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str, 
         "ds": day.isoformat(), "backend": config.backend, "engine": config.engine, "model_name": spec.name, "model_version": version,
         "pairs": config.pairs, "candidates": read, "reused": n_reused, "scored": to_score, "quarantined": quarantined,
         "shards": len(work.expected()), "shards_committed_earlier": job["shards_committed_earlier"], "shards_scored": job["shards_scored"],
-        "spark_tasks": job["tasks"], "partition_rewritten": rewrite,
+        "spark_tasks": job["tasks"], "shards_by_gpu": job["shards_by_gpu"], "partition_rewritten": rewrite,
         "scored_this_run": job["scored"], "scoring_seconds": round(job["seconds"], 2),
         "pairs_per_second": round(job["scored"] / job["seconds"], 2) if job["seconds"] else None,
         "seconds": round(time.perf_counter() - started, 2), "relevance": str(day_path),
