@@ -8,7 +8,9 @@ caller adds to the one pass it already makes over its cached rows, so certifying
 of the data, where GE's Spark engine runs a job per metric and sorts every row to check a key
 (a window over the key). Uniqueness is decided by a second, narrow aggregate: the number of distinct
 64-bit hashes of the key equals the number of keys (equal keys hash equally, so this proves the keys
-distinct; a hash collision only sends the suite to GE).
+distinct; a hash collision only sends the suite to GE). A caller that has already proved the checked
+rows' key distinct the same way (the duplicate search finds no key hash twice among rows that include
+them: `jobs.validate.mark_duplicates`) passes that key as `unique_key`, and that pass is not repeated.
 
 When every expectation is met the outcomes are what GE reports on success (unexpected 0 of the rows
 checked, the observed column list); when one is not, or the suite holds an expectation or argument
@@ -59,12 +61,14 @@ class SparkSuite:
 
     `aggregates` go into the caller's `agg` (grouped or not: they are counts, summed over groups);
     `result(measured, frame)` decides the suite from those counts and one key-uniqueness aggregate
-    over `frame`, or hands `frame`'s rows to GE when it cannot say every expectation is met.
+    over `frame` (none for `unique_key`, a key the caller proved distinct on those rows), or hands
+    `frame`'s rows to GE when it cannot say every expectation is met.
     """
 
-    def __init__(self, table: Table, rows, expectations: Sequence[Any] | None = None) -> None:
+    def __init__(self, table: Table, rows, expectations: Sequence[Any] | None = None, unique_key: Sequence[str] | None = None) -> None:
         self.table = table
         self.rows = rows
+        self.unique_key = frozenset(unique_key) if unique_key else None
         self.expectations = list(expectations if expectations is not None else expectations_for(table))
         self.configs = [(e.configuration.type, dict(e.configuration.kwargs), e) for e in self.expectations]
         self.readable = all(self._readable(kind, kwargs, expectation) for kind, kwargs, expectation in self.configs)
@@ -107,7 +111,8 @@ class SparkSuite:
         if kind == TABLE_COLUMNS:
             return frame.select(*self.table.names).columns == kwargs["column_list"]
         if kind in UNIQUE:
-            return self._keys_distinct(frame, _key(kind, kwargs))
+            key = _key(kind, kwargs)
+            return frozenset(key) == self.unique_key or self._keys_distinct(frame, key)
         return measured[f"_suite_{index}"] == 0
 
     def met(self, measured: Mapping[str, int], frame) -> bool:

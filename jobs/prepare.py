@@ -325,10 +325,12 @@ def _checked_day(spark, data: str, day: dt.date, run_suite: bool):
 
     catalog = validate_spark(CATALOG, read_with_provenance(spark, CATALOG, table_uri(data, CATALOG)), run_suite)
     raw = read_with_provenance(spark, SEARCH_IMPRESSIONS, table_uri(data, SEARCH_IMPRESSIONS), days=[day])
-    table_marked = mark_duplicates(SEARCH_IMPRESSIONS, mark_rule_breaks(SEARCH_IMPRESSIONS, raw))
+    table_marked, repeated_hashes = mark_duplicates(SEARCH_IMPRESSIONS, mark_rule_breaks(SEARCH_IMPRESSIONS, raw))
     checked = check_impressions(table_marked, catalog.accepted, day)
     table_accepted = F.col(REASON).isNull() | ~F.col(REASON).isin(table_reasons(SEARCH_IMPRESSIONS))
-    suite = SparkSuite(SEARCH_IMPRESSIONS, table_accepted) if run_suite else None
+    # no key hash repeated in the day proves the keys of the rows the table's rules accept distinct
+    unique_key = SEARCH_IMPRESSIONS.key if repeated_hashes == 0 else None
+    suite = SparkSuite(SEARCH_IMPRESSIONS, table_accepted, unique_key=unique_key) if run_suite else None
     is_late = F.col(REASON).isNull() & (F.to_date(F.col("ts")) < F.lit(day))
     tallies = checked.groupBy(REASON).agg(
         F.count(F.lit(1)).alias("_rows"), F.count(F.when(is_late, F.lit(1))).alias("_late"),

@@ -256,25 +256,27 @@ def _maybe_broadcast(frame, rows: int):
 
 
 def mark_duplicates(table: Table, checked):
-    """Mark every clean row after the first (in file order) of its key as a duplicate.
+    """(`checked` with every clean row after the first (in file order) of its key marked as a duplicate, the number of
+    key hashes the rows hold more than once). None repeated proves the rows' keys distinct, hence those of any subset
+    of them: a suite over such rows needs no aggregate of its own to certify the key (`jobs.certify`).
 
     Two steps, so the shuffle of every row carries a 64-bit hash of its key and nothing else: an
-    aggregate over the clean rows' key hashes finds the hashes seen more than once (on a clean day
-    none, and the frame comes back unchanged, with no join); only the rows with such a hash are then
-    grouped by their true key (a hash collision is no duplicate) for each repeated key's first row,
-    which is joined back. A window over the key would sort every row instead.
+    aggregate over every row's key hash (it reads the key columns only: the rows' rule marks are not
+    needed to find the hashes seen more than once, a superset of the clean rows' repeats) finds the
+    hashes seen more than once (on a clean day none, and the frame comes back unchanged, with no
+    join); only the clean rows with such a hash are then grouped by their true key (a hash collision
+    is no duplicate) for each repeated key's first row, which is joined back. A window over the key
+    would sort every row instead.
     """
     from pyspark.sql import functions as F
 
     clean = F.col(REASON).isNull()
     key_hash = F.xxhash64(*table.key).alias(KEY_HASH)
-    repeated_hashes = (
-        checked.where(clean).groupBy(key_hash).count().where(F.col("count") > 1).select(KEY_HASH).persist()
-    )
+    repeated_hashes = checked.groupBy(key_hash).count().where(F.col("count") > 1).select(KEY_HASH).persist()
     hashes = repeated_hashes.count()
     if not hashes:
         repeated_hashes.unpersist()
-        return checked
+        return checked, 0
     order = (
         F.struct(F.col(SOURCE_FILE_COL), F.col(ROW_INDEX_COL))
         if _has_provenance(checked)
@@ -296,7 +298,7 @@ def mark_duplicates(table: Table, checked):
         marked.withColumn(FIELD, F.when(is_duplicate, F.lit(",".join(table.key))).otherwise(F.col(FIELD)))
         .withColumn(REASON, F.when(is_duplicate, F.lit(duplicate_reason(table))).otherwise(F.col(REASON)))
         .drop("_order", "_first")
-    )
+    ), hashes
 
 
 def duplicate_reason(table: Table) -> str:
@@ -324,7 +326,7 @@ def mark_rule_breaks(table: Table, frame):
 def mark_rows(table: Table, frame):
     """`frame` plus `_reason` / `_field`: null on rows that pass every rule, else the first broken one."""
     checked = mark_rule_breaks(table, frame)
-    return mark_duplicates(table, checked) if table.key else checked
+    return mark_duplicates(table, checked)[0] if table.key else checked
 
 
 def _has_provenance(frame) -> bool:
@@ -378,8 +380,9 @@ def validate_spark(table: Table, frame, run_suite: bool = True) -> Validated:
     from jobs.certify import SparkSuite
 
     cached = mark_rule_breaks(table, frame).persist()
-    checked = mark_duplicates(table, cached) if table.key else cached
-    suite = SparkSuite(table, F.col(REASON).isNull()) if run_suite else None
+    checked, repeated_hashes = mark_duplicates(table, cached) if table.key else (cached, None)
+    # no key hash repeated in the table proves the accepted rows' keys distinct
+    suite = SparkSuite(table, F.col(REASON).isNull(), unique_key=table.key if repeated_hashes == 0 else None) if run_suite else None
     tally = checked.agg(
         F.count(F.lit(1)).alias("rows"), F.count(F.col(REASON)).alias("rejected"), *(suite.aggregates() if suite else [])
     ).first()

@@ -82,3 +82,20 @@ def test_an_expectation_it_does_not_read_is_left_to_ge(spark):
     result = suite.result(frame.agg(*suite.aggregates()).first().asDict(), frame)
     assert not suite.readable and result.success
     assert result.outcomes[0].unexpected_count == 1
+
+
+def test_a_key_the_duplicate_search_proved_distinct_is_not_measured_again(spark):
+    """`mark_duplicates` counts the key hashes its clean rows repeat; none proves every subset's keys distinct, and the suite
+    takes that proof for the same key (and only for it) instead of its own aggregate."""
+    from jobs.validate import mark_duplicates, mark_rule_breaks
+
+    def repeated_hashes(rows):
+        return mark_duplicates(CODES, mark_rule_breaks(CODES, spark.createDataFrame(rows, SCHEMA)))[1]
+
+    duplicate = BROKEN[("expect_compound_columns_to_be_unique", None)]
+    assert repeated_hashes(GOOD) == 0 and repeated_hashes([*GOOD, duplicate]) == 1
+
+    frame = spark.createDataFrame([*GOOD, duplicate], SCHEMA).withColumn("_keep", F.lit(True))
+    for unique_key, met in ((CODES.key, True), (("code",), False), (None, False)):
+        suite = SparkSuite(CODES, F.col("_keep"), unique_key=unique_key)
+        assert suite.met(frame.agg(*suite.aggregates()).first().asDict(), frame) is met, unique_key
