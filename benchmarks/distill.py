@@ -1,6 +1,6 @@
 """Distilled students against their teacher: quality on the test split and serving throughput on this CPU.
 
-    .venv/bin/python benchmarks/distill.py [--root demo_output] [--steps 300] [--test-pairs 1000] [--threads 2]
+    .venv/bin/python benchmarks/distill.py [--root demo_output] [--steps 400] [--test-pairs 1000] [--threads 2]
 
 From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), trains three students
 with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
