@@ -213,6 +213,10 @@ def score_shards_of_task(batches: Iterator[pa.RecordBatch], spec: ScorerSpec, da
     gpus = ",".join(gpu.addresses) if gpu else ""
     summary_schema = pa.schema([(SHARD, pa.int32()), ("file", pa.string()), ("rows", pa.int64()), ("seconds", pa.float64()),
                                 ("gpus", pa.string())])
+
+    def committed(writer: ShardWriter) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pylist([{**writer.commit(), "gpus": gpus}], schema=summary_schema)
+
     writer: ShardWriter | None = None
     for batch in batches:
         shards = batch.column(SHARD).to_numpy()
@@ -220,7 +224,7 @@ def score_shards_of_task(batches: Iterator[pa.RecordBatch], spec: ScorerSpec, da
         for start, stop in zip(boundaries, boundaries[1:]):
             shard = int(shards[start])
             if writer is not None and writer.shard != shard:
-                yield pa.RecordBatch.from_pylist([{**writer.commit(), "gpus": gpus}], schema=summary_schema)
+                yield committed(writer)
                 writer = None
             if writer is None:
                 scorer = scorer_for_task(spec, context)  # opened here, so a task without pairs loads no model
@@ -228,7 +232,7 @@ def score_shards_of_task(batches: Iterator[pa.RecordBatch], spec: ScorerSpec, da
                                      spec.batch_size * CHUNK_BATCHES)
             writer.add(pa.Table.from_batches([batch.slice(start, stop - start)]).drop_columns([SHARD]))
     if writer is not None:
-        yield pa.RecordBatch.from_pylist([{**writer.commit(), "gpus": gpus}], schema=summary_schema)
+        yield committed(writer)
 
 
 def task_scorer(spec: ScorerSpec, context) -> Scorer:
