@@ -87,7 +87,7 @@ from functools import reduce
 from jobs import hadoop_fs
 from jobs.hadoop_fs import table_uri
 from jobs.quarantine import FIELD, REASON, quarantine_frame, record_json
-from jobs.spark import spark_schema
+from jobs.spark import empty_frame
 from jobs.training_data.labels import (
     GOLD,
     LABELLED_COLUMNS,
@@ -266,7 +266,7 @@ def _examples(pairs, validated: dict, config: DatasetsConfig, graph: ReasoningGr
     if GOLD_NODES.name in validated:
         gold_nodes = validated[GOLD_NODES.name][0]
     else:
-        gold_nodes = pairs.sparkSession.createDataFrame([], spark_schema(GOLD_NODES))
+        gold_nodes = empty_frame(pairs.sparkSession, GOLD_NODES)
     examples = join_examples(pairs, gold_nodes, catalog, queries)
     examples = with_splits(examples, config.fractions, config.salt, config.weak_train_only)
     return materialise(

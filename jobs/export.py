@@ -204,8 +204,10 @@ def _publish_on_spark(config: ExportConfig, published_root: Path):
     from pyspark.sql import functions as F
 
     from jobs.spark import get_spark, spark_schema
+    from schemas.expectations import import_in_background
 
     day = config.day
+    import_in_background()
     spark = get_spark("relevance-export", master=config.spark_master)
     source = Path(config.relevance) / RELEVANCE.name / f"ds={day.isoformat()}"
     if day not in partitions(RELEVANCE, config.relevance):

@@ -17,7 +17,8 @@ Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, w
    the file took 1.3 to 3.3.
    Late data (a `ts` before the partition day) is kept and counted in the day it arrived, so
    re-running a day never touches another. Counts reconcile: rows in = accepted + quarantined.
-2. `normalise_queries`: NFKC unicode form, lower case, whitespace runs -> one space, trimmed, then
+2. `normalise_queries`: NFKC unicode form (ICU4J's, in the JVM: its Unicode version is Spark's, which may be
+   newer than Python's `unicodedata` that `normalise_text` uses for the synonyms), lower case, whitespace runs -> one space, trimmed, then
    whole-token synonyms (`PrepareConfig.synonyms`, e.g. couch -> sofa). Computed on the distinct raw
    query strings of the position cells, which `merge_cells` then sums per normalised query.
 3. `position_cells` (per raw query, merged after step 2) then `examination_rates`: the probability
@@ -57,8 +58,6 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 
-import pandas as pd
-
 from jobs import hadoop_fs
 from jobs.hadoop_fs import table_uri
 from jobs.quarantine import FIELD, REASON, Rule, first_failure
@@ -75,11 +74,6 @@ EXAMINATION_RATE = "examination_rate"
 def nfkc(text: str | None) -> str | None:
     """The unicode compatibility form (full-width letters, ligatures, odd spaces become plain ones)."""
     return None if text is None else unicodedata.normalize("NFKC", text)
-
-
-def nfkc_series(texts: pd.Series) -> pd.Series:
-    """`nfkc` over a pandas series (the body of the vectorised Spark UDF)."""
-    return texts.map(nfkc)
 
 
 def normalise_text(text: str) -> str:
@@ -138,8 +132,11 @@ def normalise_queries(raw_queries, synonyms: dict[str, str]):
     """(raw_query) distinct strings -> (raw_query, query) normalised; see the module docstring."""
     from pyspark.sql import functions as F
 
-    nfkc_udf = F.pandas_udf(nfkc_series, "string")
-    spaced = F.trim(F.regexp_replace(F.lower(nfkc_udf(F.col(RAW_QUERY))), r"\s+", " "))
+    raw = F.col(RAW_QUERY)
+    # NFKC in the JVM: ICU4J ships with Spark (its collations), and its static `compose(text, compat=true)` is the
+    # NFKC form; a Python UDF would start a Python worker for it.
+    nfkc_in_jvm = F.when(raw.isNotNull(), F.reflect(F.lit("com.ibm.icu.text.Normalizer"), F.lit("compose"), raw, F.lit(True)))
+    spaced = F.trim(F.regexp_replace(F.lower(nfkc_in_jvm), r"\s+", " "))
     tokens = F.split(spaced, " ")
     if synonyms:
         lookup = F.create_map(*[F.lit(text) for pair in sorted(synonyms.items()) for text in pair])
@@ -352,27 +349,39 @@ def _pair_cells(kept, synonyms: dict[str, str]):
     """Persisted (position cells, examination rates, pair aggregates) of the kept impressions."""
     from pyspark.sql import functions as F
 
-    raw_cells = position_cells(kept).persist()
+    raw_cells = materialised(position_cells(kept))
     raw_queries = raw_cells.select(F.col("query").alias(RAW_QUERY)).distinct()
-    cells = merge_cells(with_normalised_query(raw_cells, normalise_queries(raw_queries, synonyms))).persist()
+    cells = materialised(merge_cells(with_normalised_query(raw_cells, normalise_queries(raw_queries, synonyms))))
     rates = examination_rates(cells).persist()
     return [raw_cells, cells, rates, pair_aggregates(cells, rates).persist()]
 
 
+def materialised(frame):
+    """`frame` persisted and computed now. A persisted frame that several branches of the next query read is
+    otherwise computed by each of them at once (adaptive execution submits the branches' stages together,
+    before any has filled the cache): three times over for the cells the examination rates read."""
+    frame = frame.persist()
+    frame.count()
+    return frame
+
+
 def run(config: PrepareConfig) -> dict:
     """Prepare one day; returns (and writes as prepare.json) the counts, rates and output paths."""
-    from jobs.spark import get_spark, spark_schema
+    from jobs.spark import empty_frame, get_spark
     from jobs.validate import split_marked
+    from schemas.expectations import import_in_background
 
     laps = _Laps(time.perf_counter())
     day = config.day
     out = config.out or config.data
+    if config.run_suite:
+        import_in_background()
     spark = get_spark("relevance-prepare", master=config.spark_master, conf=config.spark_conf)
     catalog, checked, counts, late, by_reason = _checked_day(spark, config.data, day, config.run_suite)
     laps.lap("read_and_validate")
     kept, quarantine = split_marked(SEARCH_IMPRESSIONS, checked)
     if not counts.quarantined:  # the counts already say so: no pass over the day to find no rows
-        quarantine = spark.createDataFrame([], spark_schema(QUARANTINE))
+        quarantine = empty_frame(spark, QUARANTINE)
 
     persisted = _pair_cells(kept, config.synonyms)
     rates, aggregates = persisted[-2:]

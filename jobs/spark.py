@@ -114,3 +114,9 @@ def spark_schema(table: Table, without: Iterable[str] = ()):
             if column.name not in skip
         ]
     )
+
+
+def empty_frame(spark, table: Table):
+    """An empty DataFrame of `table`'s schema. Built from an RDD of no partitions, so no task runs for it:
+    `createDataFrame([])` starts a Python worker (a second on a fresh session) to serialise nothing."""
+    return spark.createDataFrame(spark.sparkContext.emptyRDD(), spark_schema(table))

@@ -498,7 +498,9 @@ def _run_pandas(config: ValidateConfig) -> list[ValidationCounts]:
 
 def _run_spark(config: ValidateConfig) -> list[ValidationCounts]:
     from jobs.spark import get_spark
+    from schemas.expectations import import_in_background
 
+    import_in_background()
     spark = get_spark("relevance-validate", master=config.spark_master)
     out = config.out or hadoop_fs.join(config.data, "_validation")
     names = _chosen_tables(config, lambda t: hadoop_fs.exists(spark, hadoop_fs.table_uri(config.data, t)))

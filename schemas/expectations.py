@@ -11,6 +11,8 @@ to import.
 
 from __future__ import annotations
 
+import importlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,12 @@ from typing import Any
 from schemas.table import Table
 
 CERTIFY_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 0}
+
+
+def import_in_background() -> None:
+    """Start importing great_expectations on a thread of its own, for a job to call before it waits on something
+    else (a JVM starting): the import is seconds of one core. A later import waits for this one to finish."""
+    threading.Thread(target=importlib.import_module, args=("great_expectations.expectations",), name="import-gx", daemon=True).start()
 
 
 @dataclass(frozen=True)

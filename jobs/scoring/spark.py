@@ -75,7 +75,7 @@ from jobs.scoring.config import ScoreConfig
 from jobs.scoring.pairs_file import ScoringInput
 from jobs.scoring.shards import write_json_atomically
 from jobs.scoring.spec import Scorer, ScorerSpec, open_scorer, pair_dicts, scorer_version
-from jobs.spark import spark_schema
+from jobs.spark import empty_frame, spark_schema
 from schemas.config import config_to_dict
 from schemas.storage import dataset, partitions, replace_folder, table_path
 from schemas.tables import CANDIDATE_PAIRS, CATALOG, PAIRS_TO_SCORE, QUARANTINE, RELEVANCE
@@ -439,7 +439,7 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str, 
     version = scorer_version(spec)
     history = history_frame(spark, config.out, day, config.cache_days)
     reused = (reused_frame(history, pairs, version, day, spec.name) if history is not None
-              else spark.createDataFrame([], schema=spark_schema(RELEVANCE)).withColumn(IN_PLACE, F.lit(True)))
+              else empty_frame(spark, RELEVANCE).withColumn(IN_PLACE, F.lit(True)))
     reused = reused.persist(StorageLevel.MEMORY_AND_DISK)
     todo = pairs.join(reused.select("query", "product_id"), on=["query", "product_id"], how="left_anti")
     fingerprint, to_score = fingerprint_and_count(todo)
@@ -450,7 +450,7 @@ def score_day_on_spark(config: ScoreConfig, spec: ScorerSpec, work_folder: str, 
     work, job = score_todo(todo, fingerprint, to_score, spec, day, day_folder / version, config.shard_size,
                            config.spark_partitions or spark.sparkContext.defaultParallelism,
                            {"ds": day.isoformat(), "model_version": version, "config": config_to_dict(config)})
-    scored = read_parquet(spark, RELEVANCE, work.files()) if work.expected() else spark.createDataFrame([], schema=spark_schema(RELEVANCE))
+    scored = read_parquet(spark, RELEVANCE, work.files()) if work.expected() else empty_frame(spark, RELEVANCE)
     rows = reused.drop(IN_PLACE).unionByName(scored)
     check = rows.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct("query", "product_id").alias("pairs")).first()
     n_pairs = n_reused + to_score
