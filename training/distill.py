@@ -22,8 +22,6 @@ Algorithmic choices:
   times `(1 - gold_weight) * CE(student, teacher decision) + gold_weight * CE(student, gold value)`,
   each term a mean over the examples that have that target (a teacher that did not decide a node,
   or decided a value outside the head's vocabulary, gives no target).
-  With `balanced_nodes` each value of a head weighs the inverse of its frequency among the drawn
-  pairs' targets (`class_balance`).
 - Optimizer: AdamW, linear warmup then cosine decay (`training.loop.learning_rate`), gradient
   clipping.
 - Determinism: the sample order is `training.loop.micro_batch_indices(step, ...)` and dropout is
@@ -97,9 +95,6 @@ class DistillConfig:
     temperature: float = help_field("Distillation temperature T of the KL term on y.", 2.0)
     gold_weight: float = help_field("Weight of the gold targets; the teacher's get 1 - gold_weight.", 0.5)
     node_weight: float = help_field("Weight of each non-label head's cross-entropy.", 1.0)
-    balanced_nodes: bool = help_field(
-        "Weigh each non-label head's values by the inverse of their frequency among the drawn pairs' targets (the teacher's and the "
-        "gold's apart), so that a rare value (ms=mismatch) is not outweighed by the common ones.", False)
     max_length: int = help_field("Longest student input in tokens (the product text is cut first).", 128)
     dropout: float = help_field("Dropout before the heads.", 0.1)
     lr: float = help_field("Peak learning rate of the encoder.", 1.5e-4)
@@ -193,8 +188,7 @@ def soft_kl(student_logits, teacher_probs, temperature: float):
 
 
 def distill_loss(logits: Mapping, teacher_probs, teacher_targets: Mapping, gold_targets: Mapping, *, label_node: str,
-                 temperature: float, gold_weight: float, node_weight: float, counts: Mapping[str, float] | None = None,
-                 class_weights: Mapping | None = None):
+                 temperature: float, gold_weight: float, node_weight: float, counts: Mapping[str, float] | None = None):
     """(scalar loss, metrics dict) of one batch.
 
     logits: head -> (batch, vocabulary) student logits. teacher_probs: (batch, labels) the teacher's
@@ -202,8 +196,7 @@ def distill_loss(logits: Mapping, teacher_probs, teacher_targets: Mapping, gold_
     vocabulary, IGNORE (-100) where there is no target (the label head's teacher target is unused:
     the distribution stands for it). counts: `target_counts` of the whole batch when these rows are one
     process's share of it; the loss and every metric are then the share's part, summing over the shares
-    to the whole batch's (default: these rows are the whole batch). class_weights: term (`ms_teacher`) -> the
-    weight of each value of the head's vocabulary in that cross-entropy (`class_balance`; default: 1).
+    to the whole batch's (default: these rows are the whole batch).
     """
     import torch
     import torch.nn.functional as F
@@ -224,8 +217,7 @@ def distill_loss(logits: Mapping, teacher_probs, teacher_targets: Mapping, gold_
             continue
         terms = []
         for source, targets, weight in (("teacher", teacher_targets[head], 1 - gold_weight), ("gold", gold_targets[head], gold_weight)):
-            weights = (class_weights or {}).get(f"{head}_{source}")
-            ce = masked_mean(F.cross_entropy(head_logits.float(), targets.clamp(min=0), weight=weights, reduction="none"), targets != IGNORE,
+            ce = masked_mean(F.cross_entropy(head_logits.float(), targets.clamp(min=0), reduction="none"), targets != IGNORE,
                              count(f"{head}_{source}"))
             metrics[f"loss/{head}_{source}"] = ce.item()
             terms.append(weight * ce)
@@ -294,26 +286,6 @@ def batch_targets(pairs: Sequence[dict], teacher: Sequence[dict], heads: Mapping
     gold_targets = {head: torch.tensor([target_index(vocabulary, pair["gold"].get(head)) for pair in pairs]) for head, vocabulary in heads.items()}
     teacher_targets[label_node] = torch.full((len(pairs),), IGNORE)
     return probs, teacher_targets, gold_targets
-
-
-def class_balance(pairs: Sequence[dict], teacher: Sequence[dict], heads: Mapping[str, Sequence[str]], label_node: str) -> dict:
-    """Term of `distill_loss` (`ms_teacher`, `ms_gold`) -> (len(vocabulary),) weights n / (k * n_v) over the targets
-    of `pairs` (n targets, k values, n_v of value v, counted from 1): the weighted mean over those targets stays
-    1, and each value carries an equal share of it."""
-    import torch
-
-    weights = {}
-    for head, vocabulary in heads.items():
-        if head == label_node:
-            continue
-        for source, values in (("teacher", [dict(row["node_decisions"] or []).get(head) for row in teacher]),
-                               ("gold", [pair["gold"].get(head) for pair in pairs])):
-            counts = torch.ones(len(vocabulary))
-            for value in values:
-                if value in vocabulary:
-                    counts[vocabulary.index(value)] += 1
-            weights[f"{head}_{source}"] = counts.sum() / (len(vocabulary) * counts)
-    return weights
 
 
 # ---------------------------------------------------------------- validation
@@ -398,9 +370,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "drawn_pairs": len(drawn), "val_pairs": len(val),
                    "heads": {k: len(v) for k, v in heads.items()}, "processes": parallel.world_size, "config": config_to_dict(config)})
     started = time.perf_counter()
-    class_weights = (class_balance([train[i] for i in drawn], [teacher[(train[i]["query_id"], train[i]["product_id"])] for i in drawn],
-                                   heads, graph.label_node) if config.balanced_nodes else None)
-    train_steps(config, training, tokenizer, train, teacher, heads, graph, labels, folder, start_step, class_weights)
+    train_steps(config, training, tokenizer, train, teacher, heads, graph, labels, folder, start_step)
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -446,8 +416,7 @@ def student_optimizer(model, config: DistillConfig):
 
 
 def train_steps(config: DistillConfig, training: StudentTraining, tokenizer, train: Sequence[dict], teacher: Mapping[tuple[str, str], dict],
-                heads: Mapping[str, Sequence[str]], graph: ReasoningGraph, labels: LabelSet, folder: RunFolder, start_step: int,
-                class_weights: Mapping | None = None) -> None:
+                heads: Mapping[str, Sequence[str]], graph: ReasoningGraph, labels: LabelSet, folder: RunFolder, start_step: int) -> None:
     """Steps start_step .. max_steps: draw (this process's share) -> targets -> loss -> step -> log -> checkpoint when due."""
     import torch
 
@@ -474,7 +443,7 @@ def train_steps(config: DistillConfig, training: StudentTraining, tokenizer, tra
         loss, shares = distill_loss(logits, probs.to(device), {head: t.to(device) for head, t in teacher_targets.items()},
                                     {head: t.to(device) for head, t in gold_targets.items()}, label_node=graph.label_node,
                                     temperature=config.temperature, gold_weight=config.gold_weight, node_weight=config.node_weight,
-                                    counts=counts, class_weights={term: w.to(device) for term, w in (class_weights or {}).items()})
+                                    counts=counts)
         optimizer.zero_grad(set_to_none=True)
         (loss * parallel.loss_scale).backward()
         grad_norm = clip_gradients(list(model.parameters()), config.max_grad_norm)

@@ -16,7 +16,7 @@ import torch
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.storage import write_table
 from schemas.tables import RELEVANCE
-from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, class_balance, distill_loss, run, soft_kl
+from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, distill_loss, run, soft_kl
 from training.student import (
     OnnxStudent,
     build_student,
@@ -113,29 +113,6 @@ def test_distill_loss_mixes_teacher_and_gold_and_skips_missing_targets():
     none_decided = {"y": teacher["y"], "ms": torch.tensor([IGNORE, IGNORE])}
     loss, metrics = distill_loss(logits, teacher_probs, none_decided, gold, label_node="y", temperature=2.0, gold_weight=0.25, node_weight=0.5)
     assert metrics["loss/ms_teacher"] == 0.0 and math.isfinite(loss.item())
-
-
-def test_balanced_nodes_weigh_each_value_by_its_inverse_frequency_in_that_term():
-    heads = {"y": tuple(LABELS.names), "ms": ("match", "related", "mismatch")}
-    pairs = [{"gold": {"ms": value}} for value in ("match", "match", "match", "related", "related", "mismatch")]
-    teacher = [{"node_decisions": [("ms", value)]} for value in ("match", "match", "match", "match", "related")] + [{"node_decisions": None}]
-    weights = class_balance(pairs, teacher, heads, "y")
-    assert set(weights) == {"ms_teacher", "ms_gold"}  # the label head has the teacher's distribution, no class weights
-    counts = torch.tensor([4.0, 3.0, 2.0])  # gold match 3, related 2, mismatch 1, each counted from 1
-    assert weights["ms_gold"].tolist() == pytest.approx((counts.sum() / (3 * counts)).tolist())
-    assert (weights["ms_gold"] * counts).sum().item() == pytest.approx(counts.sum().item())  # the weighted mean over the targets stays 1
-    assert weights["ms_teacher"].tolist() == pytest.approx([8 / 15, 8 / 6, 8 / 3])  # 4, 1, 0 decided (+1 each: 5, 2, 1); an undecided row counts nowhere
-
-    logits = {"y": torch.zeros(2, 3), "ms": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])}
-    targets = {"y": torch.tensor([IGNORE, IGNORE]), "ms": torch.tensor([0, 2])}
-    _, plain = distill_loss(logits, torch.full((2, 3), 1 / 3), targets, targets, label_node="y", temperature=1.0, gold_weight=0.0,
-                            node_weight=1.0)
-    _, weighted = distill_loss(logits, torch.full((2, 3), 1 / 3), targets, targets, label_node="y", temperature=1.0, gold_weight=0.0,
-                               node_weight=1.0, class_weights={"ms_teacher": torch.tensor([0.5, 1.0, 2.0])})
-    ce = [-math.log(math.exp(1.0) / (math.exp(1.0) + 2)), -math.log(math.exp(3.0) / (2 + math.exp(3.0)))]
-    assert plain["loss/ms_teacher"] == pytest.approx(sum(ce) / 2, rel=1e-5)
-    assert weighted["loss/ms_teacher"] == pytest.approx((0.5 * ce[0] + 2.0 * ce[1]) / 2, rel=1e-5)
-    assert weighted["loss/ms_gold"] == pytest.approx(plain["loss/ms_gold"], rel=1e-6)  # a term without weights is unchanged
 
 
 def test_targets_map_decisions_into_each_head_and_ignore_the_rest():
