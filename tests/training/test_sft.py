@@ -13,7 +13,7 @@ from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
 from training.examples import IGNORE, Example
 from training.loop import learning_rate, micro_batch_indices
-from training.sft import SFTConfig, draw_masked_nodes, example_tensors, run, weighted_token_loss
+from training.sft import SFTConfig, collate, draw_masked_nodes, example_tensors, positions_to_score, run, weighted_token_loss
 from training.validation import cot_metrics
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -50,6 +50,20 @@ def test_decision_tokens_weigh_more_and_the_loss_is_their_weighted_mean():
     assert weighted_token_loss(logits, labels_tensor, unweighted, float(unweighted[0, 1:].sum())) == pytest.approx(float(mean))
     with pytest.raises(ConfigError, match="decision_weight"):
         SFTConfig(decision_weight=0)
+
+
+def test_logits_of_the_trailing_scored_positions_give_the_whole_batch_loss():
+    short_prompt = Example(query_id="q2", product_id="p", prompt_ids=(1, 2), target_ids=(10, 2), target_nodes=("y", None), gold={})
+    rows = [example_tensors(EXAMPLE, ["y"], None), example_tensors(short_prompt, [], None)]  # row 0 labels from 5, row 1 from 2
+    _, _, labels, weights = collate(rows, pad_id=0)
+    assert positions_to_score(labels) == labels.shape[1] - 2 + 1  # row 1's first label needs the logits of position 1
+    logits = torch.randn(2, labels.shape[1], 20)
+    start = labels.shape[1] - positions_to_score(labels)
+    total = float(weights[:, 1:].sum())
+    assert weighted_token_loss(logits[:, start:], labels[:, start:], weights[:, start:], total) == pytest.approx(
+        float(weighted_token_loss(logits, labels, weights, total)))
+    assert float(weighted_token_loss(logits[:, start + 1:], labels[:, start + 1:], weights[:, start + 1:], total)) != pytest.approx(
+        float(weighted_token_loss(logits, labels, weights, total)))  # one position fewer loses a labelled token
 
 
 def test_mask_draws_never_include_y_and_follow_p_mask():
@@ -151,6 +165,15 @@ def test_gradient_checkpointing_recomputes_the_same_steps(tiny_world, tiny_model
     assert _losses(tmp_path / "recomputed") == _losses(tmp_path / "kept")
     a, b = load_file(tmp_path / "kept" / "model" / "model.safetensors"), load_file(tmp_path / "recomputed" / "model" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_compiled_training_takes_the_eager_steps(tiny_world, tiny_model, tmp_path):
+    run(_config(tiny_world, tiny_model, tmp_path / "eager", max_steps=3))
+    run(_config(tiny_world, tiny_model, tmp_path / "compiled", max_steps=3, compile=True))
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4)  # fused kernels round differently
+    a, b = load_file(tmp_path / "eager" / "model" / "model.safetensors"), load_file(tmp_path / "compiled" / "model" / "model.safetensors")
+    assert all(torch.allclose(a[name], b[name], atol=1e-4) for name in a)
+    assert any(not torch.equal(a[name], load_file(tiny_model / "model.safetensors")[name]) for name in a)  # and it did train
 
 
 def test_lora_trains_only_the_adapted_modules(tiny_world, tiny_model, tmp_path):
