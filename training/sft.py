@@ -224,14 +224,6 @@ def collate(rows: Rows, pad_id: int):
     return input_ids, attention, labels, weights
 
 
-def positions_to_score(labels) -> int:
-    """How many trailing positions of a right-padded batch need logits: from the one before the earliest labelled
-    token of any row to the end. The prompts' logits (a third of a tiny policy's positions, each a hidden x vocabulary
-    product and a softmax) are then never computed."""
-    first_labelled = (labels != IGNORE).int().argmax(dim=1)
-    return labels.shape[1] - int(first_labelled.min()) + 1
-
-
 def weighted_token_loss(logits, labels, weights, total_weight: float):
     """Sum over labelled positions of weight x next-token cross-entropy / total_weight (the step's summed weight)."""
     import torch.nn.functional as F
@@ -283,11 +275,9 @@ class Optimisation:
         for k, batch in enumerate(batches):
             input_ids, attention, batch_labels, weights = (t.to(self.device) for t in collate(batch, pad_id))
             with gradient_sync(self.trained, self.parallel, enabled=k == len(batches) - 1):
-                scored = positions_to_score(batch_labels)
                 with autocast(self.device, self.autocast_dtype):
-                    logits = self.trained(input_ids=input_ids, attention_mask=attention, logits_to_keep=scored).logits
-                start = batch_labels.shape[1] - scored
-                loss = weighted_token_loss(logits, batch_labels[:, start:], weights[:, start:], total_weight)
+                    logits = self.trained(input_ids=input_ids, attention_mask=attention).logits
+                loss = weighted_token_loss(logits, batch_labels, weights, total_weight)
                 self.scaler.scale(loss * self.parallel.loss_scale).backward()
             loss_value += loss.item()
         self.scaler.unscale_(self.optimizer)

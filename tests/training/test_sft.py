@@ -13,7 +13,7 @@ from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
 from training.examples import IGNORE, Example
 from training.loop import learning_rate, micro_batch_indices
-from training.sft import SFTConfig, collate, draw_masked_nodes, example_tensors, positions_to_score, run, weighted_token_loss
+from training.sft import SFTConfig, draw_masked_nodes, example_tensors, run, weighted_token_loss
 from training.validation import cot_metrics
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -50,20 +50,6 @@ def test_decision_tokens_weigh_more_and_the_loss_is_their_weighted_mean():
     assert weighted_token_loss(logits, labels_tensor, unweighted, float(unweighted[0, 1:].sum())) == pytest.approx(float(mean))
     with pytest.raises(ConfigError, match="decision_weight"):
         SFTConfig(decision_weight=0)
-
-
-def test_logits_of_the_trailing_scored_positions_give_the_whole_batch_loss():
-    short_prompt = Example(query_id="q2", product_id="p", prompt_ids=(1, 2), target_ids=(10, 2), target_nodes=("y", None), gold={})
-    rows = [example_tensors(EXAMPLE, ["y"], None), example_tensors(short_prompt, [], None)]  # row 0 labels from 5, row 1 from 2
-    _, _, labels, weights = collate(rows, pad_id=0)
-    assert positions_to_score(labels) == labels.shape[1] - 2 + 1  # row 1's first label needs the logits of position 1
-    logits = torch.randn(2, labels.shape[1], 20)
-    start = labels.shape[1] - positions_to_score(labels)
-    total = float(weights[:, 1:].sum())
-    assert weighted_token_loss(logits[:, start:], labels[:, start:], weights[:, start:], total) == pytest.approx(
-        float(weighted_token_loss(logits, labels, weights, total)))
-    assert float(weighted_token_loss(logits[:, start + 1:], labels[:, start + 1:], weights[:, start + 1:], total)) != pytest.approx(
-        float(weighted_token_loss(logits, labels, weights, total)))  # one position fewer loses a labelled token
 
 
 def test_mask_draws_never_include_y_and_follow_p_mask():

@@ -1,0 +1,112 @@
+"""Seconds per SFT optimizer step of a policy, eager and compiled, side by side on the same batches.
+
+    .venv/bin/python benchmarks/sft_step.py --data DATASETS --model POLICY [--steps 40] [--rounds 2]
+
+- `eager`: `training.sft.Optimisation.step` as `train sft` runs it by default (the reference).
+- `compiled`: the same with `compile=true` (torch.compile, dynamic shapes); its compilation (the
+  first steps) is timed apart.
+
+Every variant starts from the same weights and takes the same masked batches of the default
+`SFTConfig` (the policy's own format); the rounds interleave the variants. Writes seconds per step,
+the ratios to the reference within each round, the compile time and the load averages to
+benchmarks/results/sft_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from machine import load_average  # noqa: E402
+
+from schemas.graph import ReasoningGraph  # noqa: E402
+from training.distributed import parallel_run  # noqa: E402
+from training.examples import encode_example, load_pairs  # noqa: E402
+from training.loop import learning_rate  # noqa: E402
+from training.model import load_model_to_train  # noqa: E402
+from training.policy_format import resolve_format  # noqa: E402
+from training.sft import Optimisation, SFTConfig, masked_micro_batches  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "sft_step.json"
+WARMUP_STEPS = 5
+
+
+def time_variant(name: str, args, parallel, batches_at, pad_id: int) -> dict:
+    """(compile or warm-up seconds, seconds per timed step) of one variant from fresh weights."""
+    config = SFTConfig(data=args.data, model=args.model, graph=args.graph, label_set=args.label_set, order=args.order,
+                       prompt_tokens=args.prompt_tokens, compile=name == "compiled", threads=args.threads)
+    model, tokenizer = load_model_to_train(args.model)
+    training = Optimisation.create(model, config, parallel, None)
+    training.trained.train()
+
+    def step(index: int) -> None:
+        batches = batches_at(index)
+        total = sum(sum(weights[1:]) for batch in batches for _, _, weights in batch)
+        lr = learning_rate(index, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        training.step(batches, total, lr, tokenizer.pad_token_id, config.max_grad_norm)
+
+    started = time.perf_counter()
+    for index in range(WARMUP_STEPS):
+        step(index)
+    warm = time.perf_counter() - started
+    started = time.perf_counter()
+    for index in range(WARMUP_STEPS, WARMUP_STEPS + args.steps):
+        step(index)
+    return {"first_steps_seconds": round(warm, 2), "seconds_per_step": round((time.perf_counter() - started) / args.steps, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="data root with training_examples (`relevance datasets`)")
+    parser.add_argument("--model", type=Path, required=True, help="policy folder (`relevance model init` or a trained policy)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round (after 5 untimed ones)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    policy = resolve_format(args.model)
+    args.graph, args.label_set, args.order, args.prompt_tokens = policy.graph, policy.label_set, policy.order, policy.prompt_tokens
+    torch.set_num_threads(args.threads)
+
+    config = SFTConfig(data=args.data, model=args.model, graph=args.graph, label_set=args.label_set, order=args.order,
+                       prompt_tokens=args.prompt_tokens)
+    graph = ReasoningGraph.load(args.graph)
+    _, tokenizer = load_model_to_train(args.model)
+    train = load_pairs(args.data, args.label_set, "train")
+    example_at = functools.cache(lambda index: encode_example(train[index], tokenizer, graph, args.order, args.prompt_tokens))
+    reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
+    batches_at = functools.cache(lambda step: masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, None, {}))
+
+    variants = ("eager", "compiled")
+    rounds = []
+    load_before = load_average()
+    with parallel_run(torch.device("cpu"), "ddp") as parallel:
+        for _ in range(args.rounds):
+            timings = {name: {**time_variant(name, args, parallel, batches_at, tokenizer.pad_token_id), "load_after": load_average()}
+                       for name in variants}
+            reference = timings["eager"]["seconds_per_step"]
+            rounds.append({"timings": timings, "step_time_over_eager": {
+                name: round(timing["seconds_per_step"] / reference, 3) for name, timing in timings.items()}})
+            print(json.dumps(rounds[-1]), flush=True)
+    result = {
+        "command": " ".join(sys.argv), "data": str(args.data), "model": str(args.model), "order": args.order,
+        "batch_size": config.batch_size, "threads": args.threads, "timed_steps": args.steps, "rounds": rounds,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(), "load_before": load_before,
+                    "load_after": load_average()},
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2))
+    print(f"written to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
