@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from schemas.table import Table
@@ -120,3 +121,19 @@ def empty_frame(spark, table: Table):
     """An empty DataFrame of `table`'s schema. Built from an RDD of no partitions, so no task runs for it:
     `createDataFrame([])` starts a Python worker (a second on a fresh session) to serialise nothing."""
     return spark.createDataFrame(spark.sparkContext.emptyRDD(), spark_schema(table))
+
+
+@contextmanager
+def session_conf(spark, settings: dict[str, str]) -> Iterator[None]:
+    """Runtime SQL settings for the actions run inside (adaptive execution plans at the action), restored after."""
+    before = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)

@@ -38,7 +38,7 @@ import pyarrow as pa
 from jobs import hadoop_fs
 from jobs.pages import page, suite_heading, suite_table
 from jobs.quarantine import FIELD, REASON, Rule, first_failure, quarantine_frame, quarantine_table, record_json
-from jobs.spark import spark_schema
+from jobs.spark import session_conf, spark_schema
 from schemas.config import ConfigError, help_field
 from schemas.expectations import SuiteResult, validate_with_gx
 from schemas.logs import progress
@@ -272,8 +272,11 @@ def mark_duplicates(table: Table, checked):
 
     clean = F.col(REASON).isNull()
     key_hash = F.xxhash64(*table.key).alias(KEY_HASH)
-    repeated_hashes = checked.groupBy(key_hash).count().where(F.col("count") > 1).select(KEY_HASH).persist()
-    hashes = repeated_hashes.count()
+    # nearly every hash is distinct, so an aggregate before the shuffle would only build a map as large as its input
+    # (the setting holds while the persisted plan is made, at persist)
+    with session_conf(checked.sparkSession, {"spark.sql.execution.bypassPartialAggregation": "true"}):
+        repeated_hashes = checked.groupBy(key_hash).count().where(F.col("count") > 1).select(KEY_HASH).persist()
+        hashes = repeated_hashes.count()
     if not hashes:
         repeated_hashes.unpersist()
         return checked, 0
