@@ -349,17 +349,18 @@ def _pair_cells(kept, synonyms: dict[str, str]):
     """Persisted (position cells, examination rates, pair aggregates) of the kept impressions."""
     from pyspark.sql import functions as F
 
-    raw_cells = materialised(position_cells(kept))
+    raw_cells = persisted_now(position_cells(kept))
     raw_queries = raw_cells.select(F.col("query").alias(RAW_QUERY)).distinct()
-    cells = materialised(merge_cells(with_normalised_query(raw_cells, normalise_queries(raw_queries, synonyms))))
+    cells = persisted_now(merge_cells(with_normalised_query(raw_cells, normalise_queries(raw_queries, synonyms))))
     rates = examination_rates(cells).persist()
     return [raw_cells, cells, rates, pair_aggregates(cells, rates).persist()]
 
 
-def materialised(frame):
+def persisted_now(frame):
     """`frame` persisted and computed now. A persisted frame that several branches of the next query read is
     otherwise computed by each of them at once (adaptive execution submits the branches' stages together,
-    before any has filled the cache): three times over for the cells the examination rates read."""
+    before any has filled the cache): three times over for the cells the examination rates read. A persist,
+    not `jobs.datasets.materialise`'s checkpoint: `run` releases these frames when the day is written."""
     frame = frame.persist()
     frame.count()
     return frame

@@ -125,7 +125,8 @@ def empty_frame(spark, table: Table):
 
 @contextmanager
 def session_conf(spark, settings: dict[str, str]) -> Iterator[None]:
-    """Runtime SQL settings for the actions run inside (adaptive execution plans at the action), restored after."""
+    """Runtime SQL settings for the plans made inside (an action's, and a persisted frame's, which is planned at
+    `persist`), restored after."""
     before = {key: spark.conf.get(key, None) for key in settings}
     for key, value in settings.items():
         spark.conf.set(key, value)

@@ -92,8 +92,11 @@ def test_a_key_the_duplicate_search_proved_distinct_is_not_measured_again(spark)
     def repeated_hashes(rows):
         return mark_duplicates(CODES, mark_rule_breaks(CODES, spark.createDataFrame(rows, SCHEMA)))[1]
 
+    setting = "spark.sql.execution.bypassPartialAggregation"  # the search's own, while it plans
+    before = spark.conf.get(setting)
     duplicate = BROKEN[("expect_compound_columns_to_be_unique", None)]
     assert repeated_hashes(GOOD) == 0 and repeated_hashes([*GOOD, duplicate]) == 1
+    assert spark.conf.get(setting) == before  # and it does not outlive the search
 
     frame = spark.createDataFrame([*GOOD, duplicate], SCHEMA).withColumn("_keep", F.lit(True))
     for unique_key, met in ((CODES.key, True), (("code",), False), (None, False)):

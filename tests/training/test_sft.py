@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 
 from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
+from training.distributed import parallel_run
 from training.examples import IGNORE, Example
 from training.loop import learning_rate, micro_batch_indices
-from training.sft import SFTConfig, draw_masked_nodes, example_tensors, run, weighted_token_loss
+from training.model import load_model_to_train
+from training.sft import Optimisation, SFTConfig, draw_masked_nodes, example_tensors, run, weighted_token_loss
 from training.validation import cot_metrics
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -160,6 +162,10 @@ def test_compiled_training_takes_the_eager_steps(tiny_world, tiny_model, tmp_pat
     a, b = load_file(tmp_path / "eager" / "model" / "model.safetensors"), load_file(tmp_path / "compiled" / "model" / "model.safetensors")
     assert all(torch.allclose(a[name], b[name], atol=1e-4) for name in a)
     assert any(not torch.equal(a[name], load_file(tiny_model / "model.safetensors")[name]) for name in a)  # and it did train
+    model, _ = load_model_to_train(tiny_model)
+    with parallel_run(torch.device("cpu"), "ddp") as parallel:
+        trained = Optimisation.create(model, _config(tiny_world, tiny_model, tmp_path / "unused", compile=True), parallel, None).trained
+    assert trained._orig_mod is model  # the steps above went through torch.compile's wrapper, not the eager module
 
 
 def test_lora_trains_only_the_adapted_modules(tiny_world, tiny_model, tmp_path):
