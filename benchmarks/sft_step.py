@@ -1,15 +1,19 @@
-"""Seconds per SFT optimizer step of a policy, eager and compiled, side by side on the same batches.
+"""Seconds per SFT optimizer step of a policy under the training loop's speed options, side by side on the same batches.
 
-    .venv/bin/python benchmarks/sft_step.py --data DATASETS --model POLICY [--steps 40] [--rounds 2]
+    .venv/bin/python benchmarks/sft_step.py --data DATASETS --model POLICY [--steps 40] [--rounds 2] [--compiled]
 
-- `eager`: `training.sft.Optimisation.step` as `train sft` runs it by default (the reference).
-- `compiled`: the same with `compile=true` (torch.compile, dynamic shapes); its compilation (the
-  first steps) is timed apart.
+- `one_pass` (the reference): each micro-batch in one forward and backward pass (`length_splits=1`) with
+  transformers' `sdpa` attention, eager: `train sft` before length splits and shared key/value heads.
+- `length_split`: the default `length_splits` (passes over parts of the micro-batch sorted by length), `sdpa`.
+- `length_split_shared_kv`: that with the attention policies load with (`training.attention`): the
+  default of `train sft`.
+- `compiled` (with `--compiled`): the default with `compile=true` (torch.compile, dynamic shapes); its
+  compilation (the first steps) is timed apart.
 
-Every variant starts from the same weights and takes the same masked batches of the default
-`SFTConfig` (the policy's own format); the rounds interleave the variants. Writes seconds per step,
-the ratios to the reference within each round, the compile time and the load averages to
-benchmarks/results/sft_step.json.
+Every variant starts from the same weights and takes the same masked batches of the default `SFTConfig`
+(the policy's own format); the rounds interleave the variants. Writes seconds per step, the ratios to the
+reference within each round, the real share of the tokens computed, the warm-up time and the load averages
+to benchmarks/results/sft_step.json.
 """
 
 from __future__ import annotations
@@ -29,22 +33,33 @@ import torch  # noqa: E402
 from machine import load_average  # noqa: E402
 
 from schemas.graph import ReasoningGraph  # noqa: E402
+from training.attention import SDPA_SHARED_KV  # noqa: E402
 from training.distributed import parallel_run  # noqa: E402
 from training.examples import encode_example, load_pairs  # noqa: E402
 from training.loop import learning_rate  # noqa: E402
 from training.model import load_model_to_train  # noqa: E402
 from training.policy_format import resolve_format  # noqa: E402
-from training.sft import Optimisation, SFTConfig, masked_micro_batches  # noqa: E402
+from training.sft import Optimisation, SFTConfig, length_sorted_parts, masked_micro_batches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "sft_step.json"
 WARMUP_STEPS = 5
 
 
+VARIANTS = {  # name: (SFTConfig overrides, attention implementation)
+    "one_pass": ({"length_splits": 1}, "sdpa"),
+    "length_split": ({}, "sdpa"),
+    "length_split_shared_kv": ({}, SDPA_SHARED_KV),
+    "compiled": ({"compile": True}, SDPA_SHARED_KV),
+}
+
+
 def time_variant(name: str, args, parallel, batches_at, pad_id: int) -> dict:
-    """(compile or warm-up seconds, seconds per timed step) of one variant from fresh weights."""
+    """(compile or warm-up seconds, seconds per timed step, real share of the tokens computed) of one variant from fresh weights."""
+    overrides, attention = VARIANTS[name]
     config = SFTConfig(data=args.data, model=args.model, graph=args.graph, label_set=args.label_set, order=args.order,
-                       prompt_tokens=args.prompt_tokens, compile=name == "compiled", threads=args.threads)
+                       prompt_tokens=args.prompt_tokens, threads=args.threads, **overrides)
     model, tokenizer = load_model_to_train(args.model)
+    model.set_attn_implementation(attention)
     training = Optimisation.create(model, config, parallel, None)
     training.trained.train()
 
@@ -61,7 +76,11 @@ def time_variant(name: str, args, parallel, batches_at, pad_id: int) -> dict:
     started = time.perf_counter()
     for index in range(WARMUP_STEPS, WARMUP_STEPS + args.steps):
         step(index)
-    return {"first_steps_seconds": round(warm, 2), "seconds_per_step": round((time.perf_counter() - started) / args.steps, 4)}
+    parts = [part for index in range(WARMUP_STEPS, WARMUP_STEPS + args.steps) for batch in batches_at(index)
+             for part in length_sorted_parts(batch, config.length_splits)]
+    real_share = sum(len(ids) for part in parts for ids, _, _ in part) / sum(len(part) * max(len(ids) for ids, _, _ in part) for part in parts)
+    return {"first_steps_seconds": round(warm, 2), "seconds_per_step": round((time.perf_counter() - started) / args.steps, 4),
+            "real_share_of_tokens_computed": round(real_share, 3)}
 
 
 def main() -> None:
@@ -71,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round (after 5 untimed ones)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compiled", action="store_true", help="also time compile=true")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     policy = resolve_format(args.model)
@@ -86,15 +106,15 @@ def main() -> None:
     reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
     batches_at = functools.cache(lambda step: masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, None, {}))
 
-    variants = ("eager", "compiled")
+    variants = [name for name in VARIANTS if name != "compiled" or args.compiled]
     rounds = []
     load_before = load_average()
     with parallel_run(torch.device("cpu"), "ddp") as parallel:
         for _ in range(args.rounds):
             timings = {name: {**time_variant(name, args, parallel, batches_at, tokenizer.pad_token_id), "load_after": load_average()}
                        for name in variants}
-            reference = timings["eager"]["seconds_per_step"]
-            rounds.append({"timings": timings, "step_time_over_eager": {
+            reference = timings["one_pass"]["seconds_per_step"]
+            rounds.append({"timings": timings, "step_time_over_one_pass": {
                 name: round(timing["seconds_per_step"] / reference, 3) for name, timing in timings.items()}})
             print(json.dumps(rounds[-1]), flush=True)
     result = {

@@ -20,6 +20,7 @@ from schemas.config import ConfigError, help_field
 from schemas.graph import DEFAULT_GRAPH, FACETS_NONE, LabelSet, ReasoningGraph, format_facets
 from schemas.storage import read_table
 from schemas.tables import CATALOG, QUERIES
+from training.attention import use_shared_kv_attention
 from training.model_files import (
     ADAPTER_CONFIG_FILE,
     ModelFolderError,
@@ -98,6 +99,7 @@ def load_model(path: str | Path, dtype: str = "float32", trainable_adapter: bool
         tokenizer.pad_token = tokenizer.eos_token
     # safetensors only (one file or an index and its shards): a pickled pytorch_model.bin is never unpickled
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False)
+    use_shared_kv_attention(model)
     if base is not None:
         from peft import PeftModel
 

@@ -32,7 +32,9 @@ from training.sft import run as run_sft
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-5
-WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
+# Adam divides by the root of the squared gradient, so an entry whose gradient is near zero moves by up to the learning rate
+# on summation-order noise: with the shares in length-sorted passes one weight of 2048 ended 1.4e-6 apart (lr 5e-3)
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 # phi moves by the controller's estimate of how the main loss changed, a difference of two close losses: the
 # summation order of two processes (1e-7 relative in a loss) reaches it as about 1e-4 relative
 PHI_RTOL = 1e-3
@@ -171,8 +173,9 @@ def test_settings_a_sharded_run_cannot_take_are_refused(sft_policy, tmp_path):
 
 
 def sft_config(world: Path, model: Path, out: Path, **overrides) -> SFTConfig:
-    # grad_accum 2 and p_mask 0.5: the shares cut micro-batches whose masks are drawn for the whole micro-batch
-    values = {"data": world, "model": model, "out": out, "batch_size": 8, "grad_accum": 2, "max_steps": 4, "warmup_steps": 1, "lr": 5e-3,
+    # grad_accum 2 and p_mask 0.5: the shares cut micro-batches whose masks are drawn for the whole micro-batch; length_splits 2:
+    # each process's share in two passes (as many on every process, which FSDP's collectives need)
+    values = {"data": world, "model": model, "out": out, "batch_size": 8, "grad_accum": 2, "length_splits": 2, "max_steps": 4, "warmup_steps": 1, "lr": 5e-3,
               "p_mask": 0.5, "val_items": 4, "max_new_tokens": 8, "eval_batch_size": 4, "checkpoint_every": 2, "threads": 1}
     return SFTConfig(**{**values, **overrides})
 

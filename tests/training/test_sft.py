@@ -15,7 +15,7 @@ from training.distributed import parallel_run
 from training.examples import IGNORE, Example
 from training.loop import learning_rate, micro_batch_indices
 from training.model import load_model_to_train
-from training.sft import Optimisation, SFTConfig, draw_masked_nodes, example_tensors, run, weighted_token_loss
+from training.sft import Optimisation, SFTConfig, draw_masked_nodes, example_tensors, length_sorted_parts, run, weighted_token_loss
 from training.validation import cot_metrics
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -155,6 +155,14 @@ def test_gradient_checkpointing_recomputes_the_same_steps(tiny_world, tiny_model
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_length_split_passes_take_the_one_pass_steps(tiny_world, tiny_model, tmp_path):
+    run(_config(tiny_world, tiny_model, tmp_path / "one_pass", max_steps=3, length_splits=1))
+    run(_config(tiny_world, tiny_model, tmp_path / "split", max_steps=3, length_splits=3))
+    assert _losses(tmp_path / "split") == pytest.approx(_losses(tmp_path / "one_pass"), rel=1e-5)  # one sum, added in another order
+    one_pass, split = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one_pass", "split"))
+    assert all(torch.allclose(split[name], one_pass[name], atol=1e-5) for name in one_pass)
+
+
 def test_compiled_training_takes_the_eager_steps(tiny_world, tiny_model, tmp_path):
     run(_config(tiny_world, tiny_model, tmp_path / "eager", max_steps=3))
     run(_config(tiny_world, tiny_model, tmp_path / "compiled", max_steps=3, compile=True))
@@ -229,3 +237,11 @@ def test_the_saved_policy_says_how_it_was_trained(tiny_world, tiny_model, tmp_pa
     assert PolicyFormat.load(tmp_path / "run" / "model") == PolicyFormat(
         graph="relevance8", label_set="wands", order="reasoning_first", prompt_tokens=40
     )
+
+
+def test_length_sorted_parts_keep_every_row_once_and_split_as_evenly_as_the_rows_allow():
+    rows = [([0] * n, [0] * n, [1.0] * n) for n in (5, 2, 9, 3, 7)]
+    parts = length_sorted_parts(rows, 2)
+    assert [[len(ids) for ids, _, _ in part] for part in parts] == [[2, 3, 5], [7, 9]]
+    assert [len(part) for part in length_sorted_parts(rows, 4)] == [2, 1, 1, 1]
+    assert [len(part) for part in length_sorted_parts(rows[:2], 4)] == [1, 1]  # fewer rows than parts: no empty pass
