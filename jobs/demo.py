@@ -50,7 +50,7 @@ class DemoConfig:
                             "scoring path, the default product_first labels better).", "product_first")
     sft_steps: int = help_field(
         "SFT optimizer steps (0: the SFT default, 4000, 22-27 minutes here at 2 threads; the demo trains fewer, and with 1600 the "
-        "whole demo took 19m52s here).", 1600)
+        "whole demo took 14m09s here).", 1600)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
