@@ -88,10 +88,11 @@ class Policy:
     tokenizer: object
 
     @classmethod
-    def load(cls, folder: Path) -> Policy:
+    def load(cls, folder: Path, device: str = "cpu") -> Policy:
         policy_format = PolicyFormat.load(folder) or PolicyFormat()
+        model, tokenizer = load_model(folder)
         return cls(folder, policy_format, ReasoningGraph.load(policy_format.graph), LabelSet.load(policy_format.label_set),
-                   *load_model(folder))
+                   model.to(device), tokenizer)
 
 
 def throughput(policy: Policy, pairs: list[dict], batch_size: int) -> float:
@@ -151,6 +152,14 @@ def diagnose(policy: Policy, data: Path, split: str, related: set[tuple[str, str
         "predicted_label_counts": dict(Counter(label or "<unparsed>" for label in predicted)),
         "gold_label_counts": dict(Counter(gold_labels)),
     }
+
+
+def machine(device: str) -> str:
+    """Where the figures were measured: the CPUs and their load, and the GPU when the policies decode on one."""
+    import torch
+
+    cpus = f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
+    return f"{torch.cuda.get_device_name(torch.device(device))}, {cpus}" if device.startswith("cuda") else cpus
 
 
 def markdown(result: dict) -> str:
@@ -232,6 +241,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=COT_TOKEN_BUDGET)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="Where the policies decode: cpu, cuda or cuda:N.")
     args = parser.parse_args()
     if args.curves:
         print(json.dumps(curves(args.curves, args.results, args.keep_previous), indent=1))
@@ -252,14 +262,14 @@ def main() -> None:
     label_set = (PolicyFormat.load(Path(next(iter(policies.values())))) or PolicyFormat()).label_set
     timed = load_pairs(data, label_set, args.split)[: args.throughput_pairs]
     for name, folder in policies.items():
-        policy = Policy.load(Path(folder))
+        policy = Policy.load(Path(folder), args.device)
         run = diagnose(policy, data, args.split, related, args.batch_size, args.max_new_tokens)
         run["throughput_pairs_per_s"] = throughput(policy, timed, args.batch_size)
         run["throughput_load_average"] = round(os.getloadavg()[0], 2)  # timings compare only on a quiet machine
         if args.unseen:
             run["unseen"] = diagnose(policy, args.unseen, "test", related, args.batch_size, args.max_new_tokens)
         result["policies"][name] = run
-    result["machine"] = f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}"
+    result["machine"] = machine(args.device)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "quality_diagnosis.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / "quality_diagnosis.md").write_text(markdown(result))

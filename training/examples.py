@@ -74,14 +74,39 @@ def prompt_ids(tokenizer, prompt_text: str) -> list[int]:
 def token_node_map(tokenizer, ids: Sequence[int], graph: ReasoningGraph) -> list[str | None]:
     """The node of each token of a CoT (strict spans: a node's first line); EOS and tokens of no node get None.
 
-    Character offsets come from decoding growing prefixes of `ids`, so they describe the tokens
+    Character offsets are the lengths of the decoded growing prefixes of `ids`, so they describe the tokens
     given (sampled ones included), not a re-tokenisation of the decoded text.
     """
-    text_ids = [token for token in ids if token != tokenizer.eos_token_id]
-    ends = [len(prefix) for prefix in tokenizer.batch_decode([text_ids[: k + 1] for k in range(len(text_ids))], skip_special_tokens=False)]
+    eos = tokenizer.eos_token_id  # a lookup through the tokenizer's __getattr__ each time it is read
+    text_ids = [token for token in ids if token != eos]
+    text = tokenizer.decode(text_ids, skip_special_tokens=False)
+    ends = streamed_prefix_lengths(tokenizer, text_ids, text)
+    if ends is None:
+        ends = [len(prefix) for prefix in tokenizer.batch_decode([text_ids[: k + 1] for k in range(len(text_ids))], skip_special_tokens=False)]
     offsets = list(zip([0, *ends[:-1]], ends))
-    text_nodes = iter(token_nodes(offsets, node_spans(tokenizer.decode(text_ids, skip_special_tokens=False), graph)))
-    return [None if token == tokenizer.eos_token_id else next(text_nodes) for token in ids]
+    text_nodes = iter(token_nodes(offsets, node_spans(text, graph)))
+    return [None if token == eos else next(text_nodes) for token in ids]
+
+
+def streamed_prefix_lengths(tokenizer, ids: Sequence[int], text: str) -> list[int] | None:
+    """The decoded length after each token, from decoding the tokens one at a time (tokenizers' DecodeStream, several
+    times faster than decoding every prefix). None when a token ends inside a character (the prefix's decode then
+    holds a replacement character the stream does not write) or when the pieces do not add up to `text`, the whole
+    decode (a tokenizer that cleans up spaces): there only the prefixes' own decodes give the lengths."""
+    from tokenizers.decoders import DecodeStream
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    stream, pieces, ends, length = DecodeStream(skip_special_tokens=False), [], [], 0
+    for token in ids:
+        piece = stream.step(backend, token)
+        if piece is None:
+            return None
+        pieces.append(piece)
+        length += len(piece)
+        ends.append(length)
+    return ends if "".join(pieces) == text else None
 
 
 def encode_example(pair: dict, tokenizer, graph: ReasoningGraph, order: str, prompt_tokens: int) -> Example:

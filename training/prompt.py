@@ -110,11 +110,12 @@ def build_prompt(
 
 
 def prompt_offsets(tokenizer) -> Callable[[str], list[tuple[int, int]]]:
-    """Token character offsets of a text under a fast Hugging Face tokenizer (no special tokens)."""
+    """Token character offsets of a text under a fast Hugging Face tokenizer (no special tokens), read from its
+    `tokenizers` backend directly: the offsets transformers would return, without its per-call overhead."""
+    backend = tokenizer.backend_tokenizer
 
     def offsets(text: str) -> list[tuple[int, int]]:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [tuple(pair) for pair in encoded["offset_mapping"]]
+        return backend.encode(text, add_special_tokens=False).offsets
 
     return offsets
 

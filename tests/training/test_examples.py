@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from schemas.graph import ReasoningGraph
 from training.cot import SEPARATOR, node_spans, render_cot, token_nodes
-from training.examples import encode_example, load_pairs, token_node_map
+from training.examples import encode_example, load_pairs, streamed_prefix_lengths, token_node_map
 
 GRAPH = ReasoningGraph.load("relevance7")
 ORDERS = ("label_first", "reasoning_first")
@@ -75,6 +75,18 @@ def test_map_equals_the_slow_reference_on_sampled_ids(tokenizer, data):
     if data.draw(st.booleans()):
         ids.append(tokenizer.eos_token_id)
     assert token_node_map(tokenizer, ids, GRAPH) == slow_token_nodes(tokenizer, ids, GRAPH)
+
+
+def test_streamed_lengths_are_the_prefix_decodes_and_give_way_inside_a_character(tiny_world, tokenizer):
+    """The fast path of the map: on gold CoTs it is taken and equals decoding every prefix; a token that ends
+    inside a character (the prefix's decode shows a replacement character) hands the CoT to the prefix decodes."""
+    for pair in load_pairs(tiny_world, "wands", "validation")[:50]:
+        ids = tokenizer(render_cot(pair["gold"], GRAPH, "reasoning_first"), add_special_tokens=False)["input_ids"]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        assert streamed_prefix_lengths(tokenizer, ids, text) == [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+    split = tokenizer("qs: café", add_special_tokens=False)["input_ids"]
+    assert len(tokenizer.decode(split[:-1])) == len(tokenizer.decode(split))  # the last token completes the é
+    assert streamed_prefix_lengths(tokenizer, split, tokenizer.decode(split)) is None
 
 
 def test_encoded_targets_end_in_eos_with_no_node(tiny_world, tokenizer):
