@@ -177,7 +177,8 @@ def markdown(result: dict) -> str:
             tail = (f"{test['label_macro_f1']:.3f} | {nodes} | {unseen['label_macro_f1']:.3f}" if unseen else
                     f"{test['label_macro_f1']:.3f} | {nodes} | -") + f" | {arm['throughput_pairs_per_s']:.0f}"
         else:
-            tail = f"stopped at step {arm.get('steps_done', 0)}, not diagnosed" + " |" * 8
+            reached = "trained" if "validation" in arm else f"stopped at step {arm.get('steps_done', 0)}"
+            tail = f"{reached}, not diagnosed" + " |" * 8
         lines.append(f"| {name} | {size} | {seconds} | {points} | {tail} |")
     return "\n".join(lines) + "\n"
 

@@ -50,7 +50,7 @@ class DemoConfig:
                             "scoring path, the default product_first labels better).", "product_first")
     sft_steps: int = help_field(
         "SFT optimizer steps (0: the SFT default, 4000, 22-27 minutes here at 2 threads; the demo trains fewer, and with 1600 the "
-        "whole demo took 14m09s here).", 1600)
+        "whole demo took 14m09s here on a quiet day and 16m08s on a day this machine ran 1.2x slower).", 1600)
     sft_p_mask: float = help_field(
         "Probability of dropping each reasoning node from the demo's SFT loss (the SFT default, 0.3, is set for its 4000 steps; "
         "at the demo's 1600, 0.1 gave 0.823 / 0.868 validation macro-F1 for seeds 1 / 2 against 0.785 / 0.829).", 0.1)
