@@ -119,9 +119,13 @@ def _config(world: Path, model: Path, out: Path, **overrides) -> SFTConfig:
     return SFTConfig(**{**values, **overrides})
 
 
-def _losses(out: Path) -> list[float]:
+def _records(out: Path, key: str) -> list[float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [record["loss"] for record in records if "loss" in record]
+    return [record[key] for record in records if key in record]
+
+
+def _losses(out: Path) -> list[float]:
+    return _records(out, "loss")
 
 
 def test_smoke_parameters_change_and_loss_goes_down(tiny_world, tiny_model, tmp_path):
@@ -159,8 +163,11 @@ def test_length_split_passes_take_the_one_pass_steps(tiny_world, tiny_model, tmp
     run(_config(tiny_world, tiny_model, tmp_path / "one_pass", max_steps=3, length_splits=1))
     run(_config(tiny_world, tiny_model, tmp_path / "split", max_steps=3, length_splits=3))
     assert _losses(tmp_path / "split") == pytest.approx(_losses(tmp_path / "one_pass"), rel=1e-5)  # one sum, added in another order
+    assert _records(tmp_path / "split", "grad_norm") == pytest.approx(_records(tmp_path / "one_pass", "grad_norm"), rel=1e-5)
     one_pass, split = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("one_pass", "split"))
-    assert all(torch.allclose(split[name], one_pass[name], atol=1e-5) for name in one_pass)
+    # Adam divides by the root of the squared gradient, so an entry whose gradient is near zero moves on rounding noise:
+    # after 3 steps of lr 5e-3 the worst weight was 1.8e-5 apart on an AMD EPYC, 1.4e-6 on the CPU before it
+    assert all(torch.allclose(split[name], one_pass[name], atol=1e-4) for name in one_pass)
 
 
 def test_compiled_training_takes_the_eager_steps(tiny_world, tiny_model, tmp_path):
