@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from schemas.graph import ReasoningGraph
@@ -98,15 +99,11 @@ def streamed_prefix_lengths(tokenizer, ids: Sequence[int], text: str) -> list[in
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    stream, pieces, ends, length = DecodeStream(skip_special_tokens=False), [], [], 0
-    for token in ids:
-        piece = stream.step(backend, token)
-        if piece is None:
-            return None
-        pieces.append(piece)
-        length += len(piece)
-        ends.append(length)
-    return ends if "".join(pieces) == text else None
+    stream = DecodeStream(skip_special_tokens=False)
+    pieces = [stream.step(backend, token) for token in ids]
+    if None in pieces or "".join(pieces) != text:
+        return None
+    return list(accumulate(map(len, pieces)))
 
 
 def encode_example(pair: dict, tokenizer, graph: ReasoningGraph, order: str, prompt_tokens: int) -> Example:
