@@ -21,6 +21,15 @@ composition. Beside quality, each policy's scoring throughput: pairs/s of `train
 with no reasoning kept (the nightly path: one forward pass per pair in `label_first`, the whole CoT
 generated in `reasoning_first`), prompt building included, on the first `--throughput-pairs` pairs.
 
+What stops `qa` (the query's constraints): each query text is read with the world's vocabulary (every value's
+surface forms, the brands, the type names, the query templates' own words, the noise words), every way
+it can be segmented. Pairs whose text has exactly one reading, equal to gold, bound what a policy can
+reach from the text alone; the rest are several readings (`natural wood`: color, or color and
+material) or none (a typo). The policy's `qa` accuracy is split by how many training queries wrote the
+rarest of the pair's gold values with the same surface form, and its wrong constraints by kind:
+missed, added, wrong value, and how many of the added or wrong values are the product's own (copied
+from the product's facets written before them).
+
 `--unseen DATA` runs the same diagnosis on the test split of another world's `relevance datasets`
 output (generated with a seed the policies never saw, same vocabulary): generalisation, not memory.
 Writes `benchmarks/results/quality_diagnosis.{json,md}`.
@@ -39,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.metrics import label_scores  # noqa: E402
+from jobs.world.reading import QueryReader  # noqa: E402
 from jobs.world.vocabulary import load_vocabulary  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph, attribute_match, parse_facets  # noqa: E402
 from training.cot import COT_TOKEN_BUDGET, node_correct, parse_cot  # noqa: E402
@@ -49,6 +59,7 @@ from training.policy_format import PolicyFormat  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 EXTRACTED = ("qs", "ps", "qa", "pa")
+COVERAGE_BUCKETS = ((0, "0"), (1, "1-2"), (3, "3-9"), (10, ">=10"))  # lower bound, name: training queries per surface form
 
 
 def facets(text: str | None) -> dict[str, str] | None:
@@ -74,6 +85,57 @@ def implied_label(ms: str | None, ma: str | None, labels: LabelSet) -> str | Non
         return labels.label_from_nodes({"ms": ms, "ma": ma})
     except ValueError:
         return None
+
+
+def text_reading(reader: QueryReader, query: str, gold: dict[str, str]) -> str:
+    readings = reader.readings(query)
+    if not readings:
+        return "none (a typo)"
+    if len(readings) > 1:
+        return "several, gold among them" if frozenset(gold.items()) in readings else "several, gold not among them"
+    return "one, equal to gold" if frozenset(gold.items()) in readings else "one, not gold"
+
+
+def coverage_bucket(reader: QueryReader, query: str, gold: dict[str, str], train_surfaces: Counter) -> str:
+    """How many training queries wrote the rarest of `gold`'s values in the surface form this query uses."""
+    if not gold:
+        return "no constraint"
+    written = reader.surfaces(query)
+    counts = [max((train_surfaces[s] for s in written if s[1:] == (key, value)), default=None) for key, value in gold.items()]
+    if None in counts:
+        return "a value not spelled as the vocabulary has it"
+    return next(name for bound, name in reversed(COVERAGE_BUCKETS) if min(counts) >= bound)
+
+
+def qa_breakdown(reader: QueryReader, pairs: list[dict], parsed: list, train_surfaces: Counter) -> dict:
+    """The text's readings, qa accuracy by training coverage of the values' surface forms, and qa's wrong constraints by kind."""
+    readings, by_coverage, errors = Counter(), {}, Counter()
+    for pair, cot in zip(pairs, parsed):
+        gold, written = facets(pair["gold"]["qa"]), facets(cot.get("qa"))
+        readings[text_reading(reader, pair["query"], gold)] += 1
+        bucket = by_coverage.setdefault(coverage_bucket(reader, pair["query"], gold, train_surfaces), {"pairs": 0, "right": 0})
+        bucket["pairs"] += 1
+        bucket["right"] += written == gold
+        if written is None:
+            errors["not written or malformed"] += 1
+            continue
+        product = facets(pair["gold"]["pa"]) or {}
+        errors["missed"] += len(gold.keys() - written.keys())
+        for key in written.keys() - gold.keys():
+            errors["added" + (", the product's value" if product.get(key) == written[key] else "")] += 1
+        for key in gold.keys() & written.keys():
+            if gold[key] != written[key]:
+                errors["wrong value" + (", the product's value" if product.get(key) == written[key] else "")] += 1
+    order = [name for _, name in COVERAGE_BUCKETS] + ["no constraint", "a value not spelled as the vocabulary has it"]
+    return {"text_readings": dict(readings),
+            "accuracy_by_training_coverage": {name: {**by_coverage[name], "accuracy": by_coverage[name]["right"] / by_coverage[name]["pairs"]}
+                                              for name in order if name in by_coverage},
+            "wrong_constraints": dict(errors)}
+
+
+def training_surfaces(reader: QueryReader, data: Path, label_set: str) -> Counter:
+    """Training queries per (surface form, key, value) written in them."""
+    return Counter(s for query in {pair["query"] for pair in load_pairs(data, label_set, "train")} for s in reader.surfaces(query))
 
 
 @dataclass(frozen=True)
@@ -109,8 +171,9 @@ def throughput(policy: Policy, pairs: list[dict], batch_size: int) -> float:
     return len(pairs) / (time.perf_counter() - started)
 
 
-def diagnose(policy: Policy, data: Path, split: str, related: set[tuple[str, str]], batch_size: int, max_new_tokens: int) -> dict:
-    """Node accuracy, contradictions and the composed label of one policy's greedy CoTs on `split`."""
+def diagnose(policy: Policy, data: Path, split: str, related: set[tuple[str, str]], batch_size: int, max_new_tokens: int,
+             reader: QueryReader, train_surfaces: Counter) -> dict:
+    """Node accuracy, contradictions, the composed label and what stops `qa`, for one policy's greedy CoTs on `split`."""
     policy_format, graph, labels, model, tokenizer = policy.format, policy.graph, policy.labels, policy.model, policy.tokenizer
     pairs = load_pairs(data, policy_format.label_set, split)
     examples = [encode_example(pair, tokenizer, graph, policy_format.order, policy_format.prompt_tokens) for pair in pairs]
@@ -151,6 +214,7 @@ def diagnose(policy: Policy, data: Path, split: str, related: set[tuple[str, str
         "ms_confusion_gold_to_predicted": {f"{g}->{p}": c for (g, p), c in sorted(ms_confusion.items(), key=str)},
         "predicted_label_counts": dict(Counter(label or "<unparsed>" for label in predicted)),
         "gold_label_counts": dict(Counter(gold_labels)),
+        "qa": qa_breakdown(reader, pairs, parsed, train_surfaces),
     }
 
 
@@ -184,9 +248,30 @@ def markdown(result: dict) -> str:
             unseen = run["unseen"]
             lines.append(f"| {name} | {run['label_macro_f1']:.3f} | {unseen['label_macro_f1']:.3f} | {unseen['label_macro_f1'] - run['label_macro_f1']:+.3f} | "
                          + " | ".join(f"{unseen['node_accuracy'][n]:.3f}" for n in ("qs", "ps", "qa", "pa", "ms", "ma")) + " |")
+    lines += qa_markdown(result)
     lines += ["", "Scoring throughput (pairs/s, nightly path, no reasoning kept): "
               + ", ".join(f"{name} {run['throughput_pairs_per_s']:.1f}" for name, run in result["policies"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def qa_markdown(result: dict) -> list[str]:
+    """What stops `qa`: the texts' readings (the same for every policy), accuracy by training coverage, wrong constraints."""
+    runs = result["policies"]
+    first = next(iter(runs.values()))["qa"]
+    pairs = sum(first["text_readings"].values())
+    lines = ["", f"What stops `qa`: the {result['split']} texts read with the world's vocabulary ({pairs} pairs): "
+             + ", ".join(f"{kind} {count} ({count / pairs:.1%})" for kind, count in sorted(first["text_readings"].items(), key=lambda kv: -kv[1]))
+             + ".", "", "`qa` accuracy by how many training queries wrote the pair's rarest gold value in the same surface form (pairs):", ""]
+    buckets = list(first["accuracy_by_training_coverage"])
+    lines += ["| policy | " + " | ".join(f"{name} ({first['accuracy_by_training_coverage'][name]['pairs']})" for name in buckets) + " |",
+              "|---" * (len(buckets) + 1) + "|"]
+    for name, run in runs.items():
+        cells = run["qa"]["accuracy_by_training_coverage"]
+        lines.append(f"| {name} | " + " | ".join(f"{cells[b]['accuracy']:.3f}" if b in cells else "-" for b in buckets) + " |")
+    kinds = sorted({kind for run in runs.values() for kind in run["qa"]["wrong_constraints"]})
+    lines += ["", "`qa`'s wrong constraints by kind:", "", "| policy | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(run["qa"]["wrong_constraints"].get(kind, 0)) for kind in kinds) + " |" for name, run in runs.items()]
+    return lines
 
 
 def curves(runs: list[Path], results: Path, keep_previous: bool = False) -> dict:
@@ -260,14 +345,16 @@ def main() -> None:
                if is_related}
     result = {"data": str(data), "split": args.split, "unseen": str(args.unseen) if args.unseen else None, "policies": {}}
     label_set = (PolicyFormat.load(Path(next(iter(policies.values())))) or PolicyFormat()).label_set
+    reader = QueryReader(vocabulary)
+    train_surfaces = training_surfaces(reader, data, label_set)  # the policies' training queries, also for --unseen
     timed = load_pairs(data, label_set, args.split)[: args.throughput_pairs]
     for name, folder in policies.items():
         policy = Policy.load(Path(folder), args.device)
-        run = diagnose(policy, data, args.split, related, args.batch_size, args.max_new_tokens)
+        run = diagnose(policy, data, args.split, related, args.batch_size, args.max_new_tokens, reader, train_surfaces)
         run["throughput_pairs_per_s"] = throughput(policy, timed, args.batch_size)
         run["throughput_load_average"] = round(os.getloadavg()[0], 2)  # timings compare only on a quiet machine
         if args.unseen:
-            run["unseen"] = diagnose(policy, args.unseen, "test", related, args.batch_size, args.max_new_tokens)
+            run["unseen"] = diagnose(policy, args.unseen, "test", related, args.batch_size, args.max_new_tokens, reader, train_surfaces)
         result["policies"][name] = run
     result["machine"] = machine(args.device)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -51,9 +51,6 @@ class DemoConfig:
     sft_steps: int = help_field(
         "SFT optimizer steps (0: the SFT default, 4000, 22-27 minutes here at 2 threads; the demo trains fewer, and with 1600 the "
         "whole demo took 14m09s here on a quiet day and 16m08s on a day this machine ran 1.2x slower).", 1600)
-    sft_p_mask: float = help_field(
-        "Probability of dropping each reasoning node from the demo's SFT loss (the SFT default, 0.3, is set for its 4000 steps; "
-        "at the demo's 1600, 0.1 gave 0.823 / 0.868 validation macro-F1 for seeds 1 / 2 against 0.785 / 0.829).", 0.1)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
@@ -124,7 +121,7 @@ def _train_policy(config: DemoConfig, out: Path) -> dict[str, str]:
     init_model(ModelInitConfig(world=out / "world", out=initial))
     steps = {"max_steps": config.sft_steps} if config.sft_steps else {}
     run_dir = out / "sft"
-    sft(SFTConfig(data=out / "datasets", model=initial, out=run_dir, order=config.order, p_mask=config.sft_p_mask, **steps))
+    sft(SFTConfig(data=out / "datasets", model=initial, out=run_dir, order=config.order, **steps))
     return {"initial policy": str(initial), "SFT policy": str(run_dir / "model"), "SFT metrics": str(run_dir / "metrics.jsonl"),
             "SFT summary": str(run_dir / "summary.json")}
 
