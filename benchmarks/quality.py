@@ -227,27 +227,28 @@ def machine(device: str) -> str:
 
 
 def markdown(result: dict) -> str:
+    nodes = [node for node in ("qs", "ps", "qa", "pa", "ac", "ms", "ma", "y") if any(node in run["node_accuracy"] for run in result["policies"].values())]
     lines = [f"# Quality diagnosis ({result['split']} split of `{result['data']}`, {result['machine']})", "",
              "Greedy CoTs of each policy, parsed strictly, against gold and against the policy's own extraction "
              "(`benchmarks/quality.py`; the module docstring defines every column).", "",
-             "| policy | order | parse | macro-F1 | composed macro-F1 | " + " | ".join(f"acc {n}" for n in ("qs", "ps", "qa", "pa", "ms", "ma", "y"))
+             "| policy | order | parse | macro-F1 | composed macro-F1 | " + " | ".join(f"acc {n}" for n in nodes)
              + " | ms contradicts own qs/ps | ma contradicts own qa/pa | y contradicts own ms/ma | ms wrong with qs, ps right |",
-             "|---" * 15 + "|"]
+             "|---" * (len(nodes) + 9) + "|"]
     for name, run in result["policies"].items():
         contradiction = {node: f"{c['contradicted']}/{c['pairs']}" for node, c in run["contradictions"].items()}
         wrong = run["ms_wrong_where_both_subjects_right"]
         lines.append(
             f"| {name} | {run['format']['order']} | {run['parse_rate']:.3f} | {run['label_macro_f1']:.3f} | {run['composed_label_macro_f1']:.3f} | "
-            + " | ".join(f"{run['node_accuracy'][n]:.3f}" for n in ("qs", "ps", "qa", "pa", "ms", "ma", "y"))
+            + " | ".join(f"{run['node_accuracy'][n]:.3f}" if n in run["node_accuracy"] else "-" for n in nodes)
             + f" | {contradiction['ms']} | {contradiction['ma']} | {contradiction['y']} | {wrong['wrong']}/{wrong['pairs']} |")
     if any("unseen" in run for run in result["policies"].values()):
         lines += ["", f"Generalisation: the test split of a world the policies never saw (`{result['unseen']}`, same vocabulary).", "",
-                  "| policy | macro-F1 own test | macro-F1 unseen world | difference | " + " | ".join(f"unseen acc {n}" for n in ("qs", "ps", "qa", "pa", "ms", "ma"))
-                  + " |", "|---" * 10 + "|"]
+                  "| policy | macro-F1 own test | macro-F1 unseen world | difference | " + " | ".join(f"unseen acc {n}" for n in nodes[:-1])
+                  + " |", "|---" * (len(nodes) + 3) + "|"]
         for name, run in result["policies"].items():
             unseen = run["unseen"]
             lines.append(f"| {name} | {run['label_macro_f1']:.3f} | {unseen['label_macro_f1']:.3f} | {unseen['label_macro_f1'] - run['label_macro_f1']:+.3f} | "
-                         + " | ".join(f"{unseen['node_accuracy'][n]:.3f}" for n in ("qs", "ps", "qa", "pa", "ms", "ma")) + " |")
+                         + " | ".join(f"{unseen['node_accuracy'][n]:.3f}" if n in unseen["node_accuracy"] else "-" for n in nodes[:-1]) + " |")
     lines += qa_markdown(result)
     lines += ["", "Scoring throughput (pairs/s, nightly path, no reasoning kept): "
               + ", ".join(f"{name} {run['throughput_pairs_per_s']:.1f}" for name, run in result["policies"].items()) + "."]
