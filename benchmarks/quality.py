@@ -242,13 +242,14 @@ def markdown(result: dict) -> str:
             + " | ".join(f"{run['node_accuracy'][n]:.3f}" if n in run["node_accuracy"] else "-" for n in nodes)
             + f" | {contradiction['ms']} | {contradiction['ma']} | {contradiction['y']} | {wrong['wrong']}/{wrong['pairs']} |")
     if any("unseen" in run for run in result["policies"].values()):
+        reasoning = [node for node in nodes if node != "y"]
         lines += ["", f"Generalisation: the test split of a world the policies never saw (`{result['unseen']}`, same vocabulary).", "",
-                  "| policy | macro-F1 own test | macro-F1 unseen world | difference | " + " | ".join(f"unseen acc {n}" for n in nodes[:-1])
-                  + " |", "|---" * (len(nodes) + 3) + "|"]
+                  "| policy | macro-F1 own test | macro-F1 unseen world | difference | " + " | ".join(f"unseen acc {n}" for n in reasoning)
+                  + " |", "|---" * (len(reasoning) + 4) + "|"]
         for name, run in result["policies"].items():
             unseen = run["unseen"]
             lines.append(f"| {name} | {run['label_macro_f1']:.3f} | {unseen['label_macro_f1']:.3f} | {unseen['label_macro_f1'] - run['label_macro_f1']:+.3f} | "
-                         + " | ".join(f"{unseen['node_accuracy'][n]:.3f}" if n in unseen["node_accuracy"] else "-" for n in nodes[:-1]) + " |")
+                         + " | ".join(f"{unseen['node_accuracy'][n]:.3f}" if n in unseen["node_accuracy"] else "-" for n in reasoning) + " |")
     lines += qa_markdown(result)
     lines += ["", "Scoring throughput (pairs/s, nightly path, no reasoning kept): "
               + ", ".join(f"{name} {run['throughput_pairs_per_s']:.1f}" for name, run in result["policies"].items()) + "."]
