@@ -110,10 +110,14 @@ def coverage_bucket(reader: QueryReader, query: str, gold: dict[str, str], train
 def qa_breakdown(reader: QueryReader, pairs: list[dict], parsed: list, train_surfaces: Counter) -> dict:
     """The text's readings, qa accuracy by training coverage of the values' surface forms, and qa's wrong constraints by kind."""
     readings, by_coverage, errors = Counter(), {}, Counter()
+    per_query = {}  # a query's reading and bucket, once: a split holds each query with many products
     for pair, cot in zip(pairs, parsed):
         gold, written = facets(pair["gold"]["qa"]), facets(cot.get("qa"))
-        readings[text_reading(reader, pair["query"], gold)] += 1
-        bucket = by_coverage.setdefault(coverage_bucket(reader, pair["query"], gold, train_surfaces), {"pairs": 0, "right": 0})
+        if pair["query"] not in per_query:
+            per_query[pair["query"]] = (text_reading(reader, pair["query"], gold), coverage_bucket(reader, pair["query"], gold, train_surfaces))
+        reading, coverage = per_query[pair["query"]]
+        readings[reading] += 1
+        bucket = by_coverage.setdefault(coverage, {"pairs": 0, "right": 0})
         bucket["pairs"] += 1
         bucket["right"] += written == gold
         if written is None:
