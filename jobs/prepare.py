@@ -14,7 +14,9 @@ Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, w
    marked rows are not cached: each pass (duplicate search, that aggregate, the key check, the
    position cells, the quarantine) re-reads only the parquet columns it needs, and on 1M impressions
    building Spark's compressed in-memory cache of every column took 8.5 CPU seconds where a pass over
-   the file took 1.3 to 3.3.
+   the file took 1.3 to 3.3. On a day the counts say quarantines nothing, the position cells read the
+   rows as they are (no rule, catalog join or duplicate mark is evaluated again to keep them all) and
+   the quarantine has no pass at all.
    Late data (a `ts` before the partition day) is kept and counted in the day it arrived, so
    re-running a day never touches another. Counts reconcile: rows in = accepted + quarantined.
 2. `normalise_queries`: NFKC unicode form (ICU4J's, in the JVM: its Unicode version is Spark's, which may be
@@ -42,6 +44,8 @@ Steps (each a pure `DataFrame -> DataFrame` transform below; `run` only reads, w
    attributes are `key=value` entries sorted by key and joined by `;`. The DuckDB reference in
    tests/jobs/prepare_reference.py computes the same definition, and so does
    `jobs.scoring.pairs_file.product_content_hash` in Python for the pairs files `score` reads.
+   `with_content_hashes` joins them to the pair aggregates once, before those are persisted, for both
+   output tables (every kept product is in the accepted catalog, so the join keeps every pair).
 
 Outputs (partitioned by `ds`; Spark's dynamic partition overwrite replaces exactly the day written,
 and an empty day removes that day's partition): `query_product_stats`, `candidate_pairs`, and under
@@ -223,26 +227,23 @@ def pair_aggregates(cells, rates):
     )
 
 
-def query_product_stats(aggregates, hashes, day: dt.date):
-    """Pair aggregates + content hashes -> the QUERY_PRODUCT_STATS table for `day`."""
+def with_content_hashes(aggregates, hashes):
+    """Pair aggregates + content hashes -> the pair aggregates with `product_content_hash`, what both outputs read."""
+    return aggregates.join(hashes, on="product_id", how="inner")
+
+
+def query_product_stats(hashed, day: dt.date):
+    """`with_content_hashes` rows -> the QUERY_PRODUCT_STATS table for `day`."""
     from pyspark.sql import functions as F
 
-    return (
-        aggregates.join(hashes, on="product_id", how="inner")
-        .withColumn("ds", F.lit(day))
-        .select(*QUERY_PRODUCT_STATS.names)
-    )
+    return hashed.withColumn("ds", F.lit(day)).select(*QUERY_PRODUCT_STATS.names)
 
 
-def candidate_pairs(aggregates, hashes, day: dt.date):
-    """Pair aggregates + content hashes -> the CANDIDATE_PAIRS table for `day`."""
+def candidate_pairs(hashed, day: dt.date):
+    """`with_content_hashes` rows -> the CANDIDATE_PAIRS table for `day`."""
     from pyspark.sql import functions as F
 
-    return (
-        aggregates.join(hashes, on="product_id", how="inner")
-        .withColumn("ds", F.lit(day))
-        .select(*CANDIDATE_PAIRS.names)
-    )
+    return hashed.withColumn("ds", F.lit(day)).select(*CANDIDATE_PAIRS.names)
 
 
 def with_normalised_query(frame, normalised):
@@ -301,21 +302,24 @@ class _Laps:
 
 
 def _checked_day(spark, data: str, day: dt.date, run_suite: bool):
-    """(catalog `Validated`, the day's impressions with every reason, counts, late rows kept, counts by reason).
+    """(catalog `Validated`, the day's kept impressions, their quarantine rows, counts, late rows kept, counts by reason).
 
     The catalog is split and certified on its own (`validate_spark`). The day's impressions get the
     table's marks, then the job's (broadcast joins with the repeated keys and the catalog), so one
     aggregate gives every count by reason, the late rows and the suite's measures, and both sides of
-    the split are filters of the same marked rows.
+    the split are filters of the same marked rows; when that aggregate finds no marked row, every row
+    read is kept (the marks only add columns and one row per row: each join's right side is unique).
     """
     from pyspark.sql import functions as F
 
     from jobs.certify import SparkSuite
+    from jobs.spark import empty_frame
     from jobs.validate import (
         ValidationCounts,
         mark_duplicates,
         mark_rule_breaks,
         read_with_provenance,
+        split_marked,
         table_reasons,
         validate_spark,
     )
@@ -342,18 +346,22 @@ def _checked_day(spark, data: str, day: dt.date, run_suite: bool):
     result = suite.result(totals, table_marked) if suite else None
     if result is not None and not result.success:
         raise AssertionError(f"accepted rows fail the suite (split and suite disagree):\n{result.summary()}")
-    return catalog, checked, counts, totals["_late"], by_reason
+    if counts.quarantined:
+        kept, quarantine = split_marked(SEARCH_IMPRESSIONS, checked)
+    else:  # the counts already say so: no pass marks the day again to keep every row, or to find no rows
+        kept, quarantine = raw.select(*SEARCH_IMPRESSIONS.names), empty_frame(spark, QUARANTINE)
+    return catalog, kept, quarantine, counts, totals["_late"], by_reason
 
 
-def _pair_cells(kept, synonyms: dict[str, str]):
-    """Persisted (position cells, examination rates, pair aggregates) of the kept impressions."""
+def _pair_cells(kept, synonyms: dict[str, str], hashes):
+    """Persisted (position cells, examination rates, pair aggregates with content hashes) of the kept impressions."""
     from pyspark.sql import functions as F
 
     raw_cells = persisted_now(position_cells(kept))
     raw_queries = raw_cells.select(F.col("query").alias(RAW_QUERY)).distinct()
     cells = persisted_now(merge_cells(with_normalised_query(raw_cells, normalise_queries(raw_queries, synonyms))))
     rates = examination_rates(cells).persist()
-    return [raw_cells, cells, rates, pair_aggregates(cells, rates).persist()]
+    return [raw_cells, cells, rates, with_content_hashes(pair_aggregates(cells, rates), hashes).persist()]
 
 
 def persisted_now(frame):
@@ -368,8 +376,7 @@ def persisted_now(frame):
 
 def run(config: PrepareConfig) -> dict:
     """Prepare one day; returns (and writes as prepare.json) the counts, rates and output paths."""
-    from jobs.spark import empty_frame, get_spark
-    from jobs.validate import split_marked
+    from jobs.spark import get_spark
     from schemas.expectations import import_in_background
 
     laps = _Laps(time.perf_counter())
@@ -378,20 +385,15 @@ def run(config: PrepareConfig) -> dict:
     if config.run_suite:
         import_in_background()
     spark = get_spark("relevance-prepare", master=config.spark_master, conf=config.spark_conf)
-    catalog, checked, counts, late, by_reason = _checked_day(spark, config.data, day, config.run_suite)
+    catalog, kept, quarantine, counts, late, by_reason = _checked_day(spark, config.data, day, config.run_suite)
     laps.lap("read_and_validate")
-    kept, quarantine = split_marked(SEARCH_IMPRESSIONS, checked)
-    if not counts.quarantined:  # the counts already say so: no pass over the day to find no rows
-        quarantine = empty_frame(spark, QUARANTINE)
-
-    persisted = _pair_cells(kept, config.synonyms)
+    persisted = _pair_cells(kept, config.synonyms, content_hashes(catalog.accepted))
     rates, aggregates = persisted[-2:]
     rate_rows = sorted((r["position"], r[EXAMINATION_RATE]) for r in rates.collect())
     pairs = aggregates.count()
     laps.lap("normalise_rates_aggregates")
-    hashes = content_hashes(catalog.accepted)
     paths = {
-        table.name: write_day(spark, build(aggregates, hashes, day), table, out, day, pairs)
+        table.name: write_day(spark, build(aggregates, day), table, out, day, pairs)
         for table, build in ((QUERY_PRODUCT_STATS, query_product_stats), (CANDIDATE_PAIRS, candidate_pairs))
     }
     report_dir = hadoop_fs.join(out, "_prepare", f"ds={day.isoformat()}")

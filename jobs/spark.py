@@ -39,7 +39,13 @@ LOCAL_CONF = {
     # The JVM's full tiered JIT: C1 alone (-XX:TieredStopAtLevel=1, which this used to set for fast starts) made a
     # 10M-impression prepare take 104 s where C1 + C2 take 69-71 s (benchmarks/prepare.py). A night's generated code
     # fills the default 48 MB code cache and the JVM then stops compiling ("CodeCache is full"), so it gets more room.
-    "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE} -XX:ReservedCodeCacheSize=256m -XX:+UseSerialGC",
+    # C2 waits for 10x its default calls and loop turns (C1's unchanged): in a short job most code is not run often
+    # enough to repay it, while the per-row loops still reach it early. A 3M-impression prepare: C2 19-21 -> 12 CPU s
+    # (the tasks: 21-23 CPU s, unchanged); at 30x C2 took 8 s but the tasks 1-2 s more.
+    "spark.driver.extraJavaOptions": (
+        f"-Dlog4j2.configurationFile=file:{LOG4J2_FILE} -XX:ReservedCodeCacheSize=256m -XX:+UseSerialGC "
+        "-XX:Tier4InvocationThreshold=50000 -XX:Tier4CompileThreshold=150000 -XX:Tier4BackEdgeThreshold=400000"
+    ),
 }
 
 
