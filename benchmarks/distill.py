@@ -135,11 +135,11 @@ def main() -> None:
     common = dict(data=args.root / "datasets", teacher=teacher, max_steps=args.steps, batch_size=args.train_batch_size, warmup_steps=args.warmup_steps,
                   val_items=args.val_items, checkpoint_every=0, resume=False, threads=args.threads)
     configs = {"student_multi_head": DistillConfig(out=work / "multi", **common),
-               "student_multi_head_pure": DistillConfig(out=work / "pure", gold_weight=0.0, **common),
-               "student_single_head": DistillConfig(out=work / "single", single_head=True, **common)}
+               "student_multi_head_pure": DistillConfig(out=work / "pure", gold_weight=0.0, **common)}
     if args.unjudged_pairs:
         configs["student_multi_head_pure_unjudged"] = DistillConfig(out=work / "unjudged", gold_weight=0.0, unjudged_pairs=args.unjudged_pairs,
                                                                     **common)
+    configs["student_single_head"] = DistillConfig(out=work / "single", single_head=True, **common)
     policy = configs["student_multi_head"].teacher_format()
     graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     runs = {}
