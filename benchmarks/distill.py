@@ -6,8 +6,7 @@ From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), t
 with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
 (heads y, ms, ma) with the default mix of teacher and gold targets, the same student by pure
 distillation (`gold_weight=0`: it never sees a gold label, so its quality is the teacher's to pass on),
-and the single-head student (y only); with `--unjudged-pairs N` also the pure student whose steps draw
-from N teacher-labelled pairs nobody judged as well (`DistillConfig.unjudged_pairs`). Then, on the same test pairs (whole queries,
+and the single-head student (y only). Then, on the same test pairs (whole queries,
 in key order): macro-F1, accuracy and per-class F1 of the teacher (its label distribution read by
 teacher forcing, `training.predict.relevance_rows`, label-first fast path), of both students and the
 share of the teacher's macro-F1 each keeps; the multi-head student's node accuracy; and throughput in
@@ -120,7 +119,6 @@ def main() -> None:
     parser.add_argument("--train-batch-size", type=int, default=DistillConfig().batch_size)
     parser.add_argument("--warmup-steps", type=int, default=DistillConfig().warmup_steps)
     parser.add_argument("--val-items", type=int, default=DistillConfig().val_items)
-    parser.add_argument("--unjudged-pairs", type=int, default=0, help="also train the pure student with this many unjudged pairs (0: no such run)")
     parser.add_argument("--test-pairs", type=int, default=1000, help="test pairs (whole queries, in key order; 0: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size of every scorer")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per scorer (the best counts)")
@@ -135,11 +133,8 @@ def main() -> None:
     common = dict(data=args.root / "datasets", teacher=teacher, max_steps=args.steps, batch_size=args.train_batch_size, warmup_steps=args.warmup_steps,
                   val_items=args.val_items, checkpoint_every=0, resume=False, threads=args.threads)
     configs = {"student_multi_head": DistillConfig(out=work / "multi", **common),
-               "student_multi_head_pure": DistillConfig(out=work / "pure", gold_weight=0.0, **common)}
-    if args.unjudged_pairs:
-        configs["student_multi_head_pure_unjudged"] = DistillConfig(out=work / "unjudged", gold_weight=0.0, unjudged_pairs=args.unjudged_pairs,
-                                                                    **common)
-    configs["student_single_head"] = DistillConfig(out=work / "single", single_head=True, **common)
+               "student_multi_head_pure": DistillConfig(out=work / "pure", gold_weight=0.0, **common),
+               "student_single_head": DistillConfig(out=work / "single", single_head=True, **common)}
     policy = configs["student_multi_head"].teacher_format()
     graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     runs = {}
@@ -206,11 +201,7 @@ def main() -> None:
         "targets": {
             "multi_head_keeps_95pct_of_teacher_macro_f1": multi["share_of_teacher_macro_f1"] >= 0.95,
             "pure_distillation_keeps_95pct_of_teacher_macro_f1": pure["share_of_teacher_macro_f1"] >= 0.95,
-            **{f"{name.removeprefix('student_multi_head_')}_distillation_node_accuracy_minus_teacher":
-               {head: test[name]["node_accuracy"][head] - teacher_nodes[head] for head in teacher_nodes}
-               for name in ("student_multi_head_pure", "student_multi_head_pure_unjudged") if name in test},
-            **({"pure_unjudged_distillation_keeps_95pct_of_teacher_macro_f1":
-                test["student_multi_head_pure_unjudged"]["share_of_teacher_macro_f1"] >= 0.95} if "student_multi_head_pure_unjudged" in test else {}),
+            "pure_distillation_node_accuracy_minus_teacher": {head: pure["node_accuracy"][head] - teacher_nodes[head] for head in teacher_nodes},
             "multi_head_throughput_over_cross_encoder": throughput["student_multi_head"] / throughput["cross_encoder_same_encoder"],
             "multi_head_onnx_int8_throughput_over_cross_encoder":
                 throughput["student_multi_head_onnx_int8"] / throughput["cross_encoder_same_encoder"],

@@ -2,12 +2,7 @@
 
 Algorithmic choices:
 - Data: the train split of `training_examples` (`training.examples.load_pairs`: pairs with gold
-  nodes); the validation split (whole queries, none in train) validates against the gold nodes. With
-  `unjudged_pairs` N, N pairs of a train query and a train product that no judgment puts together
-  (`unjudged_pairs`, drawn by the seed) join the pool the steps draw from. Only the teacher labels them:
-  they have no gold, so every gold term skips them. The judged pairs are the search results of their
-  query, nearly all of a matching or a related product type; pairs beyond them show the student what
-  the teacher answers for the rest of the type relation, which no encoder knows from pre-training.
+  nodes); the validation split (whole queries, none in train) validates against the gold nodes.
 - Format: the teacher's graph, label set, CoT order and prompt budget come from its folder's
   `policy.json` (`training.policy_format.resolve_format`); a setting given here that contradicts
   it is refused when the config is made.
@@ -69,7 +64,7 @@ from training.distributed import (
     unsharded_model,
     wrap_model,
 )
-from training.examples import IGNORE, PRODUCT_FIELDS, load_pairs
+from training.examples import IGNORE, load_pairs
 from training.loop import autocast, learning_rate, micro_batch_indices, resolve_device, resume_state, validation_subsample
 from training.policy_format import PolicyFormat, resolve_format
 from training.run_folder import RunFolder
@@ -95,9 +90,6 @@ class DistillConfig:
         "Tokens the teacher generates for its node decisions (default: 16 when its order starts with the label, which cover y, ms "
         "and ma; the whole CoT budget, COT_TOKEN_BUDGET, when the label comes last).", None)
     teacher_batch_size: int = help_field("Prompts the teacher scores at once.", 64)
-    unjudged_pairs: int = help_field(
-        "Pairs of a train query and a train product nobody judged together, added to the pairs the steps draw from; only the teacher "
-        "labels them (0: the judged pairs only).", 0)
     single_head: bool = help_field("Train the label head only (the single-head baseline).", False)
     class_heads: bool = help_field("Add heads for the text nodes (qs, ps) over the train split's product types.", False)
     temperature: float = help_field("Distillation temperature T of the KL term on y.", 2.0)
@@ -135,7 +127,7 @@ class DistillConfig:
                      "eval_batch_size", "threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "val_items", "unjudged_pairs"):
+        for name in ("warmup_steps", "checkpoint_every", "val_items"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -235,29 +227,6 @@ def distill_loss(logits: Mapping, teacher_probs, teacher_targets: Mapping, gold_
 
 
 # ---------------------------------------------------------------- targets
-
-
-def unjudged_pairs(judged: Sequence[dict], count: int, seed: int) -> list[dict]:
-    """`count` distinct (query, product) pairs of the queries and products of `judged` that no pair of `judged` holds,
-    drawn uniformly with `random.Random(seed)`, without gold, sorted by key."""
-    import random
-
-    queries = {pair["query_id"]: pair["query"] for pair in judged}
-    products = {pair["product_id"]: {field: pair[field] for field in PRODUCT_FIELDS} for pair in judged}
-    taken = {(pair["query_id"], pair["product_id"]) for pair in judged}
-    free = len(queries) * len(products) - len(taken)
-    if count > free:
-        raise ConfigError(f"unjudged_pairs: {count} asked, but the train split's {len(queries)} queries and {len(products)} products "
-                          f"make only {free} pairs nobody judged")
-    query_ids, product_ids = sorted(queries), sorted(products)
-    rng = random.Random(seed)
-    drawn: set[tuple[str, str]] = set()
-    while len(drawn) < count:
-        key = (rng.choice(query_ids), rng.choice(product_ids))
-        if key not in taken:
-            drawn.add(key)
-    return [{"query_id": query_id, "product_id": product_id, "query": queries[query_id], **products[product_id], "gold": {}}
-            for query_id, product_id in sorted(drawn)]
 
 
 def target_index(vocabulary: Sequence[str], value: str | None) -> int:
@@ -374,9 +343,8 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     policy = config.teacher_format()
     graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     train = load_pairs(config.data, policy.label_set, "train")
-    train = train + unjudged_pairs(train, config.unjudged_pairs, config.seed)
     val = validation_subsample(load_pairs(config.data, policy.label_set, "validation"), config.val_items)
-    classes = sorted({pair["product_type"] for pair in train}) if config.class_heads else ()  # the unjudged pairs' products are train's
+    classes = sorted({pair["product_type"] for pair in train}) if config.class_heads else ()
     heads = head_vocabularies(graph, labels, classes, config.single_head)
 
     drawn = sorted({i for step in range(config.max_steps) for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)})

@@ -40,9 +40,6 @@ class Example:
     gold: dict[str, str]
 
 
-PRODUCT_FIELDS = ("title", "product_type", "attributes", "description")  # a pair's product side, as `load_pairs` names it
-
-
 def load_pairs(data: Path, label_set: str, split: str) -> list[dict]:
     """The `split` rows of `label_set` in `training_examples` (written by `relevance datasets`) that
     have gold node values, sorted by key. Rows without nodes (weak labels) have no CoT to imitate

@@ -13,11 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.storage import write_table
 from schemas.tables import RELEVANCE
-from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, distill_loss, run, soft_kl, unjudged_pairs
+from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, distill_loss, run, soft_kl
 from training.student import (
     OnnxStudent,
     build_student,
@@ -226,41 +225,6 @@ def test_a_short_run_saves_a_student_that_loads_and_caches_the_teacher(tiny_worl
     monkeypatch.setattr("training.model.load_model", lambda *_: pytest.fail("the teacher was loaded to score cached pairs"))
     again = run(dataclasses.replace(config, out=tmp_path / "other", max_steps=4, teacher_scores=tmp_path / "scores"))
     assert again["drawn_pairs"] == longer["drawn_pairs"]
-
-
-def test_unjudged_pairs_are_new_distinct_and_follow_the_seed():
-    judged = [{**pair, "gold": {"y": "Exact"}} for pair in PAIRS]
-    drawn = unjudged_pairs(judged, 6, seed=0)  # 3 queries x 3 products, 3 of them judged
-    keys = [(pair["query_id"], pair["product_id"]) for pair in drawn]
-    assert len(set(keys)) == 6 and keys == sorted(keys)
-    assert not set(keys) & {(pair["query_id"], pair["product_id"]) for pair in judged}
-    by_product = {pair["product_id"]: pair for pair in PAIRS}
-    for pair in drawn:
-        assert pair["gold"] == {} and pair["title"] == by_product[pair["product_id"]]["title"]
-        assert pair["query"] == next(p["query"] for p in PAIRS if p["query_id"] == pair["query_id"])
-    assert unjudged_pairs(judged, 4, seed=1) == unjudged_pairs(judged, 4, seed=1)
-    with pytest.raises(ConfigError, match="only 6 pairs nobody judged"):
-        unjudged_pairs(judged, 7, seed=0)
-
-
-def test_unjudged_pairs_join_the_draws_with_teacher_targets_only(tiny_world, tiny_model, tiny_encoder, tmp_path, monkeypatch):
-    from training import distill
-
-    # the tiny world judges every (train query, train product): hide one judgment of four queries (four products, each still judged
-    # with the other queries), so that four pairs are unjudged
-    load_pairs = distill.load_pairs
-    every = load_pairs(tiny_world, "wands", "train")
-    hidden = {(pair["query_id"], pair["product_id"]) for pair in every[1::9]}
-    monkeypatch.setattr(distill, "load_pairs", lambda data, label_set, split: [
-        pair for pair in every if (pair["query_id"], pair["product_id"]) not in hidden] if split == "train" else load_pairs(data, label_set, split))
-    config = _config(tiny_world, tiny_model, tiny_encoder, tmp_path / "run", max_steps=1, batch_size=len(every), checkpoint_every=0,
-                     unjudged_pairs=len(hidden))
-    summary = run(config)
-    assert summary["train_pairs"] == summary["drawn_pairs"] == len(every)  # one step draws the whole pool
-    cache = {(row["query_id"], row["product_id"]) for row in pq.read_table(tmp_path / "run" / TEACHER_CACHE).to_pylist()}
-    assert cache == {(pair["query_id"], pair["product_id"]) for pair in every}  # the teacher labelled the unjudged ones too
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1])
-    assert math.isfinite(record["loss"]) and record["loss/y_gold"] > 0
 
 
 def test_loss_goes_down(tiny_world, sft_policy, tiny_encoder, tmp_path):
