@@ -232,18 +232,11 @@ def with_content_hashes(aggregates, hashes):
     return aggregates.join(hashes, on="product_id", how="inner")
 
 
-def query_product_stats(hashed, day: dt.date):
-    """`with_content_hashes` rows -> the QUERY_PRODUCT_STATS table for `day`."""
+def day_table(hashed, table, day: dt.date):
+    """`with_content_hashes` rows -> `table` (QUERY_PRODUCT_STATS or CANDIDATE_PAIRS, both columns of those rows) for `day`."""
     from pyspark.sql import functions as F
 
-    return hashed.withColumn("ds", F.lit(day)).select(*QUERY_PRODUCT_STATS.names)
-
-
-def candidate_pairs(hashed, day: dt.date):
-    """`with_content_hashes` rows -> the CANDIDATE_PAIRS table for `day`."""
-    from pyspark.sql import functions as F
-
-    return hashed.withColumn("ds", F.lit(day)).select(*CANDIDATE_PAIRS.names)
+    return hashed.withColumn("ds", F.lit(day)).select(*table.names)
 
 
 def with_normalised_query(frame, normalised):
@@ -393,8 +386,8 @@ def run(config: PrepareConfig) -> dict:
     pairs = aggregates.count()
     laps.lap("normalise_rates_aggregates")
     paths = {
-        table.name: write_day(spark, build(aggregates, day), table, out, day, pairs)
-        for table, build in ((QUERY_PRODUCT_STATS, query_product_stats), (CANDIDATE_PAIRS, candidate_pairs))
+        table.name: write_day(spark, day_table(aggregates, table, day), table, out, day, pairs)
+        for table in (QUERY_PRODUCT_STATS, CANDIDATE_PAIRS)
     }
     report_dir = hadoop_fs.join(out, "_prepare", f"ds={day.isoformat()}")
     quarantine.coalesce(1).write.mode("overwrite").parquet(table_uri(report_dir, QUARANTINE))
