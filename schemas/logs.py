@@ -166,6 +166,11 @@ def setup(*, quiet: bool = False, json_lines: bool = False) -> str:
     return mode
 
 
+def settings() -> dict[str, bool]:
+    """The arguments of the last `setup` (its defaults without one), to repeat it in a process this one starts."""
+    return {"quiet": _state["quiet"], "json_lines": _state["mode"] == "json"}
+
+
 def mode() -> str:
     """The mode `setup` chose; without it (a job called from Python), the one stderr calls for."""
     return _state["mode"] or default_mode()

@@ -3,9 +3,11 @@ wrapped for data parallelism (DDP) or sharded (FSDP2), the collectives the train
 of the full state.
 
 - Launch: `torchrun --nproc_per_node N -m jobs.cli train sft|grpo|distill ...` sets WORLD_SIZE, RANK and
-  LOCAL_RANK; `parallel_run` reads them, joins the process group (nccl on CUDA, gloo on CPU) on the
-  device of LOCAL_RANK (`local_device`). Without them, or with WORLD_SIZE=1, nothing is initialised and
-  every helper here is the identity: a single-process run is what it was.
+  LOCAL_RANK; or a command launches its own N processes on this machine (`run_on_local_processes`, torch's
+  elastic launcher, which torchrun is a front of), as SFT does with `processes`. `parallel_run` reads
+  them, joins the process group (nccl on CUDA, gloo on CPU) on the device of LOCAL_RANK (`local_device`).
+  Without them, or with WORLD_SIZE=1, nothing is initialised and every helper here is the identity: a
+  single-process run is what it was.
 - `mode` (the trainers' `parallel` setting): `ddp` keeps a whole replica per process and all-reduces the
   gradients during backward; `fsdp` shards parameters, gradients and optimizer state over the processes
   with `torch.distributed.fsdp.fully_shard` (each transformer block, then the whole model), for models
@@ -96,6 +98,40 @@ def local_device(device: str) -> str:
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu" if device == "auto" else device
+
+
+def under_launcher() -> bool:
+    """Whether this process is one of several a launcher started (torchrun, or `run_on_local_processes`)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def processes_field(measured: str) -> Any:
+    """The `processes` setting of a trainer whose run a command can split over local processes itself."""
+    return help_field(f"Processes this command trains on, launched by itself on this machine (DDP: gloo on the CPU, one GPU each under "
+                      f"device=cuda), each with `threads` threads; 1: this process alone. {measured} Under torchrun leave it at 1: "
+                      f"torchrun launched the processes already.", 1)
+
+
+def run_on_local_processes(processes: int, entry: Callable[[Any], Result], config: Any) -> Result:
+    """`entry(config)` on `processes` new local processes joined as one run (torchrun --standalone's rendezvous, no restart);
+    returns what rank 0's returned. The processes log as this one does (the `relevance` log setup is redone in each)."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from schemas import logs
+
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5, start_method="spawn")
+    returned = elastic_launch(launch, _logged_entry)(entry, config, logs.settings())
+    return returned[0]
+
+
+def _logged_entry(entry: Callable[[Any], Result], config: Any, log_settings: dict) -> Result:
+    from schemas import logs
+
+    logs.setup(**log_settings)
+    return entry(config)
 
 
 @contextlib.contextmanager

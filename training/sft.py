@@ -61,6 +61,9 @@ from training.distributed import (
     local_device,
     parallel_field,
     parallel_run,
+    processes_field,
+    run_on_local_processes,
+    under_launcher,
     unsharded_model,
     wrap_model,
 )
@@ -128,7 +131,9 @@ class SFTConfig:
     eval_every: int = help_field("Evaluate every N steps (0: only at the end).", 0)
     eval_batch_size: int = help_field("Prompts decoded at once during validation.", 64)
     max_new_tokens: int = help_field("Longest generated CoT during validation.", COT_TOKEN_BUDGET)
-    threads: int = help_field("torch CPU threads.", 2)
+    threads: int = help_field("torch CPU threads (of each process).", 2)
+    processes: int = processes_field("The tiny policy on 2 cores: 2 processes of 1 thread take a step 1.21x faster than 1 of 2 "
+                                     "(the same steps, to float rounding).")
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
     precision: str = help_field("auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", "auto")
     parallel: str = parallel_field("model", ", for a model that does not fit one device")
@@ -149,7 +154,7 @@ class SFTConfig:
         if not 0.0 <= self.p_mask <= 1.0:
             raise ConfigError(f"p_mask: must be a probability in [0, 1], got {self.p_mask}")
         resolve_lora(self, SFT_LORA_TARGETS)
-        for name in ("max_steps", "batch_size", "grad_accum", "length_splits", "prompt_tokens", "max_new_tokens", "threads"):
+        for name in ("max_steps", "batch_size", "grad_accum", "length_splits", "prompt_tokens", "max_new_tokens", "threads", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "val_items"):
@@ -308,10 +313,13 @@ class Optimisation:
 
 
 def run(config: SFTConfig) -> dict:
-    """Train, checkpoint, validate, save; returns the summary written to out/summary.json. Under torchrun every
-    process runs this (rank 0 writes)."""
+    """Train, checkpoint, validate, save; returns the summary written to out/summary.json. Under torchrun, or on the
+    `processes` it launches, every process runs this (rank 0 writes)."""
     import torch
 
+    if config.processes > 1 and not under_launcher():
+        Parallel(device=None, world_size=config.processes).require_divisible("batch_size", config.batch_size)
+        return run_on_local_processes(config.processes, run, config)
     torch.set_num_threads(config.threads)
     device, autocast_dtype = resolve_device(local_device(config.device), config.precision)
     with parallel_run(device, config.parallel) as parallel:

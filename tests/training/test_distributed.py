@@ -206,6 +206,21 @@ def test_sft_on_two_processes_takes_the_steps_of_one(sft_runs):
 
 
 @pytest.mark.slow
+def test_sft_launches_its_own_processes_and_takes_the_steps_of_one(sft_runs, tiny_world, tiny_model, monkeypatch):
+    """`processes=2` without torchrun: the command starts the two processes itself (torch's elastic launcher) and
+    returns rank 0's summary; the run is the one torchrun's two processes take."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = sft_runs["root"] / "launched"
+    summary = run_sft(sft_config(tiny_world, tiny_model, out, processes=2))
+    assert summary["steps"] == 4 and summary["val"]["n"] == 4
+    assert records(out, "loss") == records(sft_runs["two"], "loss")
+    assert_same_weights(sft_runs["two"] / "model", out / "model", exact=True)
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["processes"] == 2
+    with pytest.raises(ConfigError, match="batch_size: 8 is the global batch, split over 3 processes"):
+        run_sft(sft_config(tiny_world, tiny_model, sft_runs["root"] / "refused", processes=3))
+
+
+@pytest.mark.slow
 def test_a_two_process_sft_run_resumes_on_two_processes_or_one(sft_runs, tiny_world, tiny_model):
     root = sft_runs["root"]
     link_checkpoint(sft_runs["two"], root / "resumed_two", 2)
