@@ -73,7 +73,6 @@ log = logging.getLogger(__name__)
 HASH_SEPARATOR = "\u001f"
 RAW_QUERY = "raw_query"
 EXAMINATION_RATE = "examination_rate"
-QUERY_ID_RANK = "query_id_rank"
 
 
 def nfkc(text: str | None) -> str | None:
@@ -154,7 +153,7 @@ def position_cells(impressions):
 
     Both the examination rates and the pair aggregates are computed from these cells, so the day's
     impressions are shuffled once. Only counts and sums: a string `min` would turn this hash
-    aggregate over every impression into a sort; the merges take the least `query_id` by its rank.
+    aggregate over every impression into a sort; `merge_cells` takes the min `query_id` of far fewer rows.
     """
     from pyspark.sql import functions as F
 
@@ -167,35 +166,8 @@ def position_cells(impressions):
     )
 
 
-def query_id_ranks(cells):
-    """(query_id, query_id_rank): the cells' distinct query ids numbered in string order (one per query of the day).
-
-    The merges take the least rank, a `min` of a long, which Spark computes in a hash aggregate; a `min`
-    of a string keeps its buffer as an object and turns each merge over the cells into a sort.
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    ids = cells.select("query_id").distinct()
-    return ids.select(F.col("query_id"), F.row_number().over(Window.orderBy("query_id")).alias(QUERY_ID_RANK))
-
-
-def with_query_id_ranks(cells, ranks):
-    """Cells with `query_id` replaced by its `query_id_ranks` rank."""
-    from pyspark.sql import functions as F
-
-    return cells.join(F.broadcast(ranks), on="query_id", how="inner").drop("query_id")
-
-
-def with_query_ids(frame, ranks):
-    """`frame` with its `query_id_rank` replaced by the query id it numbers."""
-    from pyspark.sql import functions as F
-
-    return frame.join(F.broadcast(ranks), on=QUERY_ID_RANK, how="inner").drop(QUERY_ID_RANK)
-
-
 def merge_cells(cells):
-    """Ranked `position_cells` rows -> one row per (query, product_id, position), its least `query_id_rank` and the sums.
+    """`position_cells` rows -> one row per (query, product_id, position), its least `query_id` and the sums.
 
     The cells are built on the raw query strings and merged after normalisation, so the
     normalisation is joined to the cells, not to every impression.
@@ -203,7 +175,7 @@ def merge_cells(cells):
     from pyspark.sql import functions as F
 
     return cells.groupBy("query", "product_id", "position").agg(
-        F.min(F.col(QUERY_ID_RANK)).alias(QUERY_ID_RANK),
+        F.min(F.col("query_id")).alias("query_id"),
         *(F.sum(F.col(name)).alias(name) for name in ("n", "c", "carts", "orders", "gmv")),
     )
 
@@ -237,14 +209,14 @@ def examination_rates(cells):
 
 
 def pair_aggregates(cells, rates):
-    """(merged cells, rates) -> one row per (query, product_id) with its least `query_id_rank` and every count the outputs use."""
+    """(`position_cells`, rates) -> one row per (query, product_id) with every count the outputs use."""
     from pyspark.sql import functions as F
 
     examined = cells.join(F.broadcast(rates), on="position", how="inner")
     clicks = F.sum(F.col("c"))
     expected = F.sum(F.col("n") * F.col(EXAMINATION_RATE))
     return examined.groupBy("query", "product_id").agg(
-        F.min(F.col(QUERY_ID_RANK)).alias(QUERY_ID_RANK),
+        F.min(F.col("query_id")).alias("query_id"),
         F.sum(F.col("n")).alias("impressions"),
         clicks.alias("clicks"),
         F.sum(F.col("carts")).alias("add_to_carts"),
@@ -375,18 +347,14 @@ def _checked_day(spark, data: str, day: dt.date, run_suite: bool):
 
 
 def _pair_cells(kept, synonyms: dict[str, str], hashes):
-    """Persisted (position cells, query id ranks, merged cells, examination rates, pair aggregates with content hashes) of the kept
-    impressions."""
+    """Persisted (position cells, examination rates, pair aggregates with content hashes) of the kept impressions."""
     from pyspark.sql import functions as F
 
     raw_cells = persisted_now(position_cells(kept))
-    ranks = persisted_now(query_id_ranks(raw_cells))
     raw_queries = raw_cells.select(F.col("query").alias(RAW_QUERY)).distinct()
-    normalised = with_normalised_query(with_query_id_ranks(raw_cells, ranks), normalise_queries(raw_queries, synonyms))
-    cells = persisted_now(merge_cells(normalised))
+    cells = persisted_now(merge_cells(with_normalised_query(raw_cells, normalise_queries(raw_queries, synonyms))))
     rates = examination_rates(cells).persist()
-    aggregates = with_query_ids(pair_aggregates(cells, rates), ranks)
-    return [raw_cells, ranks, cells, rates, with_content_hashes(aggregates, hashes).persist()]
+    return [raw_cells, cells, rates, with_content_hashes(pair_aggregates(cells, rates), hashes).persist()]
 
 
 def persisted_now(frame):
