@@ -50,11 +50,11 @@ class DemoConfig:
     order: str = help_field("CoT order of the policy the demo trains (one of the graph's orders; label_first is the one-forward-pass "
                             "scoring path, the default product_first labels better).", "product_first")
     sft_steps: int = help_field(
-        "SFT optimizer steps (0: the SFT default, 4000, 22-27 minutes here at 2 threads; the demo trains fewer, and with 1600 the "
-        "whole demo took 14m09s here on a quiet day and 16m08s on a day this machine ran 1.2x slower).", 1600)
+        "SFT optimizer steps (0: the SFT default, 5000, about 27 minutes here; the demo trains fewer, and with 1600 on two processes "
+        "the whole demo took 14m40s here, SFT 482 s of it).", 1600)
     vocab_size: int = help_field(
-        "BPE vocabulary of the demo's policy. The recipe's 2048 reads queries better after 4000 steps, but its decisions come "
-        "later: validation macro-F1 0.367 / 0.749 at 1000 / 2000 steps against 0.643 / 0.864 with 1024 (seed 0), so the "
+        "BPE vocabulary of the demo's policy. The recipe's 2048 reads queries better in a full-length run, but its decisions come "
+        "later: validation macro-F1 0.367 / 0.749 at 1000 / 2000 of 4000 steps against 0.643 / 0.864 with 1024 (seed 0), so the "
         "demo's 1600 steps keep 1024.", 1024)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
