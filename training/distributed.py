@@ -86,11 +86,16 @@ class Parallel:
 SINGLE_PROCESS = Parallel(device=None)  # the default of functions that may run inside a several-process run; its device is never read
 
 
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, or `run_on_local_processes`) started this one among; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def local_device(device: str) -> str:
     """The device setting for this process: under torchrun `auto` (with CUDA present) and `cuda` mean the GPU of LOCAL_RANK."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launched_world_size() == 1:
         return device
     if device.startswith("cuda:"):
         raise ConfigError(f"device: {device} names one GPU, but under torchrun each process takes the GPU of its LOCAL_RANK; "
@@ -98,18 +103,6 @@ def local_device(device: str) -> str:
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu" if device == "auto" else device
-
-
-def under_launcher() -> bool:
-    """Whether this process is one of several a launcher started (torchrun, or `run_on_local_processes`)."""
-    return "WORLD_SIZE" in os.environ
-
-
-def processes_field(measured: str) -> Any:
-    """The `processes` setting of a trainer whose run a command can split over local processes itself."""
-    return help_field(f"Processes this command trains on, launched by itself on this machine (DDP: gloo on the CPU, one GPU each under "
-                      f"device=cuda), each with `threads` threads; 1: this process alone. {measured} Under torchrun leave it at 1: "
-                      f"torchrun launched the processes already.", 1)
 
 
 def run_on_local_processes(processes: int, entry: Callable[[Any], Result], config: Any) -> Result:
@@ -143,7 +136,7 @@ def parallel_run(device, mode: str) -> Iterator[Parallel]:
 
     if mode not in PARALLEL_MODES:
         raise ConfigError(f"parallel: {mode!r} is not one of {list(PARALLEL_MODES)}")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         yield Parallel(device=device, mode=mode)
         return

@@ -58,12 +58,11 @@ from training.distributed import (
     checkpoint_state,
     clip_gradients,
     gradient_sync,
+    launched_world_size,
     local_device,
     parallel_field,
     parallel_run,
-    processes_field,
     run_on_local_processes,
-    under_launcher,
     unsharded_model,
     wrap_model,
 )
@@ -132,8 +131,10 @@ class SFTConfig:
     eval_batch_size: int = help_field("Prompts decoded at once during validation.", 64)
     max_new_tokens: int = help_field("Longest generated CoT during validation.", COT_TOKEN_BUDGET)
     threads: int = help_field("torch CPU threads (of each process).", 2)
-    processes: int = processes_field("The tiny policy on 2 cores: 2 processes of 1 thread take a step 1.21x faster than 1 of 2 "
-                                     "(the same steps, to float rounding).")
+    processes: int = help_field("Processes this command trains on, launched by itself on this machine (DDP: gloo on the CPU, one GPU each "
+                                "under device=cuda), each with `threads` threads; 1: this process alone. The tiny policy on 2 cores: 2 "
+                                "processes of 1 thread take a step 1.21x faster than 1 of 2 (the same steps, to float rounding). Under "
+                                "torchrun leave it at 1: torchrun launched the processes already.", 1)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N.", "auto")
     precision: str = help_field("auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", "auto")
     parallel: str = parallel_field("model", ", for a model that does not fit one device")
@@ -157,6 +158,7 @@ class SFTConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "length_splits", "prompt_tokens", "max_new_tokens", "threads", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
+        Parallel(device=None, world_size=self.processes).require_divisible("batch_size", self.batch_size)
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "val_items"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -317,8 +319,7 @@ def run(config: SFTConfig) -> dict:
     `processes` it launches, every process runs this (rank 0 writes)."""
     import torch
 
-    if config.processes > 1 and not under_launcher():
-        Parallel(device=None, world_size=config.processes).require_divisible("batch_size", config.batch_size)
+    if config.processes > 1 and launched_world_size() == 1:
         return run_on_local_processes(config.processes, run, config)
     torch.set_num_threads(config.threads)
     device, autocast_dtype = resolve_device(local_device(config.device), config.precision)
