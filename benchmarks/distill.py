@@ -16,6 +16,10 @@ ONNX and quantized to int8 (`export_onnx`, `quantize_onnx`, `OnnxStudent`; its q
 too), sentence-transformers' CrossEncoder
 on the same encoder with the same batch size and max length, and the teacher. Writes
 benchmarks/results/distill.json and distill.png.
+
+With `--work W --reuse`, a student whose folder under W holds a finished run made with the very config
+the benchmark would use (the config its metrics.jsonl starts with) is scored as it is, not trained again;
+its entry in `runs` says `reused` and carries that run's own summary.
 """
 
 from __future__ import annotations
@@ -89,6 +93,15 @@ def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labe
     return score
 
 
+def finished_run(config: DistillConfig) -> dict | None:
+    """The summary of the finished run in config.out when that run started with this very config; None otherwise."""
+    summary, metrics = config.out / "summary.json", config.out / "metrics.jsonl"
+    if not (summary.exists() and metrics.exists()):
+        return None
+    start = json.loads(metrics.read_text().splitlines()[0])
+    return json.loads(summary.read_text()) if start.get("config") == json.loads(json.dumps(config_to_dict(config))) else None
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -125,6 +138,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="folder for the student runs (default: a temporary one)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--reuse", action="store_true", help="score the finished runs under --work made with the same config instead of training them")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -139,6 +153,10 @@ def main() -> None:
     graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     runs = {}
     for name, config in configs.items():
+        reused = finished_run(config) if args.reuse else None
+        if reused is not None:
+            runs[name] = {**reused, "reused": True}
+            continue
         if name != "student_multi_head" and (work / "multi" / TEACHER_CACHE).exists():  # same pairs drawn: reuse the teacher's targets
             config.out.mkdir(parents=True, exist_ok=True)
             shutil.copy(work / "multi" / TEACHER_CACHE, config.out / TEACHER_CACHE)

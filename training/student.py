@@ -6,6 +6,13 @@
   product [SEP]` for BERT), the product text being the prompt's product lines (title, type,
   attributes, description: `training.prompt.render_fields`); only the product side is truncated.
 - Pooling: the first token's last hidden state (the cross-encoder convention), dropout, then heads.
+- Node tables (optional, `MultiHeadStudent.compose`): a head whose graph parents all have heads (`ms`
+  from `qs` and `ps` when the text nodes have class heads; `y` from `ms` and `ma`) is served through
+  the counts of the teacher's decisions for each combination of parent values: its probabilities are
+  the parents' joint probabilities times P(node | parents) from those counts, mixed with the node's
+  own head by `n / (n + 1)` for a combination seen n times. A node the world defines by a table (the
+  subject match is a relation between product types) is then learnt by counting, not by the encoder.
+  Training fits the heads alone (`forward`); serving composes (`predict`), the ONNX export too.
 - Heads follow the graph (`head_vocabularies`): the label node over the label set, every `choice`
   node over its values and, when classes are given, every `text` node (qs, ps) over those classes
   (the catalog's product types). `single_head` keeps only the label node's head.
@@ -76,15 +83,21 @@ def product_text(pair: Mapping, max_length: int) -> str:
 
 
 class MultiHeadStudent(nn.Module):
-    """Encoder + dropout + one linear head per node; `forward` returns the heads' logits in `head_names` order."""
+    """Encoder + dropout + one linear head per node; `forward` returns the heads' logits in `head_names` order,
+    `predict` the served ones (the node tables composed in)."""
 
-    def __init__(self, encoder: nn.Module, heads: Mapping[str, Sequence[str]], dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, heads: Mapping[str, Sequence[str]], dropout: float = 0.1,
+                 table_parents: Mapping[str, Sequence[str]] | None = None):
         super().__init__()
         self.encoder = encoder
         self.vocabularies = {name: tuple(values) for name, values in heads.items()}
         self.head_names = list(self.vocabularies)
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({name: nn.Linear(encoder.config.hidden_size, len(values)) for name, values in self.vocabularies.items()})
+        self.table_parents = {node: tuple(parents) for node, parents in (table_parents or {}).items()}  # in composition order
+        for node, parents in self.table_parents.items():
+            shape = (*(len(self.vocabularies[parent]) for parent in parents), len(self.vocabularies[node]))
+            self.register_buffer(f"table_{node}", torch.zeros(shape))
 
     @property
     def device(self) -> torch.device:
@@ -97,14 +110,61 @@ class MultiHeadStudent(nn.Module):
         pooled = self.dropout(hidden[:, 0])
         return tuple(self.heads[name](pooled) for name in self.head_names)
 
+    def predict(self, input_ids, attention_mask, token_type_ids=None) -> tuple[torch.Tensor, ...]:
+        """The served outputs: `forward`'s logits with every tabled node's replaced by the log of its composed probabilities."""
+        return self.compose(self(input_ids, attention_mask, token_type_ids))
 
-def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], dropout: float = 0.1):
-    """(MultiHeadStudent with fresh heads, tokenizer) on the pre-trained encoder in `encoder_dir`."""
+    def compose(self, logits: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Each tabled node, in order: P = joint(parents) @ (w * P(node | parents)) + (joint(parents) @ (1 - w)) * own head,
+        with P(node | parents) = (n_value + 1/K) / (n + 1) and w = n / (n + 1) from the counts of each parent combination
+        (a combination never seen leaves the node to its own head). A composed node feeds the nodes after it."""
+        outputs = dict(zip(self.head_names, logits))
+        for node, parents in self.table_parents.items():
+            joint = None
+            for parent in parents:
+                probabilities = torch.softmax(outputs[parent].float(), dim=-1)
+                joint = probabilities if joint is None else (joint[:, :, None] * probabilities[:, None, :]).flatten(1)
+            counts = getattr(self, f"table_{node}").flatten(0, -2)  # (parent combinations, values)
+            seen = counts.sum(dim=-1, keepdim=True)
+            conditional = (counts + 1.0 / counts.shape[-1]) / (seen + 1.0)
+            weight = seen / (seen + 1.0)
+            own = torch.softmax(outputs[node].float(), dim=-1)
+            composed = joint @ (weight * conditional) + (joint @ (1.0 - weight)) * own
+            outputs[node] = composed.clamp(min=1e-12).log()
+        return tuple(outputs[name] for name in self.head_names)
+
+
+def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], dropout: float = 0.1,
+                  tables: Mapping[str, tuple[Sequence[str], torch.Tensor]] | None = None):
+    """(MultiHeadStudent with fresh heads, tokenizer) on the pre-trained encoder in `encoder_dir`; `tables`: node ->
+    (its parents, the counts `node_tables` made), composed in that order."""
     from transformers import AutoModel, AutoTokenizer
 
     options = {"use_safetensors": True, **({"add_pooling_layer": False} if _is_bert(encoder_dir) else {})}  # never unpickle weights
     encoder = AutoModel.from_pretrained(encoder_dir, trust_remote_code=False, **options)
-    return MultiHeadStudent(encoder, heads, dropout), AutoTokenizer.from_pretrained(encoder_dir, trust_remote_code=False)
+    tables = tables or {}
+    model = MultiHeadStudent(encoder, heads, dropout, {node: parents for node, (parents, _) in tables.items()})
+    for node, (_, counts) in tables.items():
+        getattr(model, f"table_{node}").copy_(counts)
+    return model, AutoTokenizer.from_pretrained(encoder_dir, trust_remote_code=False)
+
+
+def node_tables(decisions: Sequence[Mapping[str, str]], heads: Mapping[str, Sequence[str]], graph: ReasoningGraph) -> dict:
+    """Node -> (its parents, counts of shape (*parent vocabularies, node vocabulary)) for every head whose graph parents
+    all have heads, in graph order; `decisions`: one dict of node -> decided value per example (the label under the
+    label node). An example counts where each of the node's and its parents' values is in its head's vocabulary."""
+    tables = {}
+    for node in graph.node_names:
+        parents = tuple(source for source, target in graph.edges if target == node)
+        if node not in heads or not parents or any(parent not in heads for parent in parents):
+            continue
+        counts = torch.zeros(*(len(heads[name]) for name in (*parents, node)))
+        for decided in decisions:
+            values = [decided.get(name) for name in (*parents, node)]
+            if all(value in heads[name] for name, value in zip((*parents, node), values)):
+                counts[tuple(heads[name].index(value) for name, value in zip((*parents, node), values))] += 1
+        tables[node] = (parents, counts)
+    return tables
 
 
 def _is_bert(encoder_dir: str | Path) -> bool:
@@ -124,6 +184,7 @@ def save_student(model: MultiHeadStudent, tokenizer, folder: str | Path, *, grap
     model.encoder.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     meta = {"graph": graph, "label_set": label_set, "heads": {k: list(v) for k, v in model.vocabularies.items()},
+            "tables": {node: list(parents) for node, parents in model.table_parents.items()},
             "max_length": max_length, "dropout": model.dropout.p, **(extra or {})}
     (folder / STUDENT_FILE).write_text(json.dumps(meta, indent=2))
     return folder
@@ -138,7 +199,7 @@ def load_student(folder: str | Path):
     meta = student_meta(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     encoder = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type == "bert" else AutoModel.from_config(config)
-    model = MultiHeadStudent(encoder, meta["heads"], meta["dropout"])
+    model = MultiHeadStudent(encoder, meta["heads"], meta["dropout"], meta.get("tables"))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
     return model.eval(), AutoTokenizer.from_pretrained(folder, trust_remote_code=False), meta
 
@@ -182,7 +243,7 @@ def predict_probabilities(model: MultiHeadStudent | OnnxStudent, tokenizer, pair
     with torch.inference_mode():
         for indices in length_sorted_batches([len(e["input_ids"]) for e in encodings], batch_size):
             batch = {k: v.to(model.device) for k, v in pad_batch([encodings[i] for i in indices], tokenizer.pad_token_id).items()}
-            for name, logits in zip(model.head_names, model(**batch)):
+            for name, logits in zip(model.head_names, model.predict(**batch)):
                 outputs[name][indices] = torch.softmax(logits.float(), dim=-1).cpu()
             bar.update(len(indices))
     bar.close()
@@ -224,8 +285,20 @@ def score_split(folder: str | Path, data: str | Path, split: str, *, model_name:
 # ---------------------------------------------------------------- ONNX
 
 
+class _Served(nn.Module):
+    """The student's `predict` as a module's forward, for export."""
+
+    def __init__(self, student: MultiHeadStudent):
+        super().__init__()
+        self.student = student
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        return self.student.predict(input_ids, attention_mask, token_type_ids)
+
+
 def export_onnx(model: MultiHeadStudent, tokenizer, path: str | Path, max_length: int) -> Path:
-    """Write the student as ONNX with dynamic batch and length; inputs as the tokenizer names them, outputs the head names."""
+    """Write the served student (`predict`: the node tables composed in) as ONNX with dynamic batch and length; inputs as
+    the tokenizer names them, outputs the head names."""
     path = Path(path)
     example = pad_batch(tokenize_pairs(tokenizer, [{"query": "a query", "title": "a title", "product_type": "a type", "attributes": {},
                                                     "description": ""}] * 2, max_length), tokenizer.pad_token_id)
@@ -233,7 +306,7 @@ def export_onnx(model: MultiHeadStudent, tokenizer, path: str | Path, max_length
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=max_length)
     model.eval()
     torch.onnx.export(
-        model, (), str(path), kwargs=example, input_names=names, output_names=model.head_names,
+        _Served(model), (), str(path), kwargs=example, input_names=names, output_names=model.head_names,
         dynamic_shapes={name: {0: batch, 1: length} for name in names}, dynamo=True, external_data=False,
     )
     return path
@@ -268,6 +341,6 @@ class OnnxStudent:
     def eval(self) -> OnnxStudent:
         return self  # a session has no training mode
 
-    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def predict(self, **batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feeds = {name: tensor.numpy() for name, tensor in batch.items() if name in self.input_names}
         return tuple(torch.from_numpy(logits) for logits in self.session.run(self.head_names, feeds))

@@ -25,9 +25,11 @@ from training.student import (
     head_vocabularies,
     length_sorted_batches,
     load_student,
+    node_tables,
     pad_batch,
     predict_probabilities,
     quantize_onnx,
+    save_student,
     score_split,
     student_rows,
     tokenize_pairs,
@@ -140,6 +142,38 @@ def test_heads_follow_the_graph():
     assert list(head_vocabularies(small, LABELS, ("sofa",))) == ["y", "ms", "ma"]
 
 
+def test_node_tables_count_the_decisions_of_nodes_whose_parents_have_heads():
+    heads = head_vocabularies(GRAPH, LABELS, ("sofa", "bed frame"))
+    decisions = [{"qs": "sofa", "ps": "bed frame", "ms": "related", "ma": "none", "y": "Partial"},
+                 {"qs": "sofa", "ps": "bed frame", "ms": "related", "ma": "none", "y": "Partial"},
+                 {"qs": "sofa", "ps": "sofa", "ms": "match", "ma": "match", "y": "Exact"},
+                 {"qs": "lamp", "ps": "sofa", "ms": "mismatch", "ma": "none", "y": "Irrelevant"}]  # lamp: no class, counted for y only
+    tables = node_tables(decisions, heads, GRAPH)
+    assert list(tables) == ["ms", "y"] and tables["ms"][0] == ("qs", "ps") and tables["y"][0] == ("ms", "ma")
+    ms = tables["ms"][1]
+    assert ms.shape == (2, 2, 3) and ms.sum() == 3 and ms[0, 1, 1] == 2 and ms[0, 0, 0] == 1
+    y = tables["y"][1]
+    assert y.shape == (3, 4, 3) and y.sum() == 4 and y[2, 3, LABELS.names.index("Irrelevant")] == 1
+    assert list(node_tables(decisions, head_vocabularies(GRAPH, LABELS), GRAPH)) == ["y"]  # no class heads: qs and ps have none
+
+
+def test_a_tabled_node_is_its_parents_joint_through_the_counts_mixed_with_its_own_head(tiny_encoder):
+    heads = {"y": ("Exact", "Partial", "Irrelevant"), "qs": ("sofa", "lamp"), "ps": ("sofa", "lamp"), "ms": ("match", "related", "mismatch")}
+    counts = torch.zeros(2, 2, 3)
+    counts[0, 1, 2] = 3  # sofa query, lamp product: mismatch three times; (lamp, lamp) and (lamp, sofa) never seen
+    counts[0, 0, 0] = 1
+    model, _ = build_student(tiny_encoder, heads, tables={"ms": (("qs", "ps"), counts)})
+    logits = (torch.zeros(1, 3), torch.tensor([[math.log(0.9), math.log(0.1)]]), torch.tensor([[math.log(0.2), math.log(0.8)]]),
+              torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]]))
+    y, qs, ps, ms = model.compose(logits)
+    own = torch.tensor([0.5, 0.3, 0.2])
+    sofa_lamp = 0.75 * (torch.tensor([0.0, 0.0, 3.0]) + 1 / 3) / 4 + 0.25 * own
+    sofa_sofa = 0.5 * (torch.tensor([1.0, 0.0, 0.0]) + 1 / 3) / 2 + 0.5 * own
+    expected = 0.9 * 0.8 * sofa_lamp + 0.9 * 0.2 * sofa_sofa + 0.1 * own
+    assert torch.allclose(ms.exp()[0], expected, atol=1e-6) and ms.exp().sum().item() == pytest.approx(1.0)
+    assert torch.equal(qs, logits[1]) and torch.equal(y, logits[0])  # untabled heads pass through
+
+
 def test_length_sorted_batches_cover_every_index_once_longest_first():
     batches = length_sorted_batches([3, 9, 1, 9, 5], 2)
     assert batches == [[1, 3], [4, 0], [2]]
@@ -174,19 +208,24 @@ def test_rows_follow_the_relevance_schema_and_do_not_depend_on_batching(tiny_enc
 
 def test_onnx_outputs_equal_pytorch_and_serve_through_the_same_path(tiny_encoder, tmp_path):
     torch.manual_seed(0)
-    heads = head_vocabularies(GRAPH, LABELS)
-    model, tokenizer = build_student(tiny_encoder, heads)
+    heads = head_vocabularies(GRAPH, LABELS, ("sofa", "bed frame"))
+    tables = {node: (parents, torch.randint(0, 3, counts.shape).float()) for node, (parents, counts) in node_tables([], heads, GRAPH).items()}
+    model, tokenizer = build_student(tiny_encoder, heads, tables=tables)  # the export serves the tables composed in
     path = export_onnx(model, tokenizer, tmp_path / "student.onnx", max_length=48)
     batch = pad_batch(tokenize_pairs(tokenizer, PAIRS, 48), tokenizer.pad_token_id)  # another batch size and length than the export's
     onnx_student = OnnxStudent(path, heads)
     with torch.inference_mode():
-        expected = model.eval()(**batch)
-    got = onnx_student(**batch)
-    assert [tuple(o.shape) for o in got] == [(3, 3), (3, 3), (3, 4)]
+        expected = model.eval().predict(**batch)
+        assert not torch.allclose(expected[3], model(**batch)[3])  # ms is composed
+    got = onnx_student.predict(**batch)
+    assert [tuple(o.shape) for o in got] == [(3, 3), (3, 2), (3, 2), (3, 3), (3, 4)]
     for onnx_logits, torch_logits in zip(got, expected):
         assert torch.allclose(onnx_logits, torch_logits, atol=1e-4)
     served = predict_probabilities(onnx_student, tokenizer, PAIRS, 48, batch_size=2)
-    for name, probabilities in predict_probabilities(model, tokenizer, PAIRS, 48, batch_size=2).items():
+    save_student(model, tokenizer, tmp_path / "saved", graph=GRAPH.name, label_set=LABELS.name, max_length=48)
+    loaded, _, _ = load_student(tmp_path / "saved")
+    assert torch.equal(loaded.table_ms, tables["ms"][1])
+    for name, probabilities in predict_probabilities(loaded, tokenizer, PAIRS, 48, batch_size=2).items():
         assert torch.allclose(served[name], probabilities, atol=1e-5)
 
     int8 = OnnxStudent(quantize_onnx(path, tmp_path / "student.int8.onnx"), heads)
@@ -199,11 +238,12 @@ def test_onnx_outputs_equal_pytorch_and_serve_through_the_same_path(tiny_encoder
 
 
 def test_a_short_run_saves_a_student_that_loads_and_caches_the_teacher(tiny_world, tiny_model, tiny_encoder, tmp_path, monkeypatch):
-    config = _config(tiny_world, tiny_model, tiny_encoder, tmp_path / "run", max_steps=2, class_heads=True)
+    config = _config(tiny_world, tiny_model, tiny_encoder, tmp_path / "run", max_steps=2, class_heads=True, graph_tables=True)
     summary = run(config)
     assert summary["heads"] == ["y", "qs", "ps", "ms", "ma"]
     meta = json.loads((tmp_path / "run" / "model" / "student.json").read_text())
     assert meta["graph"] == "relevance7" and meta["label_set"] == "wands" and meta["heads"]["ms"] == ["match", "related", "mismatch"]
+    assert meta["tables"] == {"ms": ["qs", "ps"], "y": ["ms", "ma"]}
     model, tokenizer, loaded_meta = load_student(tmp_path / "run" / "model")
     assert loaded_meta == meta
     rows = score_split(tmp_path / "run" / "model", tiny_world, "validation", model_name="student")
@@ -214,6 +254,8 @@ def test_a_short_run_saves_a_student_that_loads_and_caches_the_teacher(tiny_worl
 
     cache = pq.read_table(tmp_path / "run" / TEACHER_CACHE)
     assert cache.schema == RELEVANCE.arrow_schema() and cache.num_rows == summary["drawn_pairs"] == 16
+    counted = node_tables([{**dict(row["node_decisions"]), "y": row["label"]} for row in cache.to_pylist()], meta["heads"], GRAPH)
+    assert torch.equal(model.table_ms, counted["ms"][1]) and torch.equal(model.table_y, counted["y"][1])  # the drawn pairs' decisions
     for row in cache.to_pylist():
         assert sum(dict(row["label_probs"]).values()) == pytest.approx(1.0)
     # a longer re-run scores only the pairs the first one did not draw
