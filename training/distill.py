@@ -16,7 +16,7 @@ Algorithmic choices:
 - Heads (`training.student.head_vocabularies`): y over the label set, every choice node (ms, ma),
   and with `class_heads` the text nodes (qs, ps) over the train split's product types.
   `single_head` trains y alone.
-- Node tables (`graph_tables`, `training.student.node_tables`): every head whose graph parents all have
+- Node tables (`graph_tables`, `training.distill.node_tables`): every head whose graph parents all have
   heads (`ms` from `qs` and `ps` with `class_heads`, `y` from `ms` and `ma`) is served through the
   counts of the teacher's decisions on the drawn pairs for each combination of its parents' values
   (`MultiHeadStudent.compose`); they are counted before training, saved with the student, and the
@@ -285,6 +285,27 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
     return {(row["query_id"], row["product_id"]): row for row in cached.to_pylist()}
 
 
+def node_tables(decisions: Sequence[Mapping[str, str]], heads: Mapping[str, Sequence[str]], graph: ReasoningGraph) -> dict:
+    """Node -> (its parents, counts of shape (*parent vocabularies, node vocabulary)) for every head whose graph parents
+    all have heads, in graph order; `decisions`: one dict of node -> decided value per example (the label under the
+    label node). An example counts where each of the node's and its parents' values is in its head's vocabulary."""
+    import torch
+
+    tables = {}
+    for node in graph.node_names:
+        parents = tuple(source for source, target in graph.edges if target == node)
+        if node not in heads or not parents or any(parent not in heads for parent in parents):
+            continue
+        names = (*parents, node)
+        counts = torch.zeros(*(len(heads[name]) for name in names))
+        for decided in decisions:
+            index = tuple(target_index(heads[name], decided.get(name)) for name in names)
+            if IGNORE not in index:
+                counts[index] += 1
+        tables[node] = (parents, counts)
+    return tables
+
+
 def batch_targets(pairs: Sequence[dict], teacher: Sequence[dict], heads: Mapping[str, Sequence[str]], label_node: str, labels: LabelSet):
     """(teacher_probs (batch, labels), teacher targets, gold targets) tensors of one batch; see `distill_loss`."""
     import torch
@@ -346,7 +367,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     import torch
 
     from training.model_files import model_version
-    from training.student import build_student, default_encoder, head_vocabularies, node_tables, save_student
+    from training.student import build_student, default_encoder, head_vocabularies, save_student
 
     parallel.require_divisible("batch_size", config.batch_size)
     policy = config.teacher_format()
@@ -358,12 +379,12 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
 
     drawn = sorted({i for step in range(config.max_steps) for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)})
     started = time.perf_counter()
-    teacher = teacher_rows(config, policy, [train[i] for i in drawn], graph, labels, parallel)
+    drawn_pairs = [train[i] for i in drawn]
+    teacher = teacher_rows(config, policy, drawn_pairs, graph, labels, parallel)
     teacher_seconds = time.perf_counter() - started
-    tables = {}
-    if config.graph_tables:
-        drawn_rows = [teacher[train[i]["query_id"], train[i]["product_id"]] for i in drawn]
-        tables = node_tables([{**dict(row["node_decisions"]), graph.label_node: row["label"]} for row in drawn_rows], heads, graph)
+    decisions = [{**dict(row["node_decisions"]), graph.label_node: row["label"]}
+                 for row in (teacher[pair["query_id"], pair["product_id"]] for pair in drawn_pairs)]
+    tables = node_tables(decisions, heads, graph) if config.graph_tables else {}
 
     encoder = config.encoder or default_encoder()
 

@@ -137,7 +137,7 @@ class MultiHeadStudent(nn.Module):
 def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], dropout: float = 0.1,
                   tables: Mapping[str, tuple[Sequence[str], torch.Tensor]] | None = None):
     """(MultiHeadStudent with fresh heads, tokenizer) on the pre-trained encoder in `encoder_dir`; `tables`: node ->
-    (its parents, the counts `node_tables` made), composed in that order."""
+    (its parents, the counts `training.distill.node_tables` made), composed in that order."""
     from transformers import AutoModel, AutoTokenizer
 
     options = {"use_safetensors": True, **({"add_pooling_layer": False} if _is_bert(encoder_dir) else {})}  # never unpickle weights
@@ -147,24 +147,6 @@ def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], d
     for node, (_, counts) in tables.items():
         getattr(model, f"table_{node}").copy_(counts)
     return model, AutoTokenizer.from_pretrained(encoder_dir, trust_remote_code=False)
-
-
-def node_tables(decisions: Sequence[Mapping[str, str]], heads: Mapping[str, Sequence[str]], graph: ReasoningGraph) -> dict:
-    """Node -> (its parents, counts of shape (*parent vocabularies, node vocabulary)) for every head whose graph parents
-    all have heads, in graph order; `decisions`: one dict of node -> decided value per example (the label under the
-    label node). An example counts where each of the node's and its parents' values is in its head's vocabulary."""
-    tables = {}
-    for node in graph.node_names:
-        parents = tuple(source for source, target in graph.edges if target == node)
-        if node not in heads or not parents or any(parent not in heads for parent in parents):
-            continue
-        counts = torch.zeros(*(len(heads[name]) for name in (*parents, node)))
-        for decided in decisions:
-            values = [decided.get(name) for name in (*parents, node)]
-            if all(value in heads[name] for name, value in zip((*parents, node), values)):
-                counts[tuple(heads[name].index(value) for name, value in zip((*parents, node), values))] += 1
-        tables[node] = (parents, counts)
-    return tables
 
 
 def _is_bert(encoder_dir: str | Path) -> bool:

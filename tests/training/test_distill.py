@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import math
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.storage import write_table
 from schemas.tables import RELEVANCE
-from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, distill_loss, run, soft_kl
+from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, distill_loss, node_tables, run, soft_kl
 from training.student import (
     OnnxStudent,
     build_student,
@@ -25,7 +26,6 @@ from training.student import (
     head_vocabularies,
     length_sorted_batches,
     load_student,
-    node_tables,
     pad_batch,
     predict_probabilities,
     quantize_onnx,
@@ -263,10 +263,17 @@ def test_a_short_run_saves_a_student_that_loads_and_caches_the_teacher(tiny_worl
     assert pq.read_table(tmp_path / "run" / TEACHER_CACHE).num_rows == longer["drawn_pairs"] > 16
 
     # rows the teacher already wrote elsewhere (a RELEVANCE table) stand in for scoring
-    write_table(RELEVANCE, pq.read_table(tmp_path / "run" / TEACHER_CACHE), tmp_path / "scores")
+    # (the untrained teacher decides nothing in the heads' vocabularies: these rows decide, so the tables count them)
+    subject = meta["heads"]["qs"][0]
+    decided = [{**row, "node_decisions": [("ma", "none"), ("ms", "match"), ("ps", subject), ("qs", subject)]}
+               for row in pq.read_table(tmp_path / "run" / TEACHER_CACHE).to_pylist()]
+    write_table(RELEVANCE, pa.Table.from_pylist(decided, schema=RELEVANCE.arrow_schema()), tmp_path / "scores")
     monkeypatch.setattr("training.model.load_model", lambda *_: pytest.fail("the teacher was loaded to score cached pairs"))
     again = run(dataclasses.replace(config, out=tmp_path / "other", max_steps=4, teacher_scores=tmp_path / "scores"))
     assert again["drawn_pairs"] == longer["drawn_pairs"]
+    served, _, _ = load_student(tmp_path / "other" / "model")
+    assert served.table_ms[0, 0, 0] == served.table_ms.sum() == again["drawn_pairs"]  # every drawn pair: (subject, subject) -> match
+    assert served.table_y[0, 3].sum() == again["drawn_pairs"]  # ms match, ma none, under each pair's label
 
 
 def test_loss_goes_down(tiny_world, sft_policy, tiny_encoder, tmp_path):
