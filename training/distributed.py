@@ -27,6 +27,7 @@ of the full state.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,10 @@ def parallel_run(device, mode: str) -> Iterator[Parallel]:
         yield Parallel(device=device, mode=mode, rank=dist.get_rank(), world_size=dist.get_world_size())
     finally:
         if started:
+            # a wrapped model sits in reference cycles, so only the collector frees it; left to interpreter exit, its hold on
+            # the gloo group can be released after the group's threads are gone, which aborts the process ("terminate called
+            # without an active exception", seen once after a two-process FSDP run had finished): collect it here instead
+            gc.collect()
             dist.destroy_process_group()
 
 

@@ -643,14 +643,19 @@ def run(config: GRPOConfig) -> dict:
     torch.set_num_threads(config.threads)
     device, _ = resolve_device(local_device(config.device), config.precision)
     with parallel_run(device, config.parallel) as parallel:
-        state = start_run(config, parallel)
-        started = time.perf_counter()
-        bar = progress(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
-                       total=config.steps, enabled=parallel.is_main)
-        for step in bar:
-            record = train_step(state, step)
-            bar.set_postfix(reward=f"{record['reward/outcome']:.3f}", kl=f"{record.get('train/kl', 0.0):.4f}")
-            log_step(state, step, record)
-        bar.close()
-        state.backend.close()
-        return finish(state, time.perf_counter() - started)
+        return train_and_finish(config, parallel)
+
+
+def train_and_finish(config: GRPOConfig, parallel: Parallel) -> dict:
+    """`run` on this process; its training state is gone when it returns, before the process group is left."""
+    state = start_run(config, parallel)
+    started = time.perf_counter()
+    bar = progress(range(state.start_step, config.steps), desc=f"grpo[{state.estimator.name}]", unit="step", initial=state.start_step,
+                   total=config.steps, enabled=parallel.is_main)
+    for step in bar:
+        record = train_step(state, step)
+        bar.set_postfix(reward=f"{record['reward/outcome']:.3f}", kl=f"{record.get('train/kl', 0.0):.4f}")
+        log_step(state, step, record)
+    bar.close()
+    state.backend.close()
+    return finish(state, time.perf_counter() - started)
