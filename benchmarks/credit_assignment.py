@@ -17,7 +17,7 @@ Each final policy and the SFT starting point label the same test pairs (`trainin
 whole queries, label probabilities from the label tokens, reasoning by greedy decoding) and
 `relevance evaluate` scores them all in one run against the noise-free gold: macro-F1, per-class F1
 and per-node accuracy with 95% bootstrap intervals resampling queries, and paired comparisons with
-the SFT policy. Writes benchmarks/results/credit_assignment.{json,md,png}: the table, the training
+the SFT policy (macro-F1 and each reasoning node's accuracy: where a run lost reasoning). Writes benchmarks/results/credit_assignment.{json,md,png}: the table, the training
 curves (outcome reward, mean node verifier accuracy, validation label accuracy) and the phi
 trajectories of graph_grpo. The JSON is rewritten after every run, so partial results survive.
 """
@@ -154,6 +154,10 @@ def evaluate_all(predictions: dict[str, Path], world: Path, work: Path) -> dict:
         }
     for comparison in result.comparisons:
         table[comparison.other]["vs_sft"] = comparison.verdict
+        if comparison.node_names:
+            change = comparison.metrics["node_accuracy_difference"]
+            table[comparison.other]["node_change_vs_sft"] = {
+                node: [float(change.estimate[k]), float(change.low[k]), float(change.high[k])] for k, node in enumerate(comparison.node_names)}
     return {"models": table, "report": str(work / "evaluation" / "report.html")}
 
 
@@ -192,6 +196,15 @@ def markdown(result: dict, graph: ReasoningGraph) -> str:
                  *[f"{model['f1'][label][0]:.3f}" for label in labels], *[f"{model['node_accuracy'][node][0]:.3f}" for node in nodes],
                  model.get("vs_sft", "")]
         lines.append("| " + " | ".join(cells) + " |")
+    changed = {name: model["node_change_vs_sft"] for name, model in models.items() if "node_change_vs_sft" in model}
+    if changed:
+        changed_nodes = [node for node in nodes if node != graph.label_node and all(node in change for change in changed.values())]
+        lines += ["", "Paired change of each reasoning node's accuracy against the SFT start (95% query-bootstrap interval; "
+                  "an interval under 0 is reasoning the run lost):", "",
+                  "| model | " + " | ".join(changed_nodes) + " |", "|---|" + "---|" * len(changed_nodes)]
+        for name, change in changed.items():
+            lines.append(f"| {name} | " + " | ".join(f"{change[node][0]:+.3f} [{change[node][1]:+.3f}, {change[node][2]:+.3f}]"
+                                                     for node in changed_nodes) + " |")
     lines += ["", "| estimator | seeds | test macro-F1 mean (sd) | accuracy mean | reasoning-node accuracy mean | s/step (x grpo) |",
               "|---|---|---|---|---|---|"]
     for name, entry in result["by_estimator"].items():

@@ -147,6 +147,12 @@ def query_stats(pairs: ScoredPairs, relevant: np.ndarray, gains: np.ndarray, k: 
     )
 
 
+def node_accuracy(weights: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """(B, M) accuracy of each node under each weighting of queries; `nodes` as in `QueryStats`."""
+    node_sums = np.einsum("bq,qmc->bmc", weights, nodes)
+    return M.ratio(node_sums[..., 1], node_sums[..., 0], np.nan)
+
+
 def model_statistic(stats: QueryStats, relevant: np.ndarray, with_ndcg: bool = True, full: bool = True) -> Statistic:
     """The bootstrap statistic of one model: weights (B, Q) -> every metric of `METRICS`, or with
     `full=False` only those of `DIFFERENCES` (what a paired comparison needs)."""
@@ -182,8 +188,7 @@ def model_statistic(stats: QueryStats, relevant: np.ndarray, with_ndcg: bool = T
             "ece": M.expected_calibration_error((weights @ flat_calibration).reshape(len(weights), -1, 3)),
         }
         if stats.nodes.shape[1]:
-            node_sums = np.einsum("bq,qmc->bmc", weights, stats.nodes)
-            out["node_accuracy"] = M.ratio(node_sums[..., 1], node_sums[..., 0], np.nan)
+            out["node_accuracy"] = node_accuracy(weights, stats.nodes)
         out |= A.agreement_scores(confusion)
         if stats.n_several_judged:
             out |= A.ceiling_scores(
@@ -301,7 +306,8 @@ class Comparison:
     """`other` against `baseline` on the gold pairs both cover.
 
     metrics: `<metric>_difference` (other - baseline) and each model's value, for `DIFFERENCES`,
-    from one paired query bootstrap (both models see the same resampled queries).
+    and `node_accuracy_difference` ((M,) in `node_names` order: the nodes both models decide), from
+    one paired query bootstrap (both models see the same resampled queries).
     """
 
     baseline: str
@@ -311,6 +317,7 @@ class Comparison:
     metrics: dict[str, Interval]
     mcnemar: M.McNemar
     verdict: str
+    node_names: tuple[str, ...] = ()
 
 
 def verdict(baseline: str, other: str, difference: Interval, metric: str = "macro-F1") -> str:
@@ -353,6 +360,12 @@ def compare(
     stats_b = query_stats(other_pairs.subset(common), relevant, gains, k)
     statistic_a = model_statistic(stats_a, relevant, full=False)
     statistic_b = model_statistic(stats_b, relevant, full=False)
+    a, b = baseline_pairs.subset(common), other_pairs.subset(common)
+
+    def decides(pairs: ScoredPairs, m: int) -> bool:  # writes node m for some gold pair (a labeller without reasoning writes none)
+        return pairs.node_missing[:, m].sum() < (~np.isnan(pairs.node_correct[:, m])).sum()
+
+    decided = [m for m in range(len(a.node_names)) if decides(a, m) and decides(b, m)]
 
     def paired(weights: np.ndarray) -> dict[str, np.ndarray]:
         a, b = statistic_a(weights), statistic_b(weights)
@@ -361,10 +374,11 @@ def compare(
             out[f"{name}_difference"] = b[name] - a[name]
             out[f"{name}_baseline"] = a[name]
             out[f"{name}_other"] = b[name]
+        if decided:
+            out["node_accuracy_difference"] = node_accuracy(weights, stats_b.nodes[:, decided]) - node_accuracy(weights, stats_a.nodes[:, decided])
         return out
 
     intervals = bootstrap(paired, stats_a.n_queries, n_bootstrap, seed, level)
-    a, b = baseline_pairs.subset(common), other_pairs.subset(common)
     return Comparison(
         baseline=baseline,
         other=other,
@@ -373,6 +387,7 @@ def compare(
         metrics=intervals,
         mcnemar=M.mcnemar(a.label == a.gold, b.label == b.gold),
         verdict=verdict(baseline, other, intervals["macro_f1_difference"]),
+        node_names=tuple(a.node_names[m] for m in decided),
     )
 
 

@@ -455,6 +455,16 @@ def _comparison_blocks(
             ),
         ),
     ]
+    nodes = tuple(dict.fromkeys(node for c in comparisons for node in c.node_names))
+    if nodes:
+        blocks += [
+            Block("p", f"Paired differences of reasoning-node accuracy ({after} - {before}; a fall is reasoning the later model "
+                       "lost), on the nodes both models write:"),
+            Block("table", header=(before, after, *nodes), rows=tuple(
+                (c.baseline, c.other, *(_few_queries(fmt(c.metrics["node_accuracy_difference"], c.node_names.index(node), signed=True),
+                                                     c.n_queries) if node in c.node_names else "-" for node in nodes))
+                for c in comparisons)),
+        ]
     if any(c.n_queries < FEW_QUERIES for c in comparisons):
         blocks.append(Block("p", FEW_QUERIES_NOTE))
     return blocks + [Block("figure", figure, header=(caption,))]

@@ -137,6 +137,23 @@ def test_paired_comparison_is_deterministic_and_uses_the_same_queries():
     assert "no significant difference" in itself.verdict
 
 
+def test_paired_comparison_differences_the_nodes_both_models_write():
+    a = scored_pairs(seed=3)
+    # b: a's node right wherever a had it wrong on the first query's pairs, and the same elsewhere
+    fixed = (a.query_id == "q0") & a.covered
+    b = ScoredPairs(**{**a.__dict__, "node_correct": np.where(fixed[:, None], 1.0, a.node_correct)})
+    result = compare("a", a, "b", b, WANDS, k=10, n_bootstrap=300, seed=7, level=0.95)
+    difference = result.metrics["node_accuracy_difference"]
+    gained = (a.node_correct[fixed, 0] == 0).sum()
+    assert result.node_names == ("ms",) and gained > 0
+    assert difference.estimate[0] == pytest.approx(gained / (~np.isnan(a.node_correct[:, 0])).sum())
+    assert difference.low[0] >= 0  # the same resampled queries for both: b is never worse on ms
+    # a labeller that writes no reasoning (every gold node missing) has no node to compare
+    silent = ScoredPairs(**{**a.__dict__, "node_correct": np.where(a.covered, 0.0, np.nan)[:, None], "node_missing": a.covered[:, None]})
+    without = compare("a", a, "silent", silent, WANDS, k=10, n_bootstrap=50, seed=7, level=0.95)
+    assert without.node_names == () and "node_accuracy_difference" not in without.metrics
+
+
 def test_verdict_names_the_better_model():
     a = scored_pairs(seed=2, accuracy=0.3)
     b = ScoredPairs(**{**a.__dict__, "label": np.where(a.covered, a.gold, -1)})  # b is always right

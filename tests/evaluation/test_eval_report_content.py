@@ -106,6 +106,21 @@ def test_lineage_is_compared_stage_by_stage_with_paired_intervals(default_report
     assert all(re.fullmatch(r"[+-][\d.]+ \[[-\d.]+, [-\d.]+\]", row[4]) for row in against[1:])
 
 
+def test_comparisons_difference_the_reasoning_nodes_both_models_write(default_report):
+    result, page, _ = default_report
+    nodes = tables(page[page.index(f">{html.escape('Lineage: sft -> grpo -> student')}</h"):])[1]
+    header = nodes[0]
+    assert header[:2] == ["stage before", "stage"] and "qa" in header and [row[:2] for row in nodes[1:]] == [["sft", "grpo"], ["grpo", "student"]]
+    models = {model.name: model for model in result.models}
+    for node in header[2:]:
+        k = models["sft"].node_names.index(node)
+        gained = models["grpo"].metrics["node_accuracy"].estimate[k] - models["sft"].metrics["node_accuracy"].estimate[k]
+        estimate, low, high = (float(x) for x in re.fullmatch(r"([+-][\d.]+) \[([-\d.]+), ([-\d.]+)\]", nodes[1][header.index(node)]).groups())
+        assert estimate == pytest.approx(gained, abs=5e-4) and low <= estimate <= high
+    assert nodes[2][header.index("qa")] == "-"  # the student writes no qa
+    assert "(model - baseline; a fall" not in html.unescape(page)  # the baseline, the rater, writes no reasoning
+
+
 def test_a_chosen_baseline_and_lineage(data, tmp_path):
     root, _ = data
     result = evaluate_to(root, tmp_path, "baseline=grpo", "lineage=sft,grpo,student")
