@@ -4,12 +4,13 @@
 
 From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), trains three students
 with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
-(heads y, ms, ma) with the default mix of teacher and gold targets, the same student by pure
-distillation (`gold_weight=0`: it never sees a gold label, so its quality is the teacher's to pass on),
-and the single-head student (y only). Then, on the same test pairs (whole queries,
+(the default heads and node tables) with the default mix of teacher and gold targets, the same student
+by pure distillation (`gold_weight=0`: it never sees a gold label, so its quality is the teacher's to
+pass on), and the single-head student (y only). Then, on the same test pairs (whole queries,
 in key order): macro-F1, accuracy and per-class F1 of the teacher (its label distribution read by
-teacher forcing, `training.predict.relevance_rows`, label-first fast path), of both students and the
-share of the teacher's macro-F1 each keeps; the multi-head student's node accuracy; and throughput in
+teacher forcing, `training.predict.relevance_rows`, label-first fast path), of the students and the
+share of the teacher's macro-F1 each keeps; the students' node accuracy; the pure student served with
+its node tables switched off (all, then all but one: what each table adds); and throughput in
 pairs/s, text to label probabilities, tokenization included, best of `--repeats` passes after one
 warm-up batch: both students (`training.student.student_rows`), the multi-head student exported to
 ONNX and quantized to int8 (`export_onnx`, `quantize_onnx`, `OnnxStudent`; its quality is reported
@@ -44,7 +45,7 @@ from schemas.config import config_to_dict  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph  # noqa: E402
 from training.distill import TEACHER_CACHE, DistillConfig, run  # noqa: E402
 from training.examples import load_pairs  # noqa: E402
-from training.policy_format import PolicyFormat  # noqa: E402
+from training.policy_format import PolicyFormat, student_meta  # noqa: E402
 from training.student import OnnxStudent, default_encoder, export_onnx, load_student, product_text, quantize_onnx, student_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
@@ -175,6 +176,31 @@ def main() -> None:
     teacher_rows = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size, reasoning="all")().to_pylist()
     test = {"teacher": label_quality(gold, [row["label"] for row in teacher_rows], labels.names)}
     students = {name: load_student(run_config.out / "model") for name, run_config in configs.items()}
+
+    def quality(rows: list[dict], meta: dict) -> dict:
+        measured = label_quality(gold, [row["label"] for row in rows], labels.names)
+        measured["share_of_teacher_macro_f1"] = measured["macro_f1"] / test["teacher"]["macro_f1"]
+        measured["node_accuracy"] = {head: sum(dict(row["node_decisions"])[head] == pair["gold"][head] for row, pair in zip(rows, pairs)) / len(pairs)
+                                     for head in meta["heads"] if head != graph.label_node}
+        return measured
+
+    def without_tables(folder: Path) -> dict:
+        """The student in `folder` served with its node tables switched off, all of them, then all but one: an emptied
+        table (no counts) leaves its node to its own head."""
+        tabled = list(student_meta(folder).get("tables", {}))
+        if not tabled:
+            return {}
+        measured = {}
+        for kept in [()] + ([(node,) for node in tabled] if len(tabled) > 1 else []):
+            model, tokenizer, meta = load_student(folder)
+            for node in tabled:
+                if node not in kept:
+                    getattr(model, f"table_{node}").zero_()
+            rows = student_rows(model, tokenizer, pairs, labels, graph.label_node, max_length=meta["max_length"], model_name="student",
+                                model_version="bench", ds=dt.date.today(), batch_size=args.batch_size).to_pylist()
+            measured["heads alone" if not kept else f"only the {kept[0]} table"] = quality(rows, meta)
+        return measured
+
     model, tokenizer, meta = students["student_multi_head"]
     onnx_path = export_onnx(model, tokenizer, work / "multi" / "student.onnx", meta["max_length"])
     int8 = OnnxStudent(quantize_onnx(onnx_path, work / "multi" / "student.int8.onnx"), meta["heads"], threads=args.threads)
@@ -186,13 +212,9 @@ def main() -> None:
             return student_rows(model, tokenizer, chosen, labels, graph.label_node, max_length=meta["max_length"], model_name="student",
                                 model_version="bench", ds=dt.date.today(), batch_size=args.batch_size)
 
-        rows = score().to_pylist()
-        test[name] = label_quality(gold, [row["label"] for row in rows], labels.names)
-        test[name]["share_of_teacher_macro_f1"] = test[name]["macro_f1"] / test["teacher"]["macro_f1"]
-        heads = [head for head in meta["heads"] if head != graph.label_node]
-        test[name]["node_accuracy"] = {head: sum(dict(row["node_decisions"])[head] == pair["gold"][head] for row, pair in zip(rows, pairs)) / len(pairs)
-                                       for head in heads}
+        test[name] = quality(score().to_pylist(), meta)
         scorers[name] = score
+    test["student_multi_head_pure"]["served_without_tables"] = without_tables(configs["student_multi_head_pure"].out / "model")
 
     from sentence_transformers import CrossEncoder
 
