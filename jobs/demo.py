@@ -186,7 +186,8 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
 
     run_dir = out / "distill"
     # 60 steps are too few for the class heads the node tables need: with them the demo's student labels the test pairs at
-    # 0.554 against 0.703 without (benchmarks/results/quality.md); the recipe's 1000 steps do not fit the demo's budget
+    # 0.554 against 0.703 without, and the y table alone (from the ms and ma heads) at 0.684 (benchmarks/results/quality.md);
+    # the recipe's 1000 steps do not fit the demo's budget
     run(DistillConfig(data=out / "datasets", teacher=out / "sft" / "model", out=run_dir, max_steps=config.distill_steps, checkpoint_every=0,
                       teacher_batch_size=SCORING_BATCH, class_heads=False, graph_tables=False))
     rows = score_split(run_dir / "model", out / "datasets", "test", model_name="distilled_student", max_pairs=config.eval_pairs)
