@@ -17,9 +17,9 @@ Each final policy and the SFT starting point label the same test pairs (`trainin
 whole queries, label probabilities from the label tokens, reasoning by greedy decoding) and
 `relevance evaluate` scores them all in one run against the noise-free gold: macro-F1, per-class F1
 and per-node accuracy with 95% bootstrap intervals resampling queries, and paired comparisons with
-the SFT policy (macro-F1 and each reasoning node's accuracy: where a run lost reasoning). Writes benchmarks/results/credit_assignment.{json,md,png}: the table, the training
-curves (outcome reward, mean node verifier accuracy, validation label accuracy) and the phi
-trajectories of graph_grpo. The JSON is rewritten after every run, so partial results survive.
+the SFT policy (macro-F1, and each reasoning node's accuracy: where a run lost reasoning). Writes
+benchmarks/results/credit_assignment.{json,md,png}: the tables, the training curves (outcome reward,
+mean node verifier accuracy, validation label accuracy) and the phi trajectories of graph_grpo. The JSON is rewritten after every run, so partial results survive.
 """
 
 from __future__ import annotations

@@ -360,12 +360,12 @@ def compare(
     stats_b = query_stats(other_pairs.subset(common), relevant, gains, k)
     statistic_a = model_statistic(stats_a, relevant, full=False)
     statistic_b = model_statistic(stats_b, relevant, full=False)
-    a, b = baseline_pairs.subset(common), other_pairs.subset(common)
+    common_a, common_b = baseline_pairs.subset(common), other_pairs.subset(common)
 
     def decides(pairs: ScoredPairs, m: int) -> bool:  # writes node m for some gold pair (a labeller without reasoning writes none)
         return pairs.node_missing[:, m].sum() < (~np.isnan(pairs.node_correct[:, m])).sum()
 
-    decided = [m for m in range(len(a.node_names)) if decides(a, m) and decides(b, m)]
+    decided = [m for m in range(len(common_a.node_names)) if decides(common_a, m) and decides(common_b, m)]
 
     def paired(weights: np.ndarray) -> dict[str, np.ndarray]:
         a, b = statistic_a(weights), statistic_b(weights)
@@ -385,9 +385,9 @@ def compare(
         n_pairs=int(common.sum()),
         n_queries=stats_a.n_queries,
         metrics=intervals,
-        mcnemar=M.mcnemar(a.label == a.gold, b.label == b.gold),
+        mcnemar=M.mcnemar(common_a.label == common_a.gold, common_b.label == common_b.gold),
         verdict=verdict(baseline, other, intervals["macro_f1_difference"]),
-        node_names=tuple(a.node_names[m] for m in decided),
+        node_names=tuple(common_a.node_names[m] for m in decided),
     )
 
 
