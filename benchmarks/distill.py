@@ -45,7 +45,7 @@ from schemas.config import config_to_dict  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph  # noqa: E402
 from training.distill import TEACHER_CACHE, DistillConfig, run  # noqa: E402
 from training.examples import load_pairs  # noqa: E402
-from training.policy_format import PolicyFormat, student_meta  # noqa: E402
+from training.policy_format import PolicyFormat  # noqa: E402
 from training.student import OnnxStudent, default_encoder, export_onnx, load_student, product_text, quantize_onnx, student_rows  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
@@ -184,21 +184,21 @@ def main() -> None:
                                      for head in meta["heads"] if head != graph.label_node}
         return measured
 
-    def without_tables(folder: Path) -> dict:
-        """The student in `folder` served with its node tables switched off, all of them, then all but one: an emptied
-        table (no counts) leaves its node to its own head."""
-        tabled = list(student_meta(folder).get("tables", {}))
-        if not tabled:
+    def without_tables(model, tokenizer, meta) -> dict:
+        """The student served with its node tables switched off, all of them, then all but one (an emptied table, no
+        counts, leaves its node to its own head); its tables are restored afterwards."""
+        counts = {node: getattr(model, f"table_{node}").clone() for node in model.table_parents}
+        if not counts:
             return {}
         measured = {}
-        for kept in [()] + ([(node,) for node in tabled] if len(tabled) > 1 else []):
-            model, tokenizer, meta = load_student(folder)
-            for node in tabled:
-                if node not in kept:
-                    getattr(model, f"table_{node}").zero_()
+        for kept in [()] + ([(node,) for node in counts] if len(counts) > 1 else []):
+            for node, counted in counts.items():
+                getattr(model, f"table_{node}").copy_(counted if node in kept else torch.zeros_like(counted))
             rows = student_rows(model, tokenizer, pairs, labels, graph.label_node, max_length=meta["max_length"], model_name="student",
                                 model_version="bench", ds=dt.date.today(), batch_size=args.batch_size).to_pylist()
             measured["heads alone" if not kept else f"only the {kept[0]} table"] = quality(rows, meta)
+        for node, counted in counts.items():
+            getattr(model, f"table_{node}").copy_(counted)
         return measured
 
     model, tokenizer, meta = students["student_multi_head"]
@@ -214,7 +214,7 @@ def main() -> None:
 
         test[name] = quality(score().to_pylist(), meta)
         scorers[name] = score
-    test["student_multi_head_pure"]["served_without_tables"] = without_tables(configs["student_multi_head_pure"].out / "model")
+    test["student_multi_head_pure"]["served_without_tables"] = without_tables(*students["student_multi_head_pure"])
 
     from sentence_transformers import CrossEncoder
 

@@ -291,9 +291,10 @@ def node_tables(decisions: Sequence[Mapping[str, str]], heads: Mapping[str, Sequ
     label node). An example counts where each of the node's and its parents' values is in its head's vocabulary."""
     import torch
 
+    digraph = graph.digraph()
     tables = {}
     for node in graph.node_names:
-        parents = tuple(source for source, target in graph.edges if target == node)
+        parents = tuple(digraph.predecessors(node))
         if node not in heads or not parents or any(parent not in heads for parent in parents):
             continue
         names = (*parents, node)
