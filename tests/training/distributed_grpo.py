@@ -32,7 +32,7 @@ def run_steps(config: GRPOConfig, mode: str, parallel: Parallel | None = None) -
     state = start_run(config, replace(parallel, mode=config.parallel) if parallel is not None else None)
     for step in range(state.start_step, config.steps):
         if mode == "same_rollouts":
-            examples = state.step_examples(step)
+            examples = state.prompt_batch(step)
             rollouts = state.backend.generate([e.prompt_ids for e in examples], state.sampling, seed=config.seed * 1_000_003 + step)
             record = learn(state, step, examples, rollouts)
         else:

@@ -68,6 +68,19 @@ class Rollouts:
         )
 
 
+    def of_prompts(self, prompts: Sequence[int]) -> Rollouts:
+        """The rollouts of prompts `prompts`, in that order, renumbered 0 .. len(prompts) - 1."""
+        place = {prompt: i for i, prompt in enumerate(prompts)}
+        rows = sorted((i for i, prompt in enumerate(self.group) if prompt in place), key=lambda i: (place[self.group[i]], i))
+        return Rollouts(
+            group=tuple(place[self.group[i]] for i in rows),
+            response_ids=tuple(self.response_ids[i] for i in rows),
+            logprobs=tuple(self.logprobs[i] for i in rows),
+            ended=tuple(self.ended[i] for i in rows),
+            texts=tuple(self.texts[i] for i in rows),
+        )
+
+
 class RolloutBackend(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> Rollouts:
         """P * G rollouts of the current policy; the same seed and weights give the same rollouts."""

@@ -1,7 +1,8 @@
 """`relevance train grpo`: Graph-GRPO (or any registered estimator) from an SFT checkpoint.
 
 `run` reads top to bottom, one step per loop turn: pick prompts -> G rollouts each through the
-backend, sampling logprobs kept (`rollout_batch`) -> strict parse, rewards and the packed batch
+backend, sampling logprobs kept (`rollout_batch`; with `sampling_rounds` > 1, groups whose outcomes all
+agree are swapped for groups of further batches whose outcomes differ: `step_rollouts`) -> strict parse, rewards and the packed batch
 (`scored_batch`) -> graph_grpo: controller update from the look-ahead gradient (`controller_update`)
 -> advantages from the estimator (`advantages_for`) -> optional difficulty filter (`kept_rollouts`)
 -> reference logprobs (beta > 0) and PPO epochs over mini-batches with clip, KL, aggregation and
@@ -139,6 +140,11 @@ class GRPOConfig:
         "class_balanced (each prompt's advantages scaled by n / (K n_label) of its gold label in the train split: the "
         "objective serves macro-F1) or uniform (plain expected reward: serves accuracy).", "class_balanced")
     filter_uniform_groups: bool = help_field("Drop prompts whose G rollouts all got the same outcome (DAPO's dynamic sampling filter).", False)
+    sampling_rounds: int = help_field(
+        "Prompt batches a step may draw (1: one). From the second on, the groups whose G outcomes all agree are replaced by the "
+        "groups of later batches whose outcomes differ, until prompts_per_step of those are in hand; the first batch's uniform "
+        "groups fill what is still missing (DAPO's dynamic sampling; verl's max_num_gen_batches). The prompt stream advances "
+        "sampling_rounds batches per step.", 1)
     phi_init: float = help_field("Initial edge coefficient of graph_fixed and graph_grpo.", 0.5)
     # every 8 steps keeps the controller's cost (one backward and two forwards) under 10% of a step; lr and EMA are
     # 0.05 x 8 and ~0.9 ** 8, the per-update settings that move and smooth phi per step as an every-step controller at 0.05 / 0.9 would
@@ -190,7 +196,7 @@ class GRPOConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
         resolve_lora(self, ("q_proj", "k_proj", "v_proj", "o_proj"))
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "ppo_epochs", "mini_batches", "controller_every", "threads",
+        for name in ("steps", "prompts_per_step", "sampling_rounds", "max_new_tokens", "ppo_epochs", "mini_batches", "controller_every", "threads",
                      "prompt_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
@@ -250,10 +256,10 @@ class TrainingState:
     backend: Any = None
     encoded: dict[int, Example] = field(default_factory=dict)  # train pairs are tokenised when a step first draws them
 
-    def step_examples(self, step: int) -> list[Example]:
-        """The prompts of step `step`, a function of (seed, step)."""
+    def prompt_batch(self, position: int) -> list[Example]:
+        """The prompts of batch `position` of the prompt stream (`sampling_rounds` batches per step), a function of (seed, position)."""
         config = self.config
-        indices = micro_batch_indices(step, len(self.train), config.prompts_per_step, config.seed)
+        indices = micro_batch_indices(position, len(self.train), config.prompts_per_step, config.seed)
         for index in indices:
             if index not in self.encoded:
                 self.encoded[index] = encode_example(self.train[index], self.tokenizer, self.graph, config.order, config.prompt_tokens)
@@ -392,35 +398,82 @@ def val_entries(metrics: dict[str, float]) -> dict[str, float]:
     return {f"val/{key}": value for key, value in metrics.items()}
 
 
-def rollout_batch(state: TrainingState, step: int) -> tuple[list[Example], Rollouts]:
-    """Step `step`'s prompts and their G rollouts each. Each process samples its contiguous share of the prompts,
-    with a seed that is a function of (seed, step, rank), and gets every process's rollouts, in prompt order."""
+def rollout_batch(state: TrainingState, step: int, draw: int = 0) -> tuple[list[Example], Rollouts]:
+    """The prompts of step `step`'s batch number `draw` and their G rollouts each. Each process samples its contiguous
+    share of the prompts, with a seed that is a function of (seed, batch position, rank), and gets every process's
+    rollouts, in prompt order."""
     from training.grpo.rollout import Rollouts
 
     parallel = state.parallel
-    examples = state.step_examples(step)
+    position = step * state.config.sampling_rounds + draw
+    examples = state.prompt_batch(position)
     share = examples[parallel.part(len(examples))]
-    seed = (state.config.seed * 1_000_003 + step) * parallel.world_size + parallel.rank
+    seed = (state.config.seed * 1_000_003 + position) * parallel.world_size + parallel.rank
     with autocast(state.device, state.autocast_dtype):
         rollouts = state.backend.generate([e.prompt_ids for e in share], state.sampling, seed=seed)
     parts = all_gather(parallel, rollouts)
     return examples, Rollouts.concatenate(parts, [len(examples) // parallel.world_size] * parallel.world_size)
 
 
+def step_rollouts(state: TrainingState, step: int) -> tuple[list[Example], Rollouts, dict[str, float]]:
+    """(prompts, rollouts, sampling metrics) of step `step`: its first batch, or with `sampling_rounds` > 1 the groups
+    whose outcomes differ, drawn batch after batch until `prompts_per_step` are in hand or the rounds run out, then the
+    first batch's uniform groups to fill the step (DAPO's dynamic sampling with refill). Every process draws and
+    decides alike, since each holds all rollouts."""
+    from training.grpo.rollout import Rollouts
+
+    config = state.config
+    examples, rollouts = rollout_batch(state, step)
+    if config.sampling_rounds == 1:
+        return examples, rollouts, {}
+    uniform = uniform_groups(rollout_rewards(state, examples, rollouts).outcome, config.group_size)
+    padding = [(examples, rollouts, k) for k in range(len(examples)) if uniform[k]]
+    chosen = [(examples, rollouts, k) for k in range(len(examples)) if not uniform[k]]
+    drawn, drawn_uniform, draws = len(examples), len(padding), 1
+    while len(chosen) < config.prompts_per_step and draws < config.sampling_rounds:
+        examples, rollouts = rollout_batch(state, step, draws)
+        uniform = uniform_groups(rollout_rewards(state, examples, rollouts).outcome, config.group_size)
+        chosen += [(examples, rollouts, k) for k in range(len(examples)) if not uniform[k]]
+        drawn, drawn_uniform, draws = drawn + len(examples), drawn_uniform + int(uniform.sum()), draws + 1
+    informative = min(len(chosen), config.prompts_per_step)
+    chosen = (chosen + padding)[:config.prompts_per_step]
+    parts = [rollouts.of_prompts([k]) for _, rollouts, k in chosen]
+    return [examples[k] for examples, _, k in chosen], Rollouts.concatenate(parts, [1] * len(parts)), {
+        "sampling/draws": draws, "sampling/drawn_uniform_share": drawn_uniform / drawn,
+        "sampling/padded": config.prompts_per_step - informative}
+
+
+def rollout_rewards(state: TrainingState, examples: list[Example], rollouts: Rollouts) -> NodeRewards:
+    """Strict parse and rewards of the rollouts."""
+    import torch
+
+    from training.cot import parse_cot
+    from training.grpo.rewards import score_rollouts
+
+    config = state.config
+    group = torch.tensor(rollouts.group, dtype=torch.long)
+    parsed = [parse_cot(text, state.graph, config.order, state.labels.names, "strict") for text in rollouts.texts]
+    golds = [examples[k].gold for k in rollouts.group]
+    return score_rollouts(parsed, list(rollouts.ended), golds, group, state.graph, state.labels, config.ordinal)
+
+
+def uniform_groups(outcome: Tensor, group_size: int) -> Tensor:
+    """(P,) bool: the groups (G consecutive rollouts) whose outcomes are all the same."""
+    outcomes = outcome.view(-1, group_size)
+    return (outcomes == outcomes[:, :1]).all(1)
+
+
 def scored_batch(state: TrainingState, examples: list[Example], rollouts: Rollouts) -> ScoredBatch:
     """Strict parse and rewards of the rollouts, each token's node, and the rollouts packed for the forward pass."""
     import torch
 
-    from training.cot import parse_cot
     from training.grpo.batch import pack_rollouts, token_node_index
     from training.grpo.estimators import AdvantageBatch
-    from training.grpo.rewards import score_rollouts
 
-    config, graph = state.config, state.graph
+    graph = state.graph
     group = torch.tensor(rollouts.group, dtype=torch.long)
-    parsed = [parse_cot(text, graph, config.order, state.labels.names, "strict") for text in rollouts.texts]
     golds = [examples[k].gold for k in rollouts.group]
-    rewards = score_rollouts(parsed, list(rollouts.ended), golds, group, graph, state.labels, config.ordinal)
+    rewards = rollout_rewards(state, examples, rollouts)
     node_rows = [token_node_map(state.tokenizer, ids, graph) for ids in rollouts.response_ids]
     packed = pack_rollouts([examples[k].prompt_ids for k in rollouts.group], rollouts.response_ids, rollouts.logprobs,
                            state.tokenizer.pad_token_id)
@@ -485,8 +538,7 @@ def kept_rollouts(state: TrainingState, batch: ScoredBatch) -> tuple[Tensor, dic
     groups whose G rollouts all got the same outcome are dropped (DAPO's dynamic sampling filter)."""
     import torch
 
-    outcomes = batch.rewards.outcome.view(-1, state.config.group_size)
-    uniform = (outcomes == outcomes[:, :1]).all(1)
+    uniform = uniform_groups(batch.rewards.outcome, state.config.group_size)
     keep = torch.arange(len(batch.rollouts.group))
     if state.config.filter_uniform_groups:
         keep = keep[~uniform[batch.advantages.group]]
@@ -605,10 +657,11 @@ def finish(state: TrainingState, train_seconds: float) -> dict:
 def train_step(state: TrainingState, step: int) -> dict:
     """One RL step: rollouts, then `learn` from them; returns the step's record."""
     step_started = time.perf_counter()
-    examples, rollouts = rollout_batch(state, step)
+    examples, rollouts, sampling_metrics = step_rollouts(state, step)
     generate_seconds = time.perf_counter() - step_started
     record = learn(state, step, examples, rollouts)
-    record["time/generate"] = generate_seconds
+    record.update(sampling_metrics)
+    record["time/generate"] = generate_seconds  # with refill: every batch drawn, and its outcomes
     record["time/step"] = time.perf_counter() - step_started  # rollouts, rewards, controller, update and sync
     return record
 

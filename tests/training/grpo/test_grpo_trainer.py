@@ -15,7 +15,17 @@ from schemas.config import ConfigError
 from schemas.graph import ReasoningGraph
 from training.examples import encode_example, load_pairs, token_node_map
 from training.grpo.estimators import ESTIMATORS
-from training.grpo.trainer import GRPOConfig, advantages_for, rollout_batch, run, scored_batch, start_run
+from training.grpo.trainer import (
+    GRPOConfig,
+    advantages_for,
+    rollout_batch,
+    rollout_rewards,
+    run,
+    scored_batch,
+    start_run,
+    step_rollouts,
+    uniform_groups,
+)
 from training.policy_format import PolicyFormat
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -145,3 +155,33 @@ def test_saved_policy_carries_the_start_policys_format(tiny_world, sft_policy, t
     start_format.save(start)
     run(_config(tiny_world, start, tmp_path / "run", estimator="grpo", steps=1))
     assert PolicyFormat.load(tmp_path / "run" / "model") == start_format
+
+
+def test_refill_swaps_groups_whose_outcomes_agree_for_later_groups_whose_outcomes_differ(tiny_world, sft_policy, tmp_path):
+    config = _config(tiny_world, sft_policy, tmp_path / "refill", sampling_rounds=3, steps=1)
+    state = start_run(config)
+    draws = [rollout_batch(state, 0, draw) for draw in range(3)]  # the same weights and seeds: the batches the step draws
+    uniform = [uniform_groups(rollout_rewards(state, examples, rollouts).outcome, config.group_size).tolist() for examples, rollouts in draws]
+    assert any(uniform[0]) and not all(uniform[0]), "the tiny policy should give the first batch groups of both kinds"
+    expected, used = [], 0
+    while len(expected) < config.prompts_per_step and used < 3:
+        expected += [(used, k) for k, agrees in enumerate(uniform[used]) if not agrees]
+        used += 1
+    padded = max(0, config.prompts_per_step - len(expected))
+    expected = (expected + [(0, k) for k, agrees in enumerate(uniform[0]) if agrees])[:config.prompts_per_step]
+
+    examples, rollouts, metrics = step_rollouts(state, 0)
+    assert metrics["sampling/draws"] == used and metrics["sampling/padded"] == padded
+    assert metrics["sampling/drawn_uniform_share"] == pytest.approx(sum(map(sum, uniform[:used])) / (used * config.prompts_per_step))
+    assert [e.prompt_ids for e in examples] == [draws[d][0][k].prompt_ids for d, k in expected]
+    assert rollouts.group == tuple(i for i in range(len(expected)) for _ in range(config.group_size))
+    assert rollouts.texts == tuple(text for d, k in expected for text in draws[d][1].of_prompts([k]).texts)
+    # the prompt stream advances sampling_rounds batches per step
+    assert [e.prompt_ids for e in state.prompt_batch(3)] == [e.prompt_ids for e in rollout_batch(state, 1)[0]]
+
+
+def test_a_refilled_run_logs_its_draws(tiny_world, sft_policy, tmp_path):
+    run(_config(tiny_world, sft_policy, tmp_path / "run", sampling_rounds=2, estimator="graph_grpo", filter_uniform_groups=True))
+    for record in _train_records(tmp_path / "run"):
+        assert record["sampling/draws"] in (1, 2) and 0.0 <= record["sampling/drawn_uniform_share"] <= 1.0
+        assert record["rollouts/kept"] == (4 - record["sampling/padded"]) * 4  # the filter drops exactly the padding
