@@ -101,6 +101,9 @@ def curves(run_dir: Path, graph: ReasoningGraph) -> dict[str, list]:
         "val_macro_f1": [r["val/label_macro_f1"] for r in evals],
         "val_node_accuracy": [float(np.mean([r[f"val/node_accuracy/{node}"] for node in reasoning])) for r in evals],
         "uniform_group_share": [r["groups/uniform_share"] for r in train],
+        # with sampling_rounds > 1 (refill): prompt batches drawn per step, and the share of the drawn groups that agreed
+        "batches_drawn": [r.get("sampling/draws", 1) for r in train],
+        "drawn_uniform_share": [r.get("sampling/drawn_uniform_share", r["groups/uniform_share"]) for r in train],
         "seconds_per_step": float(np.mean([r["time/step"] for r in train])),
     }
 
@@ -212,14 +215,18 @@ def markdown(result: dict, graph: ReasoningGraph) -> str:
         lines.append(f"| {name} | {entry['seeds']} | {entry['macro_f1_mean']:.3f} ({entry['macro_f1_sd']:.3f}) | "
                      f"{entry['accuracy_mean']:.3f} | {entry['node_accuracy_mean']:.3f} | {cost} |")
     lines += ["", "Where each estimator's credit went (means over seeds and steps): the mean |advantage| of each node's tokens, "
-              "the share of rollout groups whose outcomes all agreed (no outcome signal), and graph_grpo's final phi per edge.", "",
-              "| estimator | uniform groups | " + " | ".join(f"\\|adv\\| {node}" for node in graph.node_names) + " |",
-              "|---|---|" + "---|" * len(graph.node_names)]
+              "the share of the trained rollout groups whose outcomes all agreed (no outcome signal), the prompt batches drawn "
+              "per step and the share of all drawn groups that agreed (both differ from 1 and the trained share only with "
+              "`sampling_rounds` > 1), and graph_grpo's final phi per edge.", "",
+              "| estimator | uniform groups | batches drawn | uniform among drawn | "
+              + " | ".join(f"\\|adv\\| {node}" for node in graph.node_names) + " |",
+              "|---|---|---|---|" + "---|" * len(graph.node_names)]
     for name in result["by_estimator"]:
         runs = [run["curves"] for run in result["runs"] if run["estimator"] == name]
-        uniform = float(np.mean([np.mean(c["uniform_group_share"]) for c in runs]))
+        sampling = [float(np.mean([np.mean(c[key]) for c in runs])) for key in ("uniform_group_share", "batches_drawn", "drawn_uniform_share")]
         advantage = [float(np.mean([c["advantage_abs_mean"][node] for c in runs])) for node in graph.node_names]
-        lines.append(f"| {name} | {uniform:.2f} | " + " | ".join(f"{value:.3f}" for value in advantage) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{value:.2f}" for value in sampling) + " | "
+                     + " | ".join(f"{value:.3f}" for value in advantage) + " |")
     learned = [run for run in result["runs"] if run["estimator"] == "graph_grpo"]
     if learned:
         edges = list(learned[0]["phi"])

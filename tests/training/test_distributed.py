@@ -318,14 +318,14 @@ def grpo_runs(tiny_world, sft_policy, tmp_path_factory) -> dict:
     with its controller every step, the reference, 2 PPO epochs x 2 mini-batches, the uniform-group filter);
     `fsdp`: the same with FSDP2 and graph_fixed, one rollout per mini-batch (one process trains on a rollout
     that weighs 0); `sync`: as `relevance train grpo` runs (each process samples its prompts), graph_grpo,
-    a checkpoint after step 1; `resumed`: `sync` resumed from that checkpoint."""
+    refilling groups whose outcomes agree from up to 3 prompt batches, a checkpoint after step 1; `resumed`: `sync` resumed from that checkpoint."""
     root = tmp_path_factory.mktemp("grpo_runs")
     controller = {"estimator": "graph_grpo", "controller_every": 1, "controller_lr": 0.5, "controller_ema": 0.0}
     configs = {
         "update": grpo_values(tiny_world, sft_policy, root / "update", **controller, ppo_epochs=2, mini_batches=2, filter_uniform_groups=True),
         "fsdp": grpo_values(tiny_world, sft_policy, root / "fsdp", estimator="graph_fixed", parallel="fsdp", mini_batches=16),
-        "sync": grpo_values(tiny_world, sft_policy, root / "sync", **controller, checkpoint_every=1),
-        "resumed": grpo_values(tiny_world, sft_policy, root / "resumed", **controller, checkpoint_every=1),
+        "sync": grpo_values(tiny_world, sft_policy, root / "sync", **controller, checkpoint_every=1, sampling_rounds=3),
+        "resumed": grpo_values(tiny_world, sft_policy, root / "resumed", **controller, checkpoint_every=1, sampling_rounds=3),
     }
     modes = {"update": "same_rollouts", "fsdp": "same_rollouts", "sync": "own_rollouts", "resumed": "own_rollouts"}
     (root / "resumed" / "checkpoints").mkdir(parents=True)
@@ -369,8 +369,9 @@ def test_grpo_update_split_over_two_processes_is_the_one_process_update(scenario
 
 @pytest.mark.slow
 def test_grpo_processes_stay_in_sync_and_resume_bit_for_bit(grpo_runs):
-    """Each process samples its own prompts' rollouts; the all-gathered batch, the summed controller gradient and
-    DDP keep policies and phi identical on both, and a run resumed from a checkpoint continues bit for bit."""
+    """Each process samples its own prompts' rollouts; the all-gathered batches (the refill's choice made from them),
+    the summed controller gradient and DDP keep policies and phi identical on both, and a run resumed from a
+    checkpoint continues bit for bit."""
     for name in ("sync", "resumed"):
         first, second = grpo_runs["dumps"][name]
         assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
@@ -381,3 +382,4 @@ def test_grpo_processes_stay_in_sync_and_resume_bit_for_bit(grpo_runs):
     out = grpo_runs["root"]
     assert records(out / "resumed", "train/loss") == records(out / "sync", "train/loss")[1:]
     assert records(out / "sync", "rollouts/kept") == [16, 16]  # the whole step's rollouts, written once
+    assert records(out / "resumed", "sampling/draws") == records(out / "sync", "sampling/draws")[1:]
