@@ -67,7 +67,6 @@ class Rollouts:
             texts=tuple(text for part in parts for text in part.texts),
         )
 
-
     def of_prompts(self, prompts: Sequence[int]) -> Rollouts:
         """The rollouts of prompts `prompts`, in that order, renumbered 0 .. len(prompts) - 1."""
         place = {prompt: i for i, prompt in enumerate(prompts)}

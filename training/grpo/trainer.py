@@ -1,15 +1,15 @@
 """`relevance train grpo`: Graph-GRPO (or any registered estimator) from an SFT checkpoint.
 
-`run` reads top to bottom, one step per loop turn: pick prompts -> G rollouts each through the
-backend, sampling logprobs kept (`rollout_batch`; with `sampling_rounds` > 1, groups whose outcomes all
-agree are swapped for groups of further batches whose outcomes differ: `step_rollouts`) -> strict parse, rewards and the packed batch
-(`scored_batch`) -> graph_grpo: controller update from the look-ahead gradient (`controller_update`)
--> advantages from the estimator (`advantages_for`) -> optional difficulty filter (`kept_rollouts`)
--> reference logprobs (beta > 0) and PPO epochs over mini-batches with clip, KL, aggregation and
-gradient clipping (`ppo_update`) -> sync weights to the backend -> log one JSONL record, evaluate and
-checkpoint when due (`log_step`) -> final validation and the saved policy (`finish`). The math lives
-in the pure modules beside this one (`rewards`, `credit`, `estimators`, `controller`, `loss`); the
-tensors they read come from `batch`.
+`run` reads top to bottom, one step per loop turn: pick prompts -> G rollouts each through the backend,
+sampling logprobs kept (`rollout_batch`; with `sampling_rounds` > 1, groups whose outcomes all agree are
+swapped for groups of further batches whose outcomes differ: `step_rollouts`) -> strict parse, rewards
+and the packed batch (`scored_batch`) -> graph_grpo: controller update from the look-ahead gradient
+(`controller_update`) -> advantages from the estimator (`advantages_for`) -> optional difficulty filter
+(`kept_rollouts`) -> reference logprobs (beta > 0) and PPO epochs over mini-batches with clip, KL,
+aggregation and gradient clipping (`ppo_update`) -> sync weights to the backend -> log one JSONL record,
+evaluate and checkpoint when due (`log_step`) -> final validation and the saved policy (`finish`). The
+math lives in the pure modules beside this one (`rewards`, `credit`, `estimators`, `controller`,
+`loss`); the tensors they read come from `batch`.
 
 Algorithmic choices (GRAPH_GRPO.md): rewards are strict (format 0 unless the exact lines then EOS);
 tokens of no node get the label node's advantage; the old policy of the ratio is the sampling policy
@@ -196,8 +196,8 @@ class GRPOConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
         resolve_lora(self, ("q_proj", "k_proj", "v_proj", "o_proj"))
-        for name in ("steps", "prompts_per_step", "sampling_rounds", "max_new_tokens", "ppo_epochs", "mini_batches", "controller_every", "threads",
-                     "prompt_tokens", "eval_batch_size"):
+        for name in ("steps", "prompts_per_step", "sampling_rounds", "max_new_tokens", "ppo_epochs", "mini_batches", "controller_every",
+                     "threads", "prompt_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -423,23 +423,21 @@ def step_rollouts(state: TrainingState, step: int) -> tuple[list[Example], Rollo
     from training.grpo.rollout import Rollouts
 
     config = state.config
-    examples, rollouts = rollout_batch(state, step)
     if config.sampling_rounds == 1:
-        return examples, rollouts, {}
-    uniform = uniform_groups(rollout_rewards(state, examples, rollouts).outcome, config.group_size)
-    padding = [(examples, rollouts, k) for k in range(len(examples)) if uniform[k]]
-    chosen = [(examples, rollouts, k) for k in range(len(examples)) if not uniform[k]]
-    drawn, drawn_uniform, draws = len(examples), len(padding), 1
-    while len(chosen) < config.prompts_per_step and draws < config.sampling_rounds:
+        return (*rollout_batch(state, step), {})
+    chosen, padding, drawn_uniform, draws = [], [], 0, 0
+    while draws < config.sampling_rounds and len(chosen) < config.prompts_per_step:
         examples, rollouts = rollout_batch(state, step, draws)
-        uniform = uniform_groups(rollout_rewards(state, examples, rollouts).outcome, config.group_size)
-        chosen += [(examples, rollouts, k) for k in range(len(examples)) if not uniform[k]]
-        drawn, drawn_uniform, draws = drawn + len(examples), drawn_uniform + int(uniform.sum()), draws + 1
+        agrees = uniform_groups(rollout_rewards(state, examples, rollouts).outcome, config.group_size).tolist()
+        chosen += [(examples, rollouts, k) for k, uniform in enumerate(agrees) if not uniform]
+        if draws == 0:
+            padding = [(examples, rollouts, k) for k, uniform in enumerate(agrees) if uniform]
+        drawn_uniform, draws = drawn_uniform + sum(agrees), draws + 1
     informative = min(len(chosen), config.prompts_per_step)
     chosen = (chosen + padding)[:config.prompts_per_step]
     parts = [rollouts.of_prompts([k]) for _, rollouts, k in chosen]
     return [examples[k] for examples, _, k in chosen], Rollouts.concatenate(parts, [1] * len(parts)), {
-        "sampling/draws": draws, "sampling/drawn_uniform_share": drawn_uniform / drawn,
+        "sampling/draws": draws, "sampling/drawn_uniform_share": drawn_uniform / (draws * config.prompts_per_step),
         "sampling/padded": config.prompts_per_step - informative}
 
 
