@@ -14,10 +14,12 @@ Algorithmic choices:
   scored. They are cached in `out/teacher.parquet` (RELEVANCE schema) and a re-run scores only the
   pairs missing there or scored by another teacher version (the hash of its weights).
 - Heads (`training.student.head_vocabularies`): y over the label set, every choice node (ms, ma),
-  and with `class_heads` the text nodes (qs, ps) over the train split's product types.
-  `single_head` trains y alone.
+  with `class_heads` the text nodes (qs, ps) over the train split's product types, and with
+  `check_heads` one head per attribute key of a checks node (`ac:color` over unasked/yes/no; the
+  keys the train split's gold checks). `single_head` trains y alone.
 - Node tables (`graph_tables`, `training.distill.node_tables`): every head whose graph parents all have
-  heads (`ms` from `qs` and `ps` with `class_heads`, `y` from `ms` and `ma`) is served through the
+  heads (`ms` from `qs` and `ps` with `class_heads`, `ma` from the case the `ac` check heads make with
+  `check_heads`, `y` from `ms` and `ma`) is served through the
   counts of the teacher's decisions on the drawn pairs for each combination of its parents' values
   (`MultiHeadStudent.compose`); they are counted before training, saved with the student, and the
   validation scores the served student. Training fits every head on its own targets either way.
@@ -32,11 +34,12 @@ Algorithmic choices:
 - Determinism: the sample order is `training.loop.micro_batch_indices(step, ...)` and dropout is
   seeded with (seed, step), so a run resumed from a checkpoint (model, optimizer, step) continues
   bit-for-bit on CPU.
-- Several processes (torchrun, `training.distributed`): `batch_size` is the global batch; each process
-  trains on its contiguous share, every term of the loss divides by its count over the whole batch
-  (all-reduced), so N processes take the step one process takes (dropout aside: its masks are drawn
-  per process, from (seed, step, rank)). The teacher targets are scored a share per process. DDP by
-  default, FSDP2 with `parallel=fsdp`; rank 0 writes.
+- Several processes (torchrun, or `processes=N` launching them itself; `training.distributed`):
+  `batch_size` is the global batch; each process trains on its contiguous share, every term of the
+  loss divides by its count over the whole batch (all-reduced), so N processes take the step one
+  process takes (dropout aside: its masks are drawn per process, from (seed, step, rank)). The
+  teacher targets are scored a share per process. DDP by default, FSDP2 with `parallel=fsdp`; rank
+  0 writes.
 - Output: `out/model` (`training.student.save_student`: safetensors, encoder config, tokenizer,
   student.json naming the graph, label set, heads and teacher), `metrics.jsonl`, `summary.json`.
 """
@@ -63,9 +66,11 @@ from training.distributed import (
     checkpoint_state,
     clip_gradients,
     gathered_map,
+    launched_world_size,
     local_device,
     parallel_field,
     parallel_run,
+    run_on_local_processes,
     unsharded_model,
     wrap_model,
 )
@@ -97,8 +102,12 @@ class DistillConfig:
     teacher_batch_size: int = help_field("Prompts the teacher scores at once.", 64)
     single_head: bool = help_field("Train the label head only (the single-head baseline).", False)
     class_heads: bool = help_field("Add heads for the text nodes (qs, ps) over the train split's product types.", True)
+    check_heads: bool = help_field(
+        "Add a head per attribute key of a checks node (relevance8's ac: key=wanted/offered:yes|no) over unasked/yes/no, the keys "
+        "the train split's gold checks; with graph_tables the node they feed (ma) is served from the case they make.", False)
     graph_tables: bool = help_field(
-        "Serve each head whose graph parents all have heads (ms from qs and ps with class_heads; y from ms and ma) through the "
+        "Serve each head whose graph parents all have heads (ms from qs and ps with class_heads; ma from ac with check_heads; y from "
+        "ms and ma) through the "
         "teacher's decisions counted per combination of its parents' values, mixed with its own head where a combination is rare.",
         True)
     temperature: float = help_field("Distillation temperature T of the KL term on y.", 2.0)
@@ -121,7 +130,10 @@ class DistillConfig:
     resume: bool = help_field("Continue from the latest checkpoint in out/checkpoints when there is one.", True)
     val_items: int = help_field("Validation pairs, evenly spaced over the held-out pairs (0: all).", 500)
     eval_batch_size: int = help_field("Pairs per inference batch during validation.", 64)
-    threads: int = help_field("torch CPU threads.", 2)
+    threads: int = help_field("torch CPU threads (of each process).", 2)
+    processes: int = help_field("Processes this command trains on, launched by itself on this machine (DDP: gloo on the CPU, one GPU each "
+                                "under device=cuda), each with `threads` threads; 1: this process alone. Under torchrun leave it at 1: "
+                                "torchrun launched the processes already.", 1)
     device: str = help_field("auto (cuda when present, else cpu), cpu, cuda or cuda:N; the student and the teacher run there.", "auto")
     precision: str = help_field("fp32, or bf16 (autocast of the student's forward pass; needs a GPU).", "fp32")
     parallel: str = parallel_field("student")
@@ -133,9 +145,10 @@ class DistillConfig:
             label_first = ReasoningGraph.load(teacher.graph).label_comes_first(teacher.order)
             object.__setattr__(self, "teacher_new_tokens", 16 if label_first else COT_TOKEN_BUDGET)  # frozen: filled once, while the config is built
         for name in ("max_steps", "batch_size", "teacher_new_tokens", "teacher_batch_size", "max_length",
-                     "eval_batch_size", "threads"):
+                     "eval_batch_size", "threads", "processes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be a positive whole number, got {getattr(self, name)}")
+        Parallel(device=None, world_size=self.processes).require_divisible("batch_size", self.batch_size)
         for name in ("warmup_steps", "checkpoint_every", "val_items"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -287,20 +300,24 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
 
 def node_tables(decisions: Sequence[Mapping[str, str]], heads: Mapping[str, Sequence[str]], graph: ReasoningGraph) -> dict:
     """Node -> (its parents, counts of shape (*parent vocabularies, node vocabulary)) for every head whose graph parents
-    all have heads, in graph order; `decisions`: one dict of node -> decided value per example (the label under the
-    label node). An example counts where each of the node's and its parents' values is in its head's vocabulary."""
+    all have heads (a checks node: its check heads, read as `CHECK_STATES`), in graph order; `decisions`: one dict of
+    node -> decided value per example (the label under the label node). An example counts where each of the node's and
+    its parents' values is in its vocabulary."""
     import torch
 
+    from training.student import checked_node, table_value, table_vocabulary
+
     digraph = graph.digraph()
+    checked = {checked_node(head) for head in heads}
     tables = {}
     for node in graph.node_names:
         parents = tuple(digraph.predecessors(node))
-        if node not in heads or not parents or any(parent not in heads for parent in parents):
+        if node not in heads or not parents or any(parent not in heads and parent not in checked for parent in parents):
             continue
         names = (*parents, node)
-        counts = torch.zeros(*(len(heads[name]) for name in names))
+        counts = torch.zeros(*(len(table_vocabulary(name, heads)) for name in names))
         for decided in decisions:
-            index = tuple(target_index(heads[name], decided.get(name)) for name in names)
+            index = tuple(target_index(table_vocabulary(name, heads), table_value(decided, name, heads)) for name in names)
             if IGNORE not in index:
                 counts[index] += 1
         tables[node] = (parents, counts)
@@ -311,10 +328,13 @@ def batch_targets(pairs: Sequence[dict], teacher: Sequence[dict], heads: Mapping
     """(teacher_probs (batch, labels), teacher targets, gold targets) tensors of one batch; see `distill_loss`."""
     import torch
 
+    from training.student import head_value
+
     probs = torch.tensor([[dict(row["label_probs"])[name] for name in labels.names] for row in teacher], dtype=torch.float32)
     decided = [dict(row["node_decisions"]) for row in teacher]
-    teacher_targets = {head: torch.tensor([target_index(vocabulary, d.get(head)) for d in decided]) for head, vocabulary in heads.items()}
-    gold_targets = {head: torch.tensor([target_index(vocabulary, pair["gold"].get(head)) for pair in pairs]) for head, vocabulary in heads.items()}
+    teacher_targets = {head: torch.tensor([target_index(vocabulary, head_value(d, head)) for d in decided]) for head, vocabulary in heads.items()}
+    gold_targets = {head: torch.tensor([target_index(vocabulary, head_value(pair["gold"], head)) for pair in pairs])
+                    for head, vocabulary in heads.items()}
     teacher_targets[label_node] = torch.full((len(pairs),), IGNORE)
     return probs, teacher_targets, gold_targets
 
@@ -324,10 +344,12 @@ def batch_targets(pairs: Sequence[dict], teacher: Sequence[dict], heads: Mapping
 
 def head_metrics(probabilities: Mapping, pairs: Sequence[dict], heads: Mapping[str, Sequence[str]], label_node: str) -> dict[str, float]:
     """Label accuracy and macro-F1 and per-head accuracy of the student's argmax against the gold nodes."""
+    from training.student import head_value
+
     metrics = {"n": float(len(pairs))}
     for head, vocabulary in heads.items():
         predicted = [vocabulary[int(i)] for i in probabilities[head].argmax(dim=-1)]
-        gold = [pair["gold"][head] for pair in pairs]
+        gold = [head_value(pair["gold"], head) for pair in pairs]
         metrics[f"node_accuracy/{head}"] = sum(p == g for p, g in zip(predicted, gold)) / len(pairs)
         if head == label_node:
             metrics["label_accuracy"] = metrics[f"node_accuracy/{head}"]
@@ -343,6 +365,8 @@ def run(config: DistillConfig) -> dict:
     Under torchrun every process runs this (rank 0 writes)."""
     import torch
 
+    if config.processes > 1 and launched_world_size() == 1:
+        return run_on_local_processes(config.processes, run, config)
     torch.set_num_threads(config.threads)
     device, autocast_dtype = resolve_device(local_device(config.device), config.precision)
     with parallel_run(device, config.parallel) as parallel:
@@ -368,7 +392,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     import torch
 
     from training.model_files import model_version
-    from training.student import build_student, default_encoder, head_vocabularies, save_student
+    from training.student import build_student, check_keys, default_encoder, head_vocabularies, save_student
 
     parallel.require_divisible("batch_size", config.batch_size)
     policy = config.teacher_format()
@@ -376,7 +400,8 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     train = load_pairs(config.data, policy.label_set, "train")
     val = validation_subsample(load_pairs(config.data, policy.label_set, "validation"), config.val_items)
     classes = sorted({pair["product_type"] for pair in train}) if config.class_heads else ()
-    heads = head_vocabularies(graph, labels, classes, config.single_head)
+    checks = check_keys([pair["gold"] for pair in train], graph) if config.check_heads else {}
+    heads = head_vocabularies(graph, labels, classes, config.single_head, checks)
 
     drawn = sorted({i for step in range(config.max_steps) for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)})
     started = time.perf_counter()

