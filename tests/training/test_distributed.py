@@ -15,6 +15,7 @@ process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -299,6 +300,10 @@ def test_distillation_on_two_processes_takes_the_steps_of_one(parallel, tiny_wor
     assert [(r["query_id"], r["product_id"], r["node_decisions"]) for r in two_rows] == [
         (r["query_id"], r["product_id"], r["node_decisions"]) for r in one_rows]
     assert [p for r in two_rows for _, p in r["label_probs"]] == pytest.approx([p for r in one_rows for _, p in r["label_probs"]])
+    if parallel == "ddp":  # `processes=2` without torchrun starts the two processes itself: torchrun's run
+        launched = run_distill(dataclasses.replace(config(tmp_path / "launched"), processes=2))
+        assert launched["steps"] == 4 and records(tmp_path / "launched", "loss") == records(tmp_path / "two", "loss")
+        assert_same_weights(tmp_path / "two" / "model", tmp_path / "launched" / "model", exact=True)
 
 
 # ---------------------------------------------------------------- GRPO
