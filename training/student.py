@@ -20,7 +20,8 @@
   `key=wanted/offered:yes|no`) gets one head per attribute key, `ac:color` over unasked/yes/no. A
   node table whose parent is that node reads it as the case the checks make (`CHECK_STATES`: none
   asked, all yes, all no, mixed), each key's head taken as independent: `ma` is then the teacher's
-  counted answer to that case instead of an encoder's guess at comparing values it must find.
+  `ma` counted per case. Off by default: one seed at 300 steps put `ma` up and the label down
+  (benchmarks/results/quality.md, session 17).
 - Serving (`predict_probabilities`, `student_rows`): pairs are tokenized once, sorted by length and
   cut into batches padded to their own longest member (dynamic padding), run under
   `torch.inference_mode`, and returned in input order as RELEVANCE rows.
