@@ -1,6 +1,7 @@
 """Shared fixtures: one local[2] Spark session for the whole run, shut down with its JVM; the tiny
 training world and the models trained on it (tests/training_world.py); a sharded checkpoint on a
-production tokenizer (tests/sharded_checkpoint.py); the fault and abuse ledger (tests/fault_ledger.py)."""
+production tokenizer (tests/sharded_checkpoint.py); the fault and abuse ledger (tests/fault_ledger.py); the longest test files
+first (tests/file_order.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from sharded_checkpoint import sharded_policy  # noqa: F401  (fixture)
 from training_world import sft_policy, tiny_model, tiny_world, vllm_policy  # noqa: F401  (fixtures)
 
-pytest_plugins = ["fault_ledger"]
+pytest_plugins = ["fault_ledger", "file_order"]
 
 
 @pytest.fixture(scope="session")
