@@ -57,6 +57,9 @@ class DemoConfig:
         "later: validation macro-F1 0.367 / 0.749 at 1000 / 2000 of 4000 steps against 0.643 / 0.864 with 1024 (seed 0), so the "
         "demo's 1600 steps keep 1024.", 1024)
     grpo_steps: int = help_field("Graph-GRPO steps after SFT (a short run; the benchmark runs longer ones).", 20)
+    grpo_prompts: int = help_field("Prompts per Graph-GRPO step, each sampled `group_size` (8) times.", 16)
+    val_items: int = help_field("Validation pairs the SFT and Graph-GRPO stages decode at their end (the Graph-GRPO stage also at "
+                                "its start).", 300)
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
     nightly_backend: str = help_field("Backend of the nightly scoring stage: hf, or vllm where it is installed.", "hf")
@@ -126,7 +129,8 @@ def _train_policy(config: DemoConfig, out: Path) -> dict[str, str]:
     init_model(ModelInitConfig(world=out / "world", out=initial, vocab_size=config.vocab_size))
     steps = {"max_steps": config.sft_steps} if config.sft_steps else {}
     run_dir = out / "sft"
-    sft(SFTConfig(data=out / "datasets", model=initial, out=run_dir, order=config.order, **steps, **sft_layout()))
+    sft(SFTConfig(data=out / "datasets", model=initial, out=run_dir, order=config.order, val_items=config.val_items, **steps,
+                  **sft_layout()))
     return {"initial policy": str(initial), "SFT policy": str(run_dir / "model"), "SFT metrics": str(run_dir / "metrics.jsonl"),
             "SFT summary": str(run_dir / "summary.json")}
 
@@ -147,7 +151,7 @@ def _train_grpo(config: DemoConfig, out: Path) -> dict[str, str]:
 
     run_dir = out / "grpo"
     run(GRPOConfig(data=out / "datasets", model=out / "sft" / "model", out=run_dir, estimator="graph_grpo", steps=config.grpo_steps,
-                   checkpoint_every=0))
+                   prompts_per_step=config.grpo_prompts, val_items=config.val_items, checkpoint_every=0))
     return {"Graph-GRPO policy": str(run_dir / "model"), "Graph-GRPO metrics": str(run_dir / "metrics.jsonl"),
             "Graph-GRPO summary": str(run_dir / "summary.json")}
 

@@ -45,7 +45,7 @@ def test_every_input_table_passes_its_suite_on_pandas_and_on_spark(world, spark,
 def test_demo_runs_every_stage_and_says_where_outputs_are(tmp_path):
     # label_first keeps the 4-step policy's scoring to one forward pass per pair; an untrained policy in the
     # default product_first order writes 96 tokens for every pair (the label-last path: tests/jobs/scoring)
-    result = runner.invoke(app, ["demo", "--preset", "tests", "--out", str(tmp_path), "--set", "engine=pandas", "--set", "order=label_first", "--set", "sft_steps=4", "--set", "grpo_steps=2", "--set", "distill_steps=2", "--set", "eval_pairs=60"])
+    result = runner.invoke(app, ["demo", "--preset", "tests", "--out", str(tmp_path), "--set", "engine=pandas", "--set", "order=label_first", "--set", "sft_steps=4", "--set", "grpo_steps=2", "--set", "distill_steps=2", "--set", "eval_pairs=60", "--set", "grpo_prompts=2", "--set", "val_items=8"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     for stage in summary:
