@@ -25,10 +25,10 @@ FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--record-file-seconds", action="store_true",
-                     help=f"Write each test file's seconds in this run to {FILE_SECONDS.name} (the order of later runs).")
+                     help=f"Write the seconds of each test file this run ran into {FILE_SECONDS.name} (the order of later runs).")
 
 
-def test_file(nodeid: str) -> str:
+def file_of(nodeid: str) -> str:
     return nodeid.partition("::")[0]
 
 
@@ -36,7 +36,7 @@ def longest_files_first(nodeids: list[str], seconds: Mapping[str, float]) -> lis
     """`nodeids` ordered by their file's seconds, longest first, a file the table lacks before every known one; a file's
     tests keep their order and stay together (the sort is stable)."""
     unknown = max(seconds.values(), default=0.0) + 1.0
-    return sorted(nodeids, key=lambda nodeid: -seconds.get(test_file(nodeid), unknown))
+    return sorted(nodeids, key=lambda nodeid: -seconds.get(file_of(nodeid), unknown))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,12 +50,15 @@ class FileSecondsRecorder:
         self.seconds: defaultdict[str, float] = defaultdict(float)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        self.seconds[test_file(report.nodeid)] += report.duration
+        self.seconds[file_of(report.nodeid)] += report.duration
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(session.config, "workerinput"):  # an xdist worker: the controller records every file
             return
-        table = {name: round(total, 1) for name, total in sorted(self.seconds.items(), key=lambda entry: -entry[1])}
+        # a run of some files updates theirs and keeps the others'
+        known = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+        merged = {**known, **{name: round(total, 1) for name, total in self.seconds.items()}}
+        table = dict(sorted(merged.items(), key=lambda entry: -entry[1]))
         FILE_SECONDS.write_text(json.dumps(table, indent=1) + "\n")
 
 
