@@ -1,7 +1,8 @@
 """LoRA through vLLM, unmerged, on the real-shaped checkpoint (tests/sharded_checkpoint.py): the scorer serves an
 adapter folder as its base with a `LoRARequest` and gives the label distribution the hf backend gives (base + peft
 adapter) under the same version; GRPO's vLLM backend syncs a LoRA policy by its adapter alone, and its rollout
-logprobs follow the policy through two syncs. Skipped where vllm is not installed."""
+logprobs follow the policy through two syncs. Both engines run in the test process (tests/vllm_in_process.py). Skipped where
+vllm is not installed."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
+from vllm_in_process import engine_in_this_process  # noqa: E402
 
 from jobs.scoring.backends import HFScorer  # noqa: E402
 from jobs.scoring.spec import ScorerSpec  # noqa: E402
@@ -50,7 +52,8 @@ def test_an_adapter_folder_scores_unmerged_as_the_hf_backend_scores_it(sharded_p
     pairs = [{**{key: value for key, value in pair.items() if key != "gold"}, "product_content_hash": "h"}
              for pair in load_pairs(tiny_world, "wands", "validation")]
     torch.set_num_threads(1)
-    scorer = VLLMScorer(ScorerSpec(backend="vllm", model=str(folder), kv_cache_bytes=64 << 20))
+    with engine_in_this_process():
+        scorer = VLLMScorer(ScorerSpec(backend="vllm", model=str(folder), kv_cache_bytes=64 << 20))
     try:
         ours = scorer.score(pairs, DAY).to_pylist()
     finally:
@@ -90,7 +93,8 @@ def test_grpo_backend_syncs_the_adapter_alone_and_follows_the_policy(sharded_pol
             gaps.append((expected - torch.tensor(logprobs)).abs().max().item())
         return max(gaps)
 
-    backend = VLLMBackend(sharded_policy, tokenizer, seed=0, max_model_len=256, kv_cache_bytes=64 << 20, lora_rank=4)
+    with engine_in_this_process():
+        backend = VLLMBackend(sharded_policy, tokenizer, seed=0, max_model_len=256, kv_cache_bytes=64 << 20, lora_rank=4)
     try:
         backend.sync(policy)
         synced = sorted(path.name for path in Path(backend.weights_dir.name).glob("*.safetensors"))

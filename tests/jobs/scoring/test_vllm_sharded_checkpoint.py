@@ -4,7 +4,7 @@ index and gives the label distribution the hf backend gives, under the same vers
 policy and judging zero-shot through its chat template (tests/jobs/scoring/test_zero_shot.py has the hf side).
 Its own module, so its engine never runs beside test_vllm_scorer's; one engine serves the module, opened for
 the longest prompts (zero-shot with reasoning), `score` reading the prompt, order and reasoning from the
-scorer's spec at each call. Skipped where vllm is not installed."""
+scorer's spec at each call, in the test process (tests/vllm_in_process.py). Skipped where vllm is not installed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import datetime as dt
 import pytest
 
 pytest.importorskip("vllm")
+
+from vllm_in_process import engine_in_this_process  # noqa: E402
 
 from jobs.scoring.backends import HFScorer  # noqa: E402
 from jobs.scoring.spec import ScorerSpec, scorer_version  # noqa: E402
@@ -41,7 +43,8 @@ def vllm_scorer(sharded_policy):
     from jobs.scoring.vllm_scorer import VLLMScorer
 
     torch.set_num_threads(1)
-    scorer = VLLMScorer(vllm_spec(sharded_policy, **ZERO_SHOT, order="reasoning_first", reasoning="all"))
+    with engine_in_this_process():
+        scorer = VLLMScorer(vllm_spec(sharded_policy, **ZERO_SHOT, order="reasoning_first", reasoning="all"))
     yield scorer
     scorer.close()
 

