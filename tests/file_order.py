@@ -28,6 +28,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help=f"Write the seconds of each test file this run ran into {FILE_SECONDS.name} (the order of later runs).")
 
 
+def read_file_seconds() -> dict[str, float]:
+    return json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+
+
 def file_of(nodeid: str) -> str:
     return nodeid.partition("::")[0]
 
@@ -40,7 +44,7 @@ def longest_files_first(nodeids: list[str], seconds: Mapping[str, float]) -> lis
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    seconds = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+    seconds = read_file_seconds()
     by_id = {item.nodeid: item for item in items}
     items[:] = [by_id[nodeid] for nodeid in longest_files_first(list(by_id), seconds)]
 
@@ -56,8 +60,7 @@ class FileSecondsRecorder:
         if hasattr(session.config, "workerinput"):  # an xdist worker: the controller records every file
             return
         # a run of some files updates theirs and keeps the others'
-        known = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
-        merged = {**known, **{name: round(total, 1) for name, total in self.seconds.items()}}
+        merged = {**read_file_seconds(), **{name: round(total, 1) for name, total in self.seconds.items()}}
         table = dict(sorted(merged.items(), key=lambda entry: -entry[1]))
         FILE_SECONDS.write_text(json.dumps(table, indent=1) + "\n")
 
