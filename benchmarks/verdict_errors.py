@@ -51,15 +51,12 @@ def parse_checks(text: str | None) -> dict[str, tuple[str, str, str]] | None:
 
 
 def implied_ma(checks: dict[str, tuple[str, str, str]], computed: bool) -> str:
-    """`ma` by the graph's rule from the checks' written verdicts, or from verdicts computed as wanted == offered."""
+    """`ma` by the graph's rule (`attribute_match`) from the checks' written verdicts (a yes counts as the product
+    holding the wanted value), or from verdicts computed as wanted == offered."""
+    wanted = {key: value for key, (value, _, _) in checks.items()}
     if computed:
-        return attribute_match({key: wanted for key, (wanted, _, _) in checks.items()},
-                               {key: offered for key, (_, offered, _) in checks.items() if offered != NO_VALUE})
-    verdicts = [verdict for _, _, verdict in checks.values()]
-    if not verdicts:
-        return "none"
-    yes = verdicts.count("yes")
-    return "match" if yes == len(verdicts) else ("partial" if yes else "mismatch")
+        return attribute_match(wanted, {key: offered for key, (_, offered, _) in checks.items() if offered != NO_VALUE})
+    return attribute_match(wanted, {key: value for key, (value, _, verdict) in checks.items() if verdict == "yes"})
 
 
 def error_part(mine: dict[str, tuple[str, str, str]] | None, gold: dict[str, tuple[str, str, str]]) -> str:
