@@ -119,19 +119,22 @@ def train_one(settings: dict) -> tuple[dict, dict]:
     return summary, timing
 
 
-def label_test_split(model: Path, datasets: Path, name: str, target: Path, test_pairs: int, threads: int, batch_size: int) -> Path:
+def label_test_split(model: Path, datasets: Path, name: str, target: Path, test_pairs: int, threads: int, batch_size: int,
+                     checked_verdicts: bool) -> Path:
     from training.predict import score_split
 
     torch.set_num_threads(threads)
     policy = resolve_format(model)
     rows = score_split(model, datasets, "test", label_set=policy.label_set, graph=policy.graph, order=policy.order,
-                       prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name, max_pairs=test_pairs, batch_size=batch_size)
+                       prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name, max_pairs=test_pairs, batch_size=batch_size,
+                       checked_verdicts=checked_verdicts)
     write_table(RELEVANCE, rows, target)
     return target
 
 
-def evaluate_all(predictions: dict[str, Path], world: Path, work: Path) -> dict:
-    """One `relevance evaluate` run over every labelled test split (the first, the SFT policy, is the baseline)."""
+def evaluate_all(predictions: dict[str, Path], world: Path, work: Path, report: str) -> dict:
+    """One `relevance evaluate` run over every labelled test split (the first, the SFT policy, is the baseline), its
+    report in `work / report`."""
     from evaluation.command import EvaluateConfig
     from evaluation.command import run as evaluate
 
@@ -142,7 +145,7 @@ def evaluate_all(predictions: dict[str, Path], world: Path, work: Path) -> dict:
     write_table(GOLD_NODES, gold.filter(pa.array([key in scored for key in keys])), work / "evaluation_gold")
     result = evaluate(EvaluateConfig(predictions={name: str(path) for name, path in predictions.items()}, gold_source="nodes",
                                      gold_nodes=str(work / "evaluation_gold"), queries=str(world), catalog=str(world),
-                                     out=str(work / "evaluation")))
+                                     out=str(work / report)))
     table = {}
     for model in result.models:
         metrics = model.metrics
@@ -161,7 +164,7 @@ def evaluate_all(predictions: dict[str, Path], world: Path, work: Path) -> dict:
             change = comparison.metrics["node_accuracy_difference"]
             table[comparison.other]["node_change_vs_sft"] = {
                 node: [float(change.estimate[k]), float(change.low[k]), float(change.high[k])] for k, node in enumerate(comparison.node_names)}
-    return {"models": table, "report": str(work / "evaluation" / "report.html")}
+    return {"models": table, "report": str(work / report / "report.html")}
 
 
 def summarise(runs: list[dict], evaluation: dict, graph: ReasoningGraph) -> dict[str, dict]:
@@ -306,6 +309,8 @@ def main() -> None:
     parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse a run of the same config that finished in --work (a stopped benchmark continues where it was)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--checked-verdicts", action="store_true",
+                        help="label the test pairs with checked decoding (each attribute check's yes/no computed from its two values)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -318,7 +323,7 @@ def main() -> None:
     result = {
         "setup": {"world": str(world), "sft_model": str(sft_model), "rl_data": str(base.data), "steps": args.steps, "seeds": args.seeds,
                   "grpo": {k: v for k, v in config_to_dict(base).items() if k not in ("data", "model", "out", "estimator", "seed")},
-                  "test_pairs": args.test_pairs, "parallel": args.parallel},
+                  "test_pairs": args.test_pairs, "parallel": args.parallel, "checked_verdicts": args.checked_verdicts},
         "seeds": args.seeds,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
         "runs": [],
@@ -350,11 +355,13 @@ def main() -> None:
     result["runs"].sort(key=lambda run: list(configs).index(run["name"]))
 
     models = {"sft": sft_model, **{name: config.out / "model" for name, config in configs.items()}}
+    checked = "_checked" if args.checked_verdicts else ""
+    labelled = args.work / f"predictions{checked}"
     with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(label_test_split, model, datasets, name, args.work / "predictions" / name, args.test_pairs,
-                                     args.threads, args.batch_size) for name, model in models.items()}
+        futures = {name: pool.submit(label_test_split, model, datasets, name, labelled / name, args.test_pairs,
+                                     args.threads, args.batch_size, args.checked_verdicts) for name, model in models.items()}
         predictions = {name: future.result() for name, future in futures.items()}
-    result["evaluation"] = evaluate_all(predictions, world, args.work)
+    result["evaluation"] = evaluate_all(predictions, world, args.work, f"evaluation{checked}")
     result["by_estimator"] = summarise(result["runs"], result["evaluation"], graph)
     json_path.write_text(json.dumps(result, indent=1))
     (args.results / "credit_assignment.md").write_text(markdown(result, graph))

@@ -64,6 +64,8 @@ class ReasoningGraph:
     edges: tuple[tuple[str, str], ...]
     label_node: str
     orders: dict[str, tuple[str, ...]]
+    # the facets node whose values are `attribute_checks` text, where checked decoding computes each yes/no (optional)
+    checks_node: str | None = None
 
     def __post_init__(self) -> None:
         names = [node.name for node in self.nodes]
@@ -85,6 +87,8 @@ class ReasoningGraph:
         graph.add_nodes_from(names)
         if not nx.is_directed_acyclic_graph(graph):
             raise ValueError(f"{where}: edges contain a cycle {nx.find_cycle(graph)}")
+        if self.checks_node is not None and (self.checks_node not in names or self.node(self.checks_node).kind != "facets"):
+            raise ValueError(f"{where}: checks_node {self.checks_node!r} must name a facets node")
         if graph.out_degree(self.label_node) != 0:
             raise ValueError(f"{where}: the label node {self.label_node!r} must have no outgoing edges")
         for order_name, order in self.orders.items():
@@ -111,6 +115,7 @@ class ReasoningGraph:
             edges=tuple((str(a), str(b)) for a, b in _require(raw, "edges", where)),
             label_node=_require(raw, "label_node", where),
             orders={key: tuple(value) for key, value in _require(raw, "orders", where).items()},
+            checks_node=raw.get("checks_node"),
         )
 
     @property
@@ -254,6 +259,15 @@ def attribute_checks(wanted: Mapping[str, str], offered: Mapping[str, str]) -> s
     policy copies a value found by its key readily, and fails to compare values that stand apart (quality.md)."""
     return format_facets({key: f"{value}/{offered.get(key, NO_VALUE)}:{'yes' if offered.get(key) == value else 'no'}"
                           for key, value in wanted.items()})
+
+
+def check_verdict(values: str) -> str:
+    """The verdict `attribute_checks` writes after a check's `wanted/offered`: yes when they are the same, that is when
+    the text is one value on both sides of its middle slash (so a value holding a slash is still read right), other
+    than `NO_VALUE` (a product without the key satisfies nothing) and not empty."""
+    middle = len(values) // 2
+    same = len(values) % 2 and values[middle] == "/" and values[:middle] == values[middle + 1 :] not in ("", NO_VALUE)
+    return "yes" if same else "no"
 
 
 def parse_facets(text: str) -> dict[str, str] | None:

@@ -19,6 +19,13 @@ are missing and what was wrong. Two modes:
 overlaps a node's line (tag, colon and value) belongs to that node; the newline separators and
 tokens with empty offsets (special tokens such as EOS) belong to none.
 
+`verdicts_follow_values` / `CheckedVerdicts`: checked decoding, where the yes/no of each attribute check
+(the graph's `checks_node`) is not the policy's guess but the comparison of the two values it wrote before
+it (`schemas.graph.check_verdict`). A small policy copies both values right and then gets the verdict wrong
+in about 40% of its wrong checks (benchmarks/results/verdict_errors.md). The comparison is exact string
+equality, sound where attribute values are canonical (the synthetic world's, or a catalog normalised
+upstream); where `grey` must equal `gray` it says no, so it is an option and not the default.
+
 `cot_regex` is the format as a regular expression (Python `re` and xgrammar syntax alike), for
 constrained decoding: every text `render_cot` writes for valid values matches it (text values, facet
 keys and facet values up to `VALUE_MAX_CHARS` characters), and every text it matches is `well_formed`
@@ -31,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from schemas.graph import FACETS_NONE, ReasoningGraph, parse_facets
+from schemas.graph import FACETS_NONE, ReasoningGraph, check_verdict, parse_facets
 
 SEPARATOR = ": "
 MODES = ("strict", "lenient")
@@ -168,6 +175,62 @@ def parse_cot(
     else:
         well_formed = parse_cot(text, graph, order, labels, "strict").well_formed
     return ParsedCoT(values=values, missing=missing, well_formed=well_formed, problems=tuple(problems))
+
+
+def verdicts_follow_values(line: str, tag: str) -> bool:
+    """Whether a checks line (`ac: key=wanted/offered:yes; ...`, whole or cut anywhere, possibly followed by a newline and
+    more) says yes exactly where the two values are the same: every verdict it has finished is `check_verdict`'s, and
+    one it has begun is that verdict's beginning. The line of another node is not judged (True). A colon followed by
+    neither verdict's beginning is read as part of a value (`time=10:30`)."""
+    if not line.startswith(tag):
+        return True
+    body, newline, _ = line[len(tag) :].partition("\n")
+    entries = body.split(";")
+    for position, entry in enumerate(entries):
+        values, colon, verdict = entry.strip().partition("=")[2].rpartition(":")
+        if not colon:
+            continue
+        right = check_verdict(values)
+        wrong = "no" if right == "yes" else "yes"
+        finished = bool(newline) or position < len(entries) - 1
+        if (verdict and wrong.startswith(verdict)) or (finished and verdict != right and right.startswith(verdict)):
+            return False
+    return True
+
+
+class CheckedVerdicts:
+    """The token chooser of checked greedy decoding (`training.decoding.generate`): each step takes the likeliest
+    token, unless it would write a verdict of the checks node that `verdicts_follow_values` refuses; then the likeliest
+    of the `candidates` likeliest tokens that does not. `replaced` counts the tokens chosen that way, `unresolved` the
+    steps where none of them would do (the likeliest stays)."""
+
+    def __init__(self, tokenizer, graph: ReasoningGraph, candidates: int = 16) -> None:
+        if graph.checks_node is None:
+            raise ValueError(f"checked verdicts: graph {graph.name!r} declares no checks_node (a facets node of attribute checks)")
+        self.tokenizer = tokenizer
+        self.tag = f"{graph.checks_node}{SEPARATOR}"
+        self.candidates = candidates
+        self.replaced = self.unresolved = 0
+
+    def choose(self, responses: Sequence[Sequence[int]], logits):
+        """The token ids (a long tensor) chosen for each row from its response so far and its (rows, vocabulary) logits."""
+        tokens = logits.argmax(-1)
+        for row, ids in enumerate(responses):
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            line_start = text.rfind("\n") + 1
+            if not (text[line_start:].startswith(self.tag) or self.tag.startswith(text[line_start:])):
+                continue  # the step cannot write a verdict of the checks line
+            likeliest = int(tokens[row])
+            ranked = [likeliest] + [token for token in logits[row].topk(self.candidates).indices.tolist() if token != likeliest]
+            for rank, token in enumerate(ranked):
+                extended = self.tokenizer.decode([*ids, token], skip_special_tokens=False)
+                if verdicts_follow_values(extended[line_start:], self.tag):
+                    tokens[row] = token
+                    self.replaced += rank > 0
+                    break
+            else:  # no candidate writes the right verdict: the likeliest token stays, and the parse sees the wrong one
+                self.unresolved += 1
+        return tokens
 
 
 def node_spans(text: str, graph: ReasoningGraph) -> dict[str, tuple[int, int]]:

@@ -11,6 +11,9 @@
   computes finished rows to the end). Under FSDP (`synced`) a forward pass needs every process, so each
   keeps stepping (on its last rows, their tokens dropped) until all processes have finished.
 
+- Checked (greedy with `chooser`): each step's token comes from the chooser (`training.cot.CheckedVerdicts`
+  keeps the argmax except where it would write a wrong verdict of an attribute check).
+
 Each response keeps its ids up to and including the first EOS (nothing after it); its text is
 decoded without the EOS. With `watch_ids`, each response also keeps, per generated token, the logits of
 those ids at that step (the distribution the token was chosen from): scoring reads its label step there
@@ -31,6 +34,12 @@ class SamplingParams(Protocol):
 
     temperature: float
     top_p: float
+
+
+class TokenChooser(Protocol):
+    """Greedy decoding's choice of each row's next token from its response so far and its (rows, vocabulary) logits."""
+
+    def choose(self, responses: Sequence[Sequence[int]], logits): ...
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,11 @@ def split_at_eos(ids: Sequence[int], eos_id: int) -> tuple[list[int], bool]:
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
              sampling: SamplingParams | None = None, seed: int | None = None, synced: bool = False, progress: str | None = None,
-             watch_ids: Sequence[int] = ()) -> Generations:
+             watch_ids: Sequence[int] = (), chooser: TokenChooser | None = None) -> Generations:
     """One response per prompt id list, `batch_size` left-padded prompts at a time: greedy when
     `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`;
-    `watch_ids`: token ids whose logits are kept at every step (`Generations.watched`).
+    `watch_ids`: token ids whose logits are kept at every step (`Generations.watched`); `chooser`: picks greedy
+    decoding's tokens instead of the argmax.
 
     `synced`: the model is FSDP-sharded over processes that all call this with as many prompts; each keeps
     stepping until every one has finished, as a forward pass needs them all.
@@ -85,6 +95,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     if sampling is not None and seed is None:
         raise ValueError("generate: sampled decoding needs a seed")
+    if sampling is not None and chooser is not None:
+        raise ValueError("generate: a token chooser replaces greedy decoding's argmax; sampled decoding takes none")
     if sampling is not None:
         torch.manual_seed(seed)  # the draws come from the global generator
     was_training = model.training
@@ -96,7 +108,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         with torch.no_grad():
             generated, drawn, seen = _decode_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, sampling, synced,
-                                                   watch_ids)
+                                                   watch_ids, chooser)
         for row, ids in enumerate(generated):  # a row's ids stop at its EOS (`_decode_batch`)
             eos = bool(ids) and ids[-1] == tokenizer.eos_token_id
             response_ids.append(tuple(ids))
@@ -114,7 +126,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
 
 
 def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int, sampling: SamplingParams | None,
-                  synced: bool = False, watch_ids: Sequence[int] = ()
+                  synced: bool = False, watch_ids: Sequence[int] = (), chooser: TokenChooser | None = None
                   ) -> tuple[list[list[int]], list[list[float]] | None, list[list[tuple[float, ...]]] | None]:
     """(ids, logprobs of the drawn ids or None when greedy, per step the logits of `watch_ids` or None without them) of
     each left-padded row, up to its EOS or `max_new_tokens`; a row that ends leaves the batch, except the last ones
@@ -134,7 +146,9 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
     watch = torch.tensor(list(watch_ids), dtype=torch.long, device=input_ids.device)
     ended = False  # every row of this process has ended (rows stay in the cache only while other processes go on)
     for step in range(max_new_tokens):
-        if sampling is None:
+        if chooser is not None:
+            tokens = chooser.choose([generated[row] for row in rows], logits[:, -1])
+        elif sampling is None:
             tokens = logits[:, -1].argmax(-1)
         else:
             tokens, logprobs = _draw(logits[:, -1].float(), sampling)

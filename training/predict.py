@@ -236,10 +236,13 @@ def relevance_rows(
     model, tokenizer, pairs: Sequence[dict], prompts: Sequence[Sequence[int]], graph: ReasoningGraph, labels: LabelSet,
     order: str, *, reasoning: str, model_name: str, model_version: str, ds: dt.date, batch_size: int = 64,
     max_new_tokens: int = COT_TOKEN_BUDGET, reasoning_sample: float = 0.0, zero_shot: ZeroShot | None = None, progress: str | None = None,
+    checked_verdicts: bool = False,
 ) -> pa.Table:
     """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`
     (`pair_prompts` with the same `zero_shot`: None for a trained policy); `progress` names the work, shown as
-    progress of the generation and of the label step (None: silent)."""
+    progress of the generation and of the label step (None: silent); `checked_verdicts`: each attribute check's yes/no
+    is the comparison of the values the policy wrote (`training.cot.CheckedVerdicts`), not its guess."""
+    from training.cot import CheckedVerdicts
     from training.decoding import generate
 
     answer = answer_format(graph, order, zero_shot)
@@ -247,8 +250,12 @@ def relevance_rows(
     to_generate = [i for i, needed in enumerate(generation_needed(answer, wanted)) if needed]
     texts = [""] * len(pairs)
     watch = likely_label_tokens(tokenizer, answer, labels)
+    chooser = CheckedVerdicts(tokenizer, graph) if checked_verdicts else None
     generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         progress=progress and f"{progress}: generate", watch_ids=watch)
+                         progress=progress and f"{progress}: generate", watch_ids=watch, chooser=chooser)
+    if chooser is not None:
+        log.info("checked verdicts: %d tokens replaced the policy's choice, %d steps found no right verdict among the %d likeliest tokens",
+                 chooser.replaced, chooser.unresolved, chooser.candidates)
     cut_short = generated.ended.count(False)
     if cut_short:  # their label comes from a CoT without its end: a budget too small for the policy's CoT
         log.warning("%d of %d generations reached max_new_tokens=%d before their end", cut_short, len(to_generate), max_new_tokens)
@@ -298,11 +305,12 @@ def relevance_table(
 
 def score_split(
     model_dir: str | Path, data: str | Path, split: str, *, label_set: str, graph: str, order: str, prompt_tokens: int,
-    reasoning: str, model_name: str, max_pairs: int = 0, batch_size: int = 64,
+    reasoning: str, model_name: str, max_pairs: int = 0, batch_size: int = 64, checked_verdicts: bool = False,
 ) -> pa.Table:
     """RELEVANCE rows for one split of `training_examples` under `data`, scored by the model in `model_dir`.
 
-    `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
+    `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair. `checked_verdicts`: see
+    `relevance_rows`.
     """
     from training.examples import load_pairs
     from training.model import load_model
@@ -318,5 +326,5 @@ def score_split(
     return relevance_rows(
         model, tokenizer, pairs, prompts, ReasoningGraph.load(graph), LabelSet.load(label_set), order,
         reasoning=reasoning, model_name=model_name, model_version=version, ds=dt.date.today(), batch_size=batch_size,
-        progress=f"{model_name}: label the {split} split",
+        progress=f"{model_name}: label the {split} split", checked_verdicts=checked_verdicts,
     )

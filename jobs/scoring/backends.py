@@ -48,7 +48,7 @@ class HFScorer:
             self.model, self.tokenizer, pairs, pair_prompts(self.tokenizer, pairs, spec.prompt_tokens, zero_shot), self.graph, self.labels,
             spec.order, reasoning=spec.reasoning, reasoning_sample=spec.reasoning_sample, model_name=self.model_name,
             model_version=self.model_version, ds=ds, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, zero_shot=zero_shot,
-            progress="score",
+            progress="score", checked_verdicts=spec.checked_verdicts,
         )
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ own scorer (one engine per executor) with `open_scorer`. `SCORERS` names each ba
 
 The model version that scores are cached under (`Scorer.model_version`) is the weights' hash plus a
 short hash of the settings that change the label distribution (CoT order, graph, label set, prompt
-budget; the student's input length): the hf and vllm backends compute the same distribution, so
+budget, checked decoding; the student's input length): the hf and vllm backends compute the same distribution, so
 they share a version and each other's cached scores; the reasoning mode is not part of it (a cached
 row keeps the reasoning it was scored with). A zero-shot judge's version also names its prompt and
 hashes the prompt file's content, the text it renders (label definitions, reasoning steps) and the
@@ -63,6 +63,9 @@ class ScorerSettings:
     max_new_tokens: int = help_field("Longest generated CoT.", COT_TOKEN_BUDGET)
     device: str = help_field("cpu, cuda or cuda:N (vllm: cuda:N makes only that GPU visible to the engine).", "cpu")
     dtype: str = help_field("Weights dtype of a policy: float32, bfloat16 or float16.", "float32")
+    checked_verdicts: bool = help_field(
+        "Checked decoding (hf, vllm): each attribute check's yes/no in the generated reasoning is the comparison of the two "
+        "values the policy wrote, not its guess; sound where attribute values are canonical (training.cot).", False)
 
 
 def scorer_settings(config: ScorerSettings) -> dict[str, Any]:
@@ -89,6 +92,10 @@ class ScorerSpec(ScorerSettings):
         if self.backend not in SCORERS:
             raise ValueError(f"unknown scoring backend {self.backend!r}; known: {sorted(SCORERS)}")
         weight_files(self.model)  # the weights are there (one file or every shard), not only pickles; check_model_folder reads them
+        if self.checked_verdicts and self.backend == "student":
+            raise ValueError("checked_verdicts: the student backend writes no reasoning whose verdicts could be checked")
+        if self.checked_verdicts and ReasoningGraph.load(self.graph).checks_node is None:
+            raise ValueError(f"checked_verdicts: graph {self.graph!r} declares no checks_node, so there are no verdicts to check")
 
     @property
     def name(self) -> str:
@@ -182,6 +189,8 @@ def scorer_version(spec: ScorerSpec) -> str:
     if spec.backend == "student":
         return settings_version(weights, {"max_length": student_meta(spec.model)["max_length"]})
     settings = {"graph": spec.graph, "label_set": spec.label_set, "order": spec.order, "prompt_tokens": spec.prompt_tokens}
+    if spec.checked_verdicts:  # another label distribution; the versions scored without it stay as they were
+        settings["checked_verdicts"] = True
     zero_shot = spec.zero_shot()
     if zero_shot is None:
         return settings_version(weights, settings)

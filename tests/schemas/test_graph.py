@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, attribute_match, format_facets, parse_facets
+from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, attribute_match, check_verdict, format_facets, parse_facets
 
 
 def test_the_design_graph():
@@ -145,6 +145,26 @@ def test_attribute_match_counts_the_wanted_values_the_product_has():
     assert attribute_match({"color": "gray", "material": "wool"}, offered) == "match"
     assert attribute_match({"color": "gray", "material": "linen"}, offered) == "partial"
     assert attribute_match({"color": "blue", "size": "large"}, offered) == "mismatch"  # a key the product lacks is not satisfied
+
+
+VALUE = st.text(alphabet="ab/-", min_size=1, max_size=4).filter(lambda value: value != "-")  # `-` marks a missing value
+
+
+@given(st.dictionaries(st.sampled_from("klm"), VALUE, max_size=3), st.dictionaries(st.sampled_from("klm"), VALUE, max_size=3))
+def test_check_verdict_reads_back_the_verdict_attribute_checks_writes(wanted, offered):
+    # values holding the slash that separates them included: `a/b` against `a/b` is `a/b/a/b`, a yes
+    for check in (parse_facets(attribute_checks(wanted, offered)) or {}).values():
+        values, _, verdict = check.rpartition(":")
+        assert check_verdict(values) == verdict
+
+
+def test_check_verdict_by_hand_and_the_checks_node_is_declared():
+    assert [check_verdict(text) for text in ("gray/gray", "gray/grey", "1/2/1/2", "1/2/1/3", "oak/-", "-/-", "/")] == \
+        ["yes", "no", "yes", "no", "no", "no", "no"]
+    assert ReasoningGraph.load("relevance8").checks_node == "ac" and ReasoningGraph.load("relevance7").checks_node is None
+    graph = ReasoningGraph.load("relevance8")
+    with pytest.raises(ValueError, match="checks_node 'ms' must name a facets node"):
+        ReasoningGraph(graph.name, graph.nodes, graph.edges, graph.label_node, graph.orders, checks_node="ms")
 
 
 def test_attribute_checks_write_the_products_value_beside_each_wanted_one():

@@ -13,8 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.graph import LabelSet, ReasoningGraph, format_facets
-from training.cot import SEPARATOR, STRIP_CLASS, VALUE_MAX_CHARS, cot_regex, node_spans, parse_cot, render_cot, token_nodes
+from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, format_facets
+from training.cot import (
+    SEPARATOR,
+    STRIP_CLASS,
+    VALUE_MAX_CHARS,
+    cot_regex,
+    node_spans,
+    parse_cot,
+    render_cot,
+    token_nodes,
+    verdicts_follow_values,
+)
 
 GRAPH = ReasoningGraph.load("relevance7")
 LABELS = LabelSet.load("wands").names
@@ -244,3 +254,29 @@ def test_what_cot_regex_matches_parses_strictly(values, position, insert, delete
         facets = [line.partition(SEPARATOR)[2] for line in edited.split("\n") if line.split(SEPARATOR)[0] in FACETS_NODES]
         keys = [[entry.partition("=")[0] for entry in value.split("; ")] for value in facets]
         assert parsed.well_formed or any(len(set(names)) < len(names) for names in keys), (edited, parsed.problems)
+
+
+CHECKS_TAG = "ac: "
+
+
+def test_verdicts_follow_values_by_hand():
+    assert verdicts_follow_values("ac: color=red/red:y", CHECKS_TAG) and verdicts_follow_values("ac: color=red/blue:", CHECKS_TAG)
+    assert not verdicts_follow_values("ac: color=red/blue:y", CHECKS_TAG)
+    assert not verdicts_follow_values("ac: color=red/blue:no; size=king/king:n", CHECKS_TAG)  # the last check's verdict begun wrong
+    assert not verdicts_follow_values("ac: color=red/red:ye; size", CHECKS_TAG)  # a verdict cut short by the next check
+    assert not verdicts_follow_values("ac: color=red/red:\nma: match", CHECKS_TAG)  # or by the end of the line
+    assert verdicts_follow_values("ac: time=10:30/10:30:yes", CHECKS_TAG)  # a colon inside a value is not a verdict
+    assert verdicts_follow_values("ac: none\nma: none", CHECKS_TAG) and verdicts_follow_values("qa: color=red/blue:yes", CHECKS_TAG)
+
+
+FACETS = st.dictionaries(st.sampled_from(["color", "size", "style"]), st.sampled_from(["red", "king", "a/b"]), max_size=3)
+
+
+@given(FACETS, FACETS)
+def test_every_prefix_of_true_checks_follows_and_a_flipped_verdict_does_not(wanted, offered):
+    line = f"{CHECKS_TAG}{attribute_checks(wanted, offered)}\nma: match"
+    assert all(verdicts_follow_values(line[:end], CHECKS_TAG) for end in range(len(line) + 1))
+    for verdict, flipped in ((":yes", ":no"), (":no", ":yes")):
+        at = line.find(verdict)
+        if at >= 0:
+            assert not verdicts_follow_values(line[:at] + flipped + line[at + len(verdict) :], CHECKS_TAG)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from schemas.graph import ReasoningGraph
+from training.cot import CheckedVerdicts
 from training.decoding import generate, left_padded
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14], [1, 20]]
@@ -92,3 +94,31 @@ def test_sampled_rows_that_end_leave_the_batch_and_their_logprobs_stop_with_them
     out = generate(model, tokenizer, PROMPTS * 4, max_new_tokens=10, batch_size=12, sampling=Sampling(temperature=1.5, top_p=1.0), seed=1)
     for ids, ended, lps in zip(out.response_ids, out.ended, out.logprobs):
         assert len(lps) == len(ids) and (not ended or ids[-1] == tokenizer.eos_token_id) and all(lp <= 0 for lp in lps)
+
+
+class Scripted:
+    """A chooser that writes token 10 + the response's length, whatever the model says."""
+
+    def choose(self, responses, logits):
+        return torch.tensor([10 + len(ids) for ids in responses])
+
+
+def test_a_chooser_picks_each_greedy_token_and_sampling_takes_none(policy):
+    model, tokenizer = policy
+    out = generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, chooser=Scripted())
+    assert out.response_ids == ((10, 11, 12, 13, 14),) * 3
+    with pytest.raises(ValueError, match="chooser"):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=2, sampling=Sampling(), seed=0, chooser=Scripted())
+
+
+def test_checked_verdicts_replace_a_wrong_verdict_with_the_likeliest_right_one(policy):
+    _, tokenizer = policy
+    chooser = CheckedVerdicts(tokenizer, ReasoningGraph.load("relevance8"))
+    responses = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                 for text in ("ps: bed\nac: color=red/blue:", "ps: bed\nac: color=red/red:", "ps: bed\nqs: ")]
+    yes, no = (tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in ("y", "n"))
+    logits = torch.zeros(3, len(tokenizer))
+    logits[:, yes], logits[:, no] = 5.0, 3.0  # the policy would say yes to all three
+    assert chooser.choose(responses, logits).tolist() == [no, yes, yes] and (chooser.replaced, chooser.unresolved) == (1, 0)
+    with pytest.raises(ValueError, match="checks_node"):
+        CheckedVerdicts(tokenizer, ReasoningGraph.load("relevance7"))
