@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from sharded_checkpoint import sharded_policy  # noqa: F401  (fixture)
-from training_world import sft_policy, tiny_model, tiny_world, vllm_policy  # noqa: F401  (fixtures)
+from training_world import sft_policy, tiny_model, tiny_world, vllm_checks_policy, vllm_policy  # noqa: F401  (fixtures)
 
 pytest_plugins = ["fault_ledger", "file_order"]
 

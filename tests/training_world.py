@@ -136,3 +136,17 @@ def vllm_policy(tiny_world, tmp_path_factory) -> Path:
     run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
                   max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def vllm_checks_policy(tiny_world, tmp_path_factory) -> Path:
+    """As `vllm_policy`, trained on relevance8 in product_first order (the demo's format): its CoT writes the attribute
+    checks whose verdicts checked decoding computes."""
+    from training.model import ModelInitConfig, init_tiny_model
+    from training.sft import SFTConfig, run
+
+    base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_checks_base"), num_layers=2, intermediate_size=256))
+    out = tmp_path_factory.mktemp("vllm_checks_sft")
+    run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance8", order="product_first", batch_size=8, max_steps=250, warmup_steps=10,
+                  lr=1e-2, val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
+    return out / "model"

@@ -198,39 +198,49 @@ def verdicts_follow_values(line: str, tag: str) -> bool:
     return True
 
 
-class CheckedVerdicts:
-    """The token chooser of checked greedy decoding (`training.decoding.generate`): each step takes the likeliest
-    token, unless it would write a verdict of the checks node that `verdicts_follow_values` refuses; then the likeliest
-    of the `candidates` likeliest tokens that does not. `replaced` counts the tokens chosen that way, `unresolved` the
-    steps where none of them would do (the likeliest stays)."""
+def checks_tag(graph: ReasoningGraph) -> str:
+    """The line tag of `graph`'s checks node (`ac: `), whose verdicts checked decoding computes."""
+    if graph.checks_node is None:
+        raise ValueError(f"checked verdicts: graph {graph.name!r} declares no checks_node (a facets node of attribute checks)")
+    return f"{graph.checks_node}{SEPARATOR}"
 
-    def __init__(self, tokenizer, graph: ReasoningGraph, candidates: int = 16) -> None:
-        if graph.checks_node is None:
-            raise ValueError(f"checked verdicts: graph {graph.name!r} declares no checks_node (a facets node of attribute checks)")
+
+class CheckedVerdicts:
+    """The token choice of checked greedy decoding, for the line tagged `tag` (`checks_tag`): each step takes the likeliest
+    token, unless it would write a verdict that `verdicts_follow_values` refuses; then the likeliest of the `candidates`
+    likeliest tokens that does not. `training.decoding.generate` calls `choose`, the vLLM engine's logits processor
+    (`training.vllm_checked_verdicts`) `pick`. `replaced` counts the tokens chosen over a likelier one, `unresolved` the
+    steps where no candidate would do (the likeliest stays)."""
+
+    def __init__(self, tokenizer, tag: str, candidates: int = 16) -> None:
         self.tokenizer = tokenizer
-        self.tag = f"{graph.checks_node}{SEPARATOR}"
+        self.tag = tag
         self.candidates = candidates
         self.replaced = self.unresolved = 0
 
+    def pick(self, ids: Sequence[int], logits) -> tuple[int, list[int]]:
+        """(the token chosen after the response `ids` from its (vocabulary,) logits, the likelier tokens refused)."""
+        likeliest = int(logits.argmax())
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        line_start = text.rfind("\n") + 1
+        if not (text[line_start:].startswith(self.tag) or self.tag.startswith(text[line_start:])):
+            return likeliest, []  # the step cannot write a verdict of the checks line
+        top = logits.topk(min(self.candidates, len(logits)))
+        ranked = [likeliest] + [token for token, logit in zip(top.indices.tolist(), top.values.tolist())
+                                if token != likeliest and logit > float("-inf")]  # -inf: a token a grammar forbids
+        for rank, token in enumerate(ranked):
+            extended = self.tokenizer.decode([*ids, token], skip_special_tokens=False)
+            if verdicts_follow_values(extended[line_start:], self.tag):
+                self.replaced += rank > 0
+                return token, ranked[:rank]
+        self.unresolved += 1  # no candidate writes the right verdict: the likeliest stays, and the parse sees the wrong one
+        return likeliest, []
+
     def choose(self, responses: Sequence[Sequence[int]], logits):
         """The token ids (a long tensor) chosen for each row from its response so far and its (rows, vocabulary) logits."""
-        tokens = logits.argmax(-1)
-        for row, ids in enumerate(responses):
-            text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            line_start = text.rfind("\n") + 1
-            if not (text[line_start:].startswith(self.tag) or self.tag.startswith(text[line_start:])):
-                continue  # the step cannot write a verdict of the checks line
-            likeliest = int(tokens[row])
-            ranked = [likeliest] + [token for token in logits[row].topk(self.candidates).indices.tolist() if token != likeliest]
-            for rank, token in enumerate(ranked):
-                extended = self.tokenizer.decode([*ids, token], skip_special_tokens=False)
-                if verdicts_follow_values(extended[line_start:], self.tag):
-                    tokens[row] = token
-                    self.replaced += rank > 0
-                    break
-            else:  # no candidate writes the right verdict: the likeliest token stays, and the parse sees the wrong one
-                self.unresolved += 1
-        return tokens
+        import torch
+
+        return torch.tensor([self.pick(ids, row)[0] for ids, row in zip(responses, logits)], dtype=torch.long, device=logits.device)
 
 
 def node_spans(text: str, graph: ReasoningGraph) -> dict[str, tuple[int, int]]:

@@ -242,7 +242,7 @@ def relevance_rows(
     (`pair_prompts` with the same `zero_shot`: None for a trained policy); `progress` names the work, shown as
     progress of the generation and of the label step (None: silent); `checked_verdicts`: each attribute check's yes/no
     is the comparison of the values the policy wrote (`training.cot.CheckedVerdicts`), not its guess."""
-    from training.cot import CheckedVerdicts
+    from training.cot import CheckedVerdicts, checks_tag
     from training.decoding import generate
 
     answer = answer_format(graph, order, zero_shot)
@@ -250,7 +250,7 @@ def relevance_rows(
     to_generate = [i for i, needed in enumerate(generation_needed(answer, wanted)) if needed]
     texts = [""] * len(pairs)
     watch = likely_label_tokens(tokenizer, answer, labels)
-    chooser = CheckedVerdicts(tokenizer, graph) if checked_verdicts else None
+    chooser = CheckedVerdicts(tokenizer, checks_tag(graph)) if checked_verdicts else None
     generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size,
                          progress=progress and f"{progress}: generate", watch_ids=watch, chooser=chooser)
     if chooser is not None:

@@ -17,6 +17,8 @@ Choices:
   that holds the adapter's, and each request names the adapter with `adapter_request` (vLLM loads it from
   the folder on first use). `lora_rank` does the same for a policy folder of full weights whose LoRA
   adapter is still training (GRPO's vLLM backend syncs it in).
+- `checked_verdicts`: the engine loads `training.vllm_checked_verdicts.CheckedVerdictsProcessor`, which applies checked
+  decoding to the requests that ask for it (the scorer's CoT requests under its `checked_verdicts` setting).
 """
 
 from __future__ import annotations
@@ -60,10 +62,10 @@ def adapter_request(adapter_dir: str | Path, load_inplace: bool = False):
 
 
 def build_engine(model_dir: str | Path, *, seed: int, max_model_len: int, dtype: str, kv_cache_bytes: int,
-                 logprobs_mode: str = "processed_logprobs", lora_rank: int | None = None, **engine_options):
+                 logprobs_mode: str = "processed_logprobs", lora_rank: int | None = None, checked_verdicts: bool = False, **engine_options):
     """A `vllm.LLM` over the model folder `model_dir`, or over the base of an adapter folder with LoRA on (module doc;
     its requests pass `adapter_request(model_dir)`); `lora_rank`: LoRA on for adapters up to that rank over a folder of
-    full weights. `engine_options` go to `vllm.LLM` as they are and override the defaults above (e.g.
+    full weights; `checked_verdicts`: load the checked-decoding logits processor. `engine_options` go to `vllm.LLM` as they are and override the defaults above (e.g.
     `gpu_memory_utilization` on CUDA, `structured_outputs_config`)."""
     from vllm import LLM
 
@@ -80,6 +82,7 @@ def build_engine(model_dir: str | Path, *, seed: int, max_model_len: int, dtype:
         "load_format": "safetensors",  # never unpickle a `.bin` checkpoint
         "trust_remote_code": False,
         **lora,
+        **({"logits_processors": ["training.vllm_checked_verdicts:CheckedVerdictsProcessor"]} if checked_verdicts else {}),
         **engine_options,
     }
     return LLM(model=str(base or model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len, logprobs_mode=logprobs_mode, **options)

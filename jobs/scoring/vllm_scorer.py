@@ -7,7 +7,10 @@ label step is, node decisions, the table); only the two model computations move 
   structured outputs to `training.cot.cot_regex` (xgrammar backend), so every CoT that ends (EOS)
   within the budget parses strictly, unless a facets line repeats a key (the one rule the regex
   cannot state). Where the unconstrained greedy CoT is already well formed every one of its tokens
-  is allowed, so the constraint changes nothing: the text equals the hf backend's. A zero-shot
+  is allowed, so the constraint changes nothing: the text equals the hf backend's. With
+  `spec.checked_verdicts` the engine carries `training.vllm_checked_verdicts`'s logits processor and
+  every CoT request asks for it: the attribute checks' verdicts are computed as the hf backend computes
+  them (`training.cot.CheckedVerdicts`), after the grammar's mask. A zero-shot
   judge's reasoning is free text, generated unconstrained as the hf backend generates it.
 - The label distribution: one request per pair whose prompt is the label step's context, one token,
   `allowed_token_ids` = the step's label tokens, `logprobs` = the number of labels. The engine runs
@@ -26,7 +29,8 @@ An adapter folder is scored unmerged: the engine runs its base with LoRA on and 
 adapter (`training.vllm_engine`), as the hf backend runs the base with the peft adapter attached.
 `spec.batch_size` is the transformers backends' setting. The engine depends on neither the
 reasoning mode nor the CoT order: `score` reads them from `self.spec` at each call, so a caller may
-swap the spec for one that differs in those (the tests and the benchmark do, to keep one engine).
+swap the spec for one that differs in those (the tests and the benchmark do, to keep one engine), or
+in `checked_verdicts` when the engine was built with it (its logits processor is loaded at the start).
 """
 
 from __future__ import annotations
@@ -78,9 +82,11 @@ class VLLMScorer:
         zero_shot = spec.zero_shot()
         self.max_model_len = max_model_len(spec, len(pair_prompts(self.tokenizer, [EMPTY_PAIR], 1, zero_shot)[0]) if zero_shot else 0)
         self.engine = build_engine(spec.model, seed=spec.seed, max_model_len=self.max_model_len, dtype=spec.dtype,
-                                   kv_cache_bytes=spec.kv_cache_bytes, structured_outputs_config={"backend": "xgrammar"}, **engine_options)
+                                   kv_cache_bytes=spec.kv_cache_bytes, structured_outputs_config={"backend": "xgrammar"},
+                                   checked_verdicts=spec.checked_verdicts, **engine_options)
         # an adapter folder: the engine serves its base, and every request names the adapter (unmerged, vLLM's LoRA)
         self.lora_request = adapter_request(spec.model) if adapter_base(spec.model) is not None else None
+        self.checks_processor = spec.checked_verdicts
         self.model_name = spec.name
         self.model_version = scorer_version(spec)
 
@@ -129,8 +135,18 @@ class VLLMScorer:
         from vllm.sampling_params import StructuredOutputsParams
 
         eos = self.tokenizer.eos_token_id
+        checked = {}
+        if self.spec.checked_verdicts:
+            if not self.checks_processor:
+                raise ValueError("checked_verdicts: this engine was built without the checked-decoding logits processor; open a scorer "
+                                 "whose spec asks for it")
+            from training.cot import checks_tag
+            from training.vllm_checked_verdicts import TAG_ARGUMENT
+
+            checked = {TAG_ARGUMENT: checks_tag(self.graph)}
         cot = SamplingParams(temperature=0.0, max_tokens=self.spec.max_new_tokens, stop_token_ids=[eos], detokenize=False,
-                             structured_outputs=StructuredOutputsParams(regex=regex) if regex is not None else None)
+                             structured_outputs=StructuredOutputsParams(regex=regex) if regex is not None else None,
+                             extra_args=checked or None)
         requests = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in generate]
         params = [cot] * len(generate)
         for step in steps:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from schemas.graph import ReasoningGraph
-from training.cot import CheckedVerdicts
+from training.cot import CheckedVerdicts, checks_tag
 from training.decoding import generate, left_padded
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14], [1, 20]]
@@ -113,12 +113,16 @@ def test_a_chooser_picks_each_greedy_token_and_sampling_takes_none(policy):
 
 def test_checked_verdicts_replace_a_wrong_verdict_with_the_likeliest_right_one(policy):
     _, tokenizer = policy
-    chooser = CheckedVerdicts(tokenizer, ReasoningGraph.load("relevance8"))
+    chooser = CheckedVerdicts(tokenizer, checks_tag(ReasoningGraph.load("relevance8")))
     responses = [tokenizer(text, add_special_tokens=False)["input_ids"]
                  for text in ("ps: bed\nac: color=red/blue:", "ps: bed\nac: color=red/red:", "ps: bed\nqs: ")]
     yes, no = (tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in ("y", "n"))
     logits = torch.zeros(3, len(tokenizer))
     logits[:, yes], logits[:, no] = 5.0, 3.0  # the policy would say yes to all three
     assert chooser.choose(responses, logits).tolist() == [no, yes, yes] and (chooser.replaced, chooser.unresolved) == (1, 0)
+    assert chooser.pick(responses[0], logits[0]) == (no, [yes])  # what the vLLM logits processor masks
+    logits[0] = float("-inf")
+    logits[0, yes] = 5.0  # a grammar allows only the wrong verdict: it stays, counted
+    assert chooser.pick(responses[0], logits[0]) == (yes, []) and chooser.unresolved == 1
     with pytest.raises(ValueError, match="checks_node"):
-        CheckedVerdicts(tokenizer, ReasoningGraph.load("relevance7"))
+        checks_tag(ReasoningGraph.load("relevance7"))

@@ -4,7 +4,8 @@ parsing strictly unless it repeats a facet key (which a regex cannot forbid, and
 policy often does), the hf text wherever that text is itself well formed, and the reasoning kept for
 exactly the sampled pairs. Skipped where vllm is not installed.
 
-One engine serves the module (its start dominates the run time). The engine does not depend on the
+One engine serves the module (its start dominates the run time), and a second one, with the checked-decoding logits
+processor, the checked-verdicts test (a relevance8 policy: its CoT writes attribute checks). The engine does not depend on the
 reasoning mode or the CoT order, which `score` reads from the scorer's spec at each call, so the
 tests score under other settings by swapping that spec (`scored`).
 """
@@ -21,7 +22,7 @@ pytest.importorskip("vllm")
 from jobs.scoring.backends import HFScorer  # noqa: E402
 from jobs.scoring.spec import ScorerSpec, scorer_version  # noqa: E402
 from schemas.tables import RELEVANCE  # noqa: E402
-from training.cot import parse_cot  # noqa: E402
+from training.cot import parse_cot, verdicts_follow_values  # noqa: E402
 from training.predict import reasoning_wanted  # noqa: E402
 
 DAY = dt.date(2024, 3, 2)
@@ -149,3 +150,51 @@ def test_a_prompt_the_engine_cannot_hold_is_refused_by_name(vllm_scorer, pairs):
     too_long = {**pairs[0], "query_id": "qx", "query": " ".join(["sofa"] * 400)}  # the query is never cut from the prompt
     with pytest.raises(ValueError, match="query_id='qx'.*shorten the query"):
         scored(vllm_scorer, [pairs[1], too_long])
+
+
+CHECKS = {"graph": "relevance8", "order": "product_first", "reasoning": "all"}
+
+
+def checks_consistent(text: str) -> bool:
+    return all(verdicts_follow_values(line, "ac: ") for line in text.split("\n"))
+
+
+UNSEEN_QUERIES = ("blue sofa", "king bed frame", "white oak coffee table", "queen cotton sheet set", "leather sofa", "pine bed frame")
+
+
+def unseen_pairs(pairs: list[dict]) -> list[dict]:
+    """Queries the policy never saw beside each product: constraints it checks without having learned their answers."""
+    products = {pair["product_id"]: pair for pair in pairs}
+    return [{**product, "query": query, "query_id": f"u{k}"} for k, query in enumerate(UNSEEN_QUERIES) for product in products.values()]
+
+
+def test_checked_verdicts_follow_the_values_and_match_hf(vllm_checks_policy, vllm_scorer, pairs):
+    """The logits processor (imported by name in the engine's core process) computes each check's verdict as the hf
+    loop does: the same text wherever the hf one is well formed, every verdict the comparison of its values, and a
+    CoT whose verdicts were already right left as it was."""
+    from jobs.scoring.vllm_scorer import VLLMScorer
+
+    pairs = unseen_pairs(pairs)
+
+    checked = VLLMScorer(vllm_spec(vllm_checks_policy, checked_verdicts=True, **CHECKS))
+    try:
+        ours = {flag: scored(checked, pairs, checked_verdicts=flag, **CHECKS).to_pylist() for flag in (False, True)}
+    finally:
+        checked.close()
+    theirs = {flag: hf_rows(vllm_checks_policy, pairs, checked_verdicts=flag, **CHECKS) for flag in (False, True)}
+    graph, labels = checked.graph, checked.labels.names
+    for flag in (False, True):  # the label step follows the reasoning: the distributions agree where the texts do
+        well_formed = [(mine, row) for mine, row in zip(ours[flag], theirs[flag])
+                       if parse_cot(row["reasoning"], graph, "product_first", labels, "strict").well_formed]
+        assert len(well_formed) >= len(pairs) // 6, "the briefly trained policy still writes some well-formed CoTs"
+        assert all(mine["reasoning"] == row["reasoning"] for mine, row in well_formed)
+        assert_same_distributions(*zip(*well_formed))
+    assert any(not checks_consistent(row["reasoning"]) for row in theirs[False]), "the policy says a wrong yes/no somewhere (3 of 48 here)"
+    for rows in (ours[True], theirs[True]):
+        assert all(checks_consistent(row["reasoning"]) for row in rows)
+    for free, row in zip(theirs[False], theirs[True]):
+        if checks_consistent(free["reasoning"]):
+            assert row["reasoning"] == free["reasoning"]
+    assert {row["model_version"] for row in theirs[True]} != {row["model_version"] for row in theirs[False]}  # another distribution
+    with pytest.raises(ValueError, match="built without the checked-decoding logits processor"):
+        scored(vllm_scorer, pairs[:1], checked_verdicts=True, **CHECKS)

@@ -1,0 +1,48 @@
+"""Checked decoding inside a vLLM engine (0.32, V1): a logits processor that does what `training.cot.CheckedVerdicts`
+does in the transformers decoding loop.
+
+`training.vllm_engine.build_engine(checked_verdicts=True)` names `CheckedVerdictsProcessor` by its qualified name, so the
+engine core process imports it (this module imports vLLM, the rest of the project only where it builds an engine). A
+request opts in with `SamplingParams(extra_args={TAG_ARGUMENT: checks_tag(graph)})`; requests without it pass untouched.
+At each step of an opted-in request, the processor sets to -inf the likelier tokens `CheckedVerdicts.pick` refuses (those
+that would write a wrong verdict), so greedy sampling takes the token the transformers loop takes. It runs after the
+structured-output grammar has masked the logits (vLLM applies the grammar bitmask before the sampler's processors), so
+it only ranks tokens the CoT format allows: where the transformers loop's checked text is well formed, the engine writes
+the same text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import AutoTokenizer
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+from training.cot import CheckedVerdicts
+
+TAG_ARGUMENT = "checked_verdicts_tag"  # SamplingParams.extra_args key: the checks line's tag
+
+
+class CheckedVerdictsProcessor(AdapterLogitsProcessor):
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        super().__init__(vllm_config, device, is_pin_memory)
+        self.tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer, trust_remote_code=False)
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it changes which token greedy sampling takes
+
+    def new_req_logits_processor(self, params: SamplingParams) -> Callable | None:
+        tag = (params.extra_args or {}).get(TAG_ARGUMENT)
+        if tag is None:
+            return None
+        checked = CheckedVerdicts(self.tokenizer, tag)
+
+        def refuse_wrong_verdicts(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            _, refused = checked.pick(output_ids, logits)
+            if refused:
+                logits[refused] = float("-inf")
+            return logits
+
+        return refuse_wrong_verdicts
