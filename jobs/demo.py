@@ -63,6 +63,10 @@ class DemoConfig:
     distill_steps: int = help_field("Distillation steps of the MiniLM student (the benchmark runs longer ones).", 60)
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
     nightly_backend: str = help_field("Backend of the nightly scoring stage: hf, or vllm where it is installed.", "hf")
+    checked_verdicts: bool = help_field(
+        "Checked decoding (training.cot) for the nightly scores and a third test labeller, graph_grpo_policy_checked: each attribute "
+        "check's yes/no computed from the two values the policy wrote. Sound here, where the world's attribute values are canonical.",
+        True)
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,15 @@ def _train_grpo(config: DemoConfig, out: Path) -> dict[str, str]:
 
 
 POLICIES = {"sft_policy": Path("sft") / "model", "graph_grpo_policy": Path("grpo") / "model"}
+CHECKED_LABELLER = "graph_grpo_policy_checked"  # the Graph-GRPO policy under checked decoding
+
+
+def policy_labellers(config: DemoConfig) -> dict[str, tuple[Path, bool]]:
+    """The test split's policy labellers: name -> (policy folder, checked decoding)."""
+    labellers = {name: (folder, False) for name, folder in POLICIES.items()}
+    if config.checked_verdicts:
+        labellers[CHECKED_LABELLER] = (POLICIES["graph_grpo_policy"], True)
+    return labellers
 
 
 def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
@@ -167,12 +180,12 @@ def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
     from training.predict import score_split
 
     outputs = {}
-    for name, folder in POLICIES.items():
+    for name, (folder, checked) in policy_labellers(config).items():
         policy = resolve_format(out / folder)
         rows = score_split(
             out / folder, out / "datasets", "test", label_set=policy.label_set, graph=policy.graph,
             order=policy.order, prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name,
-            max_pairs=config.eval_pairs, batch_size=SCORING_BATCH,
+            max_pairs=config.eval_pairs, batch_size=SCORING_BATCH, checked_verdicts=checked,
         )
         target = out / "models" / name
         write_table(RELEVANCE, rows, target)
@@ -215,7 +228,8 @@ def _nightly(config: DemoConfig, out: Path) -> dict[str, str]:
     days = partitions(SEARCH_IMPRESSIONS, out / "world")[-2:]
     for day in days:
         run(NightlyConfig(date=day.isoformat(), data=str(out / "world"), out=str(root), backend=config.nightly_backend,
-                          model=str(out / "grpo" / "model"), reasoning="sample", score=ScoreSettings(model_name="graph_grpo_policy", batch_size=SCORING_BATCH)))
+                          model=str(out / "grpo" / "model"), reasoning="sample",
+                          score=ScoreSettings(model_name="graph_grpo_policy", batch_size=SCORING_BATCH, checked_verdicts=config.checked_verdicts)))
     published = root / "published" / "relevance" / f"ds={days[-1].isoformat()}"
     return {"relevance table (scores)": str(root / "scores" / "relevance"), "published partition": str(published),
             "churn report": str(published / CHURN_PAGE), "nightly reports": str(night_folder(root, days[-1].isoformat()) / INDEX_PAGE)}
@@ -252,7 +266,7 @@ def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     report = out / "evaluation"
     run(
         EvaluateConfig(
-            predictions={"synthetic_rater": str(models / "synthetic_rater"), **{name: str(models / name) for name in POLICIES},
+            predictions={"synthetic_rater": str(models / "synthetic_rater"), **{name: str(models / name) for name in policy_labellers(config)},
                          "distilled_student": str(models / "distilled_student")},
             gold_source="nodes",
             gold_nodes=str(gold),
@@ -293,10 +307,10 @@ def _judge_labels(config: DemoConfig, out: Path) -> dict[str, str]:
     manifest = json.loads((world / "world.json").read_text())
     world_config = WorldConfig.preset(config.preset, **manifest["config"])
     write_experiment_series(generate_experiment_series(world_config, EXPERIMENT_SERIES), world / SERIES_FOLDER)
-    tables = {name: out / "models" / name for name in (*POLICIES, "distilled_student")}
-    # the three labellers of the test pairs as one judge (majority vote, ties to the lower gain), judged beside them
+    tables = {name: out / "models" / name for name in (*policy_labellers(config), "distilled_student")}
+    # the three models labelling the test pairs as one judge (majority vote, ties to the lower gain), judged beside them
     judges = out / "multi_judge"
-    combine_judges(CombineConfig(tables={name: str(path) for name, path in tables.items()}, method="majority",
+    combine_judges(CombineConfig(tables={name: str(path) for name, path in tables.items() if name != CHECKED_LABELLER}, method="majority",
                                  label_set=manifest["label_set"], gold_nodes=str(out / "evaluation_gold"),
                                  model_name="multi_judge", n_bootstrap=200, out=str(judges)))
     tables["multi_judge_majority"] = judges / "relevance"

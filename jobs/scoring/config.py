@@ -21,7 +21,7 @@ import datetime as dt
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jobs.scoring.spec import BACKENDS, ScorerSettings, ScorerSpec, scorer_settings
+from jobs.scoring.spec import BACKENDS, ScorerSettings, ScorerSpec, checked_verdicts_problem, scorer_settings
 from schemas.config import ConfigError, config_date, help_field
 from schemas.graph import ReasoningGraph
 from schemas.judge_prompt import POLICY_PROMPT, JudgePrompt
@@ -88,6 +88,9 @@ class ScoreConfig(ScorerSettings):
         if self.prompt != POLICY_PROMPT and self.reasoning != "none" and ReasoningGraph.load(scored.graph).label_comes_first(scored.order):
             raise ConfigError(f"order={scored.order}: a zero-shot judge then answers with the label alone, so reasoning={self.reasoning!r} "
                               "has no text to keep; leave order out (reasoning_first: the reasoning, then the label) or give another order")
+        problem = self.checked_verdicts and checked_verdicts_problem(self.backend, scored.graph)
+        if problem:
+            raise ConfigError(problem)
 
     def _check_zero_shot(self) -> None:
         if self.backend == "student":

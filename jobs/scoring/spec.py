@@ -68,6 +68,15 @@ class ScorerSettings:
         "values the policy wrote, not its guess; sound where attribute values are canonical (training.cot).", False)
 
 
+def checked_verdicts_problem(backend: str, graph: str) -> str | None:
+    """Why checked decoding cannot apply to a scorer of `backend` and `graph`, or None."""
+    if backend == "student":
+        return "checked_verdicts: the student backend writes no reasoning whose verdicts could be checked"
+    if ReasoningGraph.load(graph).checks_node is None:
+        return f"checked_verdicts: graph {graph!r} declares no checks_node (relevance8's ac), so there are no verdicts to check"
+    return None
+
+
 def scorer_settings(config: ScorerSettings) -> dict[str, Any]:
     """The `ScorerSettings` fields of `config` (a ScorerSettings or any subclass) by name."""
     return {field.name: getattr(config, field.name) for field in fields(ScorerSettings)}
@@ -92,10 +101,9 @@ class ScorerSpec(ScorerSettings):
         if self.backend not in SCORERS:
             raise ValueError(f"unknown scoring backend {self.backend!r}; known: {sorted(SCORERS)}")
         weight_files(self.model)  # the weights are there (one file or every shard), not only pickles; check_model_folder reads them
-        if self.checked_verdicts and self.backend == "student":
-            raise ValueError("checked_verdicts: the student backend writes no reasoning whose verdicts could be checked")
-        if self.checked_verdicts and ReasoningGraph.load(self.graph).checks_node is None:
-            raise ValueError(f"checked_verdicts: graph {self.graph!r} declares no checks_node, so there are no verdicts to check")
+        problem = self.checked_verdicts and checked_verdicts_problem(self.backend, self.graph)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def name(self) -> str:

@@ -135,6 +135,8 @@ def test_config_errors_name_the_field(tmp_path, tiny_model):
         ScoreConfig(date="2024-03-02", model=str(tiny_model), reasoning="everything")
     with pytest.raises(ConfigError, match="model"):
         ScoreConfig(date="2024-03-02", model=str(tmp_path))
+    with pytest.raises(ConfigError, match="checked_verdicts: graph 'relevance7' declares no checks_node"):
+        ScoreConfig(date="2024-03-02", model=str(tiny_model), graph="relevance7", checked_verdicts=True)
 
 
 def test_the_spark_engine_writes_the_rows_the_local_engine_writes_and_its_driver_collects_no_row(tmp_path, tiny_world, tiny_model, spark,
@@ -280,6 +282,8 @@ def test_a_student_is_scored_with_the_graph_and_label_set_of_its_folder(tmp_path
         ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student", label_set="wands")
     with pytest.raises(ConfigError, match="order='label_first' does not apply to the student backend"):
         ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student", order="label_first")
+    with pytest.raises(ConfigError, match="checked_verdicts: the student backend writes no reasoning"):
+        ScoreConfig(date="2024-03-02", model=str(tmp_path), backend="student", checked_verdicts=True)
 
 
 def test_a_second_model_keeps_the_first_models_rows_and_export_publishes_both(tmp_path, tiny_world, tiny_model):
