@@ -198,6 +198,12 @@ def verdicts_follow_values(line: str, tag: str) -> bool:
     return True
 
 
+def may_change_a_verdict(piece: str) -> bool:
+    """Whether appending `piece` to a line that `verdicts_follow_values` accepts can make it refused: only a piece that
+    holds a colon, or starts by going on with a verdict or ending a check (y, e, s, n, o, `;`, newline), can."""
+    return ":" in piece or piece[:1] in tuple("yesno;\n")
+
+
 def checks_tag(graph: ReasoningGraph) -> str:
     """The line tag of `graph`'s checks node (`ac: `), whose verdicts checked decoding computes."""
     if graph.checks_node is None:
@@ -217,10 +223,20 @@ class CheckedVerdicts:
         self.tag = tag
         self.candidates = candidates
         self.replaced = self.unresolved = 0
+        self._may_write_a_verdict: dict[int, bool] = {}
+
+    def may_write_a_verdict(self, token: int) -> bool:
+        """`may_change_a_verdict` of the token's text alone (a tokenizer may drop a leading space there, which only widens
+        the test), cached per token: the other tokens are taken without decoding the response, which most steps are."""
+        if token not in self._may_write_a_verdict:
+            self._may_write_a_verdict[token] = may_change_a_verdict(self.tokenizer.decode([token], skip_special_tokens=False))
+        return self._may_write_a_verdict[token]
 
     def pick(self, ids: Sequence[int], logits) -> tuple[int, list[int]]:
         """(the token chosen after the response `ids` from its (vocabulary,) logits, the likelier tokens refused)."""
         likeliest = int(logits.argmax())
+        if not self.may_write_a_verdict(likeliest):
+            return likeliest, []
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         line_start = text.rfind("\n") + 1
         if not (text[line_start:].startswith(self.tag) or self.tag.startswith(text[line_start:])):

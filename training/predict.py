@@ -19,6 +19,9 @@ step); the other pairs get one more forward pass over their context.
   wanted), its nodes parsed (strict first, lenient for what strict misses), and the label step sits
   where the generated reasoning ends: after the reasoning lines in `reasoning_first`, right after the
   prompt in `label_first`.
+- `checked_verdicts`: the greedy CoT is generated with checked decoding (`training.cot.CheckedVerdicts`: each
+  attribute check's yes/no is the comparison of the two values written before it); the label step is where it
+  always is, after the verdicts the policy was given.
 - Reasoning modes: `none` keeps no text, `all` keeps every pair's, `sample` keeps a deterministic
   share of pairs (by a hash of query and product id, so a re-run picks the same ones).
 

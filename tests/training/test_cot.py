@@ -10,7 +10,7 @@ import string
 import sys
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, format_facets
@@ -19,6 +19,7 @@ from training.cot import (
     STRIP_CLASS,
     VALUE_MAX_CHARS,
     cot_regex,
+    may_change_a_verdict,
     node_spans,
     parse_cot,
     render_cot,
@@ -280,3 +281,11 @@ def test_every_prefix_of_true_checks_follows_and_a_flipped_verdict_does_not(want
         at = line.find(verdict)
         if at >= 0:
             assert not verdicts_follow_values(line[:at] + flipped + line[at + len(verdict) :], CHECKS_TAG)
+
+
+@given(FACETS, FACETS, st.integers(0, 120), st.text(alphabet="abyz -=/;:\nesno", max_size=4))
+def test_a_piece_that_cannot_change_a_verdict_never_makes_an_accepted_line_refused(wanted, offered, cut, piece):
+    # what lets checked decoding take most tokens without decoding the response
+    line = f"{CHECKS_TAG}{attribute_checks(wanted, offered)}\nma: match"[:cut]
+    assume(not may_change_a_verdict(piece))
+    assert verdicts_follow_values(line + piece, CHECKS_TAG)
