@@ -214,9 +214,10 @@ def checks_tag(graph: ReasoningGraph) -> str:
 class CheckedVerdicts:
     """The token choice of checked greedy decoding, for the line tagged `tag` (`checks_tag`): each step takes the likeliest
     token, unless it would write a verdict that `verdicts_follow_values` refuses; then the likeliest of the `candidates`
-    likeliest tokens that does not. `training.decoding.generate` calls `choose`, the vLLM engine's logits processor
-    (`training.vllm_checked_verdicts`) `pick`. `replaced` counts the tokens chosen over a likelier one, `unresolved` the
-    steps where no candidate would do (the likeliest stays)."""
+    likeliest tokens that does not. `training.decoding.generate` calls `choose` (greedy) or `refuse` (sampled: GRPO's
+    rollouts draw from the tokens it does not refuse), the vLLM engine's logits processor (`training.vllm_checked_verdicts`)
+    `pick`. `replaced` counts the steps where a token was refused, `unresolved` the greedy steps where no candidate would
+    do (the likeliest stays)."""
 
     def __init__(self, tokenizer, tag: str, candidates: int = 16) -> None:
         self.tokenizer = tokenizer
@@ -232,21 +233,32 @@ class CheckedVerdicts:
             self._may_write_a_verdict[token] = may_change_a_verdict(self.tokenizer.decode([token], skip_special_tokens=False))
         return self._may_write_a_verdict[token]
 
+    def _checks_line_start(self, ids: Sequence[int]) -> int | None:
+        """Where the current line begins in the decoded response `ids`, when that line is (or may become) the checks line."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        line_start = text.rfind("\n") + 1
+        return line_start if text[line_start:].startswith(self.tag) or self.tag.startswith(text[line_start:]) else None
+
+    def _follows(self, ids: Sequence[int], token: int, line_start: int) -> bool:
+        extended = self.tokenizer.decode([*ids, token], skip_special_tokens=False)
+        return verdicts_follow_values(extended[line_start:], self.tag)
+
+    def _ranked(self, logits) -> list[int]:
+        """The `candidates` likeliest tokens, likeliest first, without those at -inf (a token a grammar forbids)."""
+        top = logits.topk(min(self.candidates, len(logits)))
+        return [token for token, logit in zip(top.indices.tolist(), top.values.tolist()) if logit > float("-inf")]
+
     def pick(self, ids: Sequence[int], logits) -> tuple[int, list[int]]:
         """(the token chosen after the response `ids` from its (vocabulary,) logits, the likelier tokens refused)."""
         likeliest = int(logits.argmax())
         if not self.may_write_a_verdict(likeliest):
             return likeliest, []
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        line_start = text.rfind("\n") + 1
-        if not (text[line_start:].startswith(self.tag) or self.tag.startswith(text[line_start:])):
+        line_start = self._checks_line_start(ids)
+        if line_start is None:
             return likeliest, []  # the step cannot write a verdict of the checks line
-        top = logits.topk(min(self.candidates, len(logits)))
-        ranked = [likeliest] + [token for token, logit in zip(top.indices.tolist(), top.values.tolist())
-                                if token != likeliest and logit > float("-inf")]  # -inf: a token a grammar forbids
+        ranked = [likeliest] + [token for token in self._ranked(logits) if token != likeliest]
         for rank, token in enumerate(ranked):
-            extended = self.tokenizer.decode([*ids, token], skip_special_tokens=False)
-            if verdicts_follow_values(extended[line_start:], self.tag):
+            if self._follows(ids, token, line_start):
                 self.replaced += rank > 0
                 return token, ranked[:rank]
         self.unresolved += 1  # no candidate writes the right verdict: the likeliest stays, and the parse sees the wrong one
@@ -257,6 +269,17 @@ class CheckedVerdicts:
         import torch
 
         return torch.tensor([self.pick(ids, row)[0] for ids, row in zip(responses, logits)], dtype=torch.long, device=logits.device)
+
+    def refuse(self, responses: Sequence[Sequence[int]], logits) -> list[list[int]]:
+        """Sampled decoding: per row, the tokens among its `candidates` likeliest that would write a wrong verdict (the
+        sampler draws from the others; a token outside them is not examined)."""
+        refused = []
+        for ids, row in zip(responses, logits):
+            flagged = [token for token in self._ranked(row) if self.may_write_a_verdict(token)]
+            line_start = self._checks_line_start(ids) if flagged else None
+            refused.append([] if line_start is None else [token for token in flagged if not self._follows(ids, token, line_start)])
+            self.replaced += bool(refused[-1])
+        return refused
 
 
 def node_spans(text: str, graph: ReasoningGraph) -> dict[str, tuple[int, int]]:

@@ -11,8 +11,9 @@
   computes finished rows to the end). Under FSDP (`synced`) a forward pass needs every process, so each
   keeps stepping (on its last rows, their tokens dropped) until all processes have finished.
 
-- Checked (greedy with `chooser`): each step's token comes from the chooser (`training.cot.CheckedVerdicts`
-  keeps the argmax except where it would write a wrong verdict of an attribute check).
+- Checked (with `chooser`, `training.cot.CheckedVerdicts`): greedy takes the chooser's token (the argmax except
+  where it would write a wrong verdict of an attribute check); sampling draws from the tokens the chooser does not
+  refuse, and records each drawn token's log-probability under the unrestricted distribution, as with top-p.
 
 Each response keeps its ids up to and including the first EOS (nothing after it); its text is
 decoded without the EOS. With `watch_ids`, each response also keeps, per generated token, the logits of
@@ -37,9 +38,12 @@ class SamplingParams(Protocol):
 
 
 class TokenChooser(Protocol):
-    """Greedy decoding's choice of each row's next token from its response so far and its (rows, vocabulary) logits."""
+    """Each row's next token, from its response so far and the step's (rows, vocabulary) logits: greedy decoding's choice,
+    or the tokens sampled decoding must not draw."""
 
     def choose(self, responses: Sequence[Sequence[int]], logits): ...
+
+    def refuse(self, responses: Sequence[Sequence[int]], logits) -> list[list[int]]: ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
     """One response per prompt id list, `batch_size` left-padded prompts at a time: greedy when
     `sampling` is None, else drawn with its temperature and top-p after `torch.manual_seed(seed)`;
     `watch_ids`: token ids whose logits are kept at every step (`Generations.watched`); `chooser`: picks greedy
-    decoding's tokens instead of the argmax.
+    decoding's tokens instead of the argmax, or the tokens sampled decoding must not draw.
 
     `synced`: the model is FSDP-sharded over processes that all call this with as many prompts; each keeps
     stepping until every one has finished, as a forward pass needs them all.
@@ -95,8 +99,6 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     if sampling is not None and seed is None:
         raise ValueError("generate: sampled decoding needs a seed")
-    if sampling is not None and chooser is not None:
-        raise ValueError("generate: a token chooser replaces greedy decoding's argmax; sampled decoding takes none")
     if sampling is not None:
         torch.manual_seed(seed)  # the draws come from the global generator
     was_training = model.training
@@ -146,12 +148,12 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
     watch = torch.tensor(list(watch_ids), dtype=torch.long, device=input_ids.device)
     ended = False  # every row of this process has ended (rows stay in the cache only while other processes go on)
     for step in range(max_new_tokens):
-        if chooser is not None:
-            tokens = chooser.choose([generated[row] for row in rows], logits[:, -1])
-        elif sampling is None:
-            tokens = logits[:, -1].argmax(-1)
+        responses = [generated[row] for row in rows] if chooser is not None else []
+        if sampling is None:
+            tokens = chooser.choose(responses, logits[:, -1]) if chooser is not None else logits[:, -1].argmax(-1)
         else:
-            tokens, logprobs = _draw(logits[:, -1].float(), sampling)
+            refused = chooser.refuse(responses, logits[:, -1]) if chooser is not None else None
+            tokens, logprobs = _draw(logits[:, -1].float(), sampling, refused)
         if not ended:
             for row, token in zip(rows, tokens.tolist()):
                 generated[row].append(token)
@@ -189,13 +191,18 @@ def _anyone_going(going: bool, synced: bool, device) -> bool:
     return bool(flag.item())
 
 
-def _draw(logits, sampling: SamplingParams):
+def _draw(logits, sampling: SamplingParams, refused: Sequence[Sequence[int]] | None = None):
     """(drawn token ids, their log_softmax(logits / T)) from the (rows, vocabulary) logits of one step: sampled from
-    the smallest set of tokens whose probability reaches top_p (at least the likeliest one)."""
+    the smallest set of tokens whose probability reaches top_p (at least the likeliest one), less each row's `refused`
+    tokens (the log-probability stays the unrestricted one)."""
     import torch
 
     logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)
     probabilities = logprobs.exp()
+    if refused and any(refused):
+        for row, tokens in enumerate(refused):
+            probabilities[row, list(tokens)] = 0.0
+        probabilities = probabilities / probabilities.sum(dim=-1, keepdim=True)  # top-p then reads the mass left
     if sampling.top_p < 1.0:
         ordered, order = probabilities.sort(dim=-1, descending=True)
         outside = ordered.cumsum(dim=-1) - ordered >= sampling.top_p  # the mass before a token already reaches top_p

@@ -97,18 +97,28 @@ def test_sampled_rows_that_end_leave_the_batch_and_their_logprobs_stop_with_them
 
 
 class Scripted:
-    """A chooser that writes token 10 + the response's length, whatever the model says."""
+    """A chooser that writes token 10 + the response's length, whatever the model says: greedy picks it, and sampling may
+    draw nothing else."""
 
     def choose(self, responses, logits):
         return torch.tensor([10 + len(ids) for ids in responses])
 
+    def refuse(self, responses, logits):
+        return [[token for token in range(logits.shape[-1]) if token != 10 + len(ids)] for ids in responses]
 
-def test_a_chooser_picks_each_greedy_token_and_sampling_takes_none(policy):
+
+def test_a_chooser_picks_each_greedy_token_and_what_sampling_may_draw(policy):
     model, tokenizer = policy
     out = generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, chooser=Scripted())
     assert out.response_ids == ((10, 11, 12, 13, 14),) * 3
-    with pytest.raises(ValueError, match="chooser"):
-        generate(model, tokenizer, PROMPTS, max_new_tokens=2, batch_size=2, sampling=Sampling(), seed=0, chooser=Scripted())
+    drawn = generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, sampling=Sampling(), seed=0, chooser=Scripted())
+    assert drawn.response_ids == ((10, 11, 12, 13, 14),) * 3
+    # the log-probability of a drawn token stays the unrestricted one, as a trainer recomputes it
+    prompt, ids = PROMPTS[0], list(drawn.response_ids[0])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].float()
+    expected = torch.log_softmax(logits / Sampling.temperature, dim=-1).gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1)
+    assert torch.allclose(torch.tensor(drawn.logprobs[0]), expected, atol=1e-4)
 
 
 def test_checked_verdicts_replace_a_wrong_verdict_with_the_likeliest_right_one(policy):
@@ -121,6 +131,7 @@ def test_checked_verdicts_replace_a_wrong_verdict_with_the_likeliest_right_one(p
     logits[:, yes], logits[:, no] = 5.0, 3.0  # the policy would say yes to all three
     assert chooser.choose(responses, logits).tolist() == [no, yes, yes] and (chooser.replaced, chooser.unresolved) == (1, 0)
     assert chooser.pick(responses[0], logits[0]) == (no, [yes])  # what the vLLM logits processor masks
+    assert chooser.refuse(responses, logits) == [[yes], [no], []]  # what a rollout may not draw
     logits[0] = float("-inf")
     logits[0, yes] = 5.0  # a grammar allows only the wrong verdict: it stays, counted
     assert chooser.pick(responses[0], logits[0]) == (yes, []) and chooser.unresolved == 1

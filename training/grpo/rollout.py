@@ -93,13 +93,14 @@ class RolloutBackend(Protocol):
 
 class HFBackend:
     """Sampled decoding on the policy being trained (`training.decoding.generate`):
-    the P * G rollouts in left-padded batches of `batch_size` sequences."""
+    the P * G rollouts in left-padded batches of `batch_size` sequences; with a `chooser`, none draws a token it refuses."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 256, synced: bool = False) -> None:
+    def __init__(self, model, tokenizer, batch_size: int = 256, synced: bool = False, chooser=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.synced = synced  # the model is FSDP-sharded: every process steps until all have finished (`decoding.generate`)
+        self.chooser = chooser  # checked decoding (`training.cot.CheckedVerdicts`), or None
 
     def sync(self, model) -> None:
         self.model = model
@@ -112,6 +113,6 @@ class HFBackend:
 
         expanded = [list(prompt) for prompt in prompts for _ in range(sampling.group_size)]
         drawn = generate(self.model, self.tokenizer, expanded, max_new_tokens=sampling.max_new_tokens, batch_size=self.batch_size,
-                         sampling=sampling, seed=seed, synced=self.synced)
+                         sampling=sampling, seed=seed, synced=self.synced, chooser=self.chooser)
         group = tuple(k for k in range(len(prompts)) for _ in range(sampling.group_size))
         return Rollouts(group=group, response_ids=drawn.response_ids, logprobs=drawn.logprobs, ended=drawn.ended, texts=drawn.texts)

@@ -114,6 +114,10 @@ class GRPOConfig:
     order: str | None = help_field("CoT order, one of the graph's orders (default: the start policy's policy.json).", None)
     prompt_tokens: int | None = help_field("Token budget of the prompt text (default: the start policy's policy.json).", None)
     backend: str = help_field("Rollout backend: hf (the policy itself, training.decoding) or vllm (needs the vllm extra).", "hf", choices=BACKENDS)
+    checked_verdicts: bool = help_field(
+        "Rollouts under checked decoding (backend hf; training.cot): no rollout writes a wrong yes/no in the attribute checks, so "
+        "the outcome reward reads the values the policy wrote, as scoring with checked_verdicts labels. Validation reads the "
+        "policy's own verdicts.", False)
     steps: int = help_field("RL steps (one rollout batch each).", 100)
     prompts_per_step: int = help_field("Prompts per rollout batch, over all processes (each of N processes under torchrun samples "
                                        "prompts_per_step / N).", 16)
@@ -190,6 +194,10 @@ class GRPOConfig:
         except ValueError as error:
             raise ConfigError(f"graph/order: {error}") from None
         check_choices(self)  # backend, parallel
+        if self.checked_verdicts and self.backend != "hf":
+            raise ConfigError(f"checked_verdicts: rollouts under checked decoding run on backend hf, not {self.backend!r}")
+        if self.checked_verdicts and ReasoningGraph.load(self.graph).checks_node is None:
+            raise ConfigError(f"checked_verdicts: graph {self.graph!r} declares no checks_node, so there are no verdicts to check")
         choices = {"estimator": sorted(ESTIMATORS), "aggregation": AGGREGATIONS, "scale": SCALES,
                    "controller_method": METHODS, "outcome_weighting": OUTCOME_WEIGHTINGS, "precision": ("fp32", "bf16")}
         for name, allowed in choices.items():
@@ -287,7 +295,10 @@ def make_backend(config: GRPOConfig, model, tokenizer, parallel: Parallel):
     from training.grpo.rollout import HFBackend
 
     if config.backend == "hf":
-        return HFBackend(model, tokenizer, synced=parallel.sharded)
+        from training.cot import CheckedVerdicts, checks_tag
+
+        chooser = CheckedVerdicts(tokenizer, checks_tag(ReasoningGraph.load(config.graph))) if config.checked_verdicts else None
+        return HFBackend(model, tokenizer, synced=parallel.sharded, chooser=chooser)
     if parallel.distributed:
         raise ConfigError("backend=vllm: one vLLM engine per training process is not supported; use backend=hf under torchrun")
     from training.grpo.vllm_backend import VLLMBackend
