@@ -212,7 +212,7 @@ def checks_tag(graph: ReasoningGraph) -> str:
 
 
 class CheckedVerdicts:
-    """The token choice of checked greedy decoding, for the line tagged `tag` (`checks_tag`): each step takes the likeliest
+    """The token choice of checked decoding, for the line tagged `tag` (`checks_tag`): each greedy step takes the likeliest
     token, unless it would write a verdict that `verdicts_follow_values` refuses; then the likeliest of the `candidates`
     likeliest tokens that does not. `training.decoding.generate` calls `choose` (greedy) or `refuse` (sampled: GRPO's
     rollouts draw from the tokens it does not refuse), the vLLM engine's logits processor (`training.vllm_checked_verdicts`)
