@@ -3,7 +3,7 @@ does in the transformers decoding loop.
 
 `training.vllm_engine.build_engine(checked_verdicts=True)` names `CheckedVerdictsProcessor` by its qualified name, so the
 engine core process imports it (this module imports vLLM, the rest of the project only where it builds an engine). A
-request opts in with `SamplingParams(extra_args={TAG_ARGUMENT: checks_tag(graph)})`; requests without it pass untouched.
+request opts in with `SamplingParams(extra_args={CHECKED_VERDICTS_ARGUMENT: checks_tag(graph)})`; requests without it pass untouched.
 At each step of an opted-in request, the processor sets to -inf the likelier tokens `CheckedVerdicts.pick` refuses (those
 that would write a wrong verdict), so greedy sampling takes the token the transformers loop takes. It runs after the
 structured-output grammar has masked the logits (vLLM applies the grammar bitmask before the sampler's processors), so
@@ -21,8 +21,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from training.cot import CheckedVerdicts
-
-TAG_ARGUMENT = "checked_verdicts_tag"  # SamplingParams.extra_args key: the checks line's tag
+from training.vllm_engine import CHECKED_VERDICTS_ARGUMENT
 
 
 class CheckedVerdictsProcessor(AdapterLogitsProcessor):
@@ -34,7 +33,7 @@ class CheckedVerdictsProcessor(AdapterLogitsProcessor):
         return False  # it changes which token greedy sampling takes
 
     def new_req_logits_processor(self, params: SamplingParams) -> Callable | None:
-        tag = (params.extra_args or {}).get(TAG_ARGUMENT)
+        tag = (params.extra_args or {}).get(CHECKED_VERDICTS_ARGUMENT)
         if tag is None:
             return None
         checked = CheckedVerdicts(self.tokenizer, tag)
