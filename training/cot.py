@@ -207,7 +207,8 @@ def may_change_a_verdict(piece: str) -> bool:
 def checks_tag(graph: ReasoningGraph) -> str:
     """The line tag of `graph`'s checks node (`ac: `), whose verdicts checked decoding computes."""
     if graph.checks_node is None:
-        raise ValueError(f"checked verdicts: graph {graph.name!r} declares no checks_node (a facets node of attribute checks)")
+        raise ValueError(f"checked_verdicts: graph {graph.name!r} declares no checks_node (relevance8's ac), so there are no verdicts "
+                         "to check")
     return f"{graph.checks_node}{SEPARATOR}"
 
 

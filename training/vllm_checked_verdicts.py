@@ -28,6 +28,7 @@ class CheckedVerdictsProcessor(AdapterLogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         super().__init__(vllm_config, device, is_pin_memory)
         self.tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer, trust_remote_code=False)
+        self.checked: dict[str, CheckedVerdicts] = {}  # per checks tag, shared by the requests (its per-token cache fills once)
 
     def is_argmax_invariant(self) -> bool:
         return False  # it changes which token greedy sampling takes
@@ -36,7 +37,7 @@ class CheckedVerdictsProcessor(AdapterLogitsProcessor):
         tag = (params.extra_args or {}).get(CHECKED_VERDICTS_ARGUMENT)
         if tag is None:
             return None
-        checked = CheckedVerdicts(self.tokenizer, tag)
+        checked = self.checked.setdefault(tag, CheckedVerdicts(self.tokenizer, tag))
 
         def refuse_wrong_verdicts(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
             _, refused = checked.pick(output_ids, logits)

@@ -37,7 +37,7 @@ import pyarrow as pa
 from schemas.config import help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.judge_prompt import POLICY_PROMPT, PRODUCT_FIELDS, JudgePrompt, ZeroShot
-from training.cot import COT_TOKEN_BUDGET
+from training.cot import COT_TOKEN_BUDGET, checks_tag
 from training.model_files import ModelFolderError, base_folder, weight_files
 from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import REASONING_MODES
@@ -72,8 +72,10 @@ def checked_verdicts_problem(backend: str, graph: str) -> str | None:
     """Why checked decoding cannot apply to a scorer of `backend` and `graph`, or None."""
     if backend == "student":
         return "checked_verdicts: the student backend writes no reasoning whose verdicts could be checked"
-    if ReasoningGraph.load(graph).checks_node is None:
-        return f"checked_verdicts: graph {graph!r} declares no checks_node (relevance8's ac), so there are no verdicts to check"
+    try:
+        checks_tag(ReasoningGraph.load(graph))
+    except ValueError as error:
+        return str(error)
     return None
 
 

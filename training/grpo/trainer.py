@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.logs import progress
-from training.cot import COT_TOKEN_BUDGET
+from training.cot import COT_TOKEN_BUDGET, CheckedVerdicts, checks_tag
 from training.distributed import (
     Parallel,
     all_gather,
@@ -196,8 +196,11 @@ class GRPOConfig:
         check_choices(self)  # backend, parallel
         if self.checked_verdicts and self.backend != "hf":
             raise ConfigError(f"checked_verdicts: rollouts under checked decoding run on backend hf, not {self.backend!r}")
-        if self.checked_verdicts and ReasoningGraph.load(self.graph).checks_node is None:
-            raise ConfigError(f"checked_verdicts: graph {self.graph!r} declares no checks_node, so there are no verdicts to check")
+        if self.checked_verdicts:
+            try:
+                checks_tag(ReasoningGraph.load(self.graph))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         choices = {"estimator": sorted(ESTIMATORS), "aggregation": AGGREGATIONS, "scale": SCALES,
                    "controller_method": METHODS, "outcome_weighting": OUTCOME_WEIGHTINGS, "precision": ("fp32", "bf16")}
         for name, allowed in choices.items():
@@ -295,8 +298,6 @@ def make_backend(config: GRPOConfig, model, tokenizer, parallel: Parallel):
     from training.grpo.rollout import HFBackend
 
     if config.backend == "hf":
-        from training.cot import CheckedVerdicts, checks_tag
-
         chooser = CheckedVerdicts(tokenizer, checks_tag(ReasoningGraph.load(config.graph))) if config.checked_verdicts else None
         return HFBackend(model, tokenizer, synced=parallel.sharded, chooser=chooser)
     if parallel.distributed:
