@@ -34,9 +34,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -360,6 +362,21 @@ class _Served(nn.Module):
         return self.student.predict(input_ids, attention_mask, token_type_ids)
 
 
+@contextlib.contextmanager
+def _no_collection_while_tracing() -> Iterator[None]:
+    """Collect first, then hold the cyclic collector off until the export ends: a finalizer it would run mid-trace (vLLM's
+    CPU matmul handle frees itself through `tensor.item()`) runs under the exporter's fake tensors and breaks the trace
+    with unbacked symbols."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def export_onnx(model: MultiHeadStudent, tokenizer, path: str | Path, max_length: int) -> Path:
     """Write the served student (`predict`: the node tables composed in) as ONNX with dynamic batch and length; inputs as
     the tokenizer names them, outputs the head names."""
@@ -369,10 +386,11 @@ def export_onnx(model: MultiHeadStudent, tokenizer, path: str | Path, max_length
     names = list(example)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=max_length)
     model.eval()
-    torch.onnx.export(
-        _Served(model), (), str(path), kwargs=example, input_names=names, output_names=model.head_names,
-        dynamic_shapes={name: {0: batch, 1: length} for name in names}, dynamo=True, external_data=False,
-    )
+    with _no_collection_while_tracing():
+        torch.onnx.export(
+            _Served(model), (), str(path), kwargs=example, input_names=names, output_names=model.head_names,
+            dynamic_shapes={name: {0: batch, 1: length} for name in names}, dynamo=True, external_data=False,
+        )
     return path
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import json
 import math
 
@@ -294,6 +295,43 @@ def test_onnx_outputs_equal_pytorch_and_serve_through_the_same_path(tiny_encoder
     assert (tmp_path / "student.int8.onnx").stat().st_size < path.stat().st_size
     rows = student_rows(int8, tokenizer, PAIRS, LABELS, "y", max_length=48, model_name="student", model_version="int8", ds=dt.date(2024, 1, 2))
     assert rows.schema == RELEVANCE.arrow_schema() and rows.num_rows == 3
+
+
+class _FinalizerThatReadsATensor:
+    """Like vLLM's CPU matmul handle, which frees itself through `tensor.item()` when collected: under the exporter's
+    fake tensors that read becomes an unbacked symbol the trace then refuses."""
+
+    def __init__(self, handle: torch.Tensor):
+        self.handle = handle
+        self.cycle = self  # only the cyclic collector frees it, at whatever allocation it next runs
+
+    def __del__(self):
+        self.handle.item()
+
+
+def test_an_export_is_not_broken_by_garbage_whose_finalizer_reads_a_tensor(tiny_encoder, tmp_path):
+    heads = head_vocabularies(GRAPH, LABELS, ("sofa",))
+    model, tokenizer = build_student(tiny_encoder, heads)
+
+    handle = torch.tensor(7)  # made here: a tensor made inside the collector's callback would be traced too
+
+    def leave_one_pending(phase, info):  # whenever the collector runs, it finds such garbage
+        if phase == "stop":
+            _FinalizerThatReadsATensor(handle)
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(200)  # collections throughout the trace, as late in a long process
+    gc.callbacks.append(leave_one_pending)
+    try:
+        path = export_onnx(model, tokenizer, tmp_path / "student.onnx", max_length=48)
+    finally:
+        gc.callbacks.remove(leave_one_pending)
+        gc.set_threshold(*thresholds)
+    batch = pad_batch(tokenize_pairs(tokenizer, PAIRS, 48), tokenizer.pad_token_id)
+    with torch.inference_mode():
+        expected = model.eval().predict(**batch)
+    for onnx_logits, torch_logits in zip(OnnxStudent(path, heads).predict(**batch), expected):
+        assert torch.allclose(onnx_logits, torch_logits, atol=1e-4)
 
 
 # ---------------------------------------------------------------- runs
