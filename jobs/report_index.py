@@ -78,12 +78,18 @@ def abtest_verdict(result: dict) -> str:
     return "; ".join(f"{pair}: {', '.join(effects)}" for pair, effects in by_variant.items())
 
 
-def training_verdict(summary: dict) -> str:
-    """Steps run and the validation split's label macro-F1 (and the majority baseline's, when reported)."""
+START_MACRO_F1 = "val/label_macro_f1"  # the key training.grpo.trainer.val_entries gives the label macro-F1
+
+
+def training_verdict(summary: dict, start_macro_f1: float | None = None) -> str:
+    """Steps run and the validation split's label macro-F1, from the run's start when it validated there (an RL run
+    from a policy: the change is what the run did), and the majority baseline's when reported."""
     parts = [f"{summary['steps']} steps"]
     validation = summary.get("val") or {}
     if "label_macro_f1" in validation:
-        parts.append(f"validation macro-F1 {validation['label_macro_f1']:.3f}")
+        end = validation["label_macro_f1"]
+        parts.append(f"validation macro-F1 {end:.3f}" if start_macro_f1 is None else
+                     f"validation macro-F1 {start_macro_f1:.3f} at its start -> {end:.3f} ({end - start_macro_f1:+.3f})")
     majority = summary.get("val_majority") or {}
     if "label_macro_f1" in majority:
         parts.append(f"majority-label baseline {majority['label_macro_f1']:.3f}")
@@ -195,7 +201,20 @@ def training_report(title: str, run_dir: Path) -> Report | None:
     if summary is None:
         return None
     extras = sorted(path for pattern in ("*.html", "*.png") for path in run_dir.glob(pattern))
-    return Report(title, training_verdict(summary), (*extras, run_dir / "summary.json", run_dir / "metrics.jsonl"))
+    return Report(title, training_verdict(summary, start_validation(run_dir / "metrics.jsonl")),
+                  (*extras, run_dir / "summary.json", run_dir / "metrics.jsonl"))
+
+
+def start_validation(metrics: Path) -> float | None:
+    """The label macro-F1 a run's metrics.jsonl records before its first step (Graph-GRPO validates its start policy),
+    or None."""
+    if not metrics.is_file():
+        return None
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("step") == 0 and START_MACRO_F1 in record:
+            return record[START_MACRO_F1]
+    return None
 
 
 def validation_report(folder: Path, validation_page: str) -> Report | None:

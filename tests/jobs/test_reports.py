@@ -33,6 +33,7 @@ from jobs.report_index import (
     datasets_verdict,
     evaluation_verdict,
     expectations_verdict,
+    training_report,
     training_verdict,
     validation_verdict,
     write_index,
@@ -232,6 +233,8 @@ def test_verdict_lines_of_constructed_reports():
     assert training_verdict({"steps": 20, "val": {"label_macro_f1": 0.6269}, "val_majority": {"label_macro_f1": 0.19}}) == (
         "20 steps, validation macro-F1 0.627, majority-label baseline 0.190")
     assert training_verdict({"steps": 3}) == "3 steps"
+    assert training_verdict({"steps": 10, "val": {"label_macro_f1": 0.574}}, start_macro_f1=0.607) == (
+        "10 steps, validation macro-F1 0.607 at its start -> 0.574 (-0.033)")
     examples = {"test": {"head": {"Exact": 1, "Partial": 2}}, "train": {"head": {"Exact": 5}, "tail": {"Irrelevant": 4}}}
     weak = {"train": {"head": {"weak:engaged": {"Exact": 2}}}}
     assert datasets_verdict({"written": 14, "examples": examples, "weak_examples": weak}) == "14 examples written: train 11, test 3"
@@ -270,6 +273,18 @@ def _pages(index: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+def test_an_rl_run_verdict_reads_its_start_validation_from_its_metrics(tmp_path):
+    rl, sft = tmp_path / "grpo", tmp_path / "sft"
+    for run_dir, records in ((rl, [{"event": "start", "step": 0}, {"step": 0, "val/label_macro_f1": 0.607}, {"step": 1, "reward/outcome": 0.5},
+                                   {"step": 10, "val/label_macro_f1": 0.574}]),
+                             (sft, [{"event": "start", "step": 0}, {"step": 1, "train/loss": 2.0}])):
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"steps": 10, "val": {"label_macro_f1": 0.574}}))
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert training_report("Graph-GRPO", rl).verdict == "10 steps, validation macro-F1 0.607 at its start -> 0.574 (-0.033)"
+    assert training_report("SFT", sft).verdict == "10 steps, validation macro-F1 0.574"
+
+
 def test_every_page_renders_in_a_browser_with_its_images_and_no_nan(demo_out, tmp_path):
     browser = _browser()
     if browser is None:
