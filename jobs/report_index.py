@@ -17,6 +17,7 @@ from pathlib import Path
 
 from jobs.pages import MISSING, Html, link, page, table
 from schemas.provenance import Provenance
+from training.run_folder import METRICS_FILE, start_validation
 
 INDEX_PAGE = "index.html"
 SPLITS = ("train", "validation", "test")
@@ -76,9 +77,6 @@ def abtest_verdict(result: dict) -> str:
     for row in primary:
         by_variant.setdefault(f"{row['variant']} vs {row['control_variant']}", []).append(_effect(row))
     return "; ".join(f"{pair}: {', '.join(effects)}" for pair, effects in by_variant.items())
-
-
-START_MACRO_F1 = "val/label_macro_f1"  # the key training.grpo.trainer.val_entries gives the label macro-F1
 
 
 def training_verdict(summary: dict, start_macro_f1: float | None = None) -> str:
@@ -201,20 +199,8 @@ def training_report(title: str, run_dir: Path) -> Report | None:
     if summary is None:
         return None
     extras = sorted(path for pattern in ("*.html", "*.png") for path in run_dir.glob(pattern))
-    return Report(title, training_verdict(summary, start_validation(run_dir / "metrics.jsonl")),
-                  (*extras, run_dir / "summary.json", run_dir / "metrics.jsonl"))
-
-
-def start_validation(metrics: Path) -> float | None:
-    """The label macro-F1 a run's metrics.jsonl records before its first step (Graph-GRPO validates its start policy),
-    or None."""
-    if not metrics.is_file():
-        return None
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("step") == 0 and START_MACRO_F1 in record:
-            return record[START_MACRO_F1]
-    return None
+    start = start_validation(run_dir / METRICS_FILE) or {}
+    return Report(title, training_verdict(summary, start.get("label_macro_f1")), (*extras, run_dir / "summary.json", run_dir / METRICS_FILE))
 
 
 def validation_report(folder: Path, validation_page: str) -> Report | None:

@@ -263,8 +263,9 @@ def attribute_checks(wanted: Mapping[str, str], offered: Mapping[str, str]) -> s
 
 def check_verdict(values: str) -> str:
     """The verdict `attribute_checks` writes after a check's `wanted/offered`: yes when they are the same, that is when
-    the text is one value on both sides of its middle slash (so a value holding a slash is still read right), other
-    than `NO_VALUE` (a product without the key satisfies nothing) and not empty."""
+    the text is one value on both sides of its middle slash (so `1/2` against `1/2` is read right), other than `NO_VALUE`
+    (a product without the key satisfies nothing) and not empty. The one misreading: a text that is also one value
+    twice, as `/-/` against no value writes `/-//-`, reads yes; `wanted/offered` cannot tell the two apart."""
     middle = len(values) // 2
     same = len(values) % 2 and values[middle] == "/" and values[:middle] == values[middle + 1 :] not in ("", NO_VALUE)
     return "yes" if same else "no"

@@ -77,7 +77,7 @@ from training.distributed import (
 from training.examples import IGNORE, load_pairs
 from training.loop import autocast, learning_rate, micro_batch_indices, resolve_device, resume_state, validation_subsample
 from training.policy_format import PolicyFormat, resolve_format
-from training.run_folder import RunFolder
+from training.run_folder import RunFolder, val_entries
 
 log = logging.getLogger(__name__)
 TEACHER_CACHE = "teacher.parquet"
@@ -437,7 +437,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     started = time.perf_counter()
     final = head_metrics(validation_probabilities(model, tokenizer, val, config, parallel), val, heads, graph.label_node)
     eval_seconds = time.perf_counter() - started
-    folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
+    folder.append({"step": config.max_steps, **val_entries(final)})
     summary = {"steps": config.max_steps, "resumed_from": start_step, "teacher_seconds": teacher_seconds, "train_seconds": train_seconds,
                "eval_seconds": eval_seconds, "train_pairs": len(train), "drawn_pairs": len(drawn), "heads": list(heads), "val": final}
     saved = unsharded_model(model, parallel, lambda: fresh_student()[0])

@@ -19,6 +19,26 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def val_entries(metrics: dict[str, float]) -> dict[str, float]:
+    """Validation metrics as metrics.jsonl entries `val/<metric>`."""
+    return {f"val/{key}": value for key, value in metrics.items()}
+
+
+def start_validation(metrics_file: Path) -> dict[str, float] | None:
+    """The validation metrics a run recorded before its first step (Graph-GRPO validates the policy it starts from), or
+    None; reads the log only up to that record."""
+    if not metrics_file.is_file():
+        return None
+    with metrics_file.open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record.get("step") == 0 and any(key.startswith("val/") for key in record):
+                return {key.removeprefix("val/"): value for key, value in record.items() if key.startswith("val/")}
+    return None
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded safely: not tensors and plain data, or not a torch file at all."""
@@ -29,7 +49,7 @@ class RunFolder:
         self.out = Path(out)
         self.writer = writer
         self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = self.out / "metrics.jsonl"
+        self.metrics = self.out / METRICS_FILE
 
     def latest_checkpoint(self) -> Path | None:
         found = sorted((self.out / "checkpoints").glob("step-*/state.pt"))

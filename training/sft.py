@@ -81,7 +81,7 @@ from training.loop import (
 )
 from training.model import save_policy
 from training.policy_format import PolicyFormat
-from training.run_folder import RunFolder
+from training.run_folder import RunFolder, val_entries
 from training.validation import evaluate, majority_baseline
 
 SFT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -379,7 +379,7 @@ def train_and_save(config: SFTConfig, parallel: Parallel, autocast_dtype) -> dic
             [pair["gold"][graph.label_node] for pair in train], [e.gold[graph.label_node] for e in val], labels
         ),
     }
-    folder.append({"step": config.max_steps, **{f"val/{k}": v for k, v in final.items()}})
+    folder.append({"step": config.max_steps, **val_entries(final)})
     saved = unsharded_model(model, parallel, lambda: policy_to_train(config)[0])
     if saved is not None:
         save_policy(saved, tokenizer, config.out / "model",
@@ -424,7 +424,7 @@ def train_steps(config: SFTConfig, training: Optimisation, tokenizer, train: Seq
         if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
             metrics = evaluate(training.model, tokenizer, val, graph, config.order, labels, config.max_new_tokens, config.eval_batch_size,
                                parallel)
-            record.update({f"val/{k}": v for k, v in metrics.items()})
+            record.update(val_entries(metrics))
         folder.append(record)
         if board is not None:
             for key, value in record.items():

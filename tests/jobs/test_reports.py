@@ -272,7 +272,6 @@ def _pages(index: Path) -> list[Path]:
     return pages
 
 
-@pytest.mark.slow
 def test_an_rl_run_verdict_reads_its_start_validation_from_its_metrics(tmp_path):
     rl, sft = tmp_path / "grpo", tmp_path / "sft"
     for run_dir, records in ((rl, [{"event": "start", "step": 0}, {"step": 0, "val/label_macro_f1": 0.607}, {"step": 1, "reward/outcome": 0.5},
@@ -285,6 +284,7 @@ def test_an_rl_run_verdict_reads_its_start_validation_from_its_metrics(tmp_path)
     assert training_report("SFT", sft).verdict == "10 steps, validation macro-F1 0.574"
 
 
+@pytest.mark.slow
 def test_every_page_renders_in_a_browser_with_its_images_and_no_nan(demo_out, tmp_path):
     browser = _browser()
     if browser is None:

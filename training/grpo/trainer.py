@@ -83,7 +83,7 @@ from training.loop import (
 )
 from training.model import save_policy
 from training.policy_format import PolicyFormat, resolve_format
-from training.run_folder import RunFolder
+from training.run_folder import RunFolder, val_entries
 from training.validation import evaluate
 
 log = logging.getLogger(__name__)
@@ -403,11 +403,6 @@ def validation(state: TrainingState) -> dict[str, float]:
     config = state.config
     return evaluate(state.model, state.tokenizer, state.val, state.graph, config.order, state.labels, config.max_new_tokens,
                     config.eval_batch_size, state.parallel)
-
-
-def val_entries(metrics: dict[str, float]) -> dict[str, float]:
-    """Validation metrics as metrics.jsonl entries `val/<metric>`."""
-    return {f"val/{key}": value for key, value in metrics.items()}
 
 
 def rollout_batch(state: TrainingState, step: int, draw: int = 0) -> tuple[list[Example], Rollouts]:
