@@ -310,7 +310,8 @@ def main() -> None:
                         help="reuse a run of the same config that finished in --work (a stopped benchmark continues where it was)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--checked-verdicts", action="store_true",
-                        help="label the test pairs with checked decoding (each attribute check's yes/no computed from its two values)")
+                        help="label the test pairs with checked decoding (each attribute check's yes/no computed from its two values, "
+                             "the subject match's match from the two subjects)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)

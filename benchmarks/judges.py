@@ -33,7 +33,7 @@ from jobs.world.ladder import LadderConfig  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "judges.json"
 DEMO_SOURCES = {"sft_policy": "models/sft_policy", "graph_grpo_policy": "models/graph_grpo_policy",
                 "distilled_student": "models/distilled_student", "multi_judge_majority": "multi_judge/relevance",
-                "graph_grpo_policy_nightly": "nightly/scores"}
+                "nightly_scores": "nightly/scores"}
 
 
 def main() -> None:

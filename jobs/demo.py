@@ -30,6 +30,7 @@ from jobs.report_index import (
     write_index,
 )
 from schemas.config import help_field
+from training.run_folder import METRICS_FILE, start_validation
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ EMBEDDED_WANDS = Path(__file__).parent / "ingest" / "samples" / "wands"
 # a wider batch keeps more rows going per step (1.45x the throughput of 64 here; the commands keep 64, which suits a
 # large model's memory).
 SCORING_BATCH = 256
+NIGHTLY_SOURCE = "nightly_scores"  # the judge report's name for the nightly stage's scores (their rows name the policy)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,10 @@ class DemoConfig:
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
     nightly_backend: str = help_field("Backend of the nightly scoring stage: hf, or vllm where it is installed.", "hf")
     checked_verdicts: bool = help_field(
-        "Checked decoding (training.cot) for the nightly scores and a third test labeller, graph_grpo_policy_checked: each attribute "
-        "check's yes/no computed from the two values the policy wrote. Sound here, where the world's attribute values are canonical.",
+        "Checked decoding (training.cot) for the nightly scores and a third test labeller, the nightly policy's (`nightly_policy`) "
+        "under it, graph_grpo_policy_checked or sft_policy_checked: each attribute check's yes/no computed from the two values the "
+        "policy wrote, and the subject match's match written exactly when the two subjects it wrote are the same. Sound here, "
+        "where the world's values are canonical.",
         True)
 
 
@@ -158,25 +162,43 @@ def sft_layout() -> dict[str, int]:
 
 
 def _train_grpo(config: DemoConfig, out: Path) -> dict[str, str]:
-    """A short Graph-GRPO run from the SFT policy (controller on, transformers rollouts)."""
+    """A short Graph-GRPO run from the SFT policy (controller on, transformers rollouts), its rollouts and validation
+    decoded as the nightly stage decodes (checked, with `checked_verdicts`): what the outcome reward and the release gate
+    (`nightly_policy`) read is what would be published."""
     from training.grpo.trainer import GRPOConfig, run
 
     run_dir = out / "grpo"
     run(GRPOConfig(data=out / "datasets", model=out / "sft" / "model", out=run_dir, estimator="graph_grpo", steps=config.grpo_steps,
-                   prompts_per_step=config.grpo_prompts, val_items=config.val_items, checkpoint_every=0))
+                   prompts_per_step=config.grpo_prompts, val_items=config.val_items, checkpoint_every=0,
+                   checked_verdicts=config.checked_verdicts))
     return {"Graph-GRPO policy": str(run_dir / "model"), "Graph-GRPO metrics": str(run_dir / "metrics.jsonl"),
             "Graph-GRPO summary": str(run_dir / "summary.json")}
 
 
 POLICIES = {"sft_policy": Path("sft") / "model", "graph_grpo_policy": Path("grpo") / "model"}
-CHECKED_LABELLER = "graph_grpo_policy_checked"  # the Graph-GRPO policy under checked decoding
 
 
-def policy_labellers(config: DemoConfig) -> dict[str, tuple[Path, bool]]:
-    """The test split's policy labellers: name -> (policy folder, checked decoding)."""
+def nightly_policy(out: Path) -> str:
+    """The policy the nightly stage scores with (a name of POLICIES): the Graph-GRPO policy unless its run lowered the
+    validation macro-F1 it started from, then the SFT policy it started from. A release gate: an RL run that validation
+    says made the labels worse is reported, not published (a short run from a weak start can: quality.md)."""
+    run_dir = out / "grpo"
+    start = start_validation(run_dir / METRICS_FILE)
+    end = json.loads((run_dir / "summary.json").read_text()).get("val", {})
+    if start is None or "label_macro_f1" not in end or end["label_macro_f1"] >= start["label_macro_f1"]:
+        return "graph_grpo_policy"
+    log.warning("the Graph-GRPO run lowered validation macro-F1 from %.3f to %.3f: the nightly stage scores with the SFT policy "
+                "it started from", start["label_macro_f1"], end["label_macro_f1"])
+    return "sft_policy"
+
+
+def policy_labellers(config: DemoConfig, out: Path) -> dict[str, tuple[Path, bool]]:
+    """The test split's policy labellers: name -> (policy folder, checked decoding); with checked decoding, the nightly
+    policy under it as `<name>_checked`."""
     labellers = {name: (folder, False) for name, folder in POLICIES.items()}
     if config.checked_verdicts:
-        labellers[CHECKED_LABELLER] = (POLICIES["graph_grpo_policy"], True)
+        chosen = nightly_policy(out)
+        labellers[f"{chosen}_checked"] = (POLICIES[chosen], True)
     return labellers
 
 
@@ -188,7 +210,7 @@ def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
     from training.predict import score_split
 
     outputs = {}
-    for name, (folder, checked) in policy_labellers(config).items():
+    for name, (folder, checked) in policy_labellers(config, out).items():
         policy = resolve_format(out / folder)
         rows = score_split(
             out / folder, out / "datasets", "test", label_set=policy.label_set, graph=policy.graph,
@@ -225,9 +247,9 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
 
 
 def _nightly(config: DemoConfig, out: Path) -> dict[str, str]:
-    """Two nights of the production job on the world's last two days of logs: prepare, score the
-    candidate pairs with the Graph-GRPO policy (the second night reuses what the first scored),
-    validate, publish, churn report. The rows are named after the policy, not its folder (`model`)."""
+    """Two nights of the production job on the world's last two days of logs: prepare, score the candidate pairs with the
+    nightly policy (`nightly_policy`; the second night reuses what the first scored), validate, publish, churn report. The
+    rows are named after the policy, not its folder (`model`)."""
     from jobs.nightly import NightlyConfig, ScoreSettings, night_folder, run
     from jobs.publishing.churn import CHURN_PAGE
     from schemas.storage import partitions
@@ -235,13 +257,15 @@ def _nightly(config: DemoConfig, out: Path) -> dict[str, str]:
 
     root = out / "nightly"
     days = partitions(SEARCH_IMPRESSIONS, out / "world")[-2:]
+    policy = nightly_policy(out)
     for day in days:
         run(NightlyConfig(date=day.isoformat(), data=str(out / "world"), out=str(root), backend=config.nightly_backend,
-                          model=str(out / "grpo" / "model"), reasoning="sample",
-                          score=ScoreSettings(model_name="graph_grpo_policy", batch_size=SCORING_BATCH, checked_verdicts=config.checked_verdicts)))
+                          model=str(out / POLICIES[policy]), reasoning="sample",
+                          score=ScoreSettings(model_name=policy, batch_size=SCORING_BATCH, checked_verdicts=config.checked_verdicts)))
     published = root / "published" / "relevance" / f"ds={days[-1].isoformat()}"
-    return {"relevance table (scores)": str(root / "scores" / "relevance"), "published partition": str(published),
-            "churn report": str(published / CHURN_PAGE), "nightly reports": str(night_folder(root, days[-1].isoformat()) / INDEX_PAGE)}
+    return {"nightly policy": str(out / POLICIES[policy]), "relevance table (scores)": str(root / "scores" / "relevance"),
+            "published partition": str(published), "churn report": str(published / CHURN_PAGE),
+            "nightly reports": str(night_folder(root, days[-1].isoformat()) / INDEX_PAGE)}
 
 
 def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
@@ -275,7 +299,7 @@ def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     report = out / "evaluation"
     run(
         EvaluateConfig(
-            predictions={"synthetic_rater": str(models / "synthetic_rater"), **{name: str(models / name) for name in policy_labellers(config)},
+            predictions={"synthetic_rater": str(models / "synthetic_rater"), **{name: str(models / name) for name in policy_labellers(config, out)},
                          "distilled_student": str(models / "distilled_student")},
             gold_source="nodes",
             gold_nodes=str(gold),
@@ -304,7 +328,7 @@ EXPERIMENT_SERIES = (0.8, 0.6, 0.45, 0.3, 0.1)
 def _judge_labels(config: DemoConfig, out: Path) -> dict[str, str]:
     """Can a search team trust these labels? More A/B experiments on the same world (other treatment strengths), then
     kappa with the human labels, the ranker ladder and offline vs online effects under every labeller: the human rater,
-    gold, each trained policy and the student on the test pairs, and the nightly Graph-GRPO scores of logged pairs."""
+    gold, each trained policy and the student on the test pairs, and the nightly policy's scores of logged pairs."""
     from evaluation.judges import CombineConfig
     from evaluation.judges import run as combine_judges
     from jobs.judge_report import JUDGE_PAGE, JudgeReportConfig, run
@@ -316,14 +340,16 @@ def _judge_labels(config: DemoConfig, out: Path) -> dict[str, str]:
     manifest = json.loads((world / "world.json").read_text())
     world_config = WorldConfig.preset(config.preset, **manifest["config"])
     write_experiment_series(generate_experiment_series(world_config, EXPERIMENT_SERIES), world / SERIES_FOLDER)
-    tables = {name: out / "models" / name for name in (*policy_labellers(config), "distilled_student")}
+    labellers = policy_labellers(config, out)
+    tables = {name: out / "models" / name for name in (*labellers, "distilled_student")}
     # the three models labelling the test pairs as one judge (majority vote, ties to the lower gain), judged beside them
     judges = out / "multi_judge"
-    combine_judges(CombineConfig(tables={name: str(path) for name, path in tables.items() if name != CHECKED_LABELLER}, method="majority",
+    plain = {name: str(path) for name, path in tables.items() if not labellers.get(name, (None, False))[1]}
+    combine_judges(CombineConfig(tables=plain, method="majority",
                                  label_set=manifest["label_set"], gold_nodes=str(out / "evaluation_gold"),
                                  model_name="multi_judge", n_bootstrap=200, out=str(judges)))
     tables["multi_judge_majority"] = judges / "relevance"
-    tables["graph_grpo_policy_nightly"] = out / "nightly" / "scores"
+    tables[NIGHTLY_SOURCE] = out / "nightly" / "scores"
     report = out / "judge_report"
     run(JudgeReportConfig(world=str(world), sources={name: str(path) for name, path in tables.items() if path.is_dir()}, out=str(report)))
     return {"experiment series": str(world / SERIES_FOLDER), "multi-judge agreement": str(judges / "report.html"),
@@ -356,6 +382,13 @@ def _night_rows(root: Path, night: Path) -> list[Report]:
     return [replace(reports[0], files=(night / INDEX_PAGE, *reports[0].files)), *reports[1:]] if reports else []
 
 
+def _gated(report: Report | None, out: Path) -> Report | None:
+    """The Graph-GRPO run's report, saying so where the nightly stage did not publish its policy (`nightly_policy`)."""
+    if report is None or nightly_policy(out) == "graph_grpo_policy":
+        return report
+    return replace(report, verdict=f"{report.verdict}; not published: the nightly stage scores with the SFT policy")
+
+
 def demo_reports(out: Path, results: list[StageResult]) -> list[Report]:
     """Every report the stages wrote under `out`, in stage order, then the demo's own summary."""
     from jobs.nightly import REPORTS_FOLDER
@@ -372,7 +405,7 @@ def demo_reports(out: Path, results: list[StageResult]) -> list[Report]:
     reports = [
         validation_report(out / "validation", VALIDATION_PAGE), *prepared, *datasets,
         training_report("Masked SFT of the tiny policy", out / "sft"),
-        training_report("Graph-GRPO from the SFT policy", out / "grpo"),
+        _gated(training_report("Graph-GRPO from the SFT policy", out / "grpo"), out),
         training_report("Distillation into the MiniLM student", out / "distill"),
         evaluation_report(out / "evaluation"), *nights, abtest_report(out / "abtest"), judge_report(out / "judge_report"), summary,
     ]

@@ -53,6 +53,9 @@ class Node:
     kind: str
     description: str = ""
     values: tuple[str, ...] = ()
+    # a choice node's value written exactly when its parents' values are the same text (relevance8's ms: match, the
+    # product's subject being the query's): a rule checked decoding applies (training.cot.CheckedRules)
+    equal_parents: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ class ReasoningGraph:
         graph.add_nodes_from(names)
         if not nx.is_directed_acyclic_graph(graph):
             raise ValueError(f"{where}: edges contain a cycle {nx.find_cycle(graph)}")
+        for node in self.nodes:
+            if node.equal_parents is not None and (node.kind != "choice" or node.equal_parents not in node.values
+                                                   or graph.in_degree(node.name) < 2):
+                raise ValueError(f"{where}: node {node.name!r}: equal_parents {node.equal_parents!r} must be one of the values of a "
+                                 "choice node with two parents or more")
         if self.checks_node is not None and (self.checks_node not in names or self.node(self.checks_node).kind != "facets"):
             raise ValueError(f"{where}: checks_node {self.checks_node!r} must name a facets node")
         if graph.out_degree(self.label_node) != 0:
@@ -106,6 +114,7 @@ class ReasoningGraph:
                 kind=_require(item, "kind", where),
                 description=item.get("description", ""),
                 values=tuple(item.get("values", ())),
+                equal_parents=item.get("equal_parents"),
             )
             for item in _require(raw, "nodes", where)
         )

@@ -150,3 +150,16 @@ def vllm_checks_policy(tiny_world, tmp_path_factory) -> Path:
     run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance8", order="product_first", batch_size=8, max_steps=250, warmup_steps=10,
                   lr=1e-2, val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"
+
+
+def unruled_graph(folder: Path) -> Path:
+    """relevance7 without its subject rule (`equal_parents`), as a YAML file in `folder`: a graph in whose CoT checked
+    decoding has nothing to compute."""
+    from schemas.graph import resolve_yaml
+
+    rule = "    equal_parents: match"
+    text = resolve_yaml("relevance7", "graphs", "graph").read_text()
+    assert rule in text
+    path = folder / "relevance7_unruled.yaml"
+    path.write_text("\n".join(line for line in text.splitlines() if not line.startswith(rule)) + "\n")
+    return path

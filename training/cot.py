@@ -19,12 +19,15 @@ are missing and what was wrong. Two modes:
 overlaps a node's line (tag, colon and value) belongs to that node; the newline separators and
 tokens with empty offsets (special tokens such as EOS) belong to none.
 
-`verdicts_follow_values` / `CheckedVerdicts`: checked decoding, where the yes/no of each attribute check
-(the graph's `checks_node`) is not the policy's guess but the comparison of the two values it wrote before
-it (`schemas.graph.check_verdict`). A small policy copies both values right and then gets the verdict wrong
-in about 40% of its wrong checks (benchmarks/results/verdict_errors.md). The comparison is exact string
-equality, sound where attribute values are canonical (the synthetic world's, or a catalog normalised
-upstream); where `grey` must equal `gray` it says no, so it is an option and not the default.
+`CheckedRules` / `CheckedVerdicts`: checked decoding, where what the graph says follows from values already written
+is computed, not guessed: the yes/no of each attribute check (the graph's `checks_node`) is the comparison of the two
+values it wrote before it (`verdicts_follow_values`, `schemas.graph.check_verdict`), and a choice node with
+`equal_parents` (relevance8's `ms`) takes that value exactly when its parents' values are the same text
+(`decision_follows_parents`). A small policy copies both values right and then gets the verdict wrong in about 40% of
+its wrong checks (benchmarks/results/verdict_errors.md), and writes `ms: match` under two different subjects it wrote
+itself (benchmarks/results/quality.md, session 23). The comparisons are exact string equality, sound where values are
+canonical (the synthetic world's, or a catalog normalised upstream); where `grey` must equal `gray` they say no, so
+checked decoding is an option and not the default.
 
 `cot_regex` is the format as a regular expression (Python `re` and xgrammar syntax alike), for
 constrained decoding: every text `render_cot` writes for valid values matches it (text values, facet
@@ -35,6 +38,8 @@ repeat (`color=red; color=blue`) matches but does not parse.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -198,51 +203,128 @@ def verdicts_follow_values(line: str, tag: str) -> bool:
     return True
 
 
-def may_change_a_verdict(piece: str) -> bool:
-    """Whether appending `piece` to a line that `verdicts_follow_values` accepts can make it refused: only a piece that
-    holds a colon, or starts by going on with a verdict or ending a check (y, e, s, n, o, `;`, newline), can."""
-    return ":" in piece or piece[:1] in tuple("yesno;\n")
+def may_change_a_verdict(piece: str, words: Sequence[str] = ()) -> bool:
+    """Whether appending `piece` to a line that `CheckedRules.follows` accepts can make it refused: only a piece that
+    holds a colon, or starts by going on with a verdict or ending a line (y, e, s, n, o, `;`, newline), or is part of
+    one of `words` (the values of a rule's decision node), can."""
+    core = piece.strip()
+    return ":" in piece or piece[:1] in tuple("yesno;\n") or (bool(core) and any(core in word for word in words))
 
 
-def checks_tag(graph: ReasoningGraph) -> str:
-    """The line tag of `graph`'s checks node (`ac: `), whose verdicts checked decoding computes."""
-    if graph.checks_node is None:
-        raise ValueError(f"checked_verdicts: graph {graph.name!r} declares no checks_node (relevance8's ac), so there are no verdicts "
-                         "to check")
-    return f"{graph.checks_node}{SEPARATOR}"
+@dataclass(frozen=True)
+class EqualParents:
+    """A choice node's line (`tag`) takes `equal` exactly when the lines of its parents (`parent_tags`) hold the same
+    text, and one of `others` otherwise (`ReasoningGraph` node `equal_parents`)."""
+
+    tag: str
+    parent_tags: tuple[str, ...]
+    equal: str
+    others: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckedRules:
+    """What checked decoding computes in a graph's CoT: the verdicts of the line tagged `checks` (None: no checks
+    node) and the decisions of `equal_parents`. `to_json` / `from_json` carry it to a vLLM engine's logits processor."""
+
+    checks: str | None
+    equal_parents: tuple[EqualParents, ...] = ()
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return tuple(word for rule in self.equal_parents for word in (rule.equal, *rule.others))
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(tag for tag in (self.checks, *(rule.tag for rule in self.equal_parents)) if tag is not None)
+
+    def follows(self, text: str, line_start: int) -> bool:
+        """Whether the response `text`'s line beginning at `line_start` (whole or cut anywhere) breaks no rule."""
+        line = text[line_start:]
+        if self.checks is not None and line.startswith(self.checks):
+            return verdicts_follow_values(line, self.checks)
+        for rule in self.equal_parents:
+            if line.startswith(rule.tag):
+                return decision_follows_parents(text[:line_start], line, rule)
+        return True
+
+    def text_follows(self, text: str) -> bool:
+        """Whether every line of the response `text` breaks no rule."""
+        return all(self.follows(text, start) for start in (0, *(i + 1 for i, char in enumerate(text) if char == "\n")))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> CheckedRules:
+        raw = json.loads(text)
+        return cls(checks=raw["checks"], equal_parents=tuple(
+            EqualParents(rule["tag"], tuple(rule["parent_tags"]), rule["equal"], tuple(rule["others"])) for rule in raw["equal_parents"]))
+
+
+def decision_follows_parents(before: str, line: str, rule: EqualParents) -> bool:
+    """Whether the decision `line` (`ms: ...`, whole or cut, possibly followed by a newline and more) writes, or is on its
+    way to, `rule.equal` exactly when the parent lines found in `before` (the response above it) hold the same text.
+    Without every parent line above it (an order that decides first) nothing is judged (True)."""
+    parents = {}
+    for written in before.split("\n"):
+        for tag in rule.parent_tags:
+            if written.startswith(tag) and tag not in parents:
+                parents[tag] = written[len(tag):]
+    if len(parents) < len(rule.parent_tags):
+        return True
+    allowed = (rule.equal,) if len(set(parents.values())) == 1 else rule.others
+    value, newline, _ = line[len(rule.tag):].partition("\n")
+    return value in allowed if newline else any(word.startswith(value) for word in allowed)
+
+
+def checked_rules(graph: ReasoningGraph) -> CheckedRules:
+    """The rules checked decoding applies in `graph`'s CoT; a ValueError when it has none (no `checks_node` and no node
+    with `equal_parents`)."""
+    digraph = graph.digraph()
+    equal = tuple(
+        EqualParents(f"{node.name}{SEPARATOR}", tuple(f"{parent}{SEPARATOR}" for parent in sorted(digraph.predecessors(node.name))),
+                     node.equal_parents, tuple(value for value in node.values if value != node.equal_parents))
+        for node in graph.nodes if node.equal_parents is not None)
+    if graph.checks_node is None and not equal:
+        raise ValueError(f"checked_verdicts: graph {graph.name!r} declares no checks_node (relevance8's ac) and no node with "
+                         "equal_parents (relevance8's ms), so there is nothing to check")
+    return CheckedRules(checks=f"{graph.checks_node}{SEPARATOR}" if graph.checks_node is not None else None, equal_parents=equal)
 
 
 class CheckedVerdicts:
-    """The token choice of checked decoding, for the line tagged `tag` (`checks_tag`): each greedy step takes the likeliest
-    token, unless it would write a verdict that `verdicts_follow_values` refuses; then the likeliest of the `candidates`
-    likeliest tokens that does not. `training.decoding.generate` calls `choose` (greedy) or `refuse` (sampled: GRPO's
-    rollouts draw from the tokens it does not refuse), the vLLM engine's logits processor (`training.vllm_checked_verdicts`)
-    `pick`. `replaced` counts the steps where a token was refused, `unresolved` the greedy steps where no candidate would
-    do (the likeliest stays)."""
+    """The token choice of checked decoding under `rules` (`checked_rules`): each greedy step takes the likeliest token,
+    unless it would break a rule (a wrong verdict, or a decision its parents contradict); then the likeliest of the
+    `candidates` likeliest tokens that does not. `training.decoding.generate` calls `choose` (greedy) or `refuse`
+    (sampled: GRPO's rollouts draw from the tokens it does not refuse), the vLLM engine's logits processor
+    (`training.vllm_checked_verdicts`) `pick`. `replaced` counts the steps where a token was refused, `unresolved` the
+    greedy steps where no candidate would do (the likeliest stays)."""
 
-    def __init__(self, tokenizer, tag: str, candidates: int = 16) -> None:
+    def __init__(self, tokenizer, rules: CheckedRules, candidates: int = 16) -> None:
         self.tokenizer = tokenizer
-        self.tag = tag
+        self.rules = rules
         self.candidates = candidates
         self.replaced = self.unresolved = 0
-        self._may_write_a_verdict: dict[int, bool] = {}
+        self._may_break_a_rule: dict[int, bool] = {}
 
     def may_write_a_verdict(self, token: int) -> bool:
         """`may_change_a_verdict` of the token's text alone (a tokenizer may drop a leading space there, which only widens
         the test), cached per token: the other tokens are taken without decoding the response, which most steps are."""
-        if token not in self._may_write_a_verdict:
-            self._may_write_a_verdict[token] = may_change_a_verdict(self.tokenizer.decode([token], skip_special_tokens=False))
-        return self._may_write_a_verdict[token]
+        if token not in self._may_break_a_rule:
+            piece = self.tokenizer.decode([token], skip_special_tokens=False)
+            self._may_break_a_rule[token] = may_change_a_verdict(piece, self.rules.words)
+        return self._may_break_a_rule[token]
 
-    def _checks_line_start(self, ids: Sequence[int]) -> int | None:
-        """Where the current line begins in the decoded response `ids`, when that line is (or may become) the checks line."""
+    def _checked_line_start(self, ids: Sequence[int]) -> int | None:
+        """Where the current line begins in the decoded response `ids`, when that line is (or may become) one a rule
+        judges."""
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         line_start = text.rfind("\n") + 1
-        return line_start if text[line_start:].startswith(self.tag) or self.tag.startswith(text[line_start:]) else None
+        line = text[line_start:]
+        return line_start if any(line.startswith(tag) or tag.startswith(line) for tag in self.rules.tags) else None
 
     def _follows(self, ids: Sequence[int], token: int, line_start: int) -> bool:
-        extended = self.tokenizer.decode([*ids, token], skip_special_tokens=False)
-        return verdicts_follow_values(extended[line_start:], self.tag)
+        return self.rules.follows(self.tokenizer.decode([*ids, token], skip_special_tokens=False), line_start)
 
     def _ranked(self, logits) -> list[int]:
         """The `candidates` likeliest tokens, likeliest first, without those at -inf (a token a grammar forbids)."""
@@ -254,15 +336,15 @@ class CheckedVerdicts:
         likeliest = int(logits.argmax())
         if not self.may_write_a_verdict(likeliest):
             return likeliest, []
-        line_start = self._checks_line_start(ids)
+        line_start = self._checked_line_start(ids)
         if line_start is None:
-            return likeliest, []  # the step cannot write a verdict of the checks line
+            return likeliest, []  # the step cannot write on a line a rule judges
         ranked = [likeliest] + [token for token in self._ranked(logits) if token != likeliest]
         for rank, token in enumerate(ranked):
             if self._follows(ids, token, line_start):
                 self.replaced += rank > 0
                 return token, ranked[:rank]
-        self.unresolved += 1  # no candidate writes the right verdict: the likeliest stays, and the parse sees the wrong one
+        self.unresolved += 1  # no candidate follows the rules: the likeliest stays, and the parse sees what it writes
         return likeliest, []
 
     def choose(self, responses: Sequence[Sequence[int]], logits):
@@ -272,12 +354,12 @@ class CheckedVerdicts:
         return torch.tensor([self.pick(ids, row)[0] for ids, row in zip(responses, logits)], dtype=torch.long, device=logits.device)
 
     def refuse(self, responses: Sequence[Sequence[int]], logits) -> list[list[int]]:
-        """Sampled decoding: per row, the tokens among its `candidates` likeliest that would write a wrong verdict (the
-        sampler draws from the others; a token outside them is not examined)."""
+        """Sampled decoding: per row, the tokens among its `candidates` likeliest that would break a rule (the sampler draws
+        from the others; a token outside them is not examined)."""
         refused = []
         for ids, row in zip(responses, logits):
             flagged = [token for token in self._ranked(row) if self.may_write_a_verdict(token)]
-            line_start = self._checks_line_start(ids) if flagged else None
+            line_start = self._checked_line_start(ids) if flagged else None
             refused.append([] if line_start is None else [token for token in flagged if not self._follows(ids, token, line_start)])
             self.replaced += bool(refused[-1])
         return refused

@@ -20,8 +20,9 @@ step); the other pairs get one more forward pass over their context.
   where the generated reasoning ends: after the reasoning lines in `reasoning_first`, right after the
   prompt in `label_first`.
 - `checked_verdicts`: the greedy CoT is generated with checked decoding (`training.cot.CheckedVerdicts`: each
-  attribute check's yes/no is the comparison of the two values written before it); the label step is where it
-  always is, after the verdicts the policy was given.
+  attribute check's yes/no is the comparison of the two values written before it, and the subject match says match
+  exactly when the two subjects written are the same); the label step is where it always is, after the decisions the
+  policy was given.
 - Reasoning modes: `none` keeps no text, `all` keeps every pair's, `sample` keeps a deterministic
   share of pairs (by a hash of query and product id, so a re-run picks the same ones).
 
@@ -244,8 +245,9 @@ def relevance_rows(
     """RELEVANCE rows for `pairs` (dicts with query, query_id, product_id) whose prompt ids are `prompts`
     (`pair_prompts` with the same `zero_shot`: None for a trained policy); `progress` names the work, shown as
     progress of the generation and of the label step (None: silent); `checked_verdicts`: each attribute check's yes/no
-    is the comparison of the values the policy wrote (`training.cot.CheckedVerdicts`), not its guess."""
-    from training.cot import CheckedVerdicts, checks_tag
+    is the comparison of the values the policy wrote, and its subject match follows the subjects it wrote
+    (`training.cot.CheckedVerdicts`), not its guess."""
+    from training.cot import CheckedVerdicts, checked_rules
     from training.decoding import generate
 
     answer = answer_format(graph, order, zero_shot)
@@ -253,7 +255,7 @@ def relevance_rows(
     to_generate = [i for i, needed in enumerate(generation_needed(answer, wanted)) if needed]
     texts = [""] * len(pairs)
     watch = likely_label_tokens(tokenizer, answer, labels)
-    chooser = CheckedVerdicts(tokenizer, checks_tag(graph)) if checked_verdicts else None
+    chooser = CheckedVerdicts(tokenizer, checked_rules(graph)) if checked_verdicts else None
     generated = generate(model, tokenizer, [prompts[i] for i in to_generate], max_new_tokens=max_new_tokens, batch_size=batch_size,
                          progress=progress and f"{progress}: generate", watch_ids=watch, chooser=chooser)
     if chooser is not None:

@@ -52,14 +52,15 @@ def majority_baseline(train_labels: Sequence[str], val_labels: Sequence[str], la
 
 
 def evaluate(model, tokenizer, examples: Sequence[Example], graph: ReasoningGraph, order: str, labels: LabelSet,
-             max_new_tokens: int, batch_size: int, parallel: Parallel = SINGLE_PROCESS) -> dict[str, float]:
+             max_new_tokens: int, batch_size: int, parallel: Parallel = SINGLE_PROCESS, chooser=None) -> dict[str, float]:
     """`cot_metrics` of the model's greedy CoTs for the examples' prompts (progress shown by the first process). In a
-    run of several processes each decodes a share of the examples and every one gets the metrics of all."""
+    run of several processes each decodes a share of the examples and every one gets the metrics of all. `chooser`:
+    `training.decoding.generate`'s (checked decoding: `training.cot.CheckedVerdicts`), None for plain greedy."""
     from training.decoding import generate
 
     def decode(share: list[Example]) -> list[tuple[str, bool]]:
         generations = generate(model, tokenizer, [e.prompt_ids for e in share], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               synced=parallel.sharded, progress="validate" if parallel.is_main else None)
+                               synced=parallel.sharded, progress="validate" if parallel.is_main else None, chooser=chooser)
         return list(zip(generations.texts, generations.ended))
 
     return cot_metrics(gathered_map(parallel, examples, decode), [e.gold for e in examples], graph, order, labels)

@@ -31,9 +31,9 @@ from training.model_files import ModelFolderError, adapter_base, adapter_config,
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_NAME = "policy"  # the one adapter an engine serves
 ADAPTER_ID = 1
-# SamplingParams.extra_args key through which a request asks the checked-decoding logits processor for its checks line's tag
+# SamplingParams.extra_args key through which a request gives the checked-decoding logits processor its rules (CheckedRules JSON)
 # (here, not in training.vllm_checked_verdicts, so that a scorer names it without importing vLLM's sampler into its process)
-CHECKED_VERDICTS_ARGUMENT = "checked_verdicts_tag"
+CHECKED_VERDICTS_ARGUMENT = "checked_verdicts_rules"
 
 
 def check_servable(model_dir: str | Path) -> None:

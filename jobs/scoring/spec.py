@@ -37,7 +37,7 @@ import pyarrow as pa
 from schemas.config import help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.judge_prompt import POLICY_PROMPT, PRODUCT_FIELDS, JudgePrompt, ZeroShot
-from training.cot import COT_TOKEN_BUDGET, checks_tag
+from training.cot import COT_TOKEN_BUDGET, checked_rules
 from training.model_files import ModelFolderError, base_folder, weight_files
 from training.policy_format import STUDENT_FILE, student_meta
 from training.predict import REASONING_MODES
@@ -65,7 +65,8 @@ class ScorerSettings:
     dtype: str = help_field("Weights dtype of a policy: float32, bfloat16 or float16.", "float32")
     checked_verdicts: bool = help_field(
         "Checked decoding (hf, vllm): each attribute check's yes/no in the generated reasoning is the comparison of the two "
-        "values the policy wrote, not its guess; sound where attribute values are canonical (training.cot).", False)
+        "values the policy wrote, not its guess, and the subject match says match exactly when the two subjects written are the "
+        "same; sound where values are canonical (training.cot).", False)
 
 
 def checked_verdicts_problem(backend: str, graph: str) -> str | None:
@@ -73,7 +74,7 @@ def checked_verdicts_problem(backend: str, graph: str) -> str | None:
     if backend == "student":
         return "checked_verdicts: the student backend writes no reasoning whose verdicts could be checked"
     try:
-        checks_tag(ReasoningGraph.load(graph))
+        checked_rules(ReasoningGraph.load(graph))
     except ValueError as error:
         return str(error)
     return None
@@ -199,8 +200,8 @@ def scorer_version(spec: ScorerSpec) -> str:
     if spec.backend == "student":
         return settings_version(weights, {"max_length": student_meta(spec.model)["max_length"]})
     settings = {"graph": spec.graph, "label_set": spec.label_set, "order": spec.order, "prompt_tokens": spec.prompt_tokens}
-    if spec.checked_verdicts:  # another label distribution; the versions scored without it stay as they were
-        settings["checked_verdicts"] = True
+    if spec.checked_verdicts:  # another label distribution, one per set of rules; the versions scored without it stay as they were
+        settings["checked_verdicts"] = checked_rules(ReasoningGraph.load(spec.graph)).to_json()
     zero_shot = spec.zero_shot()
     if zero_shot is None:
         return settings_version(weights, settings)

@@ -140,10 +140,10 @@ class VLLMScorer:
             if not self.checks_processor:
                 raise ValueError("checked_verdicts: this engine was built without the checked-decoding logits processor; open a scorer "
                                  "whose spec asks for it")
-            from training.cot import checks_tag
+            from training.cot import checked_rules
             from training.vllm_engine import CHECKED_VERDICTS_ARGUMENT
 
-            checked = {CHECKED_VERDICTS_ARGUMENT: checks_tag(self.graph)}
+            checked = {CHECKED_VERDICTS_ARGUMENT: checked_rules(self.graph).to_json()}
         cot = SamplingParams(temperature=0.0, max_tokens=self.spec.max_new_tokens, stop_token_ids=[eos], detokenize=False,
                              structured_outputs=StructuredOutputsParams(regex=regex) if regex is not None else None,
                              extra_args=checked or None)

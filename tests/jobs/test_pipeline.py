@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from jobs.demo import nightly_policy
 from schemas.tables import INPUT_TABLES
 
 runner = CliRunner()
@@ -57,4 +58,4 @@ def test_demo_runs_every_stage_and_says_where_outputs_are(tmp_path):
     assert all(path.is_file() for path in linked), [str(path) for path in linked if not path.is_file()]
     assert {"report.html", "validation.html", "churn.html", "summary.json"} <= {path.name for path in linked}
     churn = [path for path in linked if path.name == "churn.html"][-1].read_text()  # the second night's: the first has no model
-    assert "graph_grpo_policy, model_version " in churn, "the nightly rows are named after the policy, not its folder"
+    assert f"{nightly_policy(tmp_path)}, model_version " in churn, "the nightly rows are named after the policy, not its folder"

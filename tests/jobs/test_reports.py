@@ -24,7 +24,7 @@ import pyarrow as pa
 import pytest
 
 from jobs import nightly
-from jobs.demo import StageResult, demo_reports
+from jobs.demo import POLICIES, DemoConfig, StageResult, demo_reports, nightly_policy, policy_labellers
 from jobs.pages import suite_table
 from jobs.report_index import (
     INDEX_PAGE,
@@ -282,6 +282,29 @@ def test_an_rl_run_verdict_reads_its_start_validation_from_its_metrics(tmp_path)
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     assert training_report("Graph-GRPO", rl).verdict == "10 steps, validation macro-F1 0.607 at its start -> 0.574 (-0.033)"
     assert training_report("SFT", sft).verdict == "10 steps, validation macro-F1 0.574"
+
+
+
+def _rl_run(out, start: float | None, end: float):
+    run_dir = out / "grpo"
+    run_dir.mkdir(parents=True)
+    records = [{"event": "start", "step": 0}, *([{"step": 0, "val/label_macro_f1": start}] if start is not None else []),
+               {"step": 10, "val/label_macro_f1": end}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 10, "val": {"label_macro_f1": end}}))
+    return out
+
+
+@pytest.mark.parametrize(("start", "end", "chosen"), [(0.607, 0.574, "sft_policy"), (0.607, 0.607, "graph_grpo_policy"),
+                                                      (0.607, 0.650, "graph_grpo_policy"), (None, 0.574, "graph_grpo_policy")])
+def test_the_nightly_stage_publishes_the_rl_policy_only_where_it_did_not_lower_validation(tmp_path, start, end, chosen):
+    out = _rl_run(tmp_path, start, end)
+    assert nightly_policy(out) == chosen
+    labellers = policy_labellers(DemoConfig(), out)
+    assert labellers[f"{chosen}_checked"] == (POLICIES[chosen], True)
+    assert [name for name, (_, checked) in labellers.items() if not checked] == list(POLICIES)
+    verdict = next(report.verdict for report in demo_reports(out, []) if report.title.startswith("Graph-GRPO"))
+    assert verdict.endswith("not published: the nightly stage scores with the SFT policy") == (chosen == "sft_policy"), verdict
 
 
 @pytest.mark.slow

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import networkx as nx
 import pytest
 from hypothesis import given
@@ -169,6 +171,15 @@ def test_check_verdict_by_hand_and_the_checks_node_is_declared():
     graph = ReasoningGraph.load("relevance8")
     with pytest.raises(ValueError, match="checks_node 'ms' must name a facets node"):
         ReasoningGraph(graph.name, graph.nodes, graph.edges, graph.label_node, graph.orders, checks_node="ms")
+
+
+def test_a_decision_ruled_by_equal_parents_is_declared_on_a_choice_node_with_parents():
+    graph = ReasoningGraph.load("relevance8")
+    assert [(node.name, node.equal_parents) for node in graph.nodes if node.equal_parents] == [("ms", "match")]
+    for name, value in (("ms", "same"), ("ma", "match"), ("qs", "match")):  # not a value; a single parent; not a choice
+        nodes = tuple(replace(node, equal_parents=value) if node.name == name else replace(node, equal_parents=None) for node in graph.nodes)
+        with pytest.raises(ValueError, match=f"node '{name}': equal_parents '{value}' must be one of the values"):
+            replace(graph, nodes=nodes)
 
 
 def test_attribute_checks_write_the_products_value_beside_each_wanted_one():

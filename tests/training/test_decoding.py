@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 
 from schemas.graph import ReasoningGraph
-from training.cot import CheckedVerdicts, checks_tag
+from training.cot import CheckedRules, CheckedVerdicts, checked_rules
 from training.decoding import generate, left_padded
 
 PROMPTS = [[1, 5, 6, 7], [1, 8, 9, 10, 11, 12, 13, 14], [1, 20]]
@@ -123,7 +123,7 @@ def test_a_chooser_picks_each_greedy_token_and_what_sampling_may_draw(policy):
 
 def test_checked_verdicts_replace_a_wrong_verdict_with_the_likeliest_right_one(policy):
     _, tokenizer = policy
-    chooser = CheckedVerdicts(tokenizer, checks_tag(ReasoningGraph.load("relevance8")))
+    chooser = CheckedVerdicts(tokenizer, checked_rules(ReasoningGraph.load("relevance8")))
     responses = [tokenizer(text, add_special_tokens=False)["input_ids"]
                  for text in ("ps: bed\nac: color=red/blue:", "ps: bed\nac: color=red/red:", "ps: bed\nqs: ")]
     yes, no = (tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in ("y", "n"))
@@ -135,5 +135,37 @@ def test_checked_verdicts_replace_a_wrong_verdict_with_the_likeliest_right_one(p
     logits[0] = float("-inf")
     logits[0, yes] = 5.0  # a grammar allows only the wrong verdict: it stays, counted
     assert chooser.pick(responses[0], logits[0]) == (yes, []) and chooser.unresolved == 1
-    with pytest.raises(ValueError, match="checks_node"):
-        checks_tag(ReasoningGraph.load("relevance7"))
+    relevance7 = ReasoningGraph.load("relevance7")
+    assert checked_rules(relevance7).checks is None and [rule.tag for rule in checked_rules(relevance7).equal_parents] == ["ms: "]
+    unruled = replace(relevance7, nodes=tuple(replace(node, equal_parents=None) for node in relevance7.nodes))
+    with pytest.raises(ValueError, match="nothing to check"):
+        checked_rules(unruled)
+
+
+def test_checked_decoding_writes_match_exactly_when_the_subjects_written_are_the_same(policy):
+    _, tokenizer = policy
+    rules = checked_rules(ReasoningGraph.load("relevance8"))
+    assert CheckedRules.from_json(rules.to_json()) == rules  # what a vLLM request carries to the engine's logits processor
+    chooser = CheckedVerdicts(tokenizer, rules)
+    words = [tokenizer(word, add_special_tokens=False)["input_ids"] for word in (" match", " related", " mismatch")]
+    assert all(len(ids) == 1 for ids in words), "the world's tokenizer holds each decision, with its space, as one token"
+    match, related, mismatch = (ids[0] for ids in words)
+    responses = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                 for text in ("ps: sofa\npa: none\nqs: bed\nqa: none\nms:", "ps: bed\npa: none\nqs: bed\nqa: none\nms:", "ms:")]  # the last decides before any subject is written (label_first): nothing to check
+    logits = torch.full((3, len(tokenizer)), float("-inf"))  # as a grammar leaves them: only the three decisions
+    logits[:, match], logits[:, mismatch], logits[:, related] = 5.0, 4.0, 3.0
+    assert chooser.choose(responses, logits).tolist() == [mismatch, match, match]
+    logits[:, related] = 4.5
+    assert chooser.choose(responses, logits).tolist() == [related, match, match]
+    logits[1, match] = 0.0  # two equal subjects: neither mismatch nor related may be written
+    assert chooser.refuse(responses, logits) == [[match], [related, mismatch], []]
+
+
+@pytest.mark.parametrize(("text", "follows"), [
+    ("qs: bed\nps: bed\nms: mat", True), ("qs: bed\nps: bed\nms: rel", False), ("qs: bed\nps: sofa\nms: mis", True),
+    ("qs: bed\nps: sofa\nms: m", True), ("qs: bed\nps: sofa\nms: match", False), ("qs: bed\nps: sofa\nms: mismatch\nma", True),
+    ("qs: bed\nps: bed\nms: match\n", True), ("qs: bed\nps: bed\nms: matches\n", False), ("qs: bed\nms: match", True),
+])
+def test_a_subject_decision_is_judged_against_the_subjects_above_it(text, follows):
+    rules = checked_rules(ReasoningGraph.load("relevance8"))
+    assert rules.follows(text, text.index("ms: ")) is follows

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.logs import progress
-from training.cot import COT_TOKEN_BUDGET, CheckedVerdicts, checks_tag
+from training.cot import COT_TOKEN_BUDGET, CheckedVerdicts, checked_rules
 from training.distributed import (
     Parallel,
     all_gather,
@@ -115,9 +115,10 @@ class GRPOConfig:
     prompt_tokens: int | None = help_field("Token budget of the prompt text (default: the start policy's policy.json).", None)
     backend: str = help_field("Rollout backend: hf (the policy itself, training.decoding) or vllm (needs the vllm extra).", "hf", choices=BACKENDS)
     checked_verdicts: bool = help_field(
-        "Rollouts under checked decoding (backend hf; training.cot): no rollout writes a wrong yes/no in the attribute checks, so "
-        "the outcome reward reads the values the policy wrote, as scoring with checked_verdicts labels. Validation reads the "
-        "policy's own verdicts.", False)
+        "Rollouts under checked decoding (backend hf; training.cot): no rollout writes a wrong yes/no in the attribute checks, or a "
+        "subject match its own subjects contradict, so "
+        "the outcome reward reads the values the policy wrote, as scoring with checked_verdicts labels. Validation decodes "
+        "the same way.", False)
     steps: int = help_field("RL steps (one rollout batch each).", 100)
     prompts_per_step: int = help_field("Prompts per rollout batch, over all processes (each of N processes under torchrun samples "
                                        "prompts_per_step / N).", 16)
@@ -198,7 +199,7 @@ class GRPOConfig:
             raise ConfigError(f"checked_verdicts: rollouts under checked decoding run on backend hf, not {self.backend!r}")
         if self.checked_verdicts:
             try:
-                checks_tag(ReasoningGraph.load(self.graph))
+                checked_rules(ReasoningGraph.load(self.graph))
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         choices = {"estimator": sorted(ESTIMATORS), "aggregation": AGGREGATIONS, "scale": SCALES,
@@ -298,7 +299,7 @@ def make_backend(config: GRPOConfig, model, tokenizer, parallel: Parallel):
     from training.grpo.rollout import HFBackend
 
     if config.backend == "hf":
-        chooser = CheckedVerdicts(tokenizer, checks_tag(ReasoningGraph.load(config.graph))) if config.checked_verdicts else None
+        chooser = CheckedVerdicts(tokenizer, checked_rules(ReasoningGraph.load(config.graph))) if config.checked_verdicts else None
         return HFBackend(model, tokenizer, synced=parallel.sharded, chooser=chooser)
     if parallel.distributed:
         raise ConfigError("backend=vllm: one vLLM engine per training process is not supported; use backend=hf under torchrun")
@@ -399,10 +400,12 @@ def start_run(config: GRPOConfig, parallel: Parallel | None = None) -> TrainingS
 
 
 def validation(state: TrainingState) -> dict[str, float]:
-    """Greedy validation metrics of the current policy on the validation examples."""
+    """Greedy validation metrics of the current policy on the validation examples, decoded as its rollouts are (checked
+    decoding with `checked_verdicts`)."""
     config = state.config
+    chooser = CheckedVerdicts(state.tokenizer, checked_rules(state.graph)) if config.checked_verdicts else None
     return evaluate(state.model, state.tokenizer, state.val, state.graph, config.order, state.labels, config.max_new_tokens,
-                    config.eval_batch_size, state.parallel)
+                    config.eval_batch_size, state.parallel, chooser=chooser)
 
 
 def rollout_batch(state: TrainingState, step: int, draw: int = 0) -> tuple[list[Example], Rollouts]:

@@ -135,8 +135,11 @@ def test_config_errors_name_the_field(tmp_path, tiny_model):
         ScoreConfig(date="2024-03-02", model=str(tiny_model), reasoning="everything")
     with pytest.raises(ConfigError, match="model"):
         ScoreConfig(date="2024-03-02", model=str(tmp_path))
-    with pytest.raises(ConfigError, match="checked_verdicts: graph 'relevance7' declares no checks_node"):
-        ScoreConfig(date="2024-03-02", model=str(tiny_model), graph="relevance7", checked_verdicts=True)
+    from training_world import unruled_graph
+
+    with pytest.raises(ConfigError, match="checked_verdicts: graph 'relevance7' declares no checks_node .* and no node with equal_parents"):
+        ScoreConfig(date="2024-03-02", model=str(tiny_model), graph=str(unruled_graph(tmp_path)), checked_verdicts=True)
+    ScoreConfig(date="2024-03-02", model=str(tiny_model), graph="relevance7", checked_verdicts=True)  # its subject rule is checked
 
 
 def test_the_spark_engine_writes_the_rows_the_local_engine_writes_and_its_driver_collects_no_row(tmp_path, tiny_world, tiny_model, spark,

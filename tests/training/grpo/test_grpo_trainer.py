@@ -143,14 +143,16 @@ def test_config_errors_say_how_to_fix(tmp_path):
 def test_checked_rollouts_need_the_hf_backend_and_a_graph_with_checks(tmp_path):
     with pytest.raises(ConfigError, match="checked_verdicts: rollouts under checked decoding run on backend hf, not 'vllm'"):
         GRPOConfig(backend="vllm", checked_verdicts=True)
-    PolicyFormat(graph="relevance7", label_set="wands", order="label_first", prompt_tokens=40).save(tmp_path)
-    with pytest.raises(ConfigError, match="graph 'relevance7' declares no checks_node"):
+    from training_world import unruled_graph
+
+    PolicyFormat(graph=str(unruled_graph(tmp_path)), label_set="wands", order="label_first", prompt_tokens=40).save(tmp_path)
+    with pytest.raises(ConfigError, match="graph 'relevance7' declares no checks_node .* and no node with equal_parents"):
         GRPOConfig(model=tmp_path, checked_verdicts=True)
 
 
 def test_checked_rollouts_never_write_a_wrong_verdict(vllm_checks_policy, tiny_world):
     """Hot samples of a relevance8 policy on queries it never saw: free, some say a wrong yes/no; checked, none does."""
-    from training.cot import CheckedVerdicts, checks_tag, verdicts_follow_values
+    from training.cot import CheckedVerdicts, checked_rules, verdicts_follow_values
     from training.grpo.rollout import HFBackend, Sampling
     from training.model import load_model
     from training.predict import pair_prompts
@@ -160,14 +162,15 @@ def test_checked_rollouts_never_write_a_wrong_verdict(vllm_checks_policy, tiny_w
     pairs = [{**product, "query": query} for query in ("blue sofa", "king bed frame", "white oak coffee table") for product in products.values()]
     prompts = pair_prompts(tokenizer, pairs, 48)
     sampling = Sampling(group_size=2, temperature=1.2, max_new_tokens=96)
-    tag = checks_tag(ReasoningGraph.load("relevance8"))
+    rules = checked_rules(ReasoningGraph.load("relevance8"))
+    tag = rules.checks
 
     def wrong_verdicts(backend) -> int:
         texts = backend.generate(prompts, sampling, seed=0).texts
         return sum(not verdicts_follow_values(line, tag) for text in texts for line in text.split("\n"))
 
     assert wrong_verdicts(HFBackend(model, tokenizer)) > 0
-    assert wrong_verdicts(HFBackend(model, tokenizer, chooser=CheckedVerdicts(tokenizer, tag))) == 0
+    assert wrong_verdicts(HFBackend(model, tokenizer, chooser=CheckedVerdicts(tokenizer, rules))) == 0
 
 
 def test_start_policy_format_is_used_and_a_contradiction_is_refused(tmp_path):
