@@ -11,6 +11,8 @@ them under WORK/predictions). For each labeller, against the world's gold nodes:
 - its wrong `ac` texts by the first part that differs from gold: the wanted side (keys or query values), else the
   product's values, else only the yes/no verdicts. A verdict-only error copied both values right and compared them
   wrong; those are counted as `yes` to different values and `no` to equal ones;
+- how often it writes `ms: match` under two different subjects it wrote itself (the graph's `equal_parents` rule,
+  which checked decoding applies);
 - the counterfactual: each verdict recomputed as (wanted == offered) from the values the labeller wrote, `ma` and `y`
   then derived by the graph's rules from its own `ac` and `ms`. Every extraction stays the labeller's own; only the
   comparison is computed. Its macro-F1 is what exact verdicts would give this policy.
@@ -77,6 +79,9 @@ def labeller_report(predictions, gold: dict[tuple[str, str], dict[str, str]], la
         y_written.append(row["label"])
         counts["pairs"] += 1
         counts["ma right"] += nodes.get("ma") == truth["ma"]
+        if nodes.get("qs") is not None and nodes.get("ps") is not None and nodes["qs"] != nodes["ps"]:
+            counts["subjects written differ"] += 1  # where `ms` must not be match (the graph's equal_parents rule)
+            counts["ms match under different subjects"] += nodes.get("ms") == "match"
         if checks is None or nodes.get("ms") is None:
             counts["ac unparsed"] += 1  # the counterfactual keeps what it wrote
             counts["ma right, computed verdicts"] += nodes.get("ma") == truth["ma"]
@@ -109,14 +114,16 @@ def labeller_report(predictions, gold: dict[tuple[str, str], dict[str, str]], la
 
 def markdown(result: dict) -> str:
     lines = ["| labeller | macro-F1 | with computed verdicts | `ma` | with computed verdicts | `ac` | `ma` follows own `ac` "
-             "| wrong `ac`: wanted / offered / verdict only | verdict-only errors, checks: yes to different / no to equal |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| wrong `ac`: wanted / offered / verdict only | verdict-only errors, checks: yes to different / no to equal "
+             "| `ms: match` under two different subjects it wrote |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["labellers"].items():
         lines.append(
             f"| {name} | {r['macro_f1']:.3f} | {r['macro_f1_computed_verdicts']:.3f} | {r['ma_accuracy']:.3f} "
             f"| {r['ma_accuracy_computed_verdicts']:.3f} | {r['ac_accuracy']:.3f} | {r['ma follows own ac']} of {r['pairs']} "
             f"| {r['ac wrong: wanted']} / {r['ac wrong: offered']} / {r['ac wrong: verdict']} "
-            f"| {r['verdict yes to different values']} / {r['verdict no to equal values']} |")
+            f"| {r['verdict yes to different values']} / {r['verdict no to equal values']} "
+            f"| {r.get('ms match under different subjects', 0)} of {r.get('subjects written differ', 0)} |")
     return "\n".join(lines) + "\n"
 
 

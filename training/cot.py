@@ -205,10 +205,13 @@ def verdicts_follow_values(line: str, tag: str) -> bool:
 
 def may_change_a_verdict(piece: str, words: Sequence[str] = ()) -> bool:
     """Whether appending `piece` to a line that `CheckedRules.follows` accepts can make it refused: only a piece that
-    holds a colon, or starts by going on with a verdict or ending a line (y, e, s, n, o, `;`, newline), or is part of
-    one of `words` (the values of a rule's decision node), can."""
-    core = piece.strip()
-    return ":" in piece or piece[:1] in tuple("yesno;\n") or (bool(core) and any(core in word for word in words))
+    holds a colon, or starts by going on with a verdict or ending a line (y, e, s, n, o, `;`, newline), can refuse a
+    checks line; with the `words` of a decision rule, also a piece holding a newline or whose text up to it is part of
+    a word (it may go on with a refused one)."""
+    if ":" in piece or piece[:1] in tuple("yesno;\n"):
+        return True
+    head = piece.partition("\n")[0].strip()
+    return bool(words) and ("\n" in piece or (bool(head) and any(head in word for word in words)))
 
 
 @dataclass(frozen=True)
@@ -263,9 +266,11 @@ class CheckedRules:
 
 
 def decision_follows_parents(before: str, line: str, rule: EqualParents) -> bool:
-    """Whether the decision `line` (`ms: ...`, whole or cut, possibly followed by a newline and more) writes, or is on its
-    way to, `rule.equal` exactly when the parent lines found in `before` (the response above it) hold the same text.
-    Without every parent line above it (an order that decides first) nothing is judged (True)."""
+    """Whether the decision `line` (`ms: ...`, whole or cut, possibly followed by a newline and more) writes `rule.equal`
+    only where the parent lines found in `before` (the response above it) hold the same text, and another of its values
+    only where they do not: a value the parents refuse, or a beginning that only such a value has, is refused; text that
+    is no value is left to the format (a grammar, or the strict parse). Without every parent line above it (an order that
+    decides first) nothing is judged (True)."""
     parents = {}
     for written in before.split("\n"):
         for tag in rule.parent_tags:
@@ -273,9 +278,12 @@ def decision_follows_parents(before: str, line: str, rule: EqualParents) -> bool
                 parents[tag] = written[len(tag):]
     if len(parents) < len(rule.parent_tags):
         return True
-    allowed = (rule.equal,) if len(set(parents.values())) == 1 else rule.others
+    equal = len(set(parents.values())) == 1
+    allowed, refused = ((rule.equal,), rule.others) if equal else (rule.others, (rule.equal,))
     value, newline, _ = line[len(rule.tag):].partition("\n")
-    return value in allowed if newline else any(word.startswith(value) for word in allowed)
+    if newline:
+        return value not in refused
+    return not any(word.startswith(value) for word in refused) or any(word.startswith(value) for word in allowed)
 
 
 def checked_rules(graph: ReasoningGraph) -> CheckedRules:

@@ -18,6 +18,7 @@ from training.cot import (
     SEPARATOR,
     STRIP_CLASS,
     VALUE_MAX_CHARS,
+    checked_rules,
     cot_regex,
     may_change_a_verdict,
     node_spans,
@@ -289,3 +290,18 @@ def test_a_piece_that_cannot_change_a_verdict_never_makes_an_accepted_line_refus
     line = f"{CHECKS_TAG}{attribute_checks(wanted, offered)}\nma: match"[:cut]
     assume(not may_change_a_verdict(piece))
     assert verdicts_follow_values(line + piece, CHECKS_TAG)
+
+
+SUBJECTS = st.sampled_from(["bed", "sofa", "bed frame"])
+
+
+@given(SUBJECTS, SUBJECTS, st.sampled_from(["match", "related", "mismatch"]), st.integers(0, 12),
+       st.text(alphabet="abcdehilmrstx \n:", max_size=5))
+def test_a_piece_that_cannot_change_a_decision_never_makes_an_accepted_line_refused(query_subject, product_subject, value, cut, piece):
+    rules = checked_rules(ReasoningGraph.load("relevance8"))
+    above = f"ps: {product_subject}\npa: none\nqs: {query_subject}\nqa: none\n"
+    line = f"ms: {value}\nac: none"[:cut]
+    assume(rules.follows(above + line, len(above)) and not may_change_a_verdict(piece, rules.words))
+    assert rules.follows(above + line + piece, len(above))
+    if (value == "match") != (query_subject == product_subject):  # the value the subjects refuse, once written whole
+        assert not rules.follows(f"{above}ms: {value}\n", len(above))

@@ -164,7 +164,8 @@ def test_checked_decoding_writes_match_exactly_when_the_subjects_written_are_the
 @pytest.mark.parametrize(("text", "follows"), [
     ("qs: bed\nps: bed\nms: mat", True), ("qs: bed\nps: bed\nms: rel", False), ("qs: bed\nps: sofa\nms: mis", True),
     ("qs: bed\nps: sofa\nms: m", True), ("qs: bed\nps: sofa\nms: match", False), ("qs: bed\nps: sofa\nms: mismatch\nma", True),
-    ("qs: bed\nps: bed\nms: match\n", True), ("qs: bed\nps: bed\nms: matches\n", False), ("qs: bed\nms: match", True),
+    ("qs: bed\nps: bed\nms: match\n", True), ("qs: bed\nps: bed\nms: related\n", False), ("qs: bed\nms: match", True),
+    ("qs: bed\nps: bed\nms: x", True), ("qs: bed\nps: sofa\nms: matches\n", True),  # no value: the format's to refuse
 ])
 def test_a_subject_decision_is_judged_against_the_subjects_above_it(text, follows):
     rules = checked_rules(ReasoningGraph.load("relevance8"))

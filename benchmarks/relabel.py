@@ -1,0 +1,62 @@
+"""Label the first test pairs of a demo root with trained policies, as written and under checked decoding, and score
+them all against the noise-free gold in one `relevance evaluate` run (paired query-bootstrap comparisons with the first).
+
+    .venv/bin/python benchmarks/relabel.py --root DEMO --out WORK [--pairs 2000] [--decoding plain checked]
+        [--batch-size 256] NAME=POLICY_DIR [NAME=@RELEVANCE_TABLE ...]
+
+Each NAME=POLICY_DIR is labelled once per `--decoding` (checked tables are named NAME_checked) into WORK/models; a
+NAME=@TABLE is a relevance table labelled before, evaluated as it is. The first labeller is the baseline. The pairs are
+DEMO/datasets' test split, whole queries in key order (what `make demo` and benchmarks/credit_assignment.py label),
+the gold DEMO/evaluation_gold; the report is WORK/evaluation (report.md, metrics.json). Nothing is trained, so a
+policy labelled twice labels the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.command import EvaluateConfig, run  # noqa: E402
+from schemas.storage import write_table  # noqa: E402
+from schemas.tables import RELEVANCE  # noqa: E402
+from training.policy_format import resolve_format  # noqa: E402
+from training.predict import score_split  # noqa: E402
+
+DECODINGS = ("plain", "checked")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True, help="demo root: datasets/, world/, evaluation_gold/")
+    parser.add_argument("--out", type=Path, required=True, help="work folder: models/ (one relevance table each), evaluation/")
+    parser.add_argument("--pairs", type=int, default=2000, help="first test pairs labelled (whole queries)")
+    parser.add_argument("--decoding", nargs="+", choices=DECODINGS, default=list(DECODINGS))
+    parser.add_argument("--batch-size", type=int, default=256, help="prompts decoded at once")
+    parser.add_argument("labellers", nargs="+", metavar="NAME=POLICY_DIR|NAME=@TABLE")
+    args = parser.parse_args()
+    tables = {}
+    for spec in args.labellers:
+        name, equals, folder = spec.partition("=")
+        if not (name and equals and folder):
+            parser.error(f"{spec!r}: write NAME=POLICY_DIR or NAME=@RELEVANCE_TABLE")
+        if folder.startswith("@"):
+            tables[name] = folder[1:]
+            continue
+        policy = resolve_format(Path(folder))
+        for decoding in args.decoding:
+            label = f"{name}_checked" if decoding == "checked" else name
+            rows = score_split(Path(folder), args.root / "datasets", "test", label_set=policy.label_set, graph=policy.graph,
+                               order=policy.order, prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=label,
+                               max_pairs=args.pairs, batch_size=args.batch_size, checked_verdicts=decoding == "checked")
+            write_table(RELEVANCE, rows, args.out / "models" / label)
+            tables[label] = str(args.out / "models" / label)
+    run(EvaluateConfig(predictions=tables, baseline=next(iter(tables)), gold_source="nodes", gold_nodes=str(args.root / "evaluation_gold"),
+                       queries=str(args.root / "world"), catalog=str(args.root / "world"), label_set="wands", out=str(args.out / "evaluation")))
+    print(f"wrote {args.out / 'evaluation' / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()
