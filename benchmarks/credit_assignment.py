@@ -48,7 +48,6 @@ from schemas.tables import GOLD_NODES, RELEVANCE  # noqa: E402
 from training.grpo.estimators import ESTIMATORS  # noqa: E402
 from training.grpo.trainer import GRPOConfig  # noqa: E402
 from training.grpo.trainer import run as train_grpo  # noqa: E402
-from training.policy_format import resolve_format  # noqa: E402
 from training.sft import SFTConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -124,9 +123,7 @@ def label_test_split(model: Path, datasets: Path, name: str, target: Path, test_
     from training.predict import score_split
 
     torch.set_num_threads(threads)
-    policy = resolve_format(model)
-    rows = score_split(model, datasets, "test", label_set=policy.label_set, graph=policy.graph, order=policy.order,
-                       prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name, max_pairs=test_pairs, batch_size=batch_size,
+    rows = score_split(model, datasets, "test", reasoning="all", model_name=name, max_pairs=test_pairs, batch_size=batch_size,
                        checked_verdicts=checked_verdicts)
     write_table(RELEVANCE, rows, target)
     return target

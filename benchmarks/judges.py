@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.demo import NIGHTLY_SOURCE  # noqa: E402
 from jobs.judge_report import JudgeReportConfig, run, sources_frame  # noqa: E402
 from jobs.world.config import WorldConfig  # noqa: E402
 from jobs.world.generate import generate_experiment_series, generate_world, write_experiment_series, write_world  # noqa: E402
@@ -33,7 +34,7 @@ from jobs.world.ladder import LadderConfig  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "judges.json"
 DEMO_SOURCES = {"sft_policy": "models/sft_policy", "graph_grpo_policy": "models/graph_grpo_policy",
                 "distilled_student": "models/distilled_student", "multi_judge_majority": "multi_judge/relevance",
-                "nightly_scores": "nightly/scores"}
+                NIGHTLY_SOURCE: "nightly/scores"}
 
 
 def main() -> None:

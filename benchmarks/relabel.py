@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.command import EvaluateConfig, run  # noqa: E402
 from schemas.storage import write_table  # noqa: E402
 from schemas.tables import RELEVANCE  # noqa: E402
-from training.policy_format import resolve_format  # noqa: E402
 from training.predict import score_split  # noqa: E402
 
 DECODINGS = ("plain", "checked")
@@ -45,12 +44,10 @@ def main() -> None:
         if folder.startswith("@"):
             tables[name] = folder[1:]
             continue
-        policy = resolve_format(Path(folder))
         for decoding in args.decoding:
             label = f"{name}_checked" if decoding == "checked" else name
-            rows = score_split(Path(folder), args.root / "datasets", "test", label_set=policy.label_set, graph=policy.graph,
-                               order=policy.order, prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=label,
-                               max_pairs=args.pairs, batch_size=args.batch_size, checked_verdicts=decoding == "checked")
+            rows = score_split(Path(folder), args.root / "datasets", "test", reasoning="all", model_name=label, max_pairs=args.pairs,
+                               batch_size=args.batch_size, checked_verdicts=decoding == "checked")
             write_table(RELEVANCE, rows, args.out / "models" / label)
             tables[label] = str(args.out / "models" / label)
     run(EvaluateConfig(predictions=tables, baseline=next(iter(tables)), gold_source="nodes", gold_nodes=str(args.root / "evaluation_gold"),

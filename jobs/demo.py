@@ -207,17 +207,12 @@ def _score_test_split(config: DemoConfig, out: Path) -> dict[str, str]:
     """Each trained policy labels the same test pairs: label probabilities, node decisions, reasoning."""
     from schemas.storage import write_table
     from schemas.tables import RELEVANCE
-    from training.policy_format import resolve_format
     from training.predict import score_split
 
     outputs = {}
     for name, (folder, checked) in policy_labellers(config, out).items():
-        policy = resolve_format(out / folder)
-        rows = score_split(
-            out / folder, out / "datasets", "test", label_set=policy.label_set, graph=policy.graph,
-            order=policy.order, prompt_tokens=policy.prompt_tokens, reasoning="all", model_name=name,
-            max_pairs=config.eval_pairs, batch_size=SCORING_BATCH, checked_verdicts=checked,
-        )
+        rows = score_split(out / folder, out / "datasets", "test", reasoning="all", model_name=name, max_pairs=config.eval_pairs,
+                           batch_size=SCORING_BATCH, checked_verdicts=checked)
         target = out / "models" / name
         write_table(RELEVANCE, rows, target)
         log.info("%s labelled %d test pairs; written to %s", name, rows.num_rows, target)
@@ -345,7 +340,7 @@ def _judge_labels(config: DemoConfig, out: Path) -> dict[str, str]:
     tables = {name: out / "models" / name for name in (*labellers, "distilled_student")}
     # the three models labelling the test pairs as one judge (majority vote, ties to the lower gain), judged beside them
     judges = out / "multi_judge"
-    plain = {name: str(path) for name, path in tables.items() if not labellers.get(name, (None, False))[1]}
+    plain = {name: str(path) for name, path in tables.items() if not labellers.get(name, ("", False))[1]}  # the student's too
     combine_judges(CombineConfig(tables=plain, method="majority",
                                  label_set=manifest["label_set"], gold_nodes=str(out / "evaluation_gold"),
                                  model_name="multi_judge", n_bootstrap=200, out=str(judges)))

@@ -203,7 +203,7 @@ def verdicts_follow_values(line: str, tag: str) -> bool:
     return True
 
 
-def may_change_a_verdict(piece: str, words: Sequence[str] = ()) -> bool:
+def may_break_a_rule(piece: str, words: Sequence[str] = ()) -> bool:
     """Whether appending `piece` to a line that `CheckedRules.follows` accepts can make it refused: only a piece that
     holds a colon, or starts by going on with a verdict or ending a line (y, e, s, n, o, `;`, newline), can refuse a
     checks line; with the `words` of a decision rule, also a piece holding a newline or whose text up to it is part of
@@ -313,15 +313,15 @@ class CheckedVerdicts:
         self.rules = rules
         self.candidates = candidates
         self.replaced = self.unresolved = 0
-        self._may_break_a_rule: dict[int, bool] = {}
+        self._token_may_break: dict[int, bool] = {}
 
-    def may_write_a_verdict(self, token: int) -> bool:
-        """`may_change_a_verdict` of the token's text alone (a tokenizer may drop a leading space there, which only widens
+    def token_may_break_a_rule(self, token: int) -> bool:
+        """`may_break_a_rule` of the token's text alone (a tokenizer may drop a leading space there, which only widens
         the test), cached per token: the other tokens are taken without decoding the response, which most steps are."""
-        if token not in self._may_break_a_rule:
+        if token not in self._token_may_break:
             piece = self.tokenizer.decode([token], skip_special_tokens=False)
-            self._may_break_a_rule[token] = may_change_a_verdict(piece, self.rules.words)
-        return self._may_break_a_rule[token]
+            self._token_may_break[token] = may_break_a_rule(piece, self.rules.words)
+        return self._token_may_break[token]
 
     def _checked_line_start(self, ids: Sequence[int]) -> int | None:
         """Where the current line begins in the decoded response `ids`, when that line is (or may become) one a rule
@@ -342,7 +342,7 @@ class CheckedVerdicts:
     def pick(self, ids: Sequence[int], logits) -> tuple[int, list[int]]:
         """(the token chosen after the response `ids` from its (vocabulary,) logits, the likelier tokens refused)."""
         likeliest = int(logits.argmax())
-        if not self.may_write_a_verdict(likeliest):
+        if not self.token_may_break_a_rule(likeliest):
             return likeliest, []
         line_start = self._checked_line_start(ids)
         if line_start is None:
@@ -366,7 +366,7 @@ class CheckedVerdicts:
         from the others; a token outside them is not examined)."""
         refused = []
         for ids, row in zip(responses, logits):
-            flagged = [token for token in self._ranked(row) if self.may_write_a_verdict(token)]
+            flagged = [token for token in self._ranked(row) if self.token_may_break_a_rule(token)]
             line_start = self._checked_line_start(ids) if flagged else None
             refused.append([] if line_start is None else [token for token in flagged if not self._follows(ids, token, line_start)])
             self.replaced += bool(refused[-1])

@@ -309,10 +309,11 @@ def relevance_table(
 
 
 def score_split(
-    model_dir: str | Path, data: str | Path, split: str, *, label_set: str, graph: str, order: str, prompt_tokens: int,
-    reasoning: str, model_name: str, max_pairs: int = 0, batch_size: int = 64, checked_verdicts: bool = False,
+    model_dir: str | Path, data: str | Path, split: str, *, reasoning: str, model_name: str, max_pairs: int = 0, batch_size: int = 64,
+    checked_verdicts: bool = False,
 ) -> pa.Table:
-    """RELEVANCE rows for one split of `training_examples` under `data`, scored by the model in `model_dir`.
+    """RELEVANCE rows for one split of `training_examples` under `data`, scored by the policy in `model_dir` in its own format
+    (`policy.json`: graph, label set, order, prompt budget).
 
     `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair. `checked_verdicts`: see
     `relevance_rows`.
@@ -320,16 +321,18 @@ def score_split(
     from training.examples import load_pairs
     from training.model import load_model
     from training.model_files import model_version
+    from training.policy_format import resolve_format
 
+    policy = resolve_format(model_dir)
     model, tokenizer = load_model(model_dir)
-    pairs = load_pairs(Path(data), label_set, split)
+    pairs = load_pairs(Path(data), policy.label_set, split)
     if max_pairs and len(pairs) > max_pairs:
         last_query = pairs[max_pairs - 1]["query_id"]
         pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
-    prompts = pair_prompts(tokenizer, pairs, prompt_tokens)
+    prompts = pair_prompts(tokenizer, pairs, policy.prompt_tokens)
     version = model_version(model_dir)
     return relevance_rows(
-        model, tokenizer, pairs, prompts, ReasoningGraph.load(graph), LabelSet.load(label_set), order,
+        model, tokenizer, pairs, prompts, ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set), policy.order,
         reasoning=reasoning, model_name=model_name, model_version=version, ds=dt.date.today(), batch_size=batch_size,
         progress=f"{model_name}: label the {split} split", checked_verdicts=checked_verdicts,
     )

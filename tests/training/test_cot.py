@@ -20,7 +20,7 @@ from training.cot import (
     VALUE_MAX_CHARS,
     checked_rules,
     cot_regex,
-    may_change_a_verdict,
+    may_break_a_rule,
     node_spans,
     parse_cot,
     render_cot,
@@ -288,7 +288,7 @@ def test_every_prefix_of_true_checks_follows_and_a_flipped_verdict_does_not(want
 def test_a_piece_that_cannot_change_a_verdict_never_makes_an_accepted_line_refused(wanted, offered, cut, piece):
     # what lets checked decoding take most tokens without decoding the response
     line = f"{CHECKS_TAG}{attribute_checks(wanted, offered)}\nma: match"[:cut]
-    assume(not may_change_a_verdict(piece))
+    assume(not may_break_a_rule(piece))
     assert verdicts_follow_values(line + piece, CHECKS_TAG)
 
 
@@ -301,7 +301,7 @@ def test_a_piece_that_cannot_change_a_decision_never_makes_an_accepted_line_refu
     rules = checked_rules(ReasoningGraph.load("relevance8"))
     above = f"ps: {product_subject}\npa: none\nqs: {query_subject}\nqa: none\n"
     line = f"ms: {value}\nac: none"[:cut]
-    assume(rules.follows(above + line, len(above)) and not may_change_a_verdict(piece, rules.words))
+    assume(rules.follows(above + line, len(above)) and not may_break_a_rule(piece, rules.words))
     assert rules.follows(above + line + piece, len(above))
     if (value == "match") != (query_subject == product_subject):  # the value the subjects refuse, once written whole
         assert not rules.follows(f"{above}ms: {value}\n", len(above))
