@@ -13,7 +13,8 @@
 
 - Checked (with `chooser`, `training.cot.CheckedVerdicts`): greedy takes the chooser's token (the argmax except
   where it would write a wrong verdict of an attribute check); sampling draws from the tokens the chooser does not
-  refuse, and records each drawn token's log-probability under the unrestricted distribution, as with top-p.
+  refuse, and records each drawn token's log-probability under the unrestricted distribution, as with top-p, and
+  whether the chooser refused any token at its step (`Generations.ruled`: there the rules, not the policy, chose).
 
 Each response keeps its ids up to and including the first EOS (nothing after it); its text is
 decoded without the EOS. With `watch_ids`, each response also keeps, per generated token, the logits of
@@ -53,7 +54,8 @@ class Generations:
     `response_ids[i]`: generated ids up to and including the first EOS; `ended[i]`: whether EOS
     came; `texts[i]`: the response decoded without EOS; `logprobs[i]`: per response id, its
     log-probability under the sampling distribution (None for greedy decoding); `watched[i][k]`: the
-    logits of the watched ids at the step that chose `response_ids[i][k]` (None without `watch_ids`).
+    logits of the watched ids at the step that chose `response_ids[i][k]` (None without `watch_ids`); `ruled[i][k]`:
+    whether a chooser refused a token at that step (sampled decoding with a chooser only, else None).
     """
 
     response_ids: tuple[tuple[int, ...], ...]
@@ -61,6 +63,7 @@ class Generations:
     texts: tuple[str, ...]
     logprobs: tuple[tuple[float, ...], ...] | None
     watched: tuple[tuple[tuple[float, ...], ...], ...] | None = None
+    ruled: tuple[tuple[bool, ...], ...] | None = None
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int):
@@ -103,14 +106,14 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
         torch.manual_seed(seed)  # the draws come from the global generator
     was_training = model.training
     model.eval()
-    response_ids, ended, texts, logprobs, watched = [], [], [], [], []
+    response_ids, ended, texts, logprobs, watched, ruled = [], [], [], [], [], []
     bar = logs.progress(desc=progress, total=len(prompts), unit="prompt")
     for start in range(0, len(prompts), batch_size):
         input_ids, attention = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id)
         input_ids, attention = input_ids.to(model.device), attention.to(model.device)
         with torch.no_grad():
-            generated, drawn, seen = _decode_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, sampling, synced,
-                                                   watch_ids, chooser)
+            generated, drawn, seen, refusing = _decode_batch(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, sampling,
+                                                             synced, watch_ids, chooser)
         for row, ids in enumerate(generated):  # a row's ids stop at its EOS (`_decode_batch`)
             eos = bool(ids) and ids[-1] == tokenizer.eos_token_id
             response_ids.append(tuple(ids))
@@ -120,17 +123,21 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_toke
                 logprobs.append(tuple(drawn[row]))
             if seen is not None:
                 watched.append(tuple(seen[row]))
+            if refusing is not None:
+                ruled.append(tuple(refusing[row]))
         bar.update(len(generated))
     bar.close()
     model.train(was_training)
     return Generations(response_ids=tuple(response_ids), ended=tuple(ended), texts=tuple(texts),
-                       logprobs=tuple(logprobs) if sampling is not None else None, watched=tuple(watched) if watch_ids else None)
+                       logprobs=tuple(logprobs) if sampling is not None else None, watched=tuple(watched) if watch_ids else None,
+                       ruled=tuple(ruled) if sampling is not None and chooser is not None else None)
 
 
 def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int, sampling: SamplingParams | None,
                   synced: bool = False, watch_ids: Sequence[int] = (), chooser: TokenChooser | None = None
-                  ) -> tuple[list[list[int]], list[list[float]] | None, list[list[tuple[float, ...]]] | None]:
-    """(ids, logprobs of the drawn ids or None when greedy, per step the logits of `watch_ids` or None without them) of
+                  ) -> tuple[list[list[int]], list[list[float]] | None, list[list[tuple[float, ...]]] | None, list[list[bool]] | None]:
+    """(ids, logprobs of the drawn ids or None when greedy, per step the logits of `watch_ids` or None without them, per
+    drawn id whether the chooser refused a token at its step or None unless sampling with a chooser) of
     each left-padded row, up to its EOS or `max_new_tokens`; a row that ends leaves the batch, except the last ones
     while other processes go on (`synced`)."""
     import torch
@@ -145,6 +152,7 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
     generated: list[list[int]] = [[] for _ in rows]
     drawn: list[list[float]] = [[] for _ in rows]
     seen: list[list[tuple[float, ...]]] = [[] for _ in rows]
+    refusing: list[list[bool]] = [[] for _ in rows]
     watch = torch.tensor(list(watch_ids), dtype=torch.long, device=input_ids.device)
     ended = False  # every row of this process has ended (rows stay in the cache only while other processes go on)
     for step in range(max_new_tokens):
@@ -160,6 +168,9 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
             if sampling is not None:
                 for row, logprob in zip(rows, logprobs.tolist()):
                     drawn[row].append(logprob)
+                if refused is not None:
+                    for row, tokens_refused in zip(rows, refused):
+                        refusing[row].append(bool(tokens_refused))
             if watch_ids:
                 for row, values in zip(rows, logits[:, -1, watch].float().tolist()):
                     seen[row].append(tuple(values))
@@ -176,7 +187,8 @@ def _decode_batch(model, input_ids, attention, max_new_tokens: int, eos_id: int,
         logits = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=next_position, past_key_values=cache,
                        use_cache=True).logits
         next_position = next_position + 1
-    return generated, (drawn if sampling is not None else None), (seen if watch_ids else None)
+    return (generated, (drawn if sampling is not None else None), (seen if watch_ids else None),
+            (refusing if sampling is not None and chooser is not None else None))
 
 
 def _anyone_going(going: bool, synced: bool, device) -> bool:

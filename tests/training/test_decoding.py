@@ -72,7 +72,7 @@ def test_greedy_rows_that_end_leave_the_batch_and_the_others_decode_as_generate_
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=-1)[:, ids.shape[1]:].tolist()
         eos = reference[0][2]  # row 0 ends at its third token; the other rows end where they meet it, if they do
         expected = [row[: row.index(eos) + 1] if eos in row else row for row in reference]
-        got, logprobs, _ = _decode_batch(model, ids, attention, 8, eos, None)
+        got, logprobs, _, _ = _decode_batch(model, ids, attention, 8, eos, None)
     assert got == expected and logprobs is None
     assert sum(len(row) < 8 for row in got) >= 1 and any(len(row) == 8 for row in got)
 
@@ -113,6 +113,7 @@ def test_a_chooser_picks_each_greedy_token_and_what_sampling_may_draw(policy):
     assert out.response_ids == ((10, 11, 12, 13, 14),) * 3
     drawn = generate(model, tokenizer, PROMPTS, max_new_tokens=5, batch_size=2, sampling=Sampling(), seed=0, chooser=Scripted())
     assert drawn.response_ids == ((10, 11, 12, 13, 14),) * 3
+    assert drawn.ruled == ((True,) * 5,) * 3 and out.ruled is None  # the rules chose every drawn token; greedy keeps no flags
     # the log-probability of a drawn token stays the unrestricted one, as a trainer recomputes it
     prompt, ids = PROMPTS[0], list(drawn.response_ids[0])
     with torch.no_grad():

@@ -38,13 +38,16 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Rollouts:
-    """P * G sampled responses; `group[i]` is the prompt index of rollout i (G consecutive per prompt)."""
+    """P * G sampled responses; `group[i]` is the prompt index of rollout i (G consecutive per prompt). `ruled[i][k]`:
+    whether checked decoding refused a token where rollout i drew token k (the rules, not the policy, chose it); None
+    without checked decoding."""
 
     group: tuple[int, ...]
     response_ids: tuple[tuple[int, ...], ...]
     logprobs: tuple[tuple[float, ...], ...]
     ended: tuple[bool, ...]
     texts: tuple[str, ...]
+    ruled: tuple[tuple[bool, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(self.group), len(self.response_ids), len(self.logprobs), len(self.ended), len(self.texts)}
@@ -53,6 +56,8 @@ class Rollouts:
         uneven = [i for i, (ids, lps) in enumerate(zip(self.response_ids, self.logprobs)) if len(ids) != len(lps)]
         if uneven:
             raise ValueError(f"Rollouts: rollouts {uneven[:5]} have a logprob count that differs from their token count")
+        if self.ruled is not None and [len(flags) for flags in self.ruled] != [len(ids) for ids in self.response_ids]:
+            raise ValueError("Rollouts: ruled flags must have one flag per response token")
 
     @classmethod
     def concatenate(cls, parts: Sequence[Rollouts], prompt_counts: Sequence[int]) -> Rollouts:
@@ -65,6 +70,7 @@ class Rollouts:
             logprobs=tuple(lps for part in parts for lps in part.logprobs),
             ended=tuple(ended for part in parts for ended in part.ended),
             texts=tuple(text for part in parts for text in part.texts),
+            ruled=tuple(flags for part in parts for flags in part.ruled) if all(part.ruled is not None for part in parts) else None,
         )
 
     def of_prompts(self, prompts: Sequence[int]) -> Rollouts:
@@ -77,6 +83,7 @@ class Rollouts:
             logprobs=tuple(self.logprobs[i] for i in rows),
             ended=tuple(self.ended[i] for i in rows),
             texts=tuple(self.texts[i] for i in rows),
+            ruled=tuple(self.ruled[i] for i in rows) if self.ruled is not None else None,
         )
 
 
@@ -115,4 +122,5 @@ class HFBackend:
         drawn = generate(self.model, self.tokenizer, expanded, max_new_tokens=sampling.max_new_tokens, batch_size=self.batch_size,
                          sampling=sampling, seed=seed, synced=self.synced, chooser=self.chooser)
         group = tuple(k for k in range(len(prompts)) for _ in range(sampling.group_size))
-        return Rollouts(group=group, response_ids=drawn.response_ids, logprobs=drawn.logprobs, ended=drawn.ended, texts=drawn.texts)
+        return Rollouts(group=group, response_ids=drawn.response_ids, logprobs=drawn.logprobs, ended=drawn.ended, texts=drawn.texts,
+                        ruled=drawn.ruled)

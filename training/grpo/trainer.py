@@ -119,6 +119,10 @@ class GRPOConfig:
         "subject match its own subjects contradict, so "
         "the outcome reward reads the values the policy wrote, as scoring with checked_verdicts labels. Validation decodes "
         "the same way.", False)
+    ruled_token_credit: bool = help_field(
+        "With checked_verdicts: the tokens the rules chose (drawn at a step where checked decoding refused a token: a yes/no, "
+        "a subject match) take their share of the advantage (true), or none, so the credit goes to what the policy decided "
+        "and those tokens move only under the KL (false).", True)
     steps: int = help_field("RL steps (one rollout batch each).", 100)
     prompts_per_step: int = help_field("Prompts per rollout batch, over all processes (each of N processes under torchrun samples "
                                        "prompts_per_step / N).", 16)
@@ -195,6 +199,8 @@ class GRPOConfig:
         except ValueError as error:
             raise ConfigError(f"graph/order: {error}") from None
         check_choices(self)  # backend, parallel
+        if not self.ruled_token_credit and not self.checked_verdicts:
+            raise ConfigError("ruled_token_credit=false needs checked_verdicts: without checked decoding no token is the rules' choice")
         if self.checked_verdicts and self.backend != "hf":
             raise ConfigError(f"checked_verdicts: rollouts under checked decoding run on backend hf, not {self.backend!r}")
         if self.checked_verdicts:
@@ -486,9 +492,23 @@ def scored_batch(state: TrainingState, examples: list[Example], rollouts: Rollou
     packed = pack_rollouts([examples[k].prompt_ids for k in rollouts.group], rollouts.response_ids, rollouts.logprobs,
                            state.tokenizer.pad_token_id)
     token_nodes, response_mask = token_node_index(node_rows, graph.node_names, packed.mask.shape[1])
+    if not state.config.ruled_token_credit:
+        response_mask &= ~ruled_tokens(rollouts, response_mask.shape[1])
     advantages = AdvantageBatch(rewards=rewards, token_nodes=token_nodes, response_mask=response_mask, group=group, graph=state.credit_graph)
     weights = torch.tensor([state.class_weights[gold[graph.label_node]] for gold in golds], dtype=torch.float32)
     return ScoredBatch(rollouts=rollouts, rewards=rewards, advantages=advantages, packed=packed.to(state.device), weights=weights)
+
+
+def ruled_tokens(rollouts: Rollouts, width: int) -> Tensor:
+    """(B, width) bool: the response tokens the rules of checked decoding chose (`Rollouts.ruled`)."""
+    import torch
+
+    if rollouts.ruled is None:
+        raise ValueError("ruled_token_credit=false: the rollouts carry no ruled flags (drawn without checked decoding)")
+    ruled = torch.zeros((len(rollouts.ruled), width), dtype=torch.bool)
+    for i, flags in enumerate(rollouts.ruled):
+        ruled[i, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
+    return ruled
 
 
 def controller_update(state: TrainingState, batch: ScoredBatch) -> dict[str, float]:

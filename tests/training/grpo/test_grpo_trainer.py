@@ -20,6 +20,7 @@ from training.grpo.trainer import (
     advantages_for,
     rollout_batch,
     rollout_rewards,
+    ruled_tokens,
     run,
     scored_batch,
     start_run,
@@ -143,6 +144,8 @@ def test_config_errors_say_how_to_fix(tmp_path):
 def test_checked_rollouts_need_the_hf_backend_and_a_graph_with_checks(tmp_path):
     with pytest.raises(ConfigError, match="checked_verdicts: rollouts under checked decoding run on backend hf, not 'vllm'"):
         GRPOConfig(backend="vllm", checked_verdicts=True)
+    with pytest.raises(ConfigError, match="ruled_token_credit=false needs checked_verdicts"):
+        GRPOConfig(ruled_token_credit=False)
     from training_world import unruled_graph
 
     PolicyFormat(graph=str(unruled_graph(tmp_path)), label_set="wands", order="label_first", prompt_tokens=40).save(tmp_path)
@@ -171,6 +174,22 @@ def test_checked_rollouts_never_write_a_wrong_verdict(vllm_checks_policy, tiny_w
 
     assert wrong_verdicts(HFBackend(model, tokenizer)) > 0
     assert wrong_verdicts(HFBackend(model, tokenizer, chooser=CheckedVerdicts(tokenizer, rules))) == 0
+
+
+def test_without_ruled_token_credit_the_tokens_the_rules_chose_take_no_advantage(vllm_checks_policy, tiny_world, tmp_path):
+    """grpo's advantage is the group's normalised outcome on every token; with ruled_token_credit=false the same rollouts
+    keep it everywhere but on the yes/no and subject-match tokens checked decoding chose."""
+    advantages = {}
+    for credit in (True, False):
+        state = start_run(_config(tiny_world, vllm_checks_policy, tmp_path / str(credit), estimator="grpo", checked_verdicts=True,
+                                  ruled_token_credit=credit, max_new_tokens=96, prompts_per_step=8, temperature=0.7))  # cooler: well-formed CoTs whose outcomes differ
+        examples, rollouts = rollout_batch(state, 0)
+        advantages[credit] = (rollouts, advantages_for(state, scored_batch(state, examples, rollouts))[0])
+    (rollouts, credited), (same_rollouts, uncredited) = advantages[True], advantages[False]
+    assert same_rollouts.texts == rollouts.texts
+    ruled = ruled_tokens(rollouts, credited.shape[1])
+    assert ruled.any() and credited[ruled].abs().sum() > 0
+    assert uncredited[ruled].abs().sum() == 0 and torch.equal(uncredited[~ruled], credited[~ruled])
 
 
 def test_start_policy_format_is_used_and_a_contradiction_is_refused(tmp_path):
