@@ -130,10 +130,11 @@ def vllm_policy(tiny_world, tmp_path_factory) -> Path:
     from training.model import ModelInitConfig, init_tiny_model
     from training.sft import SFTConfig, run
 
-    # 2 layers x 128 (head size 32): the smallest shape vLLM's CPU attention runs, trained as briefly as before
+    # 2 layers x 128 (head size 32): the smallest shape vLLM's CPU attention runs; 400 steps, since at 250 an AVX-512 CPU's
+    # numerics left it writing CoTs that ran past the token budget (session 24)
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base"), num_layers=2, intermediate_size=256))
     out = tmp_path_factory.mktemp("vllm_sft")
-    run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=250, warmup_steps=10, lr=1e-2, val_items=4,
+    run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2, val_items=4,
                   max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"
 
@@ -147,7 +148,7 @@ def vllm_checks_policy(tiny_world, tmp_path_factory) -> Path:
 
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_checks_base"), num_layers=2, intermediate_size=256))
     out = tmp_path_factory.mktemp("vllm_checks_sft")
-    run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance8", order="product_first", batch_size=8, max_steps=250, warmup_steps=10,
+    run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance8", order="product_first", batch_size=8, max_steps=400, warmup_steps=10,
                   lr=1e-2, val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
     return out / "model"
 

@@ -182,7 +182,7 @@ def test_without_ruled_token_credit_the_tokens_the_rules_chose_take_no_advantage
     advantages = {}
     for credit in (True, False):
         state = start_run(_config(tiny_world, vllm_checks_policy, tmp_path / str(credit), estimator="grpo", checked_verdicts=True,
-                                  ruled_token_credit=credit, max_new_tokens=96, prompts_per_step=8, temperature=0.7))  # cooler: well-formed CoTs whose outcomes differ
+                                  ruled_token_credit=credit, max_new_tokens=96, prompts_per_step=8, temperature=1.0))
         examples, rollouts = rollout_batch(state, 0)
         advantages[credit] = (rollouts, advantages_for(state, scored_batch(state, examples, rollouts))[0])
     (rollouts, credited), (same_rollouts, uncredited) = advantages[True], advantages[False]
