@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/checked_decoding.py [--root demo_output] [--policy DIR] [--pairs 600] [--repeats 3]
         [--backends hf vllm] [--threads 2]
 
-The first `--pairs` test pairs of a demo root (whole queries, key order) are scored with full CoT (`reasoning=all`)
+`--pairs` test pairs of a demo root (whole queries, a fixed sample: `training.examples.whole_queries`) are scored with full CoT (`reasoning=all`)
 through each backend's `Scorer`, with `checked_verdicts` off and on, the two alternating within each repeat after one
 warm-up call of each, so both see the same machine. Throughput is pairs/s of the fastest repeat; the ratio
 checked / plain is the figure to read. One vLLM engine serves both settings (it is built with the checked-decoding
@@ -31,12 +31,10 @@ DAY = dt.date(2024, 1, 1)
 
 
 def test_pairs(datasets: Path, label_set: str, count: int) -> list[dict]:
-    from training.examples import load_pairs
+    from training.examples import load_pairs, whole_queries
 
-    pairs = load_pairs(datasets, label_set, "test")
-    last_query = pairs[min(count, len(pairs)) - 1]["query_id"]
     return [{**{key: value for key, value in pair.items() if key != "gold"}, "product_content_hash": "benchmark"}
-            for pair in pairs if pair["query_id"] <= last_query]
+            for pair in whole_queries(load_pairs(datasets, label_set, "test"), count)]
 
 
 def timed(scorer, pairs: list[dict]) -> tuple[float, list[dict]]:

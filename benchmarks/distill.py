@@ -6,8 +6,8 @@ From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), t
 with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
 (the default heads and node tables) with the default mix of teacher and gold targets, the same student
 by pure distillation (`gold_weight=0`: it never sees a gold label, so its quality is the teacher's to
-pass on), and the single-head student (y only). Then, on the same test pairs (whole queries,
-in key order): macro-F1, accuracy and per-class F1 of the teacher (its label distribution read by
+pass on), and the single-head student (y only). Then, on the same test pairs (whole queries, a fixed
+sample across the split): macro-F1, accuracy and per-class F1 of the teacher (its label distribution read by
 teacher forcing, `training.predict.relevance_rows`, label-first fast path), of the students and the
 share of the teacher's macro-F1 each keeps; the students' node accuracy; the pure student served with
 its node tables switched off (all, then all but one: what each table adds); and throughput in
@@ -44,7 +44,7 @@ from machine import load_average  # noqa: E402
 from schemas.config import config_to_dict  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph  # noqa: E402
 from training.distill import TEACHER_CACHE, DistillConfig, run  # noqa: E402
-from training.examples import load_pairs  # noqa: E402
+from training.examples import load_pairs, whole_queries  # noqa: E402
 from training.policy_format import PolicyFormat  # noqa: E402
 from training.student import OnnxStudent, default_encoder, export_onnx, load_student, product_text, quantize_onnx, student_rows  # noqa: E402
 
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--train-batch-size", type=int, default=DistillConfig().batch_size)
     parser.add_argument("--warmup-steps", type=int, default=DistillConfig().warmup_steps)
     parser.add_argument("--val-items", type=int, default=DistillConfig().val_items)
-    parser.add_argument("--test-pairs", type=int, default=1000, help="test pairs (whole queries, in key order; 0: all)")
+    parser.add_argument("--test-pairs", type=int, default=1000, help="test pairs (whole queries, a fixed sample: training.examples.whole_queries; 0: all)")
     parser.add_argument("--batch-size", type=int, default=64, help="inference batch size of every scorer")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per scorer (the best counts)")
     parser.add_argument("--threads", type=int, default=2)
@@ -165,10 +165,7 @@ def main() -> None:
         summary = run(config)
         runs[name] = {**summary, "load_before": load_before, "load_after": load_average()}
 
-    pairs = load_pairs(args.root / "datasets", labels.name, "test")
-    if args.test_pairs and len(pairs) > args.test_pairs:
-        last_query = pairs[args.test_pairs - 1]["query_id"]
-        pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
+    pairs = whole_queries(load_pairs(args.root / "datasets", labels.name, "test"), args.test_pairs)
     gold = [pair["gold"][graph.label_node] for pair in pairs]
     config = configs["student_multi_head"]
 

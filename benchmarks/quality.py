@@ -1,6 +1,6 @@
 """Where a policy's labels are lost: its greedy CoTs against gold, and against its own extracted nodes.
 
-    .venv/bin/python benchmarks/quality.py --demo demo_output [--split test] [--policies sft grpo] [--unseen other_world/datasets]
+    .venv/bin/python benchmarks/quality.py --demo demo_output [--split test] [--policies sft grpo] [--unseen other_world/datasets] [--checked-verdicts]
     .venv/bin/python benchmarks/quality.py --data datasets --policy sft=runs/sft/model --policy rf=runs/rf/model [--unseen ...]
     .venv/bin/python benchmarks/quality.py --curves runs/sft_a runs/sft_b   # SFT runs trained with eval_every
 
@@ -51,7 +51,7 @@ from evaluation.metrics import label_scores  # noqa: E402
 from jobs.world.reading import QueryReader  # noqa: E402
 from jobs.world.vocabulary import load_vocabulary  # noqa: E402
 from schemas.graph import LabelSet, ReasoningGraph, attribute_match, parse_facets  # noqa: E402
-from training.cot import COT_TOKEN_BUDGET, node_correct, parse_cot  # noqa: E402
+from training.cot import COT_TOKEN_BUDGET, CheckedVerdicts, checked_rules, node_correct, parse_cot  # noqa: E402
 from training.decoding import generate  # noqa: E402
 from training.examples import encode_example, load_pairs  # noqa: E402
 from training.model import load_model  # noqa: E402
@@ -161,7 +161,7 @@ class Policy:
                    model.to(device), tokenizer)
 
 
-def throughput(policy: Policy, pairs: list[dict], batch_size: int) -> float:
+def throughput(policy: Policy, pairs: list[dict], batch_size: int, checked_verdicts: bool = False) -> float:
     """Pairs/s of the nightly scoring path (label distribution, no reasoning kept) on `pairs`, prompts built from text."""
     import datetime as dt
     import time
@@ -171,17 +171,20 @@ def throughput(policy: Policy, pairs: list[dict], batch_size: int) -> float:
     started = time.perf_counter()
     prompts = pair_prompts(policy.tokenizer, pairs, policy.format.prompt_tokens)
     relevance_rows(policy.model, policy.tokenizer, pairs, prompts, policy.graph, policy.labels, policy.format.order, reasoning="none",
-                   model_name="bench", model_version="bench", ds=dt.date.today(), batch_size=batch_size)
+                   model_name="bench", model_version="bench", ds=dt.date.today(), batch_size=batch_size, checked_verdicts=checked_verdicts)
     return len(pairs) / (time.perf_counter() - started)
 
 
 def diagnose(policy: Policy, data: Path, split: str, related: set[tuple[str, str]], batch_size: int, max_new_tokens: int,
-             reader: QueryReader, train_surfaces: Counter) -> dict:
-    """Node accuracy, contradictions, the composed label and what stops `qa`, for one policy's greedy CoTs on `split`."""
+             reader: QueryReader, train_surfaces: Counter, checked_verdicts: bool = False) -> dict:
+    """Node accuracy, contradictions, the composed label and what stops `qa`, for one policy's greedy CoTs on `split`
+    (with `checked_verdicts`, decoded as the nightly labels are: `training.cot.CheckedVerdicts`)."""
     policy_format, graph, labels, model, tokenizer = policy.format, policy.graph, policy.labels, policy.model, policy.tokenizer
     pairs = load_pairs(data, policy_format.label_set, split)
     examples = [encode_example(pair, tokenizer, graph, policy_format.order, policy_format.prompt_tokens) for pair in pairs]
-    generations = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    chooser = CheckedVerdicts(tokenizer, checked_rules(graph)) if checked_verdicts else None
+    generations = generate(model, tokenizer, [e.prompt_ids for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           chooser=chooser)
     parsed = [parse_cot(text, graph, policy_format.order, labels.names, "strict") for text in generations.texts]
     golds = [pair["gold"] for pair in pairs]
     n = len(pairs)
@@ -203,7 +206,7 @@ def diagnose(policy: Policy, data: Path, split: str, related: set[tuple[str, str
     composed = [implied_label(o["ms"], o["ma"], labels) for o in own]  # the label its own extraction implies
     ms_confusion = Counter((g["ms"], p.get("ms")) for p, g in zip(parsed, golds))
     return {
-        "policy": str(policy.folder), "format": policy_format.__dict__, "pairs": n,
+        "policy": str(policy.folder), "format": policy_format.__dict__, "checked_verdicts": checked_verdicts, "pairs": n,
         "parse_rate": sum(p.well_formed for p in parsed) / n,
         "label_macro_f1": float(label_scores(gold_labels, predicted, labels.names).macro_f1),
         "label_accuracy": sum(a == b for a, b in zip(predicted, gold_labels)) / n,
@@ -233,7 +236,8 @@ def machine(device: str) -> str:
 def markdown(result: dict) -> str:
     nodes = [node for node in ("qs", "ps", "qa", "pa", "ac", "ms", "ma", "y") if any(node in run["node_accuracy"] for run in result["policies"].values())]
     lines = [f"# Quality diagnosis ({result['split']} split of `{result['data']}`, {result['machine']})", "",
-             "Greedy CoTs of each policy, parsed strictly, against gold and against the policy's own extraction "
+             "Greedy CoTs of each policy" + (" under checked decoding" if result.get("checked_verdicts") else "")
+             + ", parsed strictly, against gold and against the policy's own extraction "
              "(`benchmarks/quality.py`; the module docstring defines every column).", "",
              "| policy | order | parse | macro-F1 | composed macro-F1 | " + " | ".join(f"acc {n}" for n in nodes)
              + " | ms contradicts own qs/ps | ma contradicts own qa/pa | y contradicts own ms/ma | ms wrong with qs, ps right |",
@@ -328,6 +332,9 @@ def main() -> None:
     parser.add_argument("--curves", type=Path, nargs="+", help="SFT run folders trained with eval_every: plot their validation curves.")
     parser.add_argument("--keep-previous", action="store_true", help="with --curves: keep the runs already in quality_curves.json")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--checked-verdicts", action="store_true",
+                        help="decode as the nightly labels do: each attribute check's yes/no and the subject match computed from the "
+                             "values the policy wrote")
     parser.add_argument("--policies", nargs="+", default=["sft", "grpo"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=COT_TOKEN_BUDGET)
@@ -349,18 +356,20 @@ def main() -> None:
     vocabulary = load_vocabulary()
     related = {(a, b) for a, row in zip(vocabulary.type_names, vocabulary.related) for b, is_related in zip(vocabulary.type_names, row)
                if is_related}
-    result = {"data": str(data), "split": args.split, "unseen": str(args.unseen) if args.unseen else None, "policies": {}}
+    result = {"data": str(data), "split": args.split, "unseen": str(args.unseen) if args.unseen else None,
+              "checked_verdicts": args.checked_verdicts, "policies": {}}
     label_set = (PolicyFormat.load(Path(next(iter(policies.values())))) or PolicyFormat()).label_set
     reader = QueryReader(vocabulary)
     train_surfaces = training_surfaces(reader, data, label_set)  # the policies' training queries, also for --unseen
     timed = load_pairs(data, label_set, args.split)[: args.throughput_pairs]
     for name, folder in policies.items():
         policy = Policy.load(Path(folder), args.device)
-        run = diagnose(policy, data, args.split, related, args.batch_size, args.max_new_tokens, reader, train_surfaces)
-        run["throughput_pairs_per_s"] = throughput(policy, timed, args.batch_size)
+        run = diagnose(policy, data, args.split, related, args.batch_size, args.max_new_tokens, reader, train_surfaces, args.checked_verdicts)
+        run["throughput_pairs_per_s"] = throughput(policy, timed, args.batch_size, args.checked_verdicts)
         run["throughput_load_average"] = round(os.getloadavg()[0], 2)  # timings compare only on a quiet machine
         if args.unseen:
-            run["unseen"] = diagnose(policy, args.unseen, "test", related, args.batch_size, args.max_new_tokens, reader, train_surfaces)
+            run["unseen"] = diagnose(policy, args.unseen, "test", related, args.batch_size, args.max_new_tokens, reader, train_surfaces,
+                                     args.checked_verdicts)
         result["policies"][name] = run
     result["machine"] = machine(args.device)
     args.results.mkdir(parents=True, exist_ok=True)

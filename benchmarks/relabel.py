@@ -6,8 +6,8 @@ them all against the noise-free gold in one `relevance evaluate` run (paired que
 
 Each NAME=POLICY_DIR is labelled once per `--decoding` (checked tables are named NAME_checked) into WORK/models; a
 NAME=@TABLE is a relevance table labelled before, evaluated as it is. The first labeller is the baseline. The pairs are
-DEMO/datasets' test split, whole queries in key order (what `make demo` and benchmarks/credit_assignment.py label),
-the gold DEMO/evaluation_gold; the report is WORK/evaluation (report.md, metrics.json). Nothing is trained, so a
+DEMO/datasets' test split, whole queries as `training.examples.whole_queries` samples them (what `make demo` and
+benchmarks/credit_assignment.py label), the gold DEMO/evaluation_gold; the report is WORK/evaluation (report.md, metrics.json). Nothing is trained, so a
 policy labelled twice labels the same.
 """
 

@@ -9,6 +9,7 @@ advantages both read it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +66,26 @@ def load_pairs(data: Path, label_set: str, split: str) -> list[dict]:
     if len(pairs) < len(chosen):
         log.warning("%s: %d of %d %s rows have no gold nodes (weak labels) and are skipped", data, len(chosen) - len(pairs), len(chosen), split)
     return pairs
+
+
+def whole_queries(pairs: Sequence[dict], max_pairs: int) -> list[dict]:
+    """The pairs of whole queries drawn in a fixed pseudo-random order (SHA-256 of the query id) until they hold at least
+    `max_pairs` pairs (0: every pair), in their original order. Not the first queries in key order: the synthetic world
+    numbers its queries by popularity, fewest constraints first, so a key-order prefix of the test split is its head
+    queries only (the demo's first 2000 test pairs: `qa` 0.875 against 0.538 on the other half)."""
+    if not max_pairs or len(pairs) <= max_pairs:
+        return list(pairs)
+    queries = sorted({pair["query_id"] for pair in pairs}, key=lambda query: hashlib.sha256(query.encode()).hexdigest())
+    per_query: dict[str, int] = {}
+    for pair in pairs:
+        per_query[pair["query_id"]] = per_query.get(pair["query_id"], 0) + 1
+    kept, count = set(), 0
+    for query in queries:
+        if count >= max_pairs:
+            break
+        kept.add(query)
+        count += per_query[query]
+    return [pair for pair in pairs if pair["query_id"] in kept]
 
 
 def prompt_ids(tokenizer, prompt_text: str) -> list[int]:

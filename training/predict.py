@@ -315,10 +315,10 @@ def score_split(
     """RELEVANCE rows for one split of `training_examples` under `data`, scored by the policy in `model_dir` in its own format
     (`policy.json`: graph, label set, order, prompt budget).
 
-    `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair. `checked_verdicts`: see
-    `relevance_rows`.
+    `max_pairs` keeps whole queries up to that many pairs, a fixed sample across the split (`training.examples.whole_queries`); 0
+    keeps every pair. `checked_verdicts`: see `relevance_rows`.
     """
-    from training.examples import load_pairs
+    from training.examples import load_pairs, whole_queries
     from training.model import load_model
     from training.model_files import model_version
     from training.policy_format import resolve_format
@@ -326,9 +326,7 @@ def score_split(
     policy = resolve_format(model_dir)
     model, tokenizer = load_model(model_dir)
     pairs = load_pairs(Path(data), policy.label_set, split)
-    if max_pairs and len(pairs) > max_pairs:
-        last_query = pairs[max_pairs - 1]["query_id"]
-        pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
+    pairs = whole_queries(pairs, max_pairs)
     prompts = pair_prompts(tokenizer, pairs, policy.prompt_tokens)
     version = model_version(model_dir)
     return relevance_rows(

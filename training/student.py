@@ -332,17 +332,16 @@ def student_rows(model: MultiHeadStudent | OnnxStudent, tokenizer, pairs: Sequen
 def score_split(folder: str | Path, data: str | Path, split: str, *, model_name: str, max_pairs: int = 0, batch_size: int = 64) -> pa.Table:
     """RELEVANCE rows for one split of `training_examples` under `data`, scored by the student in `folder`.
 
-    `max_pairs` keeps whole queries (in key order) up to that many pairs; 0 keeps every pair.
+    `max_pairs` keeps whole queries up to that many pairs, a fixed sample across the split (`training.examples.whole_queries`); 0
+    keeps every pair.
     """
-    from training.examples import load_pairs
+    from training.examples import load_pairs, whole_queries
     from training.model_files import model_version
 
     model, tokenizer, meta = load_student(folder)
     labels, graph = LabelSet.load(meta["label_set"]), ReasoningGraph.load(meta["graph"])
     pairs = load_pairs(Path(data), labels.name, split)
-    if max_pairs and len(pairs) > max_pairs:
-        last_query = pairs[max_pairs - 1]["query_id"]
-        pairs = [pair for pair in pairs if pair["query_id"] <= last_query]
+    pairs = whole_queries(pairs, max_pairs)
     version = model_version(folder)
     return student_rows(model, tokenizer, pairs, labels, graph.label_node, max_length=meta["max_length"], model_name=model_name,
                         model_version=version, ds=dt.date.today(), batch_size=batch_size, progress=f"{model_name}: label the {split} split")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from schemas.graph import ReasoningGraph
 from training.cot import SEPARATOR, node_spans, render_cot, token_nodes
-from training.examples import encode_example, load_pairs, streamed_prefix_lengths, token_node_map
+from training.examples import encode_example, load_pairs, streamed_prefix_lengths, token_node_map, whole_queries
 
 GRAPH = ReasoningGraph.load("relevance7")
 ORDERS = ("label_first", "reasoning_first")
@@ -95,3 +95,15 @@ def test_encoded_targets_end_in_eos_with_no_node(tiny_world, tokenizer):
     assert example.target_ids[-1] == tokenizer.eos_token_id and example.target_nodes[-1] is None
     assert len(example.target_nodes) == len(example.target_ids) and example.target_nodes[0] == GRAPH.label_node
     assert example.prompt_ids[-1] != tokenizer.eos_token_id and example.gold == pair["gold"]
+
+
+def test_a_sample_of_whole_queries_spans_the_split_not_its_key_order_head():
+    # queries numbered by popularity, as the world numbers them: a key-order prefix would be the head only
+    pairs = [{"query_id": f"q{query:04d}", "product_id": f"p{product}"} for query in range(200) for product in range(query % 7 + 1)]
+    sample = whole_queries(pairs, 300)
+    kept = {pair["query_id"] for pair in sample}
+    assert sample == [pair for pair in pairs if pair["query_id"] in kept]  # whole queries, in the split's order
+    assert 300 <= len(sample) < 300 + 7  # stops at the first query that reaches the count
+    assert min(kept) < "q0050" and max(kept) >= "q0150"  # from both ends of the key range
+    assert whole_queries(list(reversed(pairs)), 300) == list(reversed(sample))  # the choice depends on ids, not on order
+    assert whole_queries(pairs, 0) == pairs and whole_queries(pairs, len(pairs)) == pairs
