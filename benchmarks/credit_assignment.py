@@ -38,13 +38,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.relabel import write_scored_gold  # noqa: E402
 from schemas.config import config_to_dict, load_config  # noqa: E402
 from schemas.graph import ReasoningGraph  # noqa: E402
-from schemas.storage import read_table, write_table  # noqa: E402
-from schemas.tables import GOLD_NODES, RELEVANCE  # noqa: E402
+from schemas.storage import write_table  # noqa: E402
+from schemas.tables import RELEVANCE  # noqa: E402
 from training.grpo.estimators import ESTIMATORS  # noqa: E402
 from training.grpo.trainer import GRPOConfig  # noqa: E402
 from training.grpo.trainer import run as train_grpo  # noqa: E402
@@ -135,13 +135,9 @@ def evaluate_all(predictions: dict[str, Path], world: Path, work: Path, report: 
     from evaluation.command import EvaluateConfig
     from evaluation.command import run as evaluate
 
-    first = read_table(RELEVANCE, next(iter(predictions.values())))
-    scored = set(zip(first["query_id"].to_pylist(), first["product_id"].to_pylist()))
-    gold = read_table(GOLD_NODES, world)
-    keys = zip(gold["query_id"].to_pylist(), gold["product_id"].to_pylist())
-    write_table(GOLD_NODES, gold.filter(pa.array([key in scored for key in keys])), work / "evaluation_gold")
+    gold = write_scored_gold(next(iter(predictions.values())), world, work / "evaluation_gold")
     result = evaluate(EvaluateConfig(predictions={name: str(path) for name, path in predictions.items()}, gold_source="nodes",
-                                     gold_nodes=str(work / "evaluation_gold"), queries=str(world), catalog=str(world),
+                                     gold_nodes=str(gold), queries=str(world), catalog=str(world),
                                      out=str(work / report)))
     table = {}
     for model in result.models:

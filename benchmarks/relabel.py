@@ -1,4 +1,4 @@
-"""Label the first test pairs of a demo root with trained policies, as written and under checked decoding, and score
+"""Label test pairs of a demo root with trained policies, as written and under checked decoding, and score
 them all against the noise-free gold in one `relevance evaluate` run (paired query-bootstrap comparisons with the first).
 
     .venv/bin/python benchmarks/relabel.py --root DEMO --out WORK [--pairs 2000] [--decoding plain checked]
@@ -7,8 +7,9 @@ them all against the noise-free gold in one `relevance evaluate` run (paired que
 Each NAME=POLICY_DIR is labelled once per `--decoding` (checked tables are named NAME_checked) into WORK/models; a
 NAME=@TABLE is a relevance table labelled before, evaluated as it is. The first labeller is the baseline. The pairs are
 DEMO/datasets' test split, whole queries as `training.examples.whole_queries` samples them (what `make demo` and
-benchmarks/credit_assignment.py label), the gold DEMO/evaluation_gold; the report is WORK/evaluation (report.md, metrics.json). Nothing is trained, so a
-policy labelled twice labels the same.
+benchmarks/credit_assignment.py label), the gold the world's nodes of the labelled pairs (WORK/evaluation_gold: not the
+demo's own, which holds the pairs its version sampled); the report is WORK/evaluation (report.md, metrics.json). Nothing
+is trained, so a policy labelled twice labels the same.
 """
 
 from __future__ import annotations
@@ -19,19 +20,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pyarrow as pa  # noqa: E402
+
 from evaluation.command import EvaluateConfig, run  # noqa: E402
-from schemas.storage import write_table  # noqa: E402
-from schemas.tables import RELEVANCE  # noqa: E402
+from schemas.storage import read_table, write_table  # noqa: E402
+from schemas.tables import GOLD_NODES, RELEVANCE  # noqa: E402
 from training.predict import score_split  # noqa: E402
 
 DECODINGS = ("plain", "checked")
 
 
+def write_scored_gold(predictions: Path, world: Path, target: Path) -> Path:
+    """The world's gold nodes of the pairs the relevance table `predictions` labelled, written to `target`."""
+    first = read_table(RELEVANCE, predictions)
+    scored = set(zip(first["query_id"].to_pylist(), first["product_id"].to_pylist()))
+    gold = read_table(GOLD_NODES, world)
+    keys = zip(gold["query_id"].to_pylist(), gold["product_id"].to_pylist())
+    write_table(GOLD_NODES, gold.filter(pa.array([key in scored for key in keys])), target)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True, help="demo root: datasets/, world/, evaluation_gold/")
+    parser.add_argument("--root", type=Path, required=True, help="demo root: datasets/, world/")
     parser.add_argument("--out", type=Path, required=True, help="work folder: models/ (one relevance table each), evaluation/")
-    parser.add_argument("--pairs", type=int, default=2000, help="first test pairs labelled (whole queries)")
+    parser.add_argument("--pairs", type=int, default=2000, help="test pairs labelled (whole queries, training.examples.whole_queries)")
     parser.add_argument("--decoding", nargs="+", choices=DECODINGS, default=list(DECODINGS))
     parser.add_argument("--batch-size", type=int, default=256, help="prompts decoded at once")
     parser.add_argument("labellers", nargs="+", metavar="NAME=POLICY_DIR|NAME=@TABLE")
@@ -50,7 +63,8 @@ def main() -> None:
                                batch_size=args.batch_size, checked_verdicts=decoding == "checked")
             write_table(RELEVANCE, rows, args.out / "models" / label)
             tables[label] = str(args.out / "models" / label)
-    run(EvaluateConfig(predictions=tables, baseline=next(iter(tables)), gold_source="nodes", gold_nodes=str(args.root / "evaluation_gold"),
+    gold = write_scored_gold(Path(next(iter(tables.values()))), args.root / "world", args.out / "evaluation_gold")
+    run(EvaluateConfig(predictions=tables, baseline=next(iter(tables)), gold_source="nodes", gold_nodes=str(gold),
                        queries=str(args.root / "world"), catalog=str(args.root / "world"), label_set="wands", out=str(args.out / "evaluation")))
     print(f"wrote {args.out / 'evaluation' / 'report.md'}")
 
