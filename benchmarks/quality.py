@@ -236,7 +236,7 @@ def machine(device: str) -> str:
 def markdown(result: dict) -> str:
     nodes = [node for node in ("qs", "ps", "qa", "pa", "ac", "ms", "ma", "y") if any(node in run["node_accuracy"] for run in result["policies"].values())]
     lines = [f"# Quality diagnosis ({result['split']} split of `{result['data']}`, {result['machine']})", "",
-             "Greedy CoTs of each policy" + (" under checked decoding" if result.get("checked_verdicts") else "")
+             "Greedy CoTs of each policy" + (" under checked decoding" if result["checked_verdicts"] else "")
              + ", parsed strictly, against gold and against the policy's own extraction "
              "(`benchmarks/quality.py`; the module docstring defines every column).", "",
              "| policy | order | parse | macro-F1 | composed macro-F1 | " + " | ".join(f"acc {n}" for n in nodes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -75,16 +76,13 @@ def whole_queries(pairs: Sequence[dict], max_pairs: int) -> list[dict]:
     queries only (the demo's first 2000 test pairs: `qa` 0.875 against 0.538 on the other half)."""
     if not max_pairs or len(pairs) <= max_pairs:
         return list(pairs)
-    queries = sorted({pair["query_id"] for pair in pairs}, key=lambda query: hashlib.sha256(query.encode()).hexdigest())
-    per_query: dict[str, int] = {}
-    for pair in pairs:
-        per_query[pair["query_id"]] = per_query.get(pair["query_id"], 0) + 1
+    sizes = Counter(pair["query_id"] for pair in pairs)
     kept, count = set(), 0
-    for query in queries:
+    for query in sorted(sizes, key=lambda query: hashlib.sha256(query.encode()).hexdigest()):
         if count >= max_pairs:
             break
         kept.add(query)
-        count += per_query[query]
+        count += sizes[query]
     return [pair for pair in pairs if pair["query_id"] in kept]
 
 
