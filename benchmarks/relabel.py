@@ -2,10 +2,11 @@
 them all against the noise-free gold in one `relevance evaluate` run (paired query-bootstrap comparisons with the first).
 
     .venv/bin/python benchmarks/relabel.py --root DEMO --out WORK [--pairs 2000] [--decoding plain checked]
-        [--batch-size 256] NAME=POLICY_DIR [NAME=@RELEVANCE_TABLE ...]
+        [--batch-size 256] NAME=POLICY_DIR [NAME=STUDENT_DIR] [NAME=@RELEVANCE_TABLE ...]
 
 Each NAME=POLICY_DIR is labelled once per `--decoding` (checked tables are named NAME_checked) into WORK/models; a
-NAME=@TABLE is a relevance table labelled before, evaluated as it is. The first labeller is the baseline. The pairs are
+distilled student's folder (it holds student.json) once, by its heads; a NAME=@TABLE is a relevance table labelled
+before, evaluated as it is. The first labeller is the baseline. The pairs are
 DEMO/datasets' test split, whole queries as `training.examples.whole_queries` samples them (what `make demo` and
 benchmarks/credit_assignment.py label), the gold the world's nodes of the labelled pairs (WORK/evaluation_gold: not the
 demo's own, which holds the pairs its version sampled); the report is WORK/evaluation (report.md, metrics.json). Nothing
@@ -25,6 +26,8 @@ import pyarrow as pa  # noqa: E402
 from evaluation.command import EvaluateConfig, run  # noqa: E402
 from schemas.storage import read_table, write_table  # noqa: E402
 from schemas.tables import GOLD_NODES, RELEVANCE  # noqa: E402
+from training import student  # noqa: E402
+from training.policy_format import STUDENT_FILE  # noqa: E402
 from training.predict import score_split  # noqa: E402
 
 DECODINGS = ("plain", "checked")
@@ -47,15 +50,20 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2000, help="test pairs labelled (whole queries, training.examples.whole_queries)")
     parser.add_argument("--decoding", nargs="+", choices=DECODINGS, default=list(DECODINGS))
     parser.add_argument("--batch-size", type=int, default=256, help="prompts decoded at once")
-    parser.add_argument("labellers", nargs="+", metavar="NAME=POLICY_DIR|NAME=@TABLE")
+    parser.add_argument("labellers", nargs="+", metavar="NAME=POLICY_DIR|NAME=STUDENT_DIR|NAME=@TABLE")
     args = parser.parse_args()
     tables = {}
     for spec in args.labellers:
         name, equals, folder = spec.partition("=")
         if not (name and equals and folder):
-            parser.error(f"{spec!r}: write NAME=POLICY_DIR or NAME=@RELEVANCE_TABLE")
+            parser.error(f"{spec!r}: write NAME=POLICY_DIR, NAME=STUDENT_DIR or NAME=@RELEVANCE_TABLE")
         if folder.startswith("@"):
             tables[name] = folder[1:]
+            continue
+        if (Path(folder) / STUDENT_FILE).exists():
+            rows = student.score_split(folder, args.root / "datasets", "test", model_name=name, max_pairs=args.pairs)
+            write_table(RELEVANCE, rows, args.out / "models" / name)
+            tables[name] = str(args.out / "models" / name)
             continue
         for decoding in args.decoding:
             label = f"{name}_checked" if decoding == "checked" else name
