@@ -21,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-
 from evaluation.command import EvaluateConfig, run  # noqa: E402
+from evaluation.inputs import rows_on_pairs  # noqa: E402
 from schemas.storage import read_table, write_table  # noqa: E402
 from schemas.tables import GOLD_NODES, RELEVANCE  # noqa: E402
 from training import student  # noqa: E402
@@ -35,11 +34,7 @@ DECODINGS = ("plain", "checked")
 
 def write_scored_gold(predictions: Path, world: Path, target: Path) -> Path:
     """The world's gold nodes of the pairs the relevance table `predictions` labelled, written to `target`."""
-    first = read_table(RELEVANCE, predictions)
-    scored = set(zip(first["query_id"].to_pylist(), first["product_id"].to_pylist()))
-    gold = read_table(GOLD_NODES, world)
-    keys = zip(gold["query_id"].to_pylist(), gold["product_id"].to_pylist())
-    write_table(GOLD_NODES, gold.filter(pa.array([key in scored for key in keys])), target)
+    write_table(GOLD_NODES, rows_on_pairs(read_table(GOLD_NODES, world), read_table(RELEVANCE, predictions)), target)
     return target
 
 
@@ -49,10 +44,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="work folder: models/ (one relevance table each), evaluation/")
     parser.add_argument("--pairs", type=int, default=2000, help="test pairs labelled (whole queries, training.examples.whole_queries)")
     parser.add_argument("--decoding", nargs="+", choices=DECODINGS, default=list(DECODINGS))
-    parser.add_argument("--batch-size", type=int, default=256, help="prompts decoded at once")
+    parser.add_argument("--batch-size", type=int, default=256, help="prompts a policy decodes at once (a student scores 64 pairs at once, its own default)")
     parser.add_argument("labellers", nargs="+", metavar="NAME=POLICY_DIR|NAME=STUDENT_DIR|NAME=@TABLE")
     args = parser.parse_args()
     tables = {}
+
+    def keep(label: str, rows) -> None:
+        write_table(RELEVANCE, rows, args.out / "models" / label)
+        tables[label] = str(args.out / "models" / label)
+
     for spec in args.labellers:
         name, equals, folder = spec.partition("=")
         if not (name and equals and folder):
@@ -61,16 +61,12 @@ def main() -> None:
             tables[name] = folder[1:]
             continue
         if (Path(folder) / STUDENT_FILE).exists():
-            rows = student.score_split(folder, args.root / "datasets", "test", model_name=name, max_pairs=args.pairs)
-            write_table(RELEVANCE, rows, args.out / "models" / name)
-            tables[name] = str(args.out / "models" / name)
+            keep(name, student.score_split(folder, args.root / "datasets", "test", model_name=name, max_pairs=args.pairs))
             continue
         for decoding in args.decoding:
             label = f"{name}_checked" if decoding == "checked" else name
-            rows = score_split(Path(folder), args.root / "datasets", "test", reasoning="all", model_name=label, max_pairs=args.pairs,
-                               batch_size=args.batch_size, checked_verdicts=decoding == "checked")
-            write_table(RELEVANCE, rows, args.out / "models" / label)
-            tables[label] = str(args.out / "models" / label)
+            keep(label, score_split(Path(folder), args.root / "datasets", "test", reasoning="all", model_name=label, max_pairs=args.pairs,
+                                    batch_size=args.batch_size, checked_verdicts=decoding == "checked"))
     gold = write_scored_gold(Path(next(iter(tables.values()))), args.root / "world", args.out / "evaluation_gold")
     run(EvaluateConfig(predictions=tables, baseline=next(iter(tables)), gold_source="nodes", gold_nodes=str(gold),
                        queries=str(args.root / "world"), catalog=str(args.root / "world"), label_set="wands", out=str(args.out / "evaluation")))

@@ -143,6 +143,14 @@ def _map_entries(column: pa.ChunkedArray) -> pd.DataFrame:
 # ---------------------------------------------------------------- gold
 
 
+def rows_on_pairs(table: pa.Table, labelled: pa.Table) -> pa.Table:
+    """The rows of `table` whose (query_id, product_id) pair `labelled` has: gold or judgments cut to the pairs a
+    labeller scored, so its uncovered count means what it says."""
+    pairs = set(zip(labelled["query_id"].to_pylist(), labelled["product_id"].to_pylist()))
+    keys = zip(table["query_id"].to_pylist(), table["product_id"].to_pylist())
+    return table.filter(pa.array([key in pairs for key in keys], pa.bool_()))
+
+
 def majority_labels(judgments: pd.DataFrame, label_set: LabelSet) -> pd.DataFrame:
     """One label per pair by majority vote, ties to the lowest-gain tied label.
 

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow as pa
-
 from jobs.report_index import (
     INDEX_PAGE,
     Report,
@@ -271,7 +269,7 @@ def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     rater (one-hot probabilities, said so in the report) and every trained policy."""
 
     from evaluation.command import EvaluateConfig, run
-    from evaluation.inputs import predictions_from_judgments
+    from evaluation.inputs import predictions_from_judgments, rows_on_pairs
     from schemas.graph import LabelSet
     from schemas.storage import read_table, write_table
     from schemas.tables import GOLD_NODES, JUDGMENTS, QUERIES, RELEVANCE
@@ -280,20 +278,14 @@ def _evaluate(config: DemoConfig, out: Path) -> dict[str, str]:
     manifest = json.loads((world / "world.json").read_text())
     label_set = LabelSet.load(manifest["label_set"])
     policy = read_table(RELEVANCE, out / "models" / "sft_policy")
-    scored = set(zip(policy["query_id"].to_pylist(), policy["product_id"].to_pylist()))
-
-    def on_scored_pairs(table):
-        keys = zip(table["query_id"].to_pylist(), table["product_id"].to_pylist())
-        return table.filter(pa.array([key in scored for key in keys]))
-
     rater = predictions_from_judgments(
-        on_scored_pairs(read_table(JUDGMENTS, world)), label_set, model_name="synthetic_rater",
+        rows_on_pairs(read_table(JUDGMENTS, world), policy), label_set, model_name="synthetic_rater",
         queries=read_table(QUERIES, world),
     )
     models = out / "models"
     write_table(RELEVANCE, rater, models / "synthetic_rater")
     gold = out / "evaluation_gold"
-    write_table(GOLD_NODES, on_scored_pairs(read_table(GOLD_NODES, world)), gold)
+    write_table(GOLD_NODES, rows_on_pairs(read_table(GOLD_NODES, world), policy), gold)
     report = out / "evaluation"
     run(
         EvaluateConfig(

@@ -19,6 +19,7 @@ from evaluation.inputs import (
     predictions_from_judgments,
     predictions_from_table,
     read_input,
+    rows_on_pairs,
 )
 from schemas import storage
 from schemas.graph import LabelSet, ReasoningGraph
@@ -171,3 +172,16 @@ def test_a_segment_without_covered_pairs_gives_undefined_metrics_not_a_crash(wor
     tail = {name: s for kind, name, s in model.segments}["tail"]
     assert tail.n_covered == 0 and tail.metrics["coverage"].estimate == 0.0
     assert np.isnan(tail.metrics["accuracy"].estimate) and np.isnan(tail.metrics["roc_auc"].estimate)
+
+
+def test_rows_on_pairs_keeps_exactly_the_labelled_pairs_in_table_order():
+    judgments = judgment_rows([("q1", "p1", "Exact", "h1"), ("q1", "p2", "Partial", "h1"), ("q2", "p1", "Irrelevant", "h1"),
+                               ("q1", "p1", "Partial", "h2")])
+    labelled = pa.table({"query_id": ["q1", "q2", "q9"], "product_id": ["p1", "p2", "p1"]})  # (q2, p2) and (q9, p1): no judgment
+
+    kept = rows_on_pairs(judgments, labelled)
+
+    assert kept.schema == judgments.schema
+    assert list(zip(kept["query_id"].to_pylist(), kept["product_id"].to_pylist(), kept["annotator"].to_pylist())) == [
+        ("q1", "p1", "h1"), ("q1", "p1", "h2")]
+    assert rows_on_pairs(judgments, labelled.slice(0, 0)).num_rows == 0
