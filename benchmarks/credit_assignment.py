@@ -12,7 +12,10 @@ trained with the default SFT config, all under `--work`. Each (estimator, seed) 
 names another datasets root: a policy trained for epochs on its train split has memorised much of it
 (rater noise included), so most rollout groups agree there and carry no outcome signal; a world generated
 with another seed gives prompts the policy never saw. `--parallel N` trains N runs at once (and labels N
-test splits at once), each in its own process with `--threads` threads.
+test splits at once), each in its own process with `--threads` threads. Every run checkpoints every
+`--checkpoint-every` steps, so a stopped benchmark continues inside the runs it had started (prompt order and sampling
+are functions of (seed, step): the resumed run is the same run); a run folder's checkpoints from another config are
+removed first, so they never seed a run they do not belong to.
 Each final policy and the SFT starting point label the same test pairs (`training.predict.score_split`,
 whole queries, label probabilities from the label tokens, reasoning by greedy decoding) and
 `relevance evaluate` scores them all in one run against the noise-free gold: macro-F1, per-class F1
@@ -29,6 +32,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -107,13 +111,23 @@ def curves(run_dir: Path, graph: ReasoningGraph) -> dict[str, list]:
     }
 
 
+def discard_foreign_checkpoints(config: GRPOConfig) -> None:
+    """Remove the checkpoints in the run folder when its log was started by another config (or is gone): the trainer
+    resumes from whatever checkpoint it finds, and this run must not start from another run's state."""
+    checkpoints = config.out / "checkpoints"
+    if checkpoints.exists() and (not (config.out / "metrics.jsonl").exists() or records(config.out)[0].get("config") != config_to_dict(config)):
+        shutil.rmtree(checkpoints)
+
+
 def train_one(settings: dict) -> tuple[dict, dict]:
     """(summary, timing) of one GRPO run; `settings` is the config as `config_to_dict` writes it (a worker process
-    rebuilds the config from it)."""
+    rebuilds the config from it). `seconds` counts this call only: from `resumed_from` > 0 on, an earlier call trained the
+    first steps (`seconds_per_step` in the curves covers every step)."""
     config = load_config(GRPOConfig, values=settings)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     summary = train_grpo(config)
-    timing = {"seconds": round(time.perf_counter() - started, 1), "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    timing = {"seconds": round(time.perf_counter() - started, 1), "resumed_from": summary["resumed_from"],
+              "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     (config.out / "benchmark_timing.json").write_text(json.dumps(timing))
     return summary, timing
 
@@ -301,6 +315,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/credit_assignment"))
     parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse a run of the same config that finished in --work (a stopped benchmark continues where it was)")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="each run saves a resumable checkpoint every N steps (0: a stopped run starts again)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--checked-verdicts", action="store_true",
                         help="label the test pairs with checked decoding (each attribute check's yes/no computed from its two values, "
@@ -313,7 +329,7 @@ def main() -> None:
 
     base = load_config(GRPOConfig, overrides=args.overrides, values={
         "data": args.rl_data or datasets, "model": sft_model, "steps": args.steps, "eval_every": args.eval_every,
-        "val_items": args.val_items, "threads": args.threads, "checkpoint_every": 0, "resume": False})
+        "val_items": args.val_items, "threads": args.threads, "checkpoint_every": args.checkpoint_every, "resume": True})
     result = {
         "setup": {"world": str(world), "sft_model": str(sft_model), "rl_data": str(base.data), "steps": args.steps, "seeds": args.seeds,
                   "grpo": {k: v for k, v in config_to_dict(base).items() if k not in ("data", "model", "out", "estimator", "seed")},
@@ -341,6 +357,7 @@ def main() -> None:
             # the same run (same config, so the same seeds) finished before: its outputs are reused
             record(name, (json.loads(finished.read_text()), json.loads((config.out / "benchmark_timing.json").read_text())))
         else:
+            discard_foreign_checkpoints(config)
             pending.append(name)
     with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(train_one, config_to_dict(configs[name])): name for name in pending}
