@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
@@ -109,6 +110,19 @@ def curves(run_dir: Path, graph: ReasoningGraph) -> dict[str, list]:
         "drawn_uniform_share": [r.get("sampling/drawn_uniform_share", r["groups/uniform_share"]) for r in train],
         "seconds_per_step": float(np.mean([r["time/step"] for r in train])),
     }
+
+
+def exit_with_benchmark() -> None:
+    """Pool initializer: the worker exits once the benchmark process that spawned it is gone. A killed benchmark's
+    workers would otherwise train on, and beside a restarted benchmark write the same run folders twice."""
+    benchmark = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == benchmark:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def discard_foreign_checkpoints(config: GRPOConfig) -> None:
@@ -359,7 +373,7 @@ def main() -> None:
         else:
             discard_foreign_checkpoints(config)
             pending.append(name)
-    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_benchmark) as pool:
         futures = {pool.submit(train_one, config_to_dict(configs[name])): name for name in pending}
         for future in as_completed(futures):
             record(futures[future], future.result())
@@ -368,7 +382,7 @@ def main() -> None:
     models = {"sft": sft_model, **{name: config.out / "model" for name, config in configs.items()}}
     checked = "_checked" if args.checked_verdicts else ""
     labelled = args.work / f"predictions{checked}"
-    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_benchmark) as pool:
         futures = {name: pool.submit(label_test_split, model, datasets, name, labelled / name, args.test_pairs,
                                      args.threads, args.batch_size, args.checked_verdicts) for name, model in models.items()}
         predictions = {name: future.result() for name, future in futures.items()}

@@ -17,6 +17,8 @@ import logging
 import pickle
 from pathlib import Path
 
+from schemas.storage import replace_file
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -93,6 +95,6 @@ class RunFolder:
         folder = self.out / "checkpoints" / f"step-{step:06d}"
         if not self.writer:
             return folder
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({**state, "step": step}, folder / "state.pt")
+        # written beside and renamed in: a run killed while saving leaves the previous checkpoint the latest, not a torn one
+        replace_file(folder / "state.pt", lambda staging: torch.save({**state, "step": step}, staging))
         return folder

@@ -42,6 +42,25 @@ def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
         folder.start(resume=True)
 
 
+def test_a_run_killed_while_saving_resumes_from_the_checkpoint_before(tmp_path, monkeypatch):
+    folder = RunFolder(tmp_path)
+    folder.save_checkpoint(1, {"model": torch.nn.Linear(2, 1).state_dict()})
+    real_save = torch.save
+
+    def killed_halfway(state, path):
+        real_save(state, path)
+        pathlib.Path(path).write_bytes(pathlib.Path(path).read_bytes()[:40])
+        raise KeyboardInterrupt  # the process stops here, the file torn
+
+    monkeypatch.setattr(torch, "save", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        folder.save_checkpoint(2, {"model": torch.nn.Linear(2, 1).state_dict()})
+    monkeypatch.undo()
+
+    assert folder.latest_checkpoint() == tmp_path / "checkpoints" / "step-000001" / "state.pt"
+    assert resume_state(folder, True, model=torch.nn.Linear(2, 1)) == 1
+
+
 def test_optimizer_scaler_and_controller_states_round_trip_under_weights_only(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
