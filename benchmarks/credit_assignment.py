@@ -129,7 +129,8 @@ def discard_foreign_checkpoints(config: GRPOConfig) -> None:
     """Remove the checkpoints in the run folder when its log was started by another config (or is gone): the trainer
     resumes from whatever checkpoint it finds, and this run must not start from another run's state."""
     checkpoints = config.out / "checkpoints"
-    if checkpoints.exists() and (not (config.out / "metrics.jsonl").exists() or records(config.out)[0].get("config") != config_to_dict(config)):
+    logged = records(config.out) if (config.out / "metrics.jsonl").exists() else []
+    if checkpoints.exists() and (not logged or logged[0].get("config") != config_to_dict(config)):
         shutil.rmtree(checkpoints)
 
 
