@@ -125,12 +125,21 @@ def exit_with_benchmark() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def started_by(config: GRPOConfig) -> bool:
+    """Whether the run folder's log was started by this config (its first record, the start, holds the config)."""
+    log = config.out / "metrics.jsonl"
+    if not log.exists():
+        return False
+    with log.open() as lines:
+        first = lines.readline()
+    return bool(first) and json.loads(first).get("config") == config_to_dict(config)
+
+
 def discard_foreign_checkpoints(config: GRPOConfig) -> None:
     """Remove the checkpoints in the run folder when its log was started by another config (or is gone): the trainer
     resumes from whatever checkpoint it finds, and this run must not start from another run's state."""
     checkpoints = config.out / "checkpoints"
-    logged = records(config.out) if (config.out / "metrics.jsonl").exists() else []
-    if checkpoints.exists() and (not logged or logged[0].get("config") != config_to_dict(config)):
+    if checkpoints.exists() and not started_by(config):
         shutil.rmtree(checkpoints)
 
 
@@ -368,7 +377,7 @@ def main() -> None:
     pending = []
     for name, config in configs.items():
         finished = config.out / "summary.json"
-        if args.reuse and finished.exists() and records(config.out)[0]["config"] == config_to_dict(config):
+        if args.reuse and finished.exists() and started_by(config):
             # the same run (same config, so the same seeds) finished before: its outputs are reused
             record(name, (json.loads(finished.read_text()), json.loads((config.out / "benchmark_timing.json").read_text())))
         else:
