@@ -137,7 +137,7 @@ def started_by(config: GRPOConfig) -> bool:
 
 def discard_foreign_checkpoints(config: GRPOConfig) -> None:
     """Remove the checkpoints in the run folder when its log was started by another config (or is gone): the trainer
-    resumes from whatever checkpoint it finds, and this run must not start from another run's state."""
+    would refuse another run's checkpoint, and a grid re-run with a changed `--set` starts those runs afresh instead."""
     checkpoints = config.out / "checkpoints"
     if checkpoints.exists() and not started_by(config):
         shutil.rmtree(checkpoints)

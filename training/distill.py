@@ -425,7 +425,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
         model.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = wrap_model(model, parallel)
     training = StudentTraining(model, trained, student_optimizer(model, config), parallel, autocast_dtype)
-    folder = RunFolder(config.out, writer=parallel.is_main)
+    folder = RunFolder(config.out, config_to_dict(config), writer=parallel.is_main)
     start_step = resume_state(folder, config.resume, parallel, model=model, optimizer=training.optimizer)
     folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "drawn_pairs": len(drawn), "val_pairs": len(val),
                    "heads": {k: len(v) for k, v in heads.items()}, "processes": parallel.world_size, "config": config_to_dict(config),

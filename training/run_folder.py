@@ -5,6 +5,12 @@ Resuming loads the latest checkpoint and drops the metric records written after 
 resumed run's log reads as if it had never stopped; a fresh run starts an empty log. In a run of several
 processes only rank 0's folder is the `writer`: the others read the checkpoint and write nothing.
 
+Each checkpoint also holds the settings of the run that wrote it (`config_to_dict` of the trainer's config). A run
+resumes only from a checkpoint its own settings wrote, up to `EXECUTION_FIELDS`, which say how the run executes and
+what it records, not what it learns: run again with another `--set lr=...` and the same `out`, and it is refused
+with a one-line error instead of silently continuing the other run's state. Checkpoints written before they held
+their settings resume unchecked, with a warning.
+
 A checkpoint is loaded with `torch.load(weights_only=True)`: only tensors, containers and plain scalars
 are unpickled, so a `state.pt` planted in a run folder cannot run code. Everything the trainers save
 (model, optimizer, grad scaler and edge-controller state dicts, the step) is of those kinds.
@@ -22,6 +28,14 @@ from schemas.storage import replace_file
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+# settings a resumed run may change: how it runs (processes, device, precision, ...), what it records and how long it
+# goes on (a run is extended by resuming it with more steps); any other difference means another run
+EXECUTION_FIELDS = frozenset({
+    "out", "resume", "max_steps", "steps", "checkpoint_every", "eval_every", "val_items", "eval_batch_size",
+    "teacher_batch_size", "threads", "processes", "device", "precision", "parallel", "gradient_checkpointing", "compile",
+    "length_splits", "backend", "tensorboard",
+})
 
 
 def val_entries(metrics: dict[str, float]) -> dict[str, float]:
@@ -46,9 +60,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded safely: not tensors and plain data, or not a torch file at all."""
 
 
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """`name saved -> current` for each setting outside EXECUTION_FIELDS whose value differs."""
+    names = sorted((saved.keys() | current.keys()) - EXECUTION_FIELDS)
+    return [f"{name} {saved.get(name)!r} -> {current.get(name)!r}" for name in names if saved.get(name) != current.get(name)]
+
+
 class RunFolder:
-    def __init__(self, out: Path, writer: bool = True) -> None:
+    def __init__(self, out: Path, config: dict, writer: bool = True) -> None:
+        """`config`: the run's settings as `config_to_dict` writes them, saved with each checkpoint and compared at resume."""
         self.out = Path(out)
+        self.config = config
         self.writer = writer
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / METRICS_FILE
@@ -75,6 +97,11 @@ class RunFolder:
         except (RuntimeError, EOFError) as error:
             raise CheckpointError(f"{checkpoint}: cannot resume: not a readable torch checkpoint (truncated or corrupt); "
                                   "delete it or run with resume=false") from error
+        if "config" not in state:
+            log.warning("%s: written before checkpoints held their run's settings: resuming without checking them", checkpoint)
+        elif changed := changed_settings(state["config"], self.config):
+            raise CheckpointError(f"{checkpoint}: refused to resume: written by a run with other settings ({'; '.join(changed)}); "
+                                  "run with those settings, or start afresh with resume=false or another out")
         if not self.writer:
             return state
         lines = self.metrics.read_text().splitlines() if self.metrics.exists() else []
@@ -96,5 +123,5 @@ class RunFolder:
         if not self.writer:
             return folder
         # written beside and renamed in: a run killed while saving leaves the previous checkpoint the latest, not a torn one
-        replace_file(folder / "state.pt", lambda staging: torch.save({**state, "step": step}, staging))
+        replace_file(folder / "state.pt", lambda staging: torch.save({**state, "step": step, "config": self.config}, staging))
         return folder

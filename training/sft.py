@@ -358,7 +358,7 @@ def train_and_save(config: SFTConfig, parallel: Parallel, autocast_dtype) -> dic
     training = Optimisation.create(model, config, parallel, autocast_dtype)
     mask_input_id = mask_token_id(tokenizer, config)
 
-    folder = RunFolder(config.out, writer=parallel.is_main)
+    folder = RunFolder(config.out, config_to_dict(config), writer=parallel.is_main)
     start_step = resume_state(folder, config.resume, parallel, model=model, optimizer=training.optimizer, scaler=training.scaler)
     folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val), "processes": parallel.world_size,
                    "config": config_to_dict(config)})

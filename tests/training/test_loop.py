@@ -19,15 +19,15 @@ def test_validation_subsample_spreads_over_the_pairs():
 def test_resume_loads_every_named_state_and_returns_its_step(tmp_path):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.AdamW(model.parameters())
-    folder = RunFolder(tmp_path)
+    folder = RunFolder(tmp_path, {})
     assert resume_state(folder, True, model=model, optimizer=optimizer) == 0  # nothing saved yet
     saved = {name: value.clone() for name, value in model.state_dict().items()}
     folder.save_checkpoint(4, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
     with torch.no_grad():
         model.weight.add_(1.0)
-    assert resume_state(RunFolder(tmp_path), True, model=model, optimizer=optimizer) == 4
+    assert resume_state(RunFolder(tmp_path, {}), True, model=model, optimizer=optimizer) == 4
     assert all(torch.equal(model.state_dict()[name], value) for name, value in saved.items())
-    assert resume_state(RunFolder(tmp_path), False, model=model) == 0
+    assert resume_state(RunFolder(tmp_path, {}), False, model=model) == 0
 
 
 def test_save_policy_writes_weights_tokenizer_and_format(tiny_model, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from training.distributed import parallel_run
 from training.examples import IGNORE, Example
 from training.loop import learning_rate, micro_batch_indices
 from training.model import load_model_to_train
+from training.run_folder import CheckpointError
 from training.sft import Optimisation, SFTConfig, draw_masked_nodes, example_tensors, length_sorted_parts, run, weighted_token_loss
 from training.validation import cot_metrics
 
@@ -149,6 +151,9 @@ def test_resume_continues_bit_for_bit(tiny_world, tiny_model, tmp_path):
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "whole")[3:]
     a, b = load_file(tmp_path / "whole" / "model" / "model.safetensors"), load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+    # the same out with another masking rate is another run: refused, not continued from this one's state
+    with pytest.raises(CheckpointError, match=r"step-000006/state.pt: refused to resume: written by a run with other settings \(p_mask 0.5 -> 0.3\)"):
+        run(dataclasses.replace(resumed, p_mask=0.3))
 
 
 def test_gradient_checkpointing_recomputes_the_same_steps(tiny_world, tiny_model, tmp_path):

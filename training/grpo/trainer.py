@@ -391,7 +391,7 @@ def start_run(config: GRPOConfig, parallel: Parallel | None = None) -> TrainingS
         step_params=StepParams(eps_low=config.eps_low, eps_high=config.eps_high, beta=config.beta, aggregation=config.aggregation),
         sampling=Sampling(group_size=config.group_size, temperature=config.temperature, top_p=config.top_p,
                           max_new_tokens=config.max_new_tokens),
-        folder=RunFolder(config.out, writer=parallel.is_main), train=train, val=val, class_weights=class_weights,
+        folder=RunFolder(config.out, config_to_dict(config), writer=parallel.is_main), train=train, val=val, class_weights=class_weights,
         parallel=parallel, trained=trained, autocast_dtype=autocast_dtype,
     )
     state.start_step = resume_state(state.folder, config.resume, parallel, model=model, optimizer=state.optimizer,
