@@ -152,9 +152,10 @@ def replace_folder(final: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def clear_stale_staging(final: str | Path) -> list[str]:
-    """Clean up what `replace_folder` runs of `final` that were killed left beside it; a line per folder.
+    """Clean up what `replace_folder` and `replace_file` runs of `final` that were killed left beside it; a line per
+    copy.
 
-    Only for `final`'s sole writer (one holding its lock), so that no such folder is a live run's. A
+    Only for `final`'s sole writer (one holding its lock), so that no such copy is a live run's. A
     `.staging-` copy is removed; a `.retired-` copy is renamed back when `final` is missing (its run
     died between the two renames: the retired copy is the last complete one) and removed otherwise.
     """
@@ -164,13 +165,16 @@ def clear_stale_staging(final: str | Path) -> list[str]:
     left_by_a_run = re.compile("|".join(re.escape(sibling_copy(kind, final.name, "TAG")).replace("TAG", "[0-9a-f]{8}")
                                         for kind in ("staging", "retired")))
     lines = []
-    for folder in sorted(path for path in final.parent.iterdir() if path.is_dir() and left_by_a_run.fullmatch(path.name)):
-        if folder.name.startswith(".retired-") and not final.exists():
-            folder.rename(final)
-            lines.append(f"{final}: restored from {folder.name}, left by a run killed while swapping it in")
+    for copy in sorted(path for path in final.parent.iterdir() if left_by_a_run.fullmatch(path.name)):
+        if copy.name.startswith(".retired-") and not final.exists():
+            copy.rename(final)
+            lines.append(f"{final}: restored from {copy.name}, left by a run killed while swapping it in")
         else:
-            shutil.rmtree(folder)
-            lines.append(f"{final}: removed {folder.name}, left by a run that was killed")
+            if copy.is_dir():
+                shutil.rmtree(copy)
+            else:
+                copy.unlink()
+            lines.append(f"{final}: removed {copy.name}, left by a run that was killed")
     return lines
 
 

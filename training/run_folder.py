@@ -23,7 +23,7 @@ import logging
 import pickle
 from pathlib import Path
 
-from schemas.storage import replace_file
+from schemas.storage import clear_stale_staging, replace_file
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ class RunFolder:
         otherwise None and the metrics log starts empty."""
         import torch
 
+        if self.writer:  # a run killed while saving a checkpoint left its staging copy beside the step's state.pt
+            for step_folder in (self.out / "checkpoints").glob("step-*"):
+                for line in clear_stale_staging(step_folder / "state.pt"):
+                    log.info("%s", line)
         checkpoint = self.latest_checkpoint() if resume else None
         if checkpoint is None:
             if self.writer:

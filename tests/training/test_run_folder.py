@@ -61,6 +61,15 @@ def test_a_run_killed_while_saving_resumes_from_the_checkpoint_before(tmp_path, 
     assert resume_state(folder, True, model=torch.nn.Linear(2, 1)) == 1
 
 
+def test_a_staging_copy_left_by_a_killed_save_is_removed_when_the_run_starts_again(tmp_path):
+    folder = RunFolder(tmp_path, {})
+    saved = folder.save_checkpoint(1, {"model": torch.nn.Linear(2, 1).state_dict()})
+    left = saved / ".staging-state.pt-0123abcd"  # SIGKILL between writing and renaming: no `finally` ran
+    left.write_bytes(b"torn")
+    assert resume_state(RunFolder(tmp_path, {}), True, model=torch.nn.Linear(2, 1)) == 1
+    assert not left.exists() and (saved / "state.pt").is_file()
+
+
 def test_a_checkpoint_written_with_other_settings_is_refused_naming_the_file_and_each_change(tmp_path):
     written = {"out": "runs/a", "lr": 0.004, "seed": 0, "processes": 2, "max_steps": 100}
     saved = RunFolder(tmp_path, written).save_checkpoint(3, {"model": torch.nn.Linear(2, 1).state_dict()}) / "state.pt"
