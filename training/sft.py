@@ -42,15 +42,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
-from schemas.graph import DEFAULT_GRAPH, FACETS_NONE, LabelSet, ReasoningGraph, parse_facets
+from schemas.graph import DEFAULT_GRAPH, LabelSet, ReasoningGraph
 from schemas.logs import progress
 from training.cot import COT_TOKEN_BUDGET
 from training.distributed import (
@@ -145,9 +143,6 @@ class SFTConfig:
     compile: bool = help_field("Train through torch.compile (inductor, dynamic shapes: one compilation for every batch width). It costs "
                                "30-45 s at the start and needs a C++ compiler on CPU; the steps then run faster (fused element-wise work).",
                                False)
-    rare_constraint_queries: int = help_field(
-        "Repeat each train pair whose query names a constraint (a `qa` item, such as brand=Nordholm) that fewer than N train "
-        "queries name, ceil(N / that count) times per epoch (0: off).", 0)
     tensorboard: bool = help_field("Also write the metrics as TensorBoard scalars under out/tensorboard.", False)
 
     def __post_init__(self) -> None:
@@ -319,21 +314,6 @@ class Optimisation:
 # ---------------------------------------------------------------- the command
 
 
-def repeat_rare_constraints(pairs: list[dict], below: int) -> list[dict]:
-    """`pairs` with each pair repeated ceil(below / n) times, n the fewest train queries that name one of its query's
-    constraints (`qa` items); pairs whose constraints are all named by `below` queries or more, or that have none, once."""
-    if not below:
-        return pairs
-    constraints = {pair["query_id"]: parse_facets(pair["gold"].get("qa") or FACETS_NONE) or {} for pair in pairs}
-    naming = Counter(item for facets in constraints.values() for item in facets.items())
-    repeated = []
-    for pair in pairs:
-        fewest = min((naming[item] for item in constraints[pair["query_id"]].items()), default=below)
-        repeated.extend([pair] * (math.ceil(below / fewest) if fewest < below else 1))
-    log.info("rare_constraint_queries=%d: %d train pairs become %d", below, len(pairs), len(repeated))
-    return repeated
-
-
 def run(config: SFTConfig) -> dict:
     """Train, checkpoint, validate, save; returns the summary written to out/summary.json. Under torchrun, or on the
     `processes` it launches, every process runs this (rank 0 writes)."""
@@ -372,7 +352,7 @@ def train_and_save(config: SFTConfig, parallel: Parallel, autocast_dtype) -> dic
         model.to(parallel.device)  # FSDP moves each block's shard as it shards it (`wrap_model`): the whole model never sits on one device
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    train = repeat_rare_constraints(load_pairs(config.data, config.label_set, "train"), config.rare_constraint_queries)
+    train = load_pairs(config.data, config.label_set, "train")
     val_pairs = validation_subsample(load_pairs(config.data, config.label_set, "validation"), config.val_items)
     val = [encode_example(pair, tokenizer, graph, config.order, config.prompt_tokens) for pair in val_pairs]
     training = Optimisation.create(model, config, parallel, autocast_dtype)

@@ -17,16 +17,7 @@ from training.examples import IGNORE, Example
 from training.loop import learning_rate, micro_batch_indices
 from training.model import load_model_to_train
 from training.run_folder import CheckpointError
-from training.sft import (
-    Optimisation,
-    SFTConfig,
-    draw_masked_nodes,
-    example_tensors,
-    length_sorted_parts,
-    repeat_rare_constraints,
-    run,
-    weighted_token_loss,
-)
+from training.sft import Optimisation, SFTConfig, draw_masked_nodes, example_tensors, length_sorted_parts, run, weighted_token_loss
 from training.validation import cot_metrics
 
 GRAPH = ReasoningGraph.load("relevance7")
@@ -266,16 +257,3 @@ def test_length_sorted_parts_keep_every_row_once_and_split_as_evenly_as_the_rows
     assert [[len(ids) for ids, _, _ in part] for part in parts] == [[2, 3, 5], [7, 9]]
     assert [len(part) for part in length_sorted_parts(rows, 4)] == [2, 1, 1, 1]
     assert [len(part) for part in length_sorted_parts(rows[:2], 4)] == [1, 1]  # fewer rows than parts: no empty pass
-
-
-def test_pairs_naming_a_rarely_named_constraint_are_repeated_by_its_rarity():
-    def pair(query_id, qa):
-        return {"query_id": query_id, "product_id": "p", "gold": {"qa": qa}}
-
-    common = [pair(f"q{k}", "color=gray") for k in range(4)]  # color=gray: 4 queries
-    rare = pair("r", "brand=Nordholm; color=gray")  # brand=Nordholm: 1 query, with two pairs
-    unconstrained = pair("u", "none")
-    pairs = [*common, rare, rare, unconstrained]
-    repeated = repeat_rare_constraints(pairs, 3)
-    assert [p["query_id"] for p in repeated] == ["q0", "q1", "q2", "q3", "r", "r", "r", "r", "r", "r", "u"]
-    assert repeat_rare_constraints(pairs, 0) is pairs
