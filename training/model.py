@@ -60,9 +60,6 @@ class ModelInitConfig:
     intermediate_size: int = help_field("MLP width.", 384)
     max_positions: int = help_field("Longest sequence (prompt + CoT) in tokens.", 512)
     seed: int = help_field("Seed of the weight initialisation.", 0)
-    space_tokens: bool = help_field(
-        "Spaces are tokens of their own, so a word is the same tokens wherever it stands: the query's `metal` is the CoT's "
-        "`metal` after `material=` (false: byte-level BPE's words carry their leading space, ` metal` and `metal` differ).", False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
@@ -201,20 +198,13 @@ def _vocabulary_text(world: Path, graph: ReasoningGraph, labels: LabelSet) -> It
         yield from fixed
 
 
-# GPT-2's pre-tokenizing classes (letters, digits, other symbols) with whitespace split off instead of leading the word
-SPACE_APART = r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+|\s+"
-
-
-def train_tokenizer(texts: Iterator[str], vocab_size: int, space_tokens: bool = False):
-    """A byte-level BPE fast tokenizer with the special tokens, EOS = `<|im_end|>`, ChatML template; `space_tokens`:
-    whitespace pre-tokenized apart from the words (`ModelInitConfig.space_tokens`)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterator[str], vocab_size: int):
+    """A byte-level BPE fast tokenizer with the special tokens, EOS = `<|im_end|>`, ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPACE_APART), "isolated"),
-                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-                             if space_tokens else pre_tokenizers.ByteLevel(add_prefix_space=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -236,7 +226,7 @@ def init_tiny_model(config: ModelInitConfig) -> Path:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     graph, labels = ReasoningGraph.load(config.graph), LabelSet.load(config.label_set)
-    tokenizer = train_tokenizer(_vocabulary_text(config.world, graph, labels), config.vocab_size, config.space_tokens)
+    tokenizer = train_tokenizer(_vocabulary_text(config.world, graph, labels), config.vocab_size)
     model_config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,

@@ -38,18 +38,3 @@ def test_cot_tags_choices_and_labels_are_whole_tokens(tiny_model):
         assert tokenizer.tokenize(f"{node.name}:") == [node.name, ":"]
     for value in (*graph.node("ms").values, *graph.node("ma").values, *labels.names):
         assert tokenizer.tokenize(f" {value}") == [f"Ġ{value}"]  # Ġ: byte-level BPE's leading space
-
-
-def test_with_space_tokens_a_query_word_is_the_cot_value_it_names():
-    """Byte-level BPE writes ` metal` (the query's word) and `metal` (after `material=`) as different tokens; with
-    `space_tokens` they are the same ids, and text still decodes to itself."""
-    from training.model import train_tokenizer
-
-    texts = ["query: metal coffee table", "pa: brand=Nordholm; material=metal", "title: Metal coffee table | Nordholm"] * 50
-    tokenizer = train_tokenizer(iter(texts), 320, space_tokens=True)
-    query, cot = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("query: metal coffee", "qa: material=metal"))
-    metal = tokenizer("metal", add_special_tokens=False)["input_ids"]
-    assert query[-len(metal) - 2:-2] == metal == cot[-len(metal):]
-    assert tokenizer.decode(query) == "query: metal coffee" and tokenizer.decode(cot) == "qa: material=metal"
-    byte_level = train_tokenizer(iter(texts), 320)
-    assert byte_level.tokenize("query: metal")[-1] == "Ġmetal" != byte_level.tokenize("material=metal")[-1]
