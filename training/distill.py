@@ -428,7 +428,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     folder = RunFolder(config.out, config_to_dict(config), writer=parallel.is_main)
     start_step = resume_state(folder, config.resume, parallel, model=model, optimizer=training.optimizer)
     folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "drawn_pairs": len(drawn), "val_pairs": len(val),
-                   "heads": {k: len(v) for k, v in heads.items()}, "processes": parallel.world_size, "config": config_to_dict(config),
+                   "heads": {k: len(v) for k, v in heads.items()}, "processes": parallel.world_size, "config": folder.config,
                    "tables": {node: {"parents": list(parents), "counted": int(counts.sum())} for node, (parents, counts) in tables.items()}})
     started = time.perf_counter()
     train_steps(config, training, tokenizer, train, teacher, heads, graph, labels, folder, start_step)

@@ -361,7 +361,7 @@ def train_and_save(config: SFTConfig, parallel: Parallel, autocast_dtype) -> dic
     folder = RunFolder(config.out, config_to_dict(config), writer=parallel.is_main)
     start_step = resume_state(folder, config.resume, parallel, model=model, optimizer=training.optimizer, scaler=training.scaler)
     folder.append({"event": "start", "step": start_step, "train_pairs": len(train), "val_pairs": len(val), "processes": parallel.world_size,
-                   "config": config_to_dict(config)})
+                   "config": folder.config})
     started = time.perf_counter()
     train_steps(config, training, tokenizer, train, val, graph, labels, folder, start_step, mask_input_id)
     train_seconds = time.perf_counter() - started

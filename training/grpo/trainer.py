@@ -399,7 +399,7 @@ def start_run(config: GRPOConfig, parallel: Parallel | None = None) -> TrainingS
     state.backend = make_backend(config, model, tokenizer, parallel)
     state.folder.append({"event": "start", "step": state.start_step, "train_pairs": len(train), "val_pairs": len(state.val),
                          "estimator": state.estimator.name, "class_weights": class_weights, "processes": parallel.world_size,
-                         "config": config_to_dict(config)})
+                         "config": state.folder.config})
     if state.start_step == 0:
         state.folder.append({"step": 0, **val_entries(validation(state))})
     return state
