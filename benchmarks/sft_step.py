@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from machine import load_average  # noqa: E402
 
-from schemas.graph import ReasoningGraph  # noqa: E402
+from schemas.graph import LabelSet, ReasoningGraph  # noqa: E402
 from training.attention import SDPA_SHARED_KV  # noqa: E402
 from training.distributed import parallel_run  # noqa: E402
-from training.examples import encode_example, load_pairs  # noqa: E402
+from training.examples import load_pairs  # noqa: E402
 from training.loop import learning_rate  # noqa: E402
 from training.model import load_model_to_train  # noqa: E402
 from training.policy_format import resolve_format  # noqa: E402
-from training.sft import Optimisation, SFTConfig, length_sorted_parts, masked_micro_batches  # noqa: E402
+from training.sft import Optimisation, SFTConfig, length_sorted_parts, masked_micro_batches, training_examples  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "sft_step.json"
 WARMUP_STEPS = 5
@@ -102,9 +102,9 @@ def main() -> None:
     graph = ReasoningGraph.load(args.graph)
     _, tokenizer = load_model_to_train(args.model)
     train = load_pairs(args.data, args.label_set, "train")
-    example_at = functools.cache(lambda index: encode_example(train[index], tokenizer, graph, args.order, args.prompt_tokens))
+    examples_of = training_examples(config, train, tokenizer, graph, LabelSet.load(args.label_set))
     reasoning_nodes = [node for node in graph.node_names if node != graph.label_node]
-    batches_at = functools.cache(lambda step: masked_micro_batches(step, config, example_at, len(train), reasoning_nodes, None, {}))
+    batches_at = functools.cache(lambda step: masked_micro_batches(step, config, examples_of, len(train), reasoning_nodes, None, {}))
 
     variants = [name for name in VARIANTS if name != "compiled" or args.compiled]
     rounds = []
