@@ -117,9 +117,10 @@ def sft_policy(tiny_world, tiny_model, tmp_path_factory) -> Path:
     from training.sft import SFTConfig, run
 
     out = tmp_path_factory.mktemp("sft_policy")
-    # relevance7: the GRPO tests' budgets (max_new_tokens, steps) are sized for its shorter CoT; the demo test runs relevance8
+    # relevance7: the GRPO tests' budgets (max_new_tokens, steps) are sized for its shorter CoT; the demo test runs relevance8.
+    # value_swaps=0 in these fixtures: they learn the tiny world's own six queries, which the tests that use them read
     run(SFTConfig(data=tiny_world, model=tiny_model, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
-                  val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
+                  val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0))
     return out / "model"
 
 
@@ -135,7 +136,7 @@ def vllm_policy(tiny_world, tmp_path_factory) -> Path:
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base"), num_layers=2, intermediate_size=256))
     out = tmp_path_factory.mktemp("vllm_sft")
     run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2, val_items=4,
-                  max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
+                  max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0))
     return out / "model"
 
 
@@ -149,7 +150,7 @@ def vllm_checks_policy(tiny_world, tmp_path_factory) -> Path:
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_checks_base"), num_layers=2, intermediate_size=256))
     out = tmp_path_factory.mktemp("vllm_checks_sft")
     run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance8", order="product_first", batch_size=8, max_steps=400, warmup_steps=10,
-                  lr=1e-2, val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1))
+                  lr=1e-2, val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0))
     return out / "model"
 
 

@@ -87,7 +87,7 @@ from training.model import save_policy
 from training.policy_format import PolicyFormat
 from training.run_folder import RunFolder, val_entries
 from training.validation import evaluate, majority_baseline
-from training.value_swaps import ValueSwaps
+from training.value_swaps import ValueSwaps, swap_nodes
 
 SFT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -127,7 +127,8 @@ class SFTConfig:
     min_lr_ratio: float = help_field("Final learning rate as a share of lr (cosine floor).", 0.1)
     weight_decay: float = help_field("AdamW weight decay.", 0.0)
     warmup_steps: int = help_field("Linear warmup steps.", 100)
-    max_steps: int = help_field("Optimizer steps (5000: about 27 minutes for the tiny policy on 2 cores as processes=2, threads=1).", 5000)
+    max_steps: int = help_field("Optimizer steps (5000: 28-34 minutes for the tiny policy on 2 cores as processes=2, threads=1, as this "
+                                "machine's speed varies by day; with compile=true 30 minutes on a day the eager steps took 34).", 5000)
     batch_size: int = help_field("Examples per micro-batch, over all processes (each of N processes under torchrun takes batch_size / N).", 32)
     grad_accum: int = help_field("Micro-batches per optimizer step.", 1)
     length_splits: int = help_field("Forward and backward passes per micro-batch, each over a part of its examples sorted by length: "
@@ -151,7 +152,8 @@ class SFTConfig:
     gradient_checkpointing: bool = help_field("Recompute each block's activations in backward instead of keeping them (less memory, "
                                               "one more forward pass of compute).", False)
     compile: bool = help_field("Train through torch.compile (inductor, dynamic shapes: one compilation for every batch width). It costs "
-                               "30-45 s at the start and needs a C++ compiler on CPU; the steps then run faster (fused element-wise work).",
+                               "45-65 s at the start and needs a C++ compiler on CPU; the steps then run faster (fused element-wise work: the tiny "
+                               "policy's SFT steps 0.82-0.84x as long on 2 cores as processes=2, threads=1).",
                                False)
     tensorboard: bool = help_field("Also write the metrics as TensorBoard scalars under out/tensorboard.", False)
 
@@ -166,9 +168,11 @@ class SFTConfig:
             raise ConfigError(f"p_mask: must be a probability in [0, 1], got {self.p_mask}")
         if not 0.0 <= self.value_swaps <= 1.0:
             raise ConfigError(f"value_swaps: must be a share in [0, 1], got {self.value_swaps}")
-        if self.value_swaps and ReasoningGraph.load(self.graph).checks_node is None:
-            raise ConfigError(f"value_swaps: graph {self.graph!r} has no checks node to compute a swapped value's checks; use relevance8 "
-                              "or value_swaps=0")
+        if self.value_swaps:
+            try:
+                swap_nodes(ReasoningGraph.load(self.graph))
+            except ValueError as error:
+                raise ConfigError(f"value_swaps: {error}; set value_swaps=0") from None
         resolve_lora(self, SFT_LORA_TARGETS)
         for name in ("max_steps", "batch_size", "grad_accum", "length_splits", "prompt_tokens", "max_new_tokens", "threads", "processes"):
             if getattr(self, name) < 1:

@@ -10,8 +10,9 @@ over the values of a key, so that reading a value off the query is what pays.
 
 What a swap changes: the query's text (the new value in the query's case), the query facets, the checks, the attribute
 match and the label, the last three computed again by the graph's rules (`attribute_checks`, `attribute_match`, the
-label set's rule) against the product's facets. The graph names the nodes: the checks node's two parents are the query's
-and the product's facets (in edge order), its child is the attribute match. A pair is swapped only where those rules
+label set's rule) against the product's facets. The graph names the nodes (`swap_nodes`): the checks node's two parents
+are the query's and the product's facets (in edge order), its child is the attribute match; a graph without checks
+(relevance7) has an attribute match whose two parents are the facets. A pair is swapped only where those rules
 give its own gold back unswapped (a dataset whose gold does not follow them is never rewritten), a value only where it
 occurs once in the query as a whole word (case aside), outside the query subject's words, and the new value is one that
 does not occur in the query.
@@ -36,17 +37,32 @@ def _spans(text: str, query: str) -> list[tuple[int, int]]:
     return [match.span() for match in _whole_word(text).finditer(query)]
 
 
+def swap_nodes(graph: ReasoningGraph) -> tuple[str, str, str | None, str]:
+    """(query facets, product facets, checks node or None, attribute match) of `graph`: the checks node's two parents
+    (in edge order) and its child (relevance8), or, without a checks node, the choice node whose two parents are facets
+    nodes (relevance7's `ma`). ValueError when the graph has neither."""
+    def parents(node: str) -> list[str]:
+        return [source for source, target in graph.edges if target == node]
+
+    checks = graph.checks_node
+    if checks is not None:
+        matches = [target for source, target in graph.edges if source == checks]
+        wanted_offered = parents(checks)
+    else:
+        matches = [name for name in graph.node_names if graph.node(name).kind == "choice"
+                   and [graph.node(parent).kind for parent in parents(name)] == ["facets", "facets"]]
+        wanted_offered = parents(matches[0]) if len(matches) == 1 else []
+    if len(wanted_offered) != 2 or len(matches) != 1:
+        raise ValueError(f"graph {graph.name!r}: value swaps need the attribute match computed from the query's and the product's "
+                         "facets, through a checks node whose two parents they are (relevance8) or directly (relevance7)")
+    return wanted_offered[0], wanted_offered[1], checks, matches[0]
+
+
 class ValueSwaps:
     """The swappable values of a training split and the draws that swap them (see the module doc)."""
 
     def __init__(self, pairs: Sequence[dict], graph: ReasoningGraph, label_set: LabelSet):
-        checks = graph.checks_node
-        wanted_offered = [source for source, target in graph.edges if target == checks]
-        matches = [target for source, target in graph.edges if source == checks]
-        if checks is None or len(wanted_offered) != 2 or len(matches) != 1:
-            raise ValueError(f"value swaps need a graph whose checks node has the query's and the product's facets as its two "
-                             f"parents and the attribute match as its child; graph {graph.name!r} has checks node {checks!r}")
-        self.checks, (self.wanted, self.offered), (self.match,) = checks, wanted_offered, matches
+        self.wanted, self.offered, self.checks, self.match = swap_nodes(graph)
         self.subjects = tuple(name for name in graph.node_names if graph.node(name).kind == "text")
         self.graph, self.label_set, self.pairs = graph, label_set, pairs
         self._swappable: dict[int, tuple[tuple[str, int, int], ...]] = {}
@@ -60,8 +76,9 @@ class ValueSwaps:
     def derived(self, gold: dict[str, str], wanted: dict[str, str]) -> dict[str, str]:
         """`gold` with the query facets `wanted` and the checks, attribute match and label that follow from them."""
         offered = parse_facets(gold[self.offered]) or {}
-        nodes = {**gold, self.wanted: format_facets(wanted), self.checks: attribute_checks(wanted, offered),
-                 self.match: attribute_match(wanted, offered)}
+        nodes = {**gold, self.wanted: format_facets(wanted), self.match: attribute_match(wanted, offered)}
+        if self.checks is not None:
+            nodes[self.checks] = attribute_checks(wanted, offered)
         nodes[self.graph.label_node] = self.label_set.label_from_nodes(nodes)
         return nodes
 

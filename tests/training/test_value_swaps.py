@@ -7,7 +7,7 @@ import random
 import pytest
 
 from schemas.config import ConfigError
-from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, attribute_match, format_facets
+from schemas.graph import LabelSet, ReasoningGraph, attribute_checks, attribute_match, format_facets, resolve_yaml
 from training.examples import encode_example, load_pairs
 from training.model import load_model
 from training.sft import SFTConfig, training_examples
@@ -71,11 +71,18 @@ def test_draws_depend_on_the_generator_seed_and_position_alone():
     assert swaps.draw([0, 0, 0], 1.0, random.Random(1))[2] == always[2]
 
 
-def test_a_graph_without_checks_cannot_swap():
-    with pytest.raises(ValueError, match="checks node"):
-        ValueSwaps([NORDHOLM], ReasoningGraph.load("relevance7"), LABELS)
-    with pytest.raises(ConfigError, match="value_swaps"):
-        SFTConfig(graph="relevance7", order="label_first", value_swaps=0.5)
+def test_a_graph_without_checks_recomputes_the_attribute_match_and_one_without_it_cannot_swap(tmp_path):
+    relevance7 = ReasoningGraph.load("relevance7")
+    pair = {**NORDHOLM, "gold": {node: value for node, value in NORDHOLM["gold"].items() if node != "ac"}}
+    swaps = ValueSwaps([pair, VELORA], relevance7, LABELS)
+    swapped = swaps.swapped(pair, swaps.swappable(pair), which=0.0, to=0.0)
+    assert swapped["gold"] == {**pair["gold"], "qa": "brand=Velora; material=metal", "ma": "partial", "y": "Partial"}
+    # an attribute match that reads only the query's facets: nothing computes it from a swapped value
+    text = resolve_yaml("relevance7", "graphs", "graph").read_text().replace("  - [pa, ma]\n", "")
+    (tmp_path / "no_match_rule.yaml").write_text(text.replace("name: relevance7", "name: no_match_rule"))
+    with pytest.raises(ConfigError, match=r"value_swaps: graph 'no_match_rule': value swaps need .*; set value_swaps=0"):
+        SFTConfig(graph=str(tmp_path / "no_match_rule.yaml"), order="label_first")
+    SFTConfig(graph=str(tmp_path / "no_match_rule.yaml"), order="label_first", value_swaps=0.0)
     with pytest.raises(ConfigError, match="value_swaps"):
         SFTConfig(value_swaps=1.5)
 
