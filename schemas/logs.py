@@ -66,6 +66,12 @@ def quiet_libraries() -> None:
     hub_utils = sys.modules.get("huggingface_hub.utils")
     if hub_utils is not None and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
         hub_utils.disable_progress_bars()
+    # vLLM imported before (VLLM_CONFIGURE_LOGGING unset then) gave its logger a handler of its own and stopped it propagating
+    if "vllm.logger" in sys.modules and os.environ["VLLM_CONFIGURE_LOGGING"] == "0":
+        vllm_root = logging.getLogger("vllm")
+        for handler in list(vllm_root.handlers):
+            vllm_root.removeHandler(handler)
+        vllm_root.propagate = True
 
 
 def from_warning_unless_ours(record: logging.LogRecord) -> bool:

@@ -1,5 +1,7 @@
 import json
 import logging
+import sys
+import types
 
 import pytest
 
@@ -132,3 +134,16 @@ def test_libraries_imported_before_the_setup_are_quieted_too(stderr, monkeypatch
     setup()
     assert transformers_logging.get_verbosity() == logging.ERROR
     assert not transformers_logging.is_progress_bar_enabled()
+
+
+def test_vllm_imported_before_the_setup_logs_through_it(stderr, monkeypatch):
+    """vLLM imported with VLLM_CONFIGURE_LOGGING unset prints through a handler of its own, to stdout, and does not
+    propagate (an in-process engine test earlier in the same pytest worker did this): the setup takes it back."""
+    vllm_root = logging.getLogger("vllm")
+    monkeypatch.setitem(sys.modules, "vllm.logger", types.ModuleType("vllm.logger"))
+    monkeypatch.setattr(vllm_root, "handlers", [logging.StreamHandler(sys.stdout)])
+    monkeypatch.setattr(vllm_root, "propagate", False)
+    setup()
+    logging.getLogger("vllm.engine").warning("a warning that matters")
+    assert stderr.getvalue().splitlines()[-1].endswith("WARNING vllm.engine: a warning that matters")
+    assert vllm_root.handlers == [] and vllm_root.propagate
