@@ -14,7 +14,7 @@ label set's rule) against the product's facets. The graph names the nodes (`swap
 are the query's and the product's facets (in edge order), its child is the attribute match; a graph without checks
 (relevance7) has an attribute match whose two parents are the facets. A pair is swapped only where those rules
 give its own gold back unswapped (a dataset whose gold does not follow them is never rewritten), a value only where it
-occurs once in the query as a whole word (case aside), outside the query subject's words, and the new value is one that
+occurs once in the query as a whole word (case aside), outside the subjects' words, and the new value is one that
 does not occur in the query.
 """
 
@@ -83,7 +83,7 @@ class ValueSwaps:
         return nodes
 
     def swappable(self, pair: dict) -> tuple[tuple[str, int, int], ...]:
-        """(key, start, end) of each constraint value the query names once, outside its subject's words; none where the
+        """(key, start, end) of each constraint value the query names once, outside the subjects' words; none where the
         pair's gold does not follow the graph's rules."""
         gold, query = pair["gold"], pair["query"]
         wanted = parse_facets(gold.get(self.wanted, ""))
@@ -115,7 +115,6 @@ class ValueSwaps:
         written = new if query[start:end] == old else new.lower()
         wanted = {**parse_facets(gold[self.wanted]), key: new}
         return {**pair, "query": query[:start] + written + query[end:], "gold": self.derived(gold, wanted)}
-
 
     def draw(self, indices: Sequence[int], share: float, generator: random.Random) -> list[dict | None]:
         """For each index into the pairs (a micro-batch), the swapped pair, with probability `share` where the pair has a
