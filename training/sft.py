@@ -128,7 +128,7 @@ class SFTConfig:
     weight_decay: float = help_field("AdamW weight decay.", 0.0)
     warmup_steps: int = help_field("Linear warmup steps.", 100)
     max_steps: int = help_field("Optimizer steps (5000: 28-34 minutes for the tiny policy on 2 cores as processes=2, threads=1, as this "
-                                "machine's speed varies by day; with compile=true 30 minutes on a day the eager steps took 34).", 5000)
+                                "machine's speed varies by day; with compile=true 30 minutes on a day the eager steps would have taken 30-34).", 5000)
     batch_size: int = help_field("Examples per micro-batch, over all processes (each of N processes under torchrun takes batch_size / N).", 32)
     grad_accum: int = help_field("Micro-batches per optimizer step.", 1)
     length_splits: int = help_field("Forward and backward passes per micro-batch, each over a part of its examples sorted by length: "
@@ -159,7 +159,8 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         try:
-            ReasoningGraph.load(self.graph).order(self.order)
+            graph = ReasoningGraph.load(self.graph)
+            graph.order(self.order)
         except ValueError as error:
             raise ConfigError(f"graph/order: {error}") from None
         if self.decision_weight <= 0:
@@ -170,7 +171,7 @@ class SFTConfig:
             raise ConfigError(f"value_swaps: must be a share in [0, 1], got {self.value_swaps}")
         if self.value_swaps:
             try:
-                swap_nodes(ReasoningGraph.load(self.graph))
+                swap_nodes(graph)
             except ValueError as error:
                 raise ConfigError(f"value_swaps: {error}; set value_swaps=0") from None
         resolve_lora(self, SFT_LORA_TARGETS)

@@ -41,17 +41,14 @@ def swap_nodes(graph: ReasoningGraph) -> tuple[str, str, str | None, str]:
     """(query facets, product facets, checks node or None, attribute match) of `graph`: the checks node's two parents
     (in edge order) and its child (relevance8), or, without a checks node, the choice node whose two parents are facets
     nodes (relevance7's `ma`). ValueError when the graph has neither."""
-    def parents(node: str) -> list[str]:
-        return [source for source, target in graph.edges if target == node]
-
-    checks = graph.checks_node
+    digraph, checks = graph.digraph(), graph.checks_node  # a node's predecessors come in edge order
     if checks is not None:
-        matches = [target for source, target in graph.edges if source == checks]
-        wanted_offered = parents(checks)
+        matches = list(digraph.successors(checks))
+        wanted_offered = list(digraph.predecessors(checks))
     else:
         matches = [name for name in graph.node_names if graph.node(name).kind == "choice"
-                   and [graph.node(parent).kind for parent in parents(name)] == ["facets", "facets"]]
-        wanted_offered = parents(matches[0]) if len(matches) == 1 else []
+                   and [graph.node(parent).kind for parent in digraph.predecessors(name)] == ["facets", "facets"]]
+        wanted_offered = list(digraph.predecessors(matches[0])) if len(matches) == 1 else []
     if len(wanted_offered) != 2 or len(matches) != 1:
         raise ValueError(f"graph {graph.name!r}: value swaps need the attribute match computed from the query's and the product's "
                          "facets, through a checks node whose two parents they are (relevance8) or directly (relevance7)")
@@ -107,14 +104,13 @@ class ValueSwaps:
         the query does not name; None when its key has no such value."""
         key, start, end = swappable[int(which * len(swappable))]
         query, gold = pair["query"], pair["gold"]
-        old = parse_facets(gold[self.wanted])[key]
-        choices = [value for value in self.values[key] if value != old and not _spans(value, query)]
+        wanted = parse_facets(gold[self.wanted])
+        choices = [value for value in self.values[key] if value != wanted[key] and not _spans(value, query)]
         if not choices:
             return None
         new = choices[int(to * len(choices))]
-        written = new if query[start:end] == old else new.lower()
-        wanted = {**parse_facets(gold[self.wanted]), key: new}
-        return {**pair, "query": query[:start] + written + query[end:], "gold": self.derived(gold, wanted)}
+        written = new if query[start:end] == wanted[key] else new.lower()
+        return {**pair, "query": query[:start] + written + query[end:], "gold": self.derived(gold, {**wanted, key: new})}
 
     def draw(self, indices: Sequence[int], share: float, generator: random.Random) -> list[dict | None]:
         """For each index into the pairs (a micro-batch), the swapped pair, with probability `share` where the pair has a
