@@ -72,7 +72,8 @@ class DemoConfig:
     eval_pairs: int = help_field("Test-split pairs (whole queries) every labeller is scored on.", 2000)
     nightly_backend: str = help_field("Backend of the nightly scoring stage: hf, or vllm where it is installed.", "hf")
     checked_verdicts: bool = help_field(
-        "Checked decoding (training.cot) for the nightly scores and a third test labeller, the nightly policy's (`nightly_policy`) "
+        "Checked decoding (training.cot) for the nightly scores, for the distillation teacher's targets (the student learns the "
+        "nightly labels) and a third test labeller, the nightly policy's (`nightly_policy`) "
         "under it, graph_grpo_policy_checked or sft_policy_checked: each attribute check's yes/no computed from the two values the "
         "policy wrote, and the subject match's match written exactly when the two subjects it wrote are the same. Sound here, "
         "where the world's values are canonical.",
@@ -233,7 +234,7 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, str]:
     # the recipe's 1000 steps do not fit the demo's budget
     run(DistillConfig(data=out / "datasets", teacher=out / "sft" / "model", out=run_dir, max_steps=config.distill_steps,
                       batch_size=config.distill_batch, checkpoint_every=0, teacher_batch_size=SCORING_BATCH, class_heads=False,
-                      graph_tables=False))
+                      graph_tables=False, checked_verdicts=config.checked_verdicts))
     rows = score_split(run_dir / "model", out / "datasets", "test", model_name="distilled_student", max_pairs=config.eval_pairs)
     target = out / "models" / "distilled_student"
     write_table(RELEVANCE, rows, target)

@@ -11,8 +11,11 @@ Algorithmic choices:
   greedy generation (`training.predict.relevance_rows` with `teacher_new_tokens`: when the label
   comes first, 16 tokens cover the y, ms and ma lines; when it comes last, the whole CoT is
   generated, `COT_TOKEN_BUDGET` tokens by default). Only the pairs the run will draw are
-  scored. They are cached in `out/teacher.parquet` (RELEVANCE schema) and a re-run scores only the
-  pairs missing there or scored by another teacher version (the hash of its weights).
+  scored. With `checked_verdicts` the teacher generates under checked decoding (`training.cot`), as the
+  nightly labels are scored, so the student learns those labels and decisions rather than the ones the
+  teacher writes unchecked. They are cached in `out/teacher.parquet` (RELEVANCE schema) and a re-run
+  scores only the pairs missing there or scored by another teacher version (the hash of its weights,
+  and of the checked rules under checked decoding: `training.predict.decoding_version`).
 - Heads (`training.student.head_vocabularies`): y over the label set, every choice node (ms, ma),
   with `class_heads` the text nodes (qs, ps) over the train split's product types, and with
   `check_heads` one head per attribute key of a checks node (`ac:color` over unasked/yes/no; the
@@ -58,7 +61,7 @@ from evaluation.metrics import label_scores
 from schemas.config import ConfigError, check_choices, config_to_dict, help_field
 from schemas.graph import LabelSet, ReasoningGraph
 from schemas.logs import progress
-from training.cot import COT_TOKEN_BUDGET
+from training.cot import COT_TOKEN_BUDGET, checked_rules
 from training.distributed import (
     Parallel,
     all_reduce,
@@ -100,6 +103,10 @@ class DistillConfig:
         "Tokens the teacher generates for its node decisions (default: 16 when its order starts with the label, which cover y, ms "
         "and ma; the whole CoT budget, COT_TOKEN_BUDGET, when the label comes last).", None)
     teacher_batch_size: int = help_field("Prompts the teacher scores at once.", 64)
+    checked_verdicts: bool = help_field(
+        "The teacher's targets under checked decoding (training.cot: each attribute check's yes/no the comparison of the values it "
+        "wrote, the subject match following the subjects it wrote), as `relevance score --set checked_verdicts=true` labels: the "
+        "student learns those labels. Needs a graph with a checks node or a node with equal_parents.", False)
     single_head: bool = help_field("Train the label head only (the single-head baseline).", False)
     class_heads: bool = help_field("Add heads for the text nodes (qs, ps) over the train split's product types.", True)
     check_heads: bool = help_field(
@@ -164,6 +171,11 @@ class DistillConfig:
         check_choices(self)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: choose auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.checked_verdicts:
+            try:
+                checked_rules(ReasoningGraph.load(teacher.graph))
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if self.encoder is not None and not (Path(self.encoder) / "config.json").is_file():
             raise ConfigError(f"encoder: {self.encoder} has no config.json; give a local Hugging Face encoder folder or leave it unset")
 
@@ -268,10 +280,10 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
     from schemas.tables import RELEVANCE
     from training.model import load_model
     from training.model_files import model_version
-    from training.predict import pair_prompts, relevance_rows
+    from training.predict import decoding_version, pair_prompts, relevance_rows
 
     path = config.out / TEACHER_CACHE
-    version = model_version(config.teacher)
+    version = decoding_version(model_version(config.teacher), graph, config.checked_verdicts)
     cached = pq.read_table(path, schema=RELEVANCE.arrow_schema()) if path.exists() else RELEVANCE.arrow_schema().empty_table()
     if config.teacher_scores is not None:
         cached = pa.concat_tables([cached, read_table(RELEVANCE, config.teacher_scores)])
@@ -288,7 +300,8 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
             return relevance_rows(model, tokenizer, share, prompts, graph, labels, policy.order, reasoning="all",
                                   model_name=str(config.teacher), model_version=version, ds=dt.date.today(),
                                   batch_size=config.teacher_batch_size, max_new_tokens=config.teacher_new_tokens,
-                                  progress="teacher targets" if parallel.is_main else None).to_pylist()
+                                  progress="teacher targets" if parallel.is_main else None,
+                                  checked_verdicts=config.checked_verdicts).to_pylist()
 
         scored = pa.Table.from_pylist(gathered_map(parallel, missing, score), schema=RELEVANCE.arrow_schema())
         cached = pa.concat_tables([cached, scored])
@@ -392,6 +405,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     import torch
 
     from training.model_files import model_version
+    from training.predict import decoding_version
     from training.student import build_student, check_keys, default_encoder, head_vocabularies, save_student
 
     parallel.require_divisible("batch_size", config.batch_size)
@@ -443,7 +457,8 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     saved = unsharded_model(model, parallel, lambda: fresh_student()[0])
     if saved is not None:
         save_student(saved, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
-                     extra={"teacher": str(config.teacher), "teacher_version": model_version(config.teacher), "encoder": str(encoder)})
+                     extra={"teacher": str(config.teacher), "encoder": str(encoder),
+                            "teacher_version": decoding_version(model_version(config.teacher), graph, config.checked_verdicts)})
         (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation "
                  f"({len(val)} pairs): label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "

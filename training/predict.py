@@ -308,6 +308,16 @@ def relevance_table(
     return pa.Table.from_pydict(data, schema=RELEVANCE.arrow_schema())
 
 
+def decoding_version(weights_version: str, graph: ReasoningGraph, checked_verdicts: bool) -> str:
+    """The version a policy's rows are labelled under by `relevance_rows`: its weights' hash, and under checked decoding the
+    hash of the rules with it, so rows of one decoding never stand in for the other's (another label distribution)."""
+    from training.cot import checked_rules
+
+    if not checked_verdicts:
+        return weights_version
+    return f"{weights_version}-checked-{hashlib.sha256(checked_rules(graph).to_json().encode()).hexdigest()[:6]}"
+
+
 def score_split(
     model_dir: str | Path, data: str | Path, split: str, *, reasoning: str, model_name: str, max_pairs: int = 0, batch_size: int = 64,
     checked_verdicts: bool = False,
@@ -316,7 +326,7 @@ def score_split(
     (`policy.json`: graph, label set, order, prompt budget).
 
     `max_pairs` keeps whole queries up to that many pairs, a fixed sample across the split (`training.examples.whole_queries`); 0
-    keeps every pair. `checked_verdicts`: see `relevance_rows`.
+    keeps every pair. `checked_verdicts`: see `relevance_rows`; the rows' version is `decoding_version`'s.
     """
     from training.examples import load_pairs, whole_queries
     from training.model import load_model
@@ -328,9 +338,10 @@ def score_split(
     pairs = load_pairs(Path(data), policy.label_set, split)
     pairs = whole_queries(pairs, max_pairs)
     prompts = pair_prompts(tokenizer, pairs, policy.prompt_tokens)
-    version = model_version(model_dir)
+    graph = ReasoningGraph.load(policy.graph)
+    version = decoding_version(model_version(model_dir), graph, checked_verdicts)
     return relevance_rows(
-        model, tokenizer, pairs, prompts, ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set), policy.order,
+        model, tokenizer, pairs, prompts, graph, LabelSet.load(policy.label_set), policy.order,
         reasoning=reasoning, model_name=model_name, model_version=version, ds=dt.date.today(), batch_size=batch_size,
         progress=f"{model_name}: label the {split} split", checked_verdicts=checked_verdicts,
     )

@@ -404,6 +404,44 @@ def test_resume_continues_bit_for_bit(tiny_world, tiny_model, tiny_encoder, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checked_teacher_targets_are_decoded_checked_and_cached_as_their_own_version(tiny_world, tiny_model, tiny_encoder, tmp_path,
+                                                                                    monkeypatch):
+    """With checked_verdicts the teacher generates under checked decoding, its rows are cached under the checked version,
+    a plain run in the same folder scores the pairs again instead of taking them, and the student names what it learned."""
+    import training.predict
+    from training.model_files import model_version
+    from training.predict import decoding_version
+
+    decoded = []
+    relevance_rows = training.predict.relevance_rows
+    monkeypatch.setattr(training.predict, "relevance_rows",
+                        lambda *args, **kwargs: decoded.append(kwargs["checked_verdicts"]) or relevance_rows(*args, **kwargs))
+    config = _config(tiny_world, tiny_model, tiny_encoder, tmp_path / "run", max_steps=2, checkpoint_every=0, checked_verdicts=True)
+    checked = run(config)
+    weights = model_version(tiny_model)
+    version = decoding_version(weights, GRAPH, checked_verdicts=True)
+    assert decoded == [True] and version.startswith(f"{weights}-checked-")
+    assert {row["model_version"] for row in pq.read_table(tmp_path / "run" / TEACHER_CACHE).to_pylist()} == {version}
+    assert json.loads((tmp_path / "run" / "model" / "student.json").read_text())["teacher_version"] == version
+
+    plain = run(dataclasses.replace(config, checked_verdicts=False, resume=False))
+    cache = pq.read_table(tmp_path / "run" / TEACHER_CACHE)
+    assert decoded == [True, False] and plain["drawn_pairs"] == checked["drawn_pairs"]
+    assert cache["model_version"].to_pylist() == [weights] * plain["drawn_pairs"]  # the cache keeps the latest version's rows
+    assert json.loads((tmp_path / "run" / "model" / "student.json").read_text())["teacher_version"] == weights
+
+
+def test_checked_teacher_targets_need_a_graph_with_rules(tmp_path):
+    from training_world import unruled_graph
+
+    from schemas.config import ConfigError
+    from training.policy_format import PolicyFormat
+
+    PolicyFormat(graph=str(unruled_graph(tmp_path)), label_set="wands", order="reasoning_first").save(tmp_path / "teacher")
+    with pytest.raises(ConfigError, match="graph 'relevance7' declares no checks_node .* and no node with equal_parents"):
+        DistillConfig(teacher=tmp_path / "teacher", checked_verdicts=True)
+
+
 def test_the_format_comes_from_the_teacher_and_a_contradiction_is_refused(tmp_path):
     from schemas.config import ConfigError
     from training.policy_format import PolicyFormat
