@@ -1,6 +1,6 @@
 """Distilled students against their teacher: quality on the test split and serving throughput on this CPU.
 
-    .venv/bin/python benchmarks/distill.py [--root demo_output] [--steps 400] [--test-pairs 1000] [--threads 2]
+    .venv/bin/python benchmarks/distill.py [--root demo_output] [--steps 400] [--test-pairs 1000] [--threads 2] [--checked-verdicts]
 
 From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), trains three students
 with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
@@ -17,6 +17,9 @@ ONNX and quantized to int8 (`export_onnx`, `quantize_onnx`, `OnnxStudent`; its q
 too), sentence-transformers' CrossEncoder
 on the same encoder with the same batch size and max length, and the teacher. Writes
 benchmarks/results/distill.json and distill.png.
+
+With `--checked-verdicts` the teacher is the one the nightly stage publishes: the students learn its targets under checked
+decoding (`DistillConfig.checked_verdicts`), and its quality, node accuracy and throughput are measured decoding that way.
 
 With `--work W --reuse`, a student whose folder under W holds a finished run made with the very config
 the benchmark would use (the config its metrics.jsonl starts with) is scored as it is, not trained again;
@@ -74,9 +77,10 @@ def label_quality(gold: list[str], predicted: list[str], names: list[str]) -> di
 
 
 def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labels: LabelSet, policy: PolicyFormat, batch_size: int,
-                   reasoning: str = "none"):
+                   reasoning: str = "none", checked_verdicts: bool = False):
     """A callable that labels `pairs` with the teacher from text (prompt building included) and returns its RELEVANCE rows
-    (with `reasoning="all"` its node decisions too: label_first then generates the CoT it otherwise skips)."""
+    (with `reasoning="all"` its node decisions too: label_first then generates the CoT it otherwise skips; `checked_verdicts`:
+    under checked decoding)."""
     from training.examples import prompt_ids
     from training.model import load_model
     from training.predict import relevance_rows
@@ -89,7 +93,7 @@ def teacher_scorer(teacher: Path, pairs: list[dict], graph: ReasoningGraph, labe
         prompts = [prompt_ids(tokenizer, build_prompt(p["query"], p["title"], p["product_type"], p["attributes"], p["description"], offsets,
                                                       policy.prompt_tokens).text) for p in chosen]
         return relevance_rows(model, tokenizer, chosen, prompts, graph, labels, policy.order, reasoning=reasoning, model_name="teacher",
-                              model_version="teacher", ds=dt.date.today(), batch_size=batch_size)
+                              model_version="teacher", ds=dt.date.today(), batch_size=batch_size, checked_verdicts=checked_verdicts)
 
     return score
 
@@ -139,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="folder for the student runs (default: a temporary one)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--checked-verdicts", action="store_true", help="distil from and measure the teacher under checked decoding")
     parser.add_argument("--reuse", action="store_true", help="score the finished runs under --work made with the same config instead of training them")
     args = parser.parse_args()
 
@@ -146,7 +151,7 @@ def main() -> None:
     teacher = args.teacher or args.root / "sft" / "model"
     work = args.work or Path(tempfile.mkdtemp(prefix="distill-"))
     common = dict(data=args.root / "datasets", teacher=teacher, max_steps=args.steps, batch_size=args.train_batch_size, warmup_steps=args.warmup_steps,
-                  val_items=args.val_items, checkpoint_every=0, resume=False, threads=args.threads)
+                  val_items=args.val_items, checkpoint_every=0, resume=False, threads=args.threads, checked_verdicts=args.checked_verdicts)
     configs = {"student_multi_head": DistillConfig(out=work / "multi", **common),
                "student_multi_head_pure": DistillConfig(out=work / "pure", gold_weight=0.0, **common),
                "student_single_head": DistillConfig(out=work / "single", single_head=True, **common)}
@@ -169,8 +174,9 @@ def main() -> None:
     gold = [pair["gold"][graph.label_node] for pair in pairs]
     config = configs["student_multi_head"]
 
-    score_teacher = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size)
-    teacher_rows = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size, reasoning="all")().to_pylist()
+    score_teacher = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size, checked_verdicts=args.checked_verdicts)
+    teacher_rows = teacher_scorer(teacher, pairs, graph, labels, policy, args.batch_size, reasoning="all",
+                                  checked_verdicts=args.checked_verdicts)().to_pylist()
     test = {"teacher": label_quality(gold, [row["label"] for row in teacher_rows], labels.names)}
     students = {name: load_student(run_config.out / "model") for name, run_config in configs.items()}
 
@@ -231,7 +237,7 @@ def main() -> None:
                      for head in pure["node_accuracy"]}
     test["teacher"]["node_accuracy"] = teacher_nodes
     result = {
-        "root": str(args.root), "teacher": str(teacher), "encoder": str(encoder), "test_pairs": len(pairs), "batch_size": args.batch_size,
+        "root": str(args.root), "teacher": str(teacher), "teacher_checked_verdicts": args.checked_verdicts, "encoder": str(encoder), "test_pairs": len(pairs), "batch_size": args.batch_size,
         "threads": args.threads,
         "distill": {k: v for k, v in config_to_dict(config).items() if k not in ("data", "teacher", "out")},
         "runs": runs, "test": test, "throughput_pairs_per_s": throughput,
