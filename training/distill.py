@@ -269,9 +269,9 @@ def target_index(vocabulary: Sequence[str], value: str | None) -> int:
 
 
 def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[dict], graph: ReasoningGraph, labels: LabelSet,
-                 parallel: Parallel) -> dict[tuple[str, str], dict]:
-    """(query_id, product_id) -> the teacher's RELEVANCE row, from out/teacher.parquet plus the pairs it lacks (each
-    process scores a share of those on its device; rank 0 writes the file)."""
+                 parallel: Parallel, version: str) -> dict[tuple[str, str], dict]:
+    """(query_id, product_id) -> the teacher's RELEVANCE row under `version` (`training.predict.decoding_version`), from
+    out/teacher.parquet plus the pairs it lacks (each process scores a share of those on its device; rank 0 writes the file)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -279,11 +279,9 @@ def teacher_rows(config: DistillConfig, policy: PolicyFormat, pairs: Sequence[di
     from schemas.storage import read_table
     from schemas.tables import RELEVANCE
     from training.model import load_model
-    from training.model_files import model_version
-    from training.predict import decoding_version, pair_prompts, relevance_rows
+    from training.predict import pair_prompts, relevance_rows
 
     path = config.out / TEACHER_CACHE
-    version = decoding_version(model_version(config.teacher), graph, config.checked_verdicts)
     cached = pq.read_table(path, schema=RELEVANCE.arrow_schema()) if path.exists() else RELEVANCE.arrow_schema().empty_table()
     if config.teacher_scores is not None:
         cached = pa.concat_tables([cached, read_table(RELEVANCE, config.teacher_scores)])
@@ -420,7 +418,8 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     drawn = sorted({i for step in range(config.max_steps) for i in micro_batch_indices(step, len(train), config.batch_size, config.seed)})
     started = time.perf_counter()
     drawn_pairs = [train[i] for i in drawn]
-    teacher = teacher_rows(config, policy, drawn_pairs, graph, labels, parallel)
+    teacher_version = decoding_version(model_version(config.teacher), graph, config.checked_verdicts)
+    teacher = teacher_rows(config, policy, drawn_pairs, graph, labels, parallel, teacher_version)
     teacher_seconds = time.perf_counter() - started
     decisions = [{**dict(row["node_decisions"]), graph.label_node: row["label"]}
                  for row in (teacher[pair["query_id"], pair["product_id"]] for pair in drawn_pairs)]
@@ -458,7 +457,7 @@ def train_and_save(config: DistillConfig, parallel: Parallel, autocast_dtype) ->
     if saved is not None:
         save_student(saved, tokenizer, config.out / "model", graph=graph.name, label_set=labels.name, max_length=config.max_length,
                      extra={"teacher": str(config.teacher), "encoder": str(encoder),
-                            "teacher_version": decoding_version(model_version(config.teacher), graph, config.checked_verdicts)})
+                            "teacher_version": teacher_version})
         (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info(f"distill: {config.max_steps} steps in {train_seconds:.0f} s (teacher targets {teacher_seconds:.0f} s); validation "
                  f"({len(val)} pairs): label accuracy {final['label_accuracy']:.3f}, macro-F1 {final['label_macro_f1']:.3f}; "
