@@ -6,7 +6,7 @@ From a demo root (`make demo` writes datasets/ and the SFT teacher sft/model), t
 with `training.distill.run` on the same teacher targets, seed and budget: the multi-head student
 (the default heads and node tables) with the default mix of teacher and gold targets, the same student
 by pure distillation (`gold_weight=0`: it never sees a gold label, so its quality is the teacher's to
-pass on), and the single-head student (y only). Then, on the same test pairs (whole queries, a fixed
+pass on), and the single-head student (y only; `--skip-single-head` leaves it out). Then, on the same test pairs (whole queries, a fixed
 sample across the split): macro-F1, accuracy and per-class F1 of the teacher (its label distribution read by
 teacher forcing, `training.predict.relevance_rows`, label-first fast path), of the students and the
 share of the teacher's macro-F1 each keeps; the students' node accuracy; the pure student served with
@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--checked-verdicts", action="store_true", help="distil from and measure the teacher under checked decoding")
     parser.add_argument("--reuse", action="store_true", help="score the finished runs under --work made with the same config instead of training them")
+    parser.add_argument("--skip-single-head", action="store_true",
+                        help="train only the two multi-head students the targets read (the single-head one adds a third run of the same length)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -155,6 +157,8 @@ def main() -> None:
     configs = {"student_multi_head": DistillConfig(out=work / "multi", **common),
                "student_multi_head_pure": DistillConfig(out=work / "pure", gold_weight=0.0, **common),
                "student_single_head": DistillConfig(out=work / "single", single_head=True, **common)}
+    if args.skip_single_head:
+        del configs["student_single_head"]
     policy = configs["student_multi_head"].teacher_format()
     graph, labels = ReasoningGraph.load(policy.graph), LabelSet.load(policy.label_set)
     runs = {}

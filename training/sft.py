@@ -22,6 +22,8 @@ Algorithmic choices:
 - Value swaps (`value_swaps`, a share of the draws): a drawn pair whose query names one of its constraint values
   verbatim is trained with that value replaced by another of its key, the checks, `ma` and the label recomputed by the
   graph's rules (`training.value_swaps`); drawn per (seed, micro-batch) like the masks.
+- Query typos (`query_typos`, a share of the draws, after the swaps): a drawn pair is trained with one single-letter
+  typo in one word of its query, its nodes unchanged (`training.query_typos`); drawn per (seed, micro-batch) too.
 - Optimizer: AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`; full fine-tuning by
   default, LoRA (peft) optional: saved as an adapter folder naming its base (`save_merged`: merged into
   full weights instead); from an adapter folder, its adapter trains on.
@@ -85,6 +87,7 @@ from training.loop import (
 )
 from training.model import save_policy
 from training.policy_format import PolicyFormat
+from training.query_typos import draw_typos
 from training.run_folder import RunFolder, val_entries
 from training.validation import evaluate, majority_baseline
 from training.value_swaps import ValueSwaps, swap_nodes
@@ -115,6 +118,10 @@ class SFTConfig:
         "the query and in the nodes that follow from it (`training.value_swaps`): teaches reading a value off the query, "
         "where values few training queries name are otherwise misread (0: off; 0.25 at the demo's 1600 steps, two seeds: "
         "brand misreads 101 -> 17 and 3 -> 3 of 400 pairs, macro-F1 +0.007 / +0.051 as written, +0.022 / +0.009 checked).", 0.25)
+    query_typos: float = help_field(
+        "Share of training examples drawn with one typo in the query (a word's two neighbouring letters swapped, one dropped, "
+        "doubled or replaced), the nodes unchanged (`training.query_typos`): teaches reading misspelled values and subjects "
+        "(0: off).", 0.0)
     lora: bool | None = help_field("Train LoRA adapters instead of all weights (default: true when --model is an adapter folder, "
                                    "whose adapter training continues; else false).", None)
     lora_rank: int | None = help_field("LoRA rank (default: the start adapter's, else 8).", None)
@@ -169,6 +176,8 @@ class SFTConfig:
             raise ConfigError(f"p_mask: must be a probability in [0, 1], got {self.p_mask}")
         if not 0.0 <= self.value_swaps <= 1.0:
             raise ConfigError(f"value_swaps: must be a share in [0, 1], got {self.value_swaps}")
+        if not 0.0 <= self.query_typos <= 1.0:
+            raise ConfigError(f"query_typos: must be a share in [0, 1], got {self.query_typos}")
         if self.value_swaps:
             try:
                 swap_nodes(graph)
@@ -228,16 +237,21 @@ ExamplesOf = Callable[[int, Sequence[int], slice], list[Example]]  # (micro-batc
 
 def training_examples(config: SFTConfig, train: Sequence[dict], tokenizer, graph: ReasoningGraph, labels: LabelSet) -> ExamplesOf:
     """The examples of a micro-batch's part: each pair's encoding (tokenized when first drawn, then kept), or with
-    `value_swaps` a swapped pair's (`training.value_swaps`), the swaps drawn for the whole micro-batch as a function of
-    (seed, micro-batch) like the masks, so a part's swaps are those one process would draw."""
+    `value_swaps` a swapped pair's (`training.value_swaps`) and with `query_typos` a pair's (swapped or not) with a typo
+    in its query (`training.query_typos`), both drawn for the whole micro-batch as a function of (seed, micro-batch)
+    like the masks, so a part's draws are those one process would draw."""
     encode = functools.partial(encode_example, tokenizer=tokenizer, graph=graph, order=config.order, prompt_tokens=config.prompt_tokens)
     example_at = functools.cache(lambda index: encode(train[index]))
-    if not config.value_swaps:
+    if not config.value_swaps and not config.query_typos:
         return lambda micro, indices, part: [example_at(index) for index in indices[part]]
-    swaps = ValueSwaps(train, graph, labels)
+    swaps = ValueSwaps(train, graph, labels) if config.value_swaps else None
 
     def examples_of(micro: int, indices: Sequence[int], part: slice) -> list[Example]:
-        drawn = swaps.draw(indices, config.value_swaps, random.Random(f"value-swaps/{config.seed}/{micro}"))
+        drawn = swaps.draw(indices, config.value_swaps, random.Random(f"value-swaps/{config.seed}/{micro}")) if swaps else [None] * len(indices)
+        if config.query_typos:
+            typed = draw_typos([pair or train[index] for index, pair in zip(indices, drawn)], config.query_typos,
+                               random.Random(f"query-typos/{config.seed}/{micro}"))
+            drawn = [typo or pair for typo, pair in zip(typed, drawn)]
         return [example_at(index) if pair is None else encode(pair) for index, pair in list(zip(indices, drawn))[part]]
 
     return examples_of
