@@ -118,9 +118,9 @@ def sft_policy(tiny_world, tiny_model, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("sft_policy")
     # relevance7: the GRPO tests' budgets (max_new_tokens, steps) are sized for its shorter CoT; the demo test runs relevance8.
-    # value_swaps=0 in these fixtures: they learn the tiny world's own six queries, which the tests that use them read
+    # value_swaps=0 and query_typos=0 in these fixtures: they learn the tiny world's own six queries, which the tests that use them read
     run(SFTConfig(data=tiny_world, model=tiny_model, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2,
-                  val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0))
+                  val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0, query_typos=0.0))
     return out / "model"
 
 
@@ -136,7 +136,7 @@ def vllm_policy(tiny_world, tmp_path_factory) -> Path:
     base = init_tiny_model(ModelInitConfig(world=tiny_world, out=tmp_path_factory.mktemp("vllm_base"), num_layers=2, intermediate_size=256))
     out = tmp_path_factory.mktemp("vllm_sft")
     run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance7", order="label_first", batch_size=8, max_steps=400, warmup_steps=10, lr=1e-2, val_items=4,
-                  max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0))
+                  max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0, query_typos=0.0))
     return out / "model"
 
 
@@ -151,7 +151,7 @@ def vllm_checks_policy(tiny_world, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vllm_checks_sft")
     # 600 steps: at 400 a Zen 4 CPU's numerics left it writing 4 well-formed CoTs of 48 on unseen queries (session 31), 31 at 600
     run(SFTConfig(data=tiny_world, model=base, out=out, graph="relevance8", order="product_first", batch_size=8, max_steps=600, warmup_steps=10,
-                  lr=1e-2, val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0))
+                  lr=1e-2, val_items=4, max_new_tokens=8, eval_batch_size=4, checkpoint_every=0, threads=1, value_swaps=0.0, query_typos=0.0))
     return out / "model"
 
 

@@ -120,8 +120,10 @@ class SFTConfig:
         "brand misreads 101 -> 17 and 3 -> 3 of 400 pairs, macro-F1 +0.007 / +0.051 as written, +0.022 / +0.009 checked).", 0.25)
     query_typos: float = help_field(
         "Share of training examples drawn with one typo in the query (a word's two neighbouring letters swapped, one dropped, "
-        "doubled or replaced), the nodes unchanged (`training.query_typos`): teaches reading misspelled values and subjects "
-        "(0: off).", 0.0)
+        "doubled or replaced), the nodes unchanged (`training.query_typos`): teaches reading misspelled subjects and values "
+        "(0: off; 0.1 in the recipe, seeds 1 / 2 on 2000 sampled test pairs: macro-F1 as written 0.950 -> 0.980 / 0.966 -> "
+        "0.977, `ms` 0.940 -> 0.988 / 0.976 -> 0.988, and on the 13 queries that misspell their type `qs` 0.938 -> 0.996 / "
+        "0.842 -> 0.977).", 0.1)
     lora: bool | None = help_field("Train LoRA adapters instead of all weights (default: true when --model is an adapter folder, "
                                    "whose adapter training continues; else false).", None)
     lora_rank: int | None = help_field("LoRA rank (default: the start adapter's, else 8).", None)
