@@ -90,7 +90,7 @@ def test_a_graph_without_checks_recomputes_the_attribute_match_and_one_without_i
 def test_sft_draws_the_same_swaps_for_every_split_of_a_micro_batch(tiny_world, tiny_model):
     _, tokenizer = load_model(tiny_model)
     train = load_pairs(tiny_world, "wands", "train")
-    config = SFTConfig(data=tiny_world, model=tiny_model, value_swaps=1.0)
+    config = SFTConfig(data=tiny_world, model=tiny_model, value_swaps=1.0, query_typos=0.0)  # the swaps alone
     examples_of = training_examples(config, train, tokenizer, GRAPH, LABELS)
     indices = list(range(len(train)))
     whole = examples_of(7, indices, slice(None))
@@ -99,5 +99,6 @@ def test_sft_draws_the_same_swaps_for_every_split_of_a_micro_batch(tiny_world, t
     swapped = [example for example, unswapped in zip(whole, plain) if example != unswapped]
     named = [pair for pair in train if ValueSwaps(train, GRAPH, LABELS).swappable(pair)]
     assert named and len(swapped) == len(named)  # at share 1, every pair that names a value, and only those
-    unswapped = training_examples(SFTConfig(data=tiny_world, model=tiny_model, value_swaps=0.0), train, tokenizer, GRAPH, LABELS)
+    unswapped = training_examples(SFTConfig(data=tiny_world, model=tiny_model, value_swaps=0.0, query_typos=0.0), train, tokenizer, GRAPH,
+                                  LABELS)
     assert unswapped(7, indices, slice(None)) == plain
