@@ -1,9 +1,9 @@
 """Query typos for SFT: a training pair whose query is written with one typo, its gold nodes unchanged.
 
 Why: people misspell, and a misspelled word is another sequence of tokens. The policy reads a form only where training
-showed it, and a typo is a form few training queries (if any) wrote: the recipe's seeds misread `alrge` and `copmact`
-(size and style) and the listed misspelling `vaze`, which costs `qa`, `qs` and with them `ms` (benchmarks/results/
-quality.md, sessions 31-32). A typo keeps the query's intent, and the nodes write the catalog's canonical values and
+showed it, and a typo is a form few training queries (if any) wrote: the recipe's seeds misread the listed misspelling
+`vaze` as another type, which costs `qs` and with it `ms`, and the value typos `alrge` and `copmact` (both sizes), which
+cost `qa` (benchmarks/results/quality.md, sessions 31-32). A typo keeps the query's intent, and the nodes write the catalog's canonical values and
 subjects, so they stay as they are.
 
 The typo: one single-letter edit in one word of at least four letters: two adjacent letters swapped, one letter dropped,
@@ -31,17 +31,14 @@ def with_typo(text: str, which: float, where: float, edit: str, letter: float) -
         return None
     index = candidates[int(which * len(candidates))]
     word = words[index]
+    at = int(where * (len(word) - 1 if edit == "swap" else len(word)))
     if edit == "swap":
-        at = int(where * (len(word) - 1))
         typed = word[:at] + word[at + 1] + word[at] + word[at + 2:]
     elif edit == "drop":
-        at = int(where * len(word))
         typed = word[:at] + word[at + 1:]
     elif edit == "double":
-        at = int(where * len(word))
         typed = word[:at + 1] + word[at:]
     elif edit == "replace":
-        at = int(where * len(word))
         others = [character for character in string.ascii_lowercase if character != word[at].lower()]
         typed = word[:at] + others[int(letter * len(others))] + word[at + 1:]
     else:

@@ -10,7 +10,7 @@ from schemas.config import ConfigError
 from schemas.graph import LabelSet, ReasoningGraph
 from training.examples import encode_example, load_pairs
 from training.model import load_model
-from training.query_typos import draw_typos, with_typo
+from training.query_typos import SHORTEST_WORD, draw_typos, with_typo
 from training.sft import SFTConfig, training_examples
 
 GRAPH, LABELS = ReasoningGraph.load("relevance8"), LabelSet.load("wands")
@@ -52,7 +52,7 @@ def test_sft_draws_typos_on_top_of_the_swaps_the_same_for_every_split_of_a_micro
     _, tokenizer = load_model(tiny_model)
     train = load_pairs(tiny_world, "wands", "train")
     indices = list(range(len(train)))
-    swapped = training_examples(SFTConfig(data=tiny_world, model=tiny_model, value_swaps=1.0), train, tokenizer, GRAPH, LABELS)
+    swapped = training_examples(SFTConfig(data=tiny_world, model=tiny_model, value_swaps=1.0, query_typos=0.0), train, tokenizer, GRAPH, LABELS)
     both = training_examples(SFTConfig(data=tiny_world, model=tiny_model, value_swaps=1.0, query_typos=1.0), train, tokenizer, GRAPH, LABELS)
     whole = both(7, indices, slice(None))
     assert both(7, indices, slice(0, 10)) + both(7, indices, slice(10, None)) == whole
@@ -65,7 +65,7 @@ def test_sft_draws_typos_on_top_of_the_swaps_the_same_for_every_split_of_a_micro
     typos_alone = training_examples(SFTConfig(data=tiny_world, model=tiny_model, value_swaps=0.0, query_typos=1.0), train, tokenizer, GRAPH, LABELS)
     plain = [encode_example(pair, tokenizer, GRAPH, SFTConfig().order, SFTConfig().prompt_tokens) for pair in train]
     typed = typos_alone(7, indices, slice(None))
-    misspellable = {index for index, pair in enumerate(train) if any(len(word) >= 4 and word.isalpha() for word in pair["query"].split(" "))}
+    misspellable = {index for index, pair in enumerate(train) if any(len(word) >= SHORTEST_WORD and word.isalpha() for word in pair["query"].split(" "))}
     changed = {index for index, (example, unchanged) in enumerate(zip(typed, plain)) if example.prompt_ids != unchanged.prompt_ids}
     assert changed <= misspellable and len(changed) >= 0.9 * len(misspellable) > 0
     assert all(example.target_ids == unchanged.target_ids for example, unchanged in zip(typed, plain))
